@@ -1,0 +1,37 @@
+# gpcl-trt: `make test` and `make demo` work from a fresh clone (they set up .venv first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS := rtx,triton,demo,test
+
+.PHONY: all setup test demo kernel clean help
+
+help:
+	@echo "make demo   - set up if needed, then run the whole pipeline on the embedded MiniLM"
+	@echo "make test   - set up if needed, then run the tests"
+	@echo "make kernel - build the GPCL CUDA kernel library (and the TensorRT plugin if TENSORRT_ROOT is set)"
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: 2.13.0 is the CPU wheel on this disk; an open range
+# would pull a multi-GB CUDA build.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+demo: $(STAMP)
+	$(VENV)/bin/gpcl-trt pipeline -o demo_out
+
+kernel:
+	cmake -S plugins/gpcl -B build/gpcl -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/gpcl -j 2
+
+clean:
+	rm -rf build demo_out .pytest_cache

@@ -1,0 +1,90 @@
+"""The ``gpcl-trt`` command line: a thin shell over the Python API.
+
+Every command calls one function of ``gpcl_trt.<area>`` that returns a result dict; the CLI
+only parses options, prints the human summary on stderr and, with ``--json``, the same dict as
+one JSON object on stdout. Exit codes: 0 ok, 1 check failed (``result["ok"] is False`` or
+``CheckFailed``), 2 bad input (``GpclError`` or a click usage error).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from gpcl_trt import __version__
+from gpcl_trt.common import EXIT_CHECK_FAILED, GpclError, to_json
+
+
+def result_command(group: click.Group, name: str, **kwargs: Any) -> Callable:
+    """Register ``fn`` as a command that returns a result dict (or raises GpclError)."""
+
+    def deco(fn: Callable[..., dict]) -> click.Command:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, as_json: bool = False, **kw: Any) -> None:
+            try:
+                result = fn(*args, **kw)
+            except GpclError as exc:
+                click.echo(f"gpcl-trt {name}: error: {exc}", err=True)
+                if as_json:
+                    click.echo(to_json({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+                sys.exit(exc.exit_code)
+            result = result if result is not None else {}
+            result.setdefault("ok", True)
+            if as_json:
+                click.echo(to_json(result))
+            if not result["ok"]:
+                sys.exit(EXIT_CHECK_FAILED)
+
+        wrapper = click.option(
+            "--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout."
+        )(wrapper)
+        return group.command(name, **kwargs)(wrapper)
+
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gpcl-trt")
+def main() -> None:
+    """Export Hugging Face transformers to ONNX, insert the GPCL op, build TensorRT engines,
+    check accuracy and serve the result with Triton.
+
+    \b
+    Typical flow (or all at once: gpcl-trt pipeline):
+      gpcl-trt export MODEL_DIR -o m.onnx
+      gpcl-trt calibrate m.onnx -o calib.json
+      gpcl-trt insert m.onnx -o g.onnx --sites pre-attention,pre-mlp --calibration calib.json
+      gpcl-trt build g.onnx -o g.engine
+      gpcl-trt diff --reference MODEL_DIR --candidate g.onnx
+      gpcl-trt triton g.onnx --repo repo --name gpcl_model
+    """
+
+
+def _register() -> None:
+    # Each area owns its commands; importing these modules must stay cheap (no torch/onnx at
+    # import time) so that `gpcl-trt --help` is instant.
+    import importlib
+
+    for mod in (
+        "gpcl_trt.exporter.cli",
+        "gpcl_trt.passes.cli",
+        "gpcl_trt.engines.cli",
+        "gpcl_trt.accuracy.cli",
+        "gpcl_trt.deploy.cli",
+    ):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:  # area not written yet
+                continue
+            raise
+        module.register(main)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

