@@ -1,0 +1,199 @@
+"""Served-model checks against a live tritonserver: outputs over HTTP and gRPC equal ONNX
+Runtime's on the same ONNX file, a bounded concurrent load with zero errors, a clean stop;
+and what the server says about configs whose backends it lacks."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from gpcl_trt.common import GpclError
+
+_ORT_TO_NP = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def make_inputs(onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Plausible inputs for a transformer graph: ids in a small vocabulary range, an all-ones
+    attention mask, zero token types, positions 0..seq-1, normal floats otherwise."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for meta in sess.get_inputs():
+        dtype = _ORT_TO_NP.get(meta.type)
+        if dtype is None:
+            raise GpclError(f"cannot make test data for input {meta.name!r} of type {meta.type}")
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else seq) for i, d in enumerate(meta.shape)]
+        name = meta.name.lower()
+        if dtype.startswith("float"):
+            value = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in name:
+            value = np.ones(shape, dtype)
+        elif "token_type" in name:
+            value = np.zeros(shape, dtype)
+        elif "position" in name:
+            value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        else:
+            value = rng.integers(1, 100, size=shape).astype(dtype)
+        feeds[meta.name] = value
+    return feeds
+
+
+def ort_outputs(onnx_path: str | os.PathLike, feeds: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _infer(module, client, model: str, feeds: dict[str, Any], outputs: Iterable[str]) -> dict[str, Any]:
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in feeds.items():
+        t = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(n) for n in outputs])
+    return {n: result.as_numpy(n) for n in outputs}
+
+
+def _max_diff(got: dict[str, Any], want: dict[str, Any]) -> float:
+    import numpy as np
+
+    worst = 0.0
+    for name, ref in want.items():
+        value = got.get(name)
+        if value is None or value.shape != ref.shape:
+            return float("inf")
+        worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - ref.astype(np.float64)), initial=0.0)))
+    return worst
+
+
+def run_load(
+    url: str, model: str, cases: list[tuple[dict, dict]], requests: int = 1000, concurrency: int = 16,
+    time_limit_s: float = 120.0, atol: float = 1e-5,
+) -> dict[str, Any]:
+    """``requests`` gRPC inferences from ``concurrency`` threads (one client each), cycling
+    through ``cases``; every answer is compared with its expected output. Stops submitting
+    at the time limit (what was not sent counts as not completed)."""
+    import tritonclient.grpc as tg
+
+    local = threading.local()
+    deadline = time.monotonic() + time_limit_s
+
+    def one(i: int) -> tuple[float, str | None]:
+        if time.monotonic() > deadline:
+            return 0.0, "skipped"
+        if not hasattr(local, "client"):
+            local.client = tg.InferenceServerClient(url)
+        feeds, want = cases[i % len(cases)]
+        t0 = time.perf_counter()
+        try:
+            got = _infer(tg, local.client, model, feeds, list(want))
+        except Exception as exc:  # every failure is counted and a few are reported
+            return time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
+        dt = time.perf_counter() - t0
+        diff = _max_diff(got, want)
+        return dt, None if diff <= atol else f"output differs from ONNX Runtime by {diff:.3g}"
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    latencies = sorted(dt for dt, err in results if err is None)
+    errors = [err for _, err in results if err not in (None, "skipped")]
+    skipped = sum(1 for _, err in results if err == "skipped")
+
+    def pct(p: float) -> float | None:
+        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2) if latencies else None
+
+    return {
+        "requests": requests, "concurrency": concurrency, "completed": len(latencies), "errors": len(errors),
+        "not_sent": skipped, "error_samples": sorted(set(errors))[:3], "wall_s": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 1) if wall else None,
+        "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99)},
+        "time_limit_s": time_limit_s,
+    }
+
+
+def check_served_model(
+    repo: str | os.PathLike,
+    name: str,
+    onnx_path: str | os.PathLike | None = None,
+    requests: int = 1000,
+    concurrency: int = 16,
+    time_limit_s: float = 120.0,
+    atol: float = 1e-5,
+    seq: int = 16,
+    startup_timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Serve ``repo/name`` (a python- or onnxruntime-backend model) with a real tritonserver
+    and compare it with ONNX Runtime on ``onnx_path`` (default: the repository's model.onnx)."""
+    from gpcl_trt.deploy.server import TritonServer
+
+    model_dir = Path(repo) / name
+    onnx_path = Path(onnx_path) if onnx_path else model_dir / "1" / "model.onnx"
+    if not onnx_path.is_file():
+        raise GpclError(f"no ONNX model to compare with: {onnx_path} does not exist")
+    cases = []
+    for seed, (batch, s) in enumerate([(1, seq), (2, seq // 2 or 1), (1, seq * 2), (3, seq)]):
+        feeds = make_inputs(onnx_path, batch=batch, seq=s, seed=seed)
+        cases.append((feeds, ort_outputs(onnx_path, feeds)))
+
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    result: dict[str, Any] = {"model": name, "repo": str(repo), "reference": str(onnx_path), "atol": atol}
+    server = TritonServer(repo, models=[name], startup_timeout=startup_timeout)
+    t0 = time.perf_counter()
+    try:
+        server.start()
+        result["startup_s"] = round(time.perf_counter() - t0, 2)
+        feeds, want = cases[0]
+        with th.InferenceServerClient(server.http_url) as http:
+            result["http_max_abs_diff"] = max(_max_diff(_infer(th, http, name, f, list(w)), w) for f, w in cases)
+        grpc = tg.InferenceServerClient(server.grpc_url)
+        result["grpc_max_abs_diff"] = max(_max_diff(_infer(tg, grpc, name, f, list(w)), w) for f, w in cases)
+        grpc.close()
+        result["load"] = run_load(server.grpc_url, name, cases, requests, concurrency, time_limit_s, atol)
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["server_log_tail"] = server.log_tail()
+    finally:
+        result["stop"] = server.stop()
+    load = result.get("load", {})
+    result["ok"] = (
+        "error" not in result
+        and result.get("http_max_abs_diff", 1e9) <= atol
+        and result.get("grpc_max_abs_diff", 1e9) <= atol
+        and load.get("errors") == 0
+        and load.get("completed") == requests
+        and result["stop"]["leftover_processes"] == 0
+    )
+    return result
+
+
+def probe_configs(repo: str | os.PathLike, names: Iterable[str], startup_timeout: float = 120.0) -> dict[str, Any]:
+    """Start a server with no models loaded and ask it to load each of ``names``: a config
+    that does not parse fails differently from one whose backend is simply not installed."""
+    from gpcl_trt.deploy.server import TritonServer
+
+    server = TritonServer(repo, models=[], startup_timeout=startup_timeout)
+    try:
+        server.start()
+        answers = {n: server.load_model(n) for n in names}
+    finally:
+        stop = server.stop()
+    return {"models": answers, "stop": stop}

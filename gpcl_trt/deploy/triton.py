@@ -1,0 +1,356 @@
+"""Triton model repositories for gpcl-trt artifacts.
+
+``write_triton_repo`` writes ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/1/<model file>``.
+config.pbtxt is a ``inference.ModelConfig`` message of Triton's own schema (the generated
+``model_config_pb2`` that tritonclient ships) printed with protobuf's text format, so what we
+write is exactly what Triton parses. Inputs, outputs, dtypes and dims come from the ONNX graph
+(for an engine: the ONNX model its manifest names, or ``onnx=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gpcl_trt.common import GpclError, read_manifest, sha256_file, write_manifest
+
+BACKENDS = ("tensorrt", "onnxruntime", "python")
+VERSION = "1"
+# One small table per backend instead of if-chains: platform/backend string and model file.
+BACKEND_SPEC: dict[str, dict[str, str]] = {
+    "tensorrt": {"platform": "tensorrt_plan", "backend": "", "file": "model.plan"},
+    "onnxruntime": {"platform": "onnxruntime_onnx", "backend": "", "file": "model.onnx"},
+    "python": {"platform": "", "backend": "python", "file": "model.onnx"},
+}
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# ONNX TensorProto element type -> Triton DataType name.
+_ONNX_TO_TRITON = {
+    1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16",
+    6: "TYPE_INT32", 7: "TYPE_INT64", 8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16",
+    11: "TYPE_FP64", 12: "TYPE_UINT32", 13: "TYPE_UINT64", 16: "TYPE_BF16",
+}
+# Protobuf refuses a single message over 2 GiB; bigger ONNX models keep their weights outside.
+_INLINE_LIMIT = 1800 * 1024 * 1024
+
+
+def validate_model_name(name: str) -> str:
+    """A Triton model name becomes a directory: no separators, no traversal, no hidden names."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", "..") or ".." in name:
+        raise GpclError(
+            f"invalid model name {name!r}: use 1-128 letters, digits, '_', '-', '.', starting with a letter or digit"
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------- I/O signature
+def onnx_io(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of an ONNX graph: name, Triton dtype, dims (-1 for dynamic axes)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+
+    def describe(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            tt = v.type.tensor_type
+            dtype = _ONNX_TO_TRITON.get(tt.elem_type)
+            if dtype is None:
+                raise GpclError(f"{onnx_path}: tensor {v.name!r} has an element type Triton cannot serve ({tt.elem_type})")
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            out.append({"name": v.name, "data_type": dtype, "dims": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _engine_source_onnx(engine: Path) -> Path | None:
+    """The ONNX model an engine was built from, as its manifest records it (any input path
+    ending in .onnx, resolved next to the engine when relative)."""
+    manifest = read_manifest(engine) or {}
+    candidates: list[str] = []
+    for value in (manifest.get("inputs") or {}).values():
+        if isinstance(value, dict):
+            value = value.get("path")
+        if isinstance(value, str) and value.endswith(".onnx"):
+            candidates.append(value)
+    for c in candidates:
+        p = Path(c)
+        for q in (p, engine.parent / p, engine.parent / p.name):
+            if q.is_file():
+                return q
+    return None
+
+
+def artifact_io(artifact: Path, backend: str, onnx_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    if onnx_path is not None:
+        return onnx_io(onnx_path)
+    if backend != "tensorrt":
+        return onnx_io(artifact)
+    source = _engine_source_onnx(artifact)
+    if source is None:
+        raise GpclError(
+            f"cannot tell the inputs and outputs of {artifact}: its manifest names no ONNX model that exists; "
+            "pass the ONNX model it was built from with --onnx"
+        )
+    return onnx_io(source)
+
+
+def guess_backend(artifact: Path) -> str:
+    return "tensorrt" if artifact.suffix in (".engine", ".plan", ".trt") else "onnxruntime"
+
+
+# ----------------------------------------------------------------------------- config message
+def build_config(
+    name: str,
+    backend: str,
+    io: dict[str, Any],
+    max_batch_size: int = 0,
+    instances: int = 1,
+    dynamic_batching: bool = False,
+    kind: str = "KIND_CPU",
+    parameters: dict[str, str] | None = None,
+):
+    """The ``inference.ModelConfig`` message for one model (not yet printed)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    if backend not in BACKEND_SPEC:
+        raise GpclError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if max_batch_size < 0 or instances < 1:
+        raise GpclError("--max-batch-size must be >= 0 and --instances >= 1")
+    if dynamic_batching and max_batch_size == 0:
+        raise GpclError("--dynamic-batching needs --max-batch-size > 0")
+    spec = BACKEND_SPEC[backend]
+    cfg = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if spec["platform"]:
+        cfg.platform = spec["platform"]
+    if spec["backend"]:
+        cfg.backend = spec["backend"]
+    for role, field in (("inputs", cfg.input), ("outputs", cfg.output)):
+        for t in io[role]:
+            dims = list(t["dims"])
+            if max_batch_size > 0:
+                # Triton's dims leave out the batch axis when the model batches.
+                if not dims or dims[0] not in (-1, 0):
+                    raise GpclError(
+                        f"{t['name']} has no dynamic leading batch axis (dims {dims}); use --max-batch-size 0"
+                    )
+                dims = dims[1:]
+            field.add(name=t["name"], data_type=mc.DataType.Value(t["data_type"]), dims=dims or [1])
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    if dynamic_batching:
+        cfg.dynamic_batching.SetInParent()
+    for key, value in sorted((parameters or {}).items()):
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def config_text(cfg) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt with Triton's schema (raises GpclError on anything it rejects)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise GpclError(f"config.pbtxt does not parse with Triton's ModelConfig schema: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- model files
+def _save_onnx(src: Path, dst: Path) -> None:
+    """Copy an ONNX model as one self-contained file (external data pulled in), with the GPCL
+    functions attached so ONNX Runtime runs it without a plugin."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if any(n.domain == "gpcl" for n in model.graph.node):
+        from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
+
+        model = attach_gpcl_functions(model)
+    if model.ByteSize() > _INLINE_LIMIT:
+        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _python_path() -> str:
+    """Where this interpreter finds onnxruntime and numpy, for the python-backend stub (which
+    runs with the server's own Python)."""
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    return os.pathsep.join(paths)
+
+
+def _readme(name: str, backend: str, plugin: str | None) -> str:
+    lines = [f"# Triton model `{name}` ({backend})", "", "Written by `gpcl-trt triton`.", ""]
+    if backend == "tensorrt":
+        lines += [
+            "The engine (`1/model.plan`) was built with the GPCL TensorRT plugin; the server must load",
+            "the plugin library before it deserialises the engine. Either:",
+            "",
+            f"    tritonserver --model-repository REPO --backend-config=tensorrt,plugins=\"$PWD/REPO/{name}/1/{plugin or 'libgpcl_plugin.so'}\"",
+            "",
+            "or preload it:",
+            "",
+            f"    LD_PRELOAD=$PWD/REPO/{name}/1/{plugin or 'libgpcl_plugin.so'} tritonserver --model-repository REPO",
+            "",
+            "The config parameter `gpcl_plugin_library` records the file name; Triton itself ignores it.",
+        ]
+        if plugin is None:
+            lines += ["", "No plugin library was given (engine built with native GPCL layers or TRT-RTX): none is needed."]
+    elif backend == "onnxruntime":
+        lines += ["The GPCL nodes carry their ONNX function body, so ONNX Runtime runs them without a plugin."]
+    else:
+        lines += [
+            "`1/model.py` serves `1/model.onnx` with ONNX Runtime. The stub runs with the server's Python;",
+            "the config parameter `gpcl_python_path` lists where onnxruntime and numpy (< 2) are found:",
+            "edit it for another machine.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _populate(
+    tmp: Path, artifact: Path, backend: str, plugin_lib: Path | None
+) -> tuple[dict[str, str], str | None]:
+    vdir = tmp / VERSION
+    vdir.mkdir()
+    model_file = vdir / BACKEND_SPEC[backend]["file"]
+    params: dict[str, str] = {}
+    plugin_name = None
+    if backend == "tensorrt":
+        shutil.copyfile(artifact, model_file)
+        if plugin_lib is not None:
+            plugin_name = plugin_lib.name
+            shutil.copyfile(plugin_lib, vdir / plugin_name)
+            params["gpcl_plugin_library"] = f"{VERSION}/{plugin_name}"
+    else:
+        _save_onnx(artifact, model_file)
+    if backend == "python":
+        shutil.copyfile(PYTHON_MODEL_SOURCE, vdir / "model.py")
+        params.update({"onnx_file": model_file.name, "gpcl_python_path": _python_path()})
+    return params, plugin_name
+
+
+# ----------------------------------------------------------------------------- public API
+def write_triton_repo(
+    artifact: str | os.PathLike,
+    repo: str | os.PathLike,
+    name: str,
+    backend: str | None = None,
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    dynamic_batching: bool = False,
+    plugin_lib: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    kind: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write ``repo/name`` as a Triton model; returns the paths, the config text and the I/O.
+
+    ``max_batch_size=None`` picks 8 when every input and output has a dynamic leading axis,
+    else 0. The model directory is built in a temporary sibling and renamed into place.
+    """
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise GpclError(f"artifact {artifact} does not exist")
+    validate_model_name(name)
+    backend = backend or guess_backend(artifact)
+    if backend not in BACKENDS:
+        raise GpclError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt" and artifact.suffix == ".onnx":
+        raise GpclError(f"{artifact} is an ONNX model; the tensorrt backend serves a built engine (gpcl-trt build)")
+    if backend != "tensorrt" and artifact.suffix != ".onnx":
+        raise GpclError(f"the {backend} backend serves an ONNX model, not {artifact.name}")
+    if plugin_lib is not None:
+        plugin_lib = Path(plugin_lib)
+        if backend != "tensorrt":
+            raise GpclError("--plugin-lib only applies to --backend tensorrt")
+        if not plugin_lib.is_file():
+            raise GpclError(f"plugin library {plugin_lib} does not exist")
+    repo = Path(repo)
+    if not repo.parent.exists():
+        raise GpclError(f"parent directory {repo.parent} of the repository does not exist")
+    final = repo / name
+    if final.exists() and not force:
+        raise GpclError(f"{final} exists; pass --force to overwrite it")
+
+    io = artifact_io(artifact, backend, onnx)
+    if max_batch_size is None:
+        batchable = all(t["dims"] and t["dims"][0] == -1 for t in io["inputs"] + io["outputs"])
+        max_batch_size = 8 if batchable else 0
+    kind = kind or ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
+    # Validate everything that can fail cheaply before touching the repository.
+    build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind)
+
+    repo.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+        params, plugin_name = _populate(tmp, artifact, backend, plugin_lib)
+        cfg = build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind, params)
+        text = config_text(cfg)
+        parse_config(text)  # what we wrote must round-trip through Triton's schema
+        (tmp / "config.pbtxt").write_text(text)
+        (tmp / "README.md").write_text(_readme(name, backend, plugin_name))
+        write_manifest(
+            tmp / "config.pbtxt",
+            stage="triton",
+            inputs={"artifact": {"path": str(artifact), "sha256": sha256_file(artifact)}},
+            options={
+                "backend": backend, "max_batch_size": max_batch_size, "instances": instances,
+                "dynamic_batching": dynamic_batching, "plugin_lib": str(plugin_lib) if plugin_lib else None,
+                "kind": kind,
+            },
+            results={"io": io},
+            packages=("tritonclient", "onnx"),
+        )
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model_file = final / VERSION / BACKEND_SPEC[backend]["file"]
+    return {
+        "ok": True,
+        "repo": str(repo),
+        "name": name,
+        "model_dir": str(final),
+        "backend": backend,
+        "model_file": str(model_file),
+        "config": str(final / "config.pbtxt"),
+        "config_text": text,
+        "max_batch_size": max_batch_size,
+        "io": io,
+        "plugin_lib": str(final / VERSION / plugin_name) if plugin_name else None,
+    }
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished directory into place; an old one (--force) is moved aside first
+    and removed only after the new one is in."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)
