@@ -1,0 +1,299 @@
+"""GPCL as an ONNX model-local function, built only from standard ONNX ops, so ONNX Runtime and
+TensorRT-RTX's ONNX parser run a GPCL model without any plugin.
+
+A FunctionProto body cannot branch on a string attribute and cannot test whether an optional
+input is present, so :func:`attach_gpcl_functions` writes one *specialised* body per
+(mode, tau source) combination that the model's GPCL nodes use. One combination (the common
+case) gives one plain ``gpcl.GPCL`` function; a model that mixes them gets one overload per
+combination (FunctionProto ``overload`` + node ``overload``, IR >= 10).
+
+The body is kept lean because it runs on ORT's CPU hot path: the group radius is one ReduceL2
+over a free Reshape to [..., 4], and the whole-group NaN rule costs one Sub and one Add on the
+[..., G, 1] radius tensor: ``s + (r - r)`` is ``s`` for a finite radius and NaN for an infinite
+or NaN one (ORT's Max/Min propagate NaN, checked in the tests, but Inf needs this).
+The `tau` and `eps` attributes reach the body through ``ref_attr_name`` Constants.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import onnx
+from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import helper as oh
+
+from gpcl_trt.common import GpclError
+from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES, INV_SQRT2
+
+GPCL_DOMAIN = "gpcl"
+GPCL_OP = "GPCL"
+GPCL_OPSET = 1
+MIN_ONNX_OPSET = 13  # CastLike needs 15; below that the body would need Cast-by-type
+_MIN_BODY_OPSET = 15
+
+
+# ----------------------------------------------------------------------------- nodes
+def make_gpcl_node(
+    x: str,
+    y: str,
+    *,
+    name: str | None = None,
+    mode: str = "clamp",
+    tau: float | None = None,
+    tau_input: str | None = None,
+    eps: float = DEFAULT_EPS,
+) -> NodeProto:
+    """A ``gpcl.GPCL`` node. Give ``tau`` (a float attribute) or ``tau_input`` (the name of a
+    float32 [] or [D/4] tensor, which overrides the attribute)."""
+    if mode not in MODES:
+        raise GpclError(f"GPCL mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if tau is None and tau_input is None:
+        raise GpclError("a GPCL node needs tau (attribute) or tau_input (tensor name)")
+    if tau is not None and not tau > 0:
+        raise GpclError(f"GPCL tau must be > 0, got {tau}")
+    attrs = {"mode": mode, "eps": float(eps)}
+    if tau is not None:
+        attrs["tau"] = float(tau)
+    inputs = [x] if tau_input is None else [x, tau_input]
+    return oh.make_node(GPCL_OP, inputs, [y], name=name, domain=GPCL_DOMAIN, **attrs)
+
+
+def is_gpcl_node(node: NodeProto) -> bool:
+    return node.domain == GPCL_DOMAIN and node.op_type == GPCL_OP
+
+
+def iter_gpcl_nodes(graph: GraphProto) -> Iterator[NodeProto]:
+    """Every GPCL node of ``graph``, including nodes in subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        if is_gpcl_node(node):
+            yield node
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from iter_gpcl_nodes(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_gpcl_nodes(g)
+
+
+def node_variant(node: NodeProto) -> tuple[str, bool]:
+    """(mode, tau comes from an input) of a GPCL node, validated."""
+    attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+    mode = attrs.get("mode", b"clamp")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in MODES:
+        raise GpclError(f"GPCL node {node.name!r}: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    tau_input = len(node.input) > 1 and node.input[1] != ""
+    if not tau_input:
+        if "tau" not in attrs:
+            raise GpclError(f"GPCL node {node.name!r} has neither a tau attribute nor a tau input")
+        if not attrs["tau"] > 0:
+            raise GpclError(f"GPCL node {node.name!r}: tau must be > 0, got {attrs['tau']}")
+    if "eps" in attrs and not attrs["eps"] > 0:
+        raise GpclError(f"GPCL node {node.name!r}: eps must be > 0, got {attrs['eps']}")
+    return mode, tau_input
+
+
+# ----------------------------------------------------------------------------- bodies
+class _Body:
+    """Tiny builder for a function body: fresh names, constants, node list."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [f"_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
+        self._n += 1
+        self.nodes.append(oh.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const_f(self, value: float) -> str:
+        return self.op("Constant", value_float=float(value))
+
+    def const_i(self, values: list[int]) -> str:
+        return self.op("Constant", value_ints=list(values))
+
+    def attr_f(self, attr: str) -> str:
+        """A scalar float Constant whose value is the calling node's attribute ``attr``."""
+        out = f"_{attr}"
+        a = AttributeProto()
+        a.name, a.ref_attr_name, a.type = "value_float", attr, AttributeProto.FLOAT
+        node = oh.make_node("Constant", [], [out])
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return out
+
+    def reduce_l2(self, q: str) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceL2", q, self.const_i([-1]), keepdims=1)
+        return self.op("ReduceL2", q, axes=[-1], keepdims=1)
+
+    def split4(self, u: str) -> list[str]:
+        if self.opset >= 18:
+            return self.op("Split", u, outputs=4, axis=-1, num_outputs=4)
+        return self.op("Split", u, self.const_i([1, 1, 1, 1]), outputs=4, axis=-1)
+
+
+def _nan_rule(b: _Body, v: str, r: str) -> str:
+    """``v + (r - r)``: unchanged for a finite radius, NaN for a non-finite one."""
+    return b.op("Add", v, b.op("Sub", r, r))
+
+
+def _clamp(b: _Body, q: str, r: str, t: str) -> str:
+    return b.op("Mul", q, _nan_rule(b, b.op("Div", t, b.op("Max", r, t)), r))
+
+
+def _soft(b: _Body, q: str, r: str, t: str) -> str:
+    a = b.op("Div", r, t)
+    s = b.op("Where", b.op("Less", r, b.attr_f("eps")), b.const_f(1.0), b.op("Div", b.op("Tanh", a), a))
+    return b.op("Mul", q, _nan_rule(b, s, r))
+
+
+def _hopf(b: _Body, q: str, r: str, t: str) -> str:
+    u0, u1, u2, u3 = b.split4(b.op("Div", q, r))
+    two = b.const_f(2.0)
+    p0 = b.op("Mul", two, b.op("Add", b.op("Mul", u0, u2), b.op("Mul", u1, u3)))
+    p1 = b.op("Mul", two, b.op("Sub", b.op("Mul", u1, u2), b.op("Mul", u0, u3)))
+    p2 = b.op("Sub", b.op("Add", b.op("Mul", u0, u0), b.op("Mul", u1, u1)),
+              b.op("Add", b.op("Mul", u2, u2), b.op("Mul", u3, u3)))
+    k = b.op("Mul", b.op("Min", r, t), b.const_f(INV_SQRT2))
+    y = b.op("Concat", b.op("Mul", k, p0), b.op("Mul", k, p1), b.op("Mul", k, p2), k, axis=-1)
+    return _nan_rule(b, b.op("Where", b.op("Less", r, b.attr_f("eps")), b.const_f(0.0), y), r)
+
+
+# One body builder per mode (a table, not an if-chain); each maps (q [.., 4], r, t) -> y [.., 4].
+_MODE_BODY = {"clamp": _clamp, "soft": _soft, "hopf": _hopf}
+
+
+def overload_name(mode: str, tau_input: bool) -> str:
+    return f"{mode}_{'input' if tau_input else 'attr'}"
+
+
+def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "") -> FunctionProto:
+    """The GPCL body specialised to ``mode`` and to where tau comes from, for a model whose
+    default-domain opset is ``opset`` (>= 15)."""
+    if opset < _MIN_BODY_OPSET:
+        raise GpclError(f"the GPCL ONNX function needs opset >= {_MIN_BODY_OPSET}, the model has {opset}")
+    b = _Body(opset)
+    xf = b.op("Cast", "X", to=TensorProto.FLOAT)
+    if tau_input:
+        # [-1, 4] for a scalar tau, [-1, G, 4] for a per-group one; ORT folds all of this
+        # away when tau is an initializer.
+        gshape = b.op("Concat", b.const_i([-1]), b.op("Shape", "tau"), b.const_i([4]), axis=0)
+        t = b.op("Unsqueeze", b.op("Cast", "tau", to=TensorProto.FLOAT), b.const_i([-1]))
+    else:
+        gshape, t = b.const_i([-1, 4]), b.attr_f("tau")
+    q = b.op("Reshape", xf, gshape)
+    yq = _MODE_BODY[mode](b, q, b.reduce_l2(q), t)
+    y = b.op("Reshape", yq, b.op("Shape", "X"))
+    b.nodes.append(oh.make_node("CastLike", [y, "X"], ["Y"]))
+    fn = oh.make_function(
+        GPCL_DOMAIN,
+        GPCL_OP,
+        ["X", "tau"] if tau_input else ["X"],
+        ["Y"],
+        b.nodes,
+        opset_imports=[oh.make_opsetid("", opset)],
+        attributes=["tau"],
+        attribute_protos=[oh.make_attribute("mode", mode), oh.make_attribute("eps", DEFAULT_EPS)],
+        doc_string=f"GPCL v{GPCL_OPSET}, mode={mode}, tau from {'input' if tau_input else 'attribute'} "
+        "(docs/gpcl-spec.md)",
+    )
+    if overload:
+        fn.overload = overload
+    return fn
+
+
+# ----------------------------------------------------------------------------- models
+def _default_opset(model: ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise GpclError("the model imports no default-domain (ai.onnx) opset")
+
+
+def _set_opset(model: ModelProto, domain: str, version: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain == domain:
+            imp.version = version
+            return
+    model.opset_import.append(oh.make_opsetid(domain, version))
+
+
+def remove_gpcl_functions(model: ModelProto) -> ModelProto:
+    """Drop the model-local GPCL function(s) and node overloads, keeping the GPCL nodes and the
+    ``gpcl`` opset import (what a TensorRT build with the native plugin wants). In place;
+    returns ``model``."""
+    keep = [f for f in model.functions if f.domain != GPCL_DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
+    for node in iter_gpcl_nodes(model.graph):
+        node.overload = ""
+    return model
+
+
+def gpcl_variants(model: ModelProto) -> list[tuple[str, bool]]:
+    """The sorted (mode, tau-from-input) combinations used by the model's GPCL nodes."""
+    return sorted({node_variant(n) for n in iter_gpcl_nodes(model.graph)})
+
+
+def attach_gpcl_functions(model: ModelProto) -> ModelProto:
+    """Give ``model`` the model-local GPCL function(s) its GPCL nodes need and the ``gpcl``
+    opset import, replacing any earlier GPCL functions (so it is idempotent and picks up changed
+    modes). In place; returns ``model``. A model without GPCL nodes only loses stale functions."""
+    remove_gpcl_functions(model)
+    variants = gpcl_variants(model)
+    if not variants:
+        return model
+    opset = _default_opset(model)
+    if len(variants) == 1:
+        model.functions.append(gpcl_function(*variants[0], opset=opset))
+    else:
+        # Mixed combinations: one overload each (IR >= 10), and every node names its own.
+        model.functions.extend(gpcl_function(m, ti, opset, overload_name(m, ti)) for m, ti in variants)
+        for node in iter_gpcl_nodes(model.graph):
+            node.overload = overload_name(*node_variant(node))
+        model.ir_version = max(model.ir_version, 10)
+    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR >= 8
+    _set_opset(model, GPCL_DOMAIN, GPCL_OPSET)
+    return model
+
+
+def gpcl_model(
+    shape: Iterable[int | str | None] | None,
+    *,
+    mode: str = "clamp",
+    tau: float | None = 1.0,
+    tau_shape: Iterable[int] | None = None,
+    dtype: int = TensorProto.FLOAT,
+    eps: float = DEFAULT_EPS,
+    opset: int = 18,
+) -> ModelProto:
+    """A one-node model ``Y = GPCL(X[, tau])`` with the function attached: for tests, benchmarks
+    and engine smoke builds. ``tau_shape`` (e.g. [] or [D/4]) makes tau a graph input."""
+    shape = None if shape is None else list(shape)  # None: any rank
+    inputs = [oh.make_tensor_value_info("X", dtype, shape)]
+    if tau_shape is not None:
+        inputs.append(oh.make_tensor_value_info("tau", TensorProto.FLOAT, list(tau_shape)))
+    node = make_gpcl_node("X", "Y", name="gpcl/test", mode=mode, tau=tau,
+                          tau_input="tau" if tau_shape is not None else None, eps=eps)
+    graph = oh.make_graph([node], "gpcl", inputs, [oh.make_tensor_value_info("Y", dtype, shape)])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=10)
+    return attach_gpcl_functions(model)
+
+
+def inline_gpcl_functions(model: ModelProto) -> ModelProto:
+    """A copy of ``model`` with every GPCL call replaced by its body (standard ops only).
+
+    TensorRT(-RTX)'s ONNX parser looks local functions up by name and ignores ``overload``, so a
+    model that mixes GPCL modes or tau sources must be inlined before it reaches the parser; a
+    single-variant model parses either way. The GPCL nodes' ``gpcl`` opset import is dropped."""
+    import onnx.inliner
+
+    attached = attach_gpcl_functions(ModelProto.FromString(model.SerializeToString()))
+    out = onnx.inliner.inline_selected_functions(attached, [(GPCL_DOMAIN, GPCL_OP)])
+    keep = [i for i in out.opset_import if i.domain != GPCL_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
