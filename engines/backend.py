@@ -1,0 +1,141 @@
+"""Run-time choice between full TensorRT (module ``tensorrt``) and TensorRT-RTX (module
+``tensorrt_rtx``). Both expose the same Python API for what we use; the differences we rely on
+are listed once, in :class:`Capabilities`, so the build code is written once for both."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any, Iterator
+
+from gpcl_trt.common import GpclError
+
+BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What one backend can do. Each field names a behaviour, not a backend, so build code
+    asks ``caps.plugins`` instead of ``name == 'tensorrt'``."""
+
+    module: str  # importable Python module
+    extra: str  # the gpcl-trt extra that installs it
+    # IPluginV3 libraries through the ONNX parser (--gpcl plugin).
+    plugins: bool
+    # BuilderFlag.FP16 / BF16 exist (weakly typed networks). TensorRT-RTX only builds strongly
+    # typed networks, so lower precision there means lower-precision ONNX weights and compute.
+    precision_flags: bool
+    # Timing cache load/save has an effect (TensorRT-RTX: documented no-op since 1.2).
+    timing_cache: bool
+    # get_engine_validity on the Runtime: checks an engine header without deserialising.
+    engine_validity: bool
+
+
+CAPABILITIES = {
+    "tensorrt": Capabilities(
+        module="tensorrt", extra="trt", plugins=True, precision_flags=True, timing_cache=True, engine_validity=False
+    ),
+    "tensorrt-rtx": Capabilities(
+        module="tensorrt_rtx", extra="rtx", plugins=False, precision_flags=False, timing_cache=False, engine_validity=True
+    ),
+}
+
+# auto prefers full TensorRT: it is the one that can use the GPCL plugin.
+_AUTO_ORDER = ("tensorrt", "tensorrt-rtx")
+
+
+class _Logger:
+    """One logger per backend module (TensorRT warns when builders get different loggers).
+    Messages are kept so errors can quote them; nothing is printed unless ``echo`` is set."""
+
+    def __init__(self, trt: ModuleType) -> None:
+        sev = trt.ILogger.Severity
+        self._rank = {sev.INTERNAL_ERROR: 0, sev.ERROR: 1, sev.WARNING: 2, sev.INFO: 3, sev.VERBOSE: 4}
+        self.messages: list[tuple[str, str]] = []
+        self.echo_level = 1  # errors only, on stderr
+
+        outer = self
+
+        class Impl(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                outer._log(severity, msg)
+
+        self.impl = Impl()
+
+    def _log(self, severity: Any, msg: str) -> None:
+        rank = self._rank.get(severity, 4)
+        if rank <= 3:
+            self.messages.append((str(severity).rsplit(".", 1)[-1], msg))
+        if rank <= self.echo_level:
+            from gpcl_trt.common import eprint
+
+            eprint(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Echo nothing for a call whose errors are expected (e.g. a GPU query without a GPU)."""
+        level, self.echo_level = self.echo_level, -1
+        try:
+            yield
+        finally:
+            self.echo_level = level
+
+    def take(self) -> list[tuple[str, str]]:
+        out, self.messages = self.messages, []
+        return out
+
+
+@dataclasses.dataclass
+class Backend:
+    name: str
+    trt: ModuleType
+    caps: Capabilities
+    logger: _Logger
+
+    @property
+    def version(self) -> str:
+        return str(self.trt.__version__)
+
+
+_LOADED: dict[str, Backend] = {}
+
+
+def _import(name: str) -> Backend | None:
+    if name in _LOADED:
+        return _LOADED[name]
+    caps = CAPABILITIES[name]
+    try:
+        trt = importlib.import_module(caps.module)
+    except ImportError:
+        return None
+    backend = Backend(name=name, trt=trt, caps=caps, logger=_Logger(trt))
+    _LOADED[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    return [name for name in _AUTO_ORDER if _import(name) is not None]
+
+
+def load_backend(name: str = "auto") -> Backend:
+    """The backend ``name`` (``auto``: full TensorRT if installed, else TensorRT-RTX); a missing
+    one is a clear error naming the extra that installs it."""
+    if name not in BACKEND_CHOICES:
+        raise GpclError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    order = _AUTO_ORDER if name == "auto" else (name,)
+    for candidate in order:
+        backend = _import(candidate)
+        if backend is not None:
+            return backend
+    if name == "auto":
+        raise GpclError(
+            "no TensorRT backend is installed: pip install 'gpcl-trt[rtx]' (TensorRT-RTX, builds without a GPU) "
+            "or 'gpcl-trt[trt]' (full TensorRT)"
+        )
+    caps = CAPABILITIES[name]
+    raise GpclError(f"backend {name} needs the Python module {caps.module}: pip install 'gpcl-trt[{caps.extra}]'")

@@ -1,0 +1,346 @@
+"""``build_engine``: ONNX -> serialized TensorRT / TensorRT-RTX engine + manifest.
+
+One code path for both backends; what differs is asked of ``backend.caps`` (engines/backend.py).
+Steps: read the model, prepare it for the chosen GPCL implementation and precision, parse,
+check where GPCL went, set the optimisation profile, build, write atomically, check the
+written engine, write the manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from gpcl_trt.common import CheckFailed, GpclError, check_can_write, sha256_bytes, sha256_file, write_manifest
+
+GPCL_CHOICES = ("native", "plugin")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+PLUGIN_NAMESPACE = "gpcl"  # docs/gpcl-spec.md: plugin GPCL v1 in namespace gpcl
+PLUGIN_VERSION = "1"
+_MAX_PROTO = 1 << 30  # above this, models travel with external data (protobuf's 2 GiB limit)
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    output: str | os.PathLike,
+    backend: str = "auto",
+    gpcl: str = "native",
+    plugin_lib: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    shapes: Sequence[str] | dict | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    workspace: int | None = None,
+    opt_level: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Build an engine for ``onnx_path`` and write it to ``output`` (plus its manifest).
+
+    ``shapes``: ``["NAME:MIN,OPT,MAX", ...]`` (or the parsed dict) overriding the default
+    profile; ``workspace`` in MiB; ``opt_level`` the builder optimisation level."""
+    from gpcl_trt.engines import profiles as prof
+    from gpcl_trt.engines.backend import load_backend
+
+    onnx_path, output = Path(onnx_path), Path(output)
+    _check_options(onnx_path, gpcl, plugin_lib, precision, workspace, opt_level)
+    check_can_write(output, force)
+    shape_overrides = shapes if isinstance(shapes, dict) else prof.parse_shapes(shapes or ())
+    be = load_backend(backend)
+    if gpcl == "plugin" and not be.caps.plugins:
+        raise GpclError(
+            f"{be.name} cannot load the GPCL plugin library; build with --gpcl native "
+            "(the parser inlines the GPCL function) or use --backend tensorrt"
+        )
+    trt = be.trt
+    be.logger.take()
+
+    model = _read_model(onnx_path)
+    gpcl_nodes = _gpcl_node_names(model)
+    lowered = precision != "fp32" and not _precision_flags(be)
+    with _prepared_model(onnx_path, model, gpcl, lowered and precision) as parse_path:
+        builder = trt.Builder(be.logger.impl)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, be.logger.impl)
+        plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
+        if not parser.parse_from_file(str(parse_path)):
+            raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
+
+    from gpcl_trt.engines.network import layer_summary
+
+    layers = layer_summary(network, gpcl_nodes)
+    gpcl_impl = _check_gpcl(layers["gpcl"], gpcl)
+    profile = prof.make_profiles(_network_inputs(network, model), shape_overrides)
+
+    config = builder.create_builder_config()
+    _configure(be, builder, config, network, profile, precision, workspace, opt_level)
+    cache_note = _load_timing_cache(be, config, timing_cache)
+
+    from gpcl_trt.engines.monitor import BuildProgress
+
+    t0 = time.perf_counter()
+    with BuildProgress(trt, config, f"build {output.name}"):
+        serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
+    data = memoryview(serialized).tobytes()
+    del serialized
+
+    from gpcl_trt.common import atomic_path
+
+    with atomic_path(output, force=force) as tmp:
+        tmp.write_bytes(data)
+        _chmod_default(tmp)
+        from gpcl_trt.engines.inspect import check_engine_bytes
+
+        validity = check_engine_bytes(be, tmp.read_bytes(), expected_sha256=sha256_bytes(data))
+    if not validity["ok"]:
+        raise CheckFailed(f"the built engine failed its check: {validity['detail']}")  # pragma: no cover
+    cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
+
+    results = {
+        "backend": be.name,
+        "backend_version": be.version,
+        "precision": precision,
+        "precision_mode": _precision_mode(be, precision, lowered),
+        "profiles": [profile],
+        "gpcl": {"implementation": gpcl_impl, **layers["gpcl"]},
+        "build_seconds": round(build_seconds, 3),
+        "engine_bytes": len(data),
+        "network": {k: layers[k] for k in ("num_layers", "by_type")},
+        "validity": validity,
+        "timing_cache": cache_note,
+    }
+    from gpcl_trt.engines.inspect import engine_layers
+
+    engine_info = engine_layers(be, data)
+    if engine_info is not None:
+        results["engine_layers"] = engine_info
+    inputs = {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}}
+    if plugin_lib:
+        inputs["plugin_lib"] = {"path": str(plugin_lib), "sha256": plugin_sha}
+    options = {
+        "backend": backend,
+        "gpcl": gpcl,
+        "precision": precision,
+        "shapes": {k: [list(s) for s in v] for k, v in shape_overrides.items()},
+        "workspace_mib": workspace,
+        "opt_level": opt_level,
+        "timing_cache": str(timing_cache) if timing_cache else None,
+    }
+    manifest = write_manifest(output, "build", inputs, options, results, packages=(_dist_name(be),))
+    return {"ok": True, "engine": str(output), "manifest": str(manifest), **results}
+
+
+# ----------------------------------------------------------------------------- options
+def _check_options(onnx_path: Path, gpcl: str, plugin_lib: Any, precision: str, workspace: Any, opt_level: Any) -> None:
+    if not onnx_path.is_file():
+        raise GpclError(f"{onnx_path} does not exist")
+    if gpcl not in GPCL_CHOICES:
+        raise GpclError(f"--gpcl must be one of {', '.join(GPCL_CHOICES)}, got {gpcl!r}")
+    if precision not in PRECISION_CHOICES:
+        raise GpclError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if gpcl == "plugin" and not plugin_lib:
+        raise GpclError("--gpcl plugin needs --plugin-lib PATH (the GPCL TensorRT plugin library, see `make kernel`)")
+    if gpcl == "native" and plugin_lib:
+        raise GpclError("--plugin-lib is only used with --gpcl plugin")
+    if plugin_lib and not Path(plugin_lib).is_file():
+        raise GpclError(f"plugin library {plugin_lib} does not exist")
+    if workspace is not None and workspace <= 0:
+        raise GpclError(f"--workspace must be a positive number of MiB, got {workspace}")
+    if opt_level is not None and not 0 <= opt_level <= 5:
+        raise GpclError(f"--opt-level must be 0..5, got {opt_level}")
+
+
+def _chmod_default(path: Path) -> None:
+    # mkstemp (behind atomic_path) creates 0600 files; an engine is shared with a server process.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _dist_name(be: Any) -> str:
+    return {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx-cu13"}.get(be.name, be.caps.module)
+
+
+def _precision_flags(be: Any) -> bool:
+    # Weakly typed precision flags where the backend has them (full TensorRT 10); a backend
+    # without BuilderFlag.FP16 (TensorRT-RTX) is strongly typed: the ONNX types decide.
+    return be.caps.precision_flags and hasattr(be.trt.BuilderFlag, "FP16")
+
+
+def _precision_mode(be: Any, precision: str, lowered: bool) -> str:
+    if precision == "fp32":
+        return "fp32"
+    return f"onnx lowered to {precision} (strongly typed)" if lowered else f"builder flag {precision.upper()}"
+
+
+# ----------------------------------------------------------------------------- model
+def _read_model(path: Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, onnx its own; all mean "not ONNX"
+        raise GpclError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _gpcl_node_names(model: Any) -> list[str]:
+    from gpcl_trt.engines.network import parser_node_name
+    from gpcl_trt.plugins.onnx_function import iter_gpcl_nodes
+
+    return [parser_node_name(n) for n in iter_gpcl_nodes(model.graph)]
+
+
+@contextlib.contextmanager
+def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> Iterator[Path]:
+    """The file the parser reads: ``path`` itself when nothing changes, else a rewritten copy
+    in a temporary directory (weights as external data, so any size parses)."""
+    import onnx
+
+    from gpcl_trt.plugins import onnx_function as of
+
+    gpcl_present = any(True for _ in of.iter_gpcl_nodes(model.graph))
+    changes = []
+    if gpcl_present and gpcl == "plugin":
+        changes.append(_as_plugin_nodes)
+    elif gpcl_present and (len(of.gpcl_variants(model)) > 1 or not _has_gpcl_function(model)):
+        # The parser finds local functions by name and ignores overloads: a model mixing GPCL
+        # variants is inlined first (a single-variant model parses as it is).
+        changes.append(lambda m: of.inline_gpcl_functions(of.attach_gpcl_functions(m)))
+    if lower_to:
+        from gpcl_trt.engines.precision import lower_precision
+
+        changes.append(lambda m: lower_precision(m, lower_to))
+    if not changes:
+        yield path
+        return
+    full = onnx.load(str(path))  # with external data: the rewrite saves a self-contained copy
+    for change in changes:
+        full = change(full)
+    with tempfile.TemporaryDirectory(prefix="gpcl-build-") as tmp:
+        out = Path(tmp) / path.name
+        big = full.ByteSize() > _MAX_PROTO
+        onnx.save(full, str(out), save_as_external_data=big, location=f"{path.name}.data" if big else None)
+        yield out
+
+
+def _has_gpcl_function(model: Any) -> bool:
+    from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
+
+    return any(f.domain == GPCL_DOMAIN and f.name == GPCL_OP for f in model.functions)
+
+
+def _as_plugin_nodes(model: Any) -> Any:
+    """For the plugin build: drop the GPCL function (the parser would inline it) and name the
+    plugin's namespace/version on each node, which is how the parser picks a registered plugin."""
+    from onnx import helper
+
+    from gpcl_trt.plugins.onnx_function import iter_gpcl_nodes, remove_gpcl_functions
+
+    remove_gpcl_functions(model)
+    for node in iter_gpcl_nodes(model.graph):
+        present = {a.name for a in node.attribute}
+        for name, value in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
+            if name not in present:
+                node.attribute.append(helper.make_attribute(name, value))
+    return model
+
+
+def _load_plugin(be: Any, plugin_lib: Any) -> str:
+    registry = be.trt.get_plugin_registry()
+    handle = registry.load_library(str(plugin_lib))
+    if not handle:
+        raise GpclError(f"{be.name} could not load plugin library {plugin_lib}: {_log_errors(be) or 'no message'}")
+    return sha256_file(plugin_lib)
+
+
+def _parser_errors(parser: Any, be: Any) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = err.node_name() or (f"node #{err.node()}" if err.node() >= 0 else "")
+        op = err.node_operator()
+        lines.append(f"{where} ({op}): {err.desc()}" if where else err.desc())
+    return "; ".join(lines) or _log_errors(be) or "the parser gave no reason"
+
+
+def _log_errors(be: Any) -> str:
+    msgs = [m for sev, m in be.logger.take() if sev in ("ERROR", "INTERNAL_ERROR")]
+    return "; ".join(msgs[-5:])
+
+
+# ----------------------------------------------------------------------------- network
+def _check_gpcl(summary: dict[str, Any], gpcl: str) -> str:
+    """Which GPCL implementation the network holds; a plugin build that fell back to the
+    decomposed body (or a native one that lost nodes) is a failed check."""
+    n = summary["nodes"]
+    if n == 0:
+        return "none"
+    if gpcl == "plugin":
+        if summary["body_layers"] or len(summary["nodes_as_plugin"]) != n:
+            raise CheckFailed(
+                f"--gpcl plugin: {len(summary['nodes_as_plugin'])} of {n} GPCL nodes became plugin layers "
+                f"and {summary['body_layers']} layers came from the decomposed body"
+            )
+        return "plugin"
+    if len(summary["nodes_as_body"]) != n:
+        raise CheckFailed(f"--gpcl native: only {len(summary['nodes_as_body'])} of {n} GPCL nodes are in the network")
+    return "native"
+
+
+def _network_inputs(network: Any, model: Any) -> list[tuple[str, list[int | str]]]:
+    """(name, dims) per network input: static sizes as ints, dynamic ones by their ONNX axis
+    name ("" when unnamed)."""
+    onnx_dims = {
+        i.name: [d.dim_param if d.HasField("dim_param") else "" for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
+    out = []
+    for k in range(network.num_inputs):
+        t = network.get_input(k)
+        names = onnx_dims.get(t.name, [])
+        dims = [d if d >= 0 else (names[a] if a < len(names) else "") for a, d in enumerate(t.shape)]
+        out.append((t.name, dims))
+    return out
+
+
+def _configure(be, builder, config, network, profile, precision, workspace, opt_level) -> None:
+    trt = be.trt
+    if profile:
+        opt = builder.create_optimization_profile()
+        for name, p in profile.items():
+            opt.set_shape(name, p["min"], p["opt"], p["max"])
+        config.add_optimization_profile(opt)
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace) << 20)
+    if opt_level is not None:
+        config.builder_optimization_level = int(opt_level)
+    if precision != "fp32" and _precision_flags(be):
+        config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
+    # Keep layer names and their parameters in the plan, for the engine inspector.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+
+def _load_timing_cache(be: Any, config: Any, path: Any) -> str | None:
+    if not path:
+        return None
+    if not be.caps.timing_cache:
+        return f"not used: timing caches are a no-op in {be.name}"
+    blob = Path(path).read_bytes() if Path(path).is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return f"loaded {len(blob)} bytes" if blob else "new"
+
+
+def _save_timing_cache(be: Any, config: Any, path: Any) -> str | None:
+    if not path or not be.caps.timing_cache:
+        return None
+    from gpcl_trt.common import atomic_path
+
+    data = memoryview(config.get_timing_cache().serialize()).tobytes()
+    with atomic_path(path, force=True) as tmp:  # a cache is meant to be updated in place
+        tmp.write_bytes(data)
+    return f"saved {len(data)} bytes to {path}"

@@ -1,0 +1,78 @@
+"""Build progress on stderr through the builder's IProgressMonitor (both backends have one)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+
+class BuildProgress:
+    """Context manager: attaches a progress monitor to ``config`` for the build and shows one
+    bar per builder phase (nested phases indented). A backend without ``IProgressMonitor``
+    builds without a bar."""
+
+    def __init__(self, trt: ModuleType, config: Any, description: str) -> None:
+        self.trt, self.config, self.description = trt, config, description
+        self.phases: list[str] = []  # phase names seen, in order (kept for tests and logs)
+        self._monitor = None
+        self._progress = None
+        self._tasks: dict[str, tuple[Any, int]] = {}
+
+    def __enter__(self) -> "BuildProgress":
+        if not hasattr(self.trt, "IProgressMonitor") or not hasattr(self.config, "progress_monitor"):
+            return self
+        from gpcl_trt.progress import make_progress
+
+        self._progress = make_progress()
+        self._progress.start()
+        self._monitor = _make_monitor(self.trt, self)
+        self.config.progress_monitor = self._monitor
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._monitor is not None:
+            self.config.progress_monitor = None
+
+    # Called from the builder thread, via the monitor.
+    def start(self, parent: str | None, phase: str, steps: int) -> None:
+        self.phases.append(phase)
+        depth = self._depth(parent)
+        self._tasks[phase] = (self._progress.add_task(f"{'  ' * depth}{phase}", total=max(steps, 1)), depth)
+
+    def step(self, phase: str) -> None:
+        if phase in self._tasks:
+            self._progress.advance(self._tasks[phase][0])
+
+    def finish(self, phase: str) -> None:
+        task = self._tasks.pop(phase, None)
+        if task is None:
+            return
+        # Inner phases disappear when done; the two outer levels stay as the build log.
+        if task[1] > 1:
+            self._progress.remove_task(task[0])
+        else:
+            total = next(t.total for t in self._progress.tasks if t.id == task[0])
+            self._progress.update(task[0], completed=total)
+
+    def _depth(self, parent: str | None) -> int:
+        return 0 if parent is None or parent not in self._tasks else self._tasks[parent][1] + 1
+
+
+def _make_monitor(trt: ModuleType, sink: BuildProgress) -> Any:
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, parent_phase: str | None, phase_name: str, num_steps: int) -> None:
+            sink.start(parent_phase, phase_name, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            sink.step(phase_name)
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            sink.finish(phase_name)
+
+    return Monitor()

@@ -1,0 +1,71 @@
+"""What a parsed network holds: a layer summary and where the GPCL computation went.
+
+The ONNX parser stamps every layer with ``metadata`` naming its ONNX node, and for layers that
+come from a model-local function also the calling node and its op:
+``[ONNX Layer: node_of__max5_0 | gpcl/layer0/pre-attention (GPCL)]``. That is how we tell a
+GPCL that was inlined (function body) from one that became a plugin layer, without a GPU."""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Iterable
+
+_FUNCTION_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL\)")
+_PLUGIN_TYPES = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
+
+
+def parser_node_name(node: Any) -> str:
+    """The name the ONNX parser gives a node (its own, else ``node_of_<first output>``)."""
+    return node.name or f"node_of_{node.output[0]}"
+
+
+def _layer_type(layer: Any) -> str:
+    return str(layer.type).rsplit(".", 1)[-1]
+
+
+def layer_summary(network: Any, gpcl_nodes: Iterable[str]) -> dict[str, Any]:
+    """Counts by layer type, and per GPCL node the layers that implement it (function body
+    layers, plugin layers, or layers named after it when the function was inlined upstream)."""
+    gpcl_nodes = list(gpcl_nodes)
+    wanted = set(gpcl_nodes)
+    by_type: collections.Counter[str] = collections.Counter()
+    body: dict[str, int] = collections.defaultdict(int)
+    plugin: dict[str, int] = collections.defaultdict(int)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = _layer_type(layer)
+        by_type[kind] += 1
+        meta = getattr(layer, "metadata", "") or ""
+        call = _FUNCTION_CALL.search(meta)
+        if call and call.group(1) in wanted:
+            body[call.group(1)] += 1
+            continue
+        owner = _owning_node(meta, layer.name, wanted)
+        if owner is None:
+            continue
+        (plugin if kind in _PLUGIN_TYPES else body)[owner] += 1
+    return {
+        "num_layers": network.num_layers,
+        "by_type": dict(sorted(by_type.items())),
+        "gpcl": {
+            "nodes": len(gpcl_nodes),
+            "body_layers": sum(body.values()),
+            "plugin_layers": sum(plugin.values()),
+            "nodes_as_body": sorted(body),
+            "nodes_as_plugin": sorted(plugin),
+        },
+    }
+
+
+def _owning_node(meta: str, layer_name: str, wanted: set[str]) -> str | None:
+    if not wanted:
+        return None
+    m = re.match(r"\[ONNX Layer: ([^|\]]+?)\s*[\]|]", meta)
+    if m and m.group(1) in wanted:
+        return m.group(1)
+    # onnx.inliner prefixes the body's node names with the call's name.
+    for name in wanted:
+        if layer_name.startswith(name) or (m and m.group(1).startswith(name)):
+            return name
+    return None
