@@ -1,0 +1,299 @@
+"""Calibrate tau per site: run ONNX Runtime on sample inputs with every site tensor exposed as
+an extra graph output, collect the quaternion radii r = ||x[4g:4g+4]|| of real (unpadded)
+tokens, and write tau = margin x percentile(r) per site (or per group) with the statistics.
+
+Sample inputs, in order of preference: ``--data`` (.npz keyed by input name, or a text file with
+one sentence a line), else the sentences shipped in passes/data/calibration.txt tokenised with
+the tokenizer of the model directory recorded in the export manifest, else random token ids
+(models without a tokenizer, e.g. the tiny test models)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from gpcl_trt.common import GpclError, check_can_write, sha256_file, write_json_atomic, write_manifest
+
+CORPUS = Path(__file__).parent / "data" / "calibration.txt"
+CALIB_FORMAT = "gpcl-calibration/1"
+STAT_PERCENTILES = (50.0, 99.0, 99.99)
+_TAU_FLOOR = 1e-6  # a dead site/group (r == 0 everywhere) still needs tau > 0
+_MAX_TOKENS = 128
+_NPZ_BATCH = 8
+_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+               "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
+
+
+# ----------------------------------------------------------------------------- feeds
+class FeedMaker:
+    """Build a complete feed for an exported transformer from input_ids (+ optional mask and
+    token types): every other input gets its neutral value (no past, positions 0..S-1)."""
+
+    def __init__(self, session) -> None:
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        if "input_ids" not in self.inputs:
+            raise GpclError("the model has no input_ids input; pass --data FILE.npz with its inputs")
+
+    def __call__(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = given["input_ids"]
+        b, s = ids.shape
+        feed = {}
+        for name, info in self.inputs.items():
+            dtype = _ORT_DTYPES.get(info.type)
+            if name in given:
+                feed[name] = given[name].astype(dtype) if dtype is not None else given[name]
+            elif name == "attention_mask":
+                feed[name] = np.ones((b, s), dtype)
+            elif name in ("token_type_ids",):
+                feed[name] = np.zeros((b, s), dtype)
+            elif name == "position_ids":
+                feed[name] = np.broadcast_to(np.arange(s, dtype=dtype), (b, s)).copy()
+            elif name.startswith("past_key_values"):
+                shape = [b if d == "batch" else (d if isinstance(d, int) else 0) for d in info.shape]
+                feed[name] = np.zeros(shape, dtype)
+            else:
+                raise GpclError(f"cannot make sample data for model input {name!r}; pass --data FILE.npz with it")
+        return feed
+
+
+def _vocab_size(lm) -> int | None:
+    """Rows of the embedding table that input_ids indexes."""
+    import onnx_graphsurgeon as gs
+
+    from gpcl_trt.passes.graph import see_through
+
+    for node in lm.graph.nodes:
+        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+            if see_through(node.inputs[1]).name == "input_ids":
+                return int(node.inputs[0].shape[0])
+    return None
+
+
+def _tokenizer(model_dir: str | None):
+    """A callable sentence -> {input_ids, attention_mask, token_type_ids} ([1, S] arrays), or
+    None. The fast `tokenizers` path avoids importing transformers (and torch): seconds saved."""
+    if model_dir is None:
+        return None
+    tj = Path(model_dir) / "tokenizer.json"
+    if tj.is_file():
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_file(str(tj))
+        tk.no_padding()
+        tk.enable_truncation(_MAX_TOKENS)
+
+        def encode(text: str) -> dict[str, np.ndarray]:
+            e = tk.encode(text)
+            return {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
+                    "token_type_ids": np.array([e.type_ids], np.int64)}
+
+        return encode
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception:  # no usable tokenizer files: the caller falls back to random ids
+        return None
+
+    def encode_hf(text: str) -> dict[str, np.ndarray]:
+        enc = tok(text, return_tensors="np", truncation=True, max_length=_MAX_TOKENS)
+        return {k: np.asarray(v, np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    return encode_hf
+
+
+def _pad_batches(encoded: list[dict[str, np.ndarray]], size: int = _NPZ_BATCH) -> list[dict[str, np.ndarray]]:
+    """Right-pad sequences into batches; the attention mask keeps padding out of the radii."""
+    batches = []
+    for i in range(0, len(encoded), size):
+        chunk = encoded[i : i + size]
+        s = max(e["input_ids"].shape[1] for e in chunk)
+        batch = {}
+        for k in chunk[0]:
+            batch[k] = np.zeros((len(chunk), s), np.int64)
+            for j, e in enumerate(chunk):
+                batch[k][j, : e[k].shape[1]] = e[k][0]
+        batches.append(batch)
+    return batches
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tuple[list[dict], dict]:
+    """The sample batches (dicts of input arrays) and a description of where they came from."""
+    from gpcl_trt.passes.modelio import model_dir_of
+
+    if data is not None and Path(data).suffix == ".npz":
+        return _npz_batches(Path(data), samples)
+    model_dir = model_dir_of(input_path)
+    tok = _tokenizer(model_dir)
+    if data is not None:
+        p = Path(data)
+        if not p.is_file():
+            raise GpclError(f"{p}: no such data file")
+        if tok is None:
+            raise GpclError(f"--data {p.name}: text needs the model's tokenizer, and none was found via the export manifest; pass an .npz")
+        sentences, desc = _read_lines(p), {"kind": "text", "path": str(p)}
+    elif tok is not None:
+        sentences, desc = _read_lines(CORPUS), {"kind": "corpus", "path": CORPUS.name}
+    else:
+        return _random_batches(lm, samples)
+    if not sentences:
+        raise GpclError(f"{desc['path']}: no sentences")
+    sentences = sentences[:samples]
+    batches = _pad_batches([tok(s) for s in sentences])
+    return batches, {**desc, "tokenizer": model_dir, "sentences": len(sentences)}
+
+
+def _npz_batches(path: Path, samples: int) -> tuple[list[dict], dict]:
+    if not path.is_file():
+        raise GpclError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise GpclError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
+    ids = arrays.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        raise GpclError(f"{path}: needs an input_ids array of shape [N, sequence]")
+    n = min(samples, ids.shape[0])
+    batches = [{k: v[i : min(i + _NPZ_BATCH, n)] for k, v in arrays.items()} for i in range(0, n, _NPZ_BATCH)]
+    return batches, {"kind": "npz", "path": str(path), "sequences": n}
+
+
+def _random_batches(lm, samples: int) -> tuple[list[dict], dict]:
+    vocab = _vocab_size(lm)
+    if vocab is None:
+        raise GpclError("no tokenizer found via the export manifest and no embedding table to draw ids from; pass --data")
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, vocab, (1, int(rng.integers(8, 33))), dtype=np.int64)} for _ in range(samples)]
+    return batches, {"kind": "random-token-ids", "vocab": vocab, "sequences": samples, "seed": 0}
+
+
+# ----------------------------------------------------------------------------- radii
+def quaternion_radii(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[tokens, D/4] radii of the real tokens of a site tensor [B, S, D] (or any [..., D])."""
+    x = np.asarray(x, dtype=np.float32)
+    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+        x = x[mask.astype(bool)]
+    q = x.reshape(-1, x.shape[-1] // 4, 4)
+    return np.sqrt(np.sum(q * q, axis=-1))
+
+
+def _pkey(p: float) -> str:
+    return f"p{p:g}"
+
+
+def site_stats(r: np.ndarray, percentile: float, margin: float, per_group: bool) -> dict:
+    flat = r.reshape(-1)
+    ps = sorted(set(STAT_PERCENTILES) | {percentile})
+    values = np.percentile(flat, ps)
+    stats = {_pkey(p): float(v) for p, v in zip(ps, values)}
+    stats.update(max=float(flat.max()), count=int(flat.size), tokens=int(r.shape[0]))
+    if per_group:
+        tau = np.maximum(margin * np.percentile(r, percentile, axis=0), _TAU_FLOOR).astype(np.float32)
+        return {"tau": [float(t) for t in tau], "stats": stats}
+    return {"tau": float(max(margin * stats[_pkey(percentile)], _TAU_FLOOR)), "stats": stats}
+
+
+def _iter_progress(items: list, description: str) -> Iterator:
+    from gpcl_trt.progress import make_progress
+
+    with make_progress() as progress:
+        task = progress.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+# ----------------------------------------------------------------------------- file level
+def _check_options(samples: int, percentile: float, margin: float) -> None:
+    if not (isinstance(samples, int) and samples >= 1):
+        raise GpclError(f"--samples must be a positive integer, got {samples}")
+    if not (0 < percentile <= 100):
+        raise GpclError(f"--percentile must be in (0, 100], got {percentile}")
+    if not (math.isfinite(margin) and margin > 0):
+        raise GpclError(f"--margin must be a finite number > 0, got {margin}")
+
+
+def calibrate_file(
+    input: str | Path,
+    output: str | Path,
+    samples: int = 64,
+    data: str | Path | None = None,
+    percentile: float = 99.99,
+    margin: float = 1.25,
+    per_group: bool = False,
+    force: bool = False,
+) -> dict:
+    """Measure the quaternion radius distribution at every site of ``input`` and write
+    calib.json (tau per site or per group, statistics, source_sha256) + its manifest."""
+    import onnx
+    import onnxruntime as ort
+
+    from gpcl_trt.passes.graph import load_model
+    from gpcl_trt.passes.insert import select_sites
+    from gpcl_trt.passes.sites import KINDS, find_sites_loaded
+
+    _check_options(samples, percentile, margin)
+    check_can_write(output, force)
+    lm = load_model(input)
+    sites = select_sites(find_sites_loaded(lm), KINDS, None)
+    batches, data_desc = sample_inputs(lm, input, samples, data)
+
+    # Expose each site tensor as an extra graph output (the graph is otherwise unchanged).
+    model = lm.model
+    tensors = lm.graph.tensors()
+    have = {o.name for o in model.graph.output}
+    for s in sites:
+        if s.tensor not in have:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[s.tensor].dtype or np.float32))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(s.tensor, elem, None))
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GpclError(f"{input}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+    feeds = FeedMaker(session)
+    names = [s.tensor for s in sites]
+    radii: dict[str, list[np.ndarray]] = {s.tensor: [] for s in sites}
+    for batch in _iter_progress(batches, "calibrating"):
+        feed = feeds(batch)
+        try:
+            outs = session.run(names, feed)
+        except Exception as exc:
+            raise GpclError(f"ONNX Runtime failed on the sample data ({str(exc).splitlines()[0]})") from None
+        for name, arr in zip(names, outs):
+            radii[name].append(quaternion_radii(arr, feed.get("attention_mask")))
+
+    result_sites = {}
+    for s in sites:
+        r = np.concatenate(radii[s.tensor], axis=0)
+        result_sites[s.key] = {"layer": s.layer, "kind": s.kind, "tensor": s.tensor, "hidden": s.hidden,
+                               **site_stats(r, percentile, margin, per_group)}
+    src_sha = sha256_file(input)
+    doc = {
+        "format": CALIB_FORMAT,
+        "source": str(input),
+        "source_sha256": src_sha,
+        "percentile": percentile,
+        "margin": margin,
+        "per_group": per_group,
+        "samples": sum(len(b["input_ids"]) for b in batches),
+        "data": data_desc,
+        "sites": result_sites,
+    }
+    write_json_atomic(output, doc, force=force)
+    write_manifest(output, "calibrate", inputs={"source": str(input), "source_sha256": src_sha, "data": data_desc},
+                   options={"samples": samples, "percentile": percentile, "margin": margin, "per_group": per_group},
+                   packages=("onnxruntime",))
+    summary = {k: {"tau": v["tau"] if not per_group else {"min": min(v["tau"]), "max": max(v["tau"])},
+                   _pkey(percentile): v["stats"][_pkey(percentile)], "max": v["stats"]["max"]}
+               for k, v in result_sites.items()}
+    return {"ok": True, "output": str(output), "samples": doc["samples"], "data": data_desc,
+            "tokens": next(iter(result_sites.values()))["stats"]["tokens"], "sites": summary}

@@ -1,0 +1,133 @@
+"""onnx-graphsurgeon plumbing shared by the passes: loading and saving a model without losing
+what graphsurgeon drops (node metadata, model metadata), and the few graph predicates that site
+finding and insertion both need."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+import onnx
+import onnx_graphsurgeon as gs
+
+from gpcl_trt.common import GpclError
+from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+# Ops that only re-view or re-type a tensor: a projection reached through them (GPT-2's Conv1D
+# flattens to 2-D before its Gemm) still projects the same hidden state; GPCL is see-through so
+# that site finding works the same on a model that already has GPCL in it.
+TRANSPARENT_OPS = {"Reshape", "Flatten", "Cast", "Identity", "Squeeze", "Unsqueeze"}
+PROJECTION_OPS = {"MatMul", "Gemm"}
+# Ops that only prepare a weight (constant folding left undone).
+WEIGHT_PREP_OPS = {"Transpose", "Cast", "Identity", "DequantizeLinear", "Reshape"}
+NORM_OPS = {
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+}
+
+
+def is_gpcl(node: gs.Node) -> bool:
+    return node.op == GPCL_OP and node.domain == GPCL_DOMAIN
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def is_const(t: gs.Tensor, depth: int = 4) -> bool:
+    """A weight: an initializer, a Constant node, or a shallow transform of one."""
+    if isinstance(t, gs.Constant):
+        return True
+    p = producer(t)
+    if p is None or depth == 0:
+        return False
+    if p.op == "Constant":
+        return True
+    return p.op in WEIGHT_PREP_OPS and bool(p.inputs) and is_const(p.inputs[0], depth - 1)
+
+
+def is_projection(node: gs.Node) -> bool:
+    """A linear layer: MatMul/Gemm of an activation by a constant weight."""
+    return node.op in PROJECTION_OPS and len(node.inputs) >= 2 and is_const(node.inputs[1]) and not is_const(node.inputs[0])
+
+
+def see_through(t: gs.Tensor) -> gs.Tensor:
+    """Walk back from ``t`` through view/cast ops and GPCL nodes to the tensor they re-present."""
+    while True:
+        p = producer(t)
+        if p is None or not p.inputs or not (p.op in TRANSPARENT_OPS or is_gpcl(p)):
+            return t
+        t = p.inputs[0]
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    """A model as a graphsurgeon graph plus what graphsurgeon would drop on the way back."""
+
+    path: Path
+    model: onnx.ModelProto
+    graph: gs.Graph
+    node_metadata: dict[str, list[onnx.StringStringEntryProto]] = field(default_factory=dict)
+
+    @property
+    def scopes(self) -> dict[str, list[str]]:
+        """node name -> module scopes recorded by the dynamo exporter (outermost first)."""
+        out = {}
+        for name, props in self.node_metadata.items():
+            for p in props:
+                if p.key == SCOPES_KEY:
+                    out[name] = _parse_scopes(p.value)
+        return out
+
+
+def _parse_scopes(value: str) -> list[str]:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(s) for s in parsed] if isinstance(parsed, (list, tuple)) else []
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load an ONNX file (one clear GpclError if it is not one) and import it into graphsurgeon."""
+    p = Path(path)
+    if not p.is_file():
+        raise GpclError(f"{p}: no such ONNX file")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # protobuf raises several unrelated types on garbage
+        raise GpclError(f"{p}: not a readable ONNX model ({type(exc).__name__})") from None
+    return from_proto(model, p)
+
+
+def from_proto(model: onnx.ModelProto, path: Path | None = None) -> LoadedModel:
+    meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
+    return LoadedModel(path=Path(path or "<memory>"), model=model, graph=gs.import_onnx(model), node_metadata=meta)
+
+
+def to_proto(graph: gs.Graph, like: LoadedModel) -> onnx.ModelProto:
+    """Export ``graph`` and restore what graphsurgeon drops: node and model metadata, IR version,
+    producer and the opset imports of the source model."""
+    graph.toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    src = like.model
+    out.ir_version = max(src.ir_version, out.ir_version)
+    out.producer_name, out.producer_version = src.producer_name, src.producer_version
+    out.doc_string = src.doc_string
+    del out.metadata_props[:]
+    out.metadata_props.extend(src.metadata_props)
+    for node in out.graph.node:
+        props = like.node_metadata.get(node.name)
+        if props:
+            del node.metadata_props[:]
+            node.metadata_props.extend(props)
+    have = {o.domain for o in out.opset_import}
+    out.opset_import.extend(o for o in src.opset_import if o.domain not in have)
+    return out
+

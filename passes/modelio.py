@@ -1,0 +1,78 @@
+"""Writing a pass result: export the graph, attach or drop the GPCL function, check it (ONNX
+checker with shape inference, an ONNX Runtime session), then write it atomically with its
+manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from gpcl_trt.common import GpclError, atomic_path, read_manifest, write_manifest
+from gpcl_trt.passes.graph import LoadedModel, to_proto
+from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
+
+_TWO_GB = 2**31 - 1
+_MODEL_DIR_KEYS = ("model_dir", "model", "model_path")
+
+
+def model_dir_of(onnx_path: str | Path) -> str | None:
+    """The Hugging Face model directory an export came from, as its manifest records it
+    (followed through an insert manifest, which copies it)."""
+    manifest = read_manifest(onnx_path) or {}
+    for section in ("inputs", "options"):
+        for key in _MODEL_DIR_KEYS:
+            value = manifest.get(section, {}).get(key)
+            if isinstance(value, str) and Path(value).is_dir():
+                return value
+    return None
+
+
+def drop_gpcl_opset(model: onnx.ModelProto) -> None:
+    keep = [o for o in model.opset_import if o.domain != GPCL_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def check_model(model: onnx.ModelProto, what: str) -> None:
+    """The result must pass the full ONNX checker (strict shape inference) and load in ORT."""
+    import onnxruntime as ort
+
+    try:
+        if model.ByteSize() < _TWO_GB:
+            onnx.checker.check_model(model, full_check=True)
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
+
+
+def save_model(
+    graph: gs.Graph,
+    like: LoadedModel,
+    output: str | Path,
+    *,
+    force: bool,
+    gpcl: bool,
+    stage: str,
+    inputs: dict,
+    options: dict,
+    results: dict,
+) -> onnx.ModelProto:
+    model = to_proto(graph, like)
+    if gpcl:
+        attach_gpcl_functions(model)
+    else:
+        remove_gpcl_functions(model)
+        drop_gpcl_opset(model)
+    check_model(model, stage)
+    out = Path(output)
+    with atomic_path(out, force=force) as tmp:
+        if model.ByteSize() >= _TWO_GB:  # protobuf limit: weights go next to the model
+            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
+        else:
+            onnx.save(model, str(tmp))
+    write_manifest(out, stage, inputs=inputs, options=options, results=results, packages=("onnx", "onnx-graphsurgeon", "onnxruntime"))
+    return model
+
