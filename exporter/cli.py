@@ -1,0 +1,56 @@
+"""``gpcl-trt export``: a thin shell over ``gpcl_trt.exporter.export_model``. Imports nothing
+heavy at module level."""
+
+from __future__ import annotations
+
+import click
+
+TASK_CHOICES = ("auto", "feature-extraction", "text-generation", "text-generation-with-past")
+
+
+def register(main: click.Group) -> None:
+    # Imported here: gpcl_trt.cli imports this module while it registers the areas.
+    from gpcl_trt.cli import result_command
+
+    @result_command(main, "export", short_help="Export a local Hugging Face model directory to ONNX.")
+    @click.argument("model_dir", type=click.Path(path_type=str))
+    @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it).")
+    @click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True, help="What to export; auto picks from config.json (encoders: feature-extraction, decoders: text-generation-with-past unless use_cache is false).")
+    @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
+    @click.option("--dtype", type=click.Choice(("fp32", "fp16")), default="fp32", show_default=True, help="Weight and activation precision of the exported model.")
+    @click.option("--atol", type=float, default=None, help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].")
+    @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare ONNX Runtime against PyTorch on fresh inputs of a different shape (exit 1 above --atol).")
+    @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
+    @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped in the model directory to run (off by default).")
+    @click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (.bin/.pt); loading them can run arbitrary code.")
+    def export(model_dir, output, task, opset, dtype, atol, validate, force, trust_remote_code, allow_pickle):
+        """Export the Hugging Face model in MODEL_DIR (config.json + safetensors) to ONNX with the
+        dynamo exporter: dynamic batch/sequence axes, node metadata kept, validated against PyTorch
+        with ONNX Runtime, plus OUT.manifest.json.
+
+        \b
+        Supported: BERT family (bert, roberta, xlm-roberta), Llama, GPT-2.
+        Example: gpcl-trt export ./all-MiniLM-L6-v2 -o minilm.onnx --json
+        """
+        from gpcl_trt.exporter.api import export_model
+
+        result = export_model(
+            model_dir,
+            output,
+            task=task,
+            opset=opset,
+            dtype=dtype,
+            atol=atol,
+            validate=validate,
+            force=force,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
+        v = result["validation"]
+        if v.get("skipped"):
+            summary = "validation skipped"
+        else:
+            verdict = "passed" if v["passed"] else "FAILED"
+            summary = f"validation {verdict}: max abs diff {v['max_abs_diff']:.3g} (atol {v['atol']:g})"
+        click.echo(f"wrote {result['output']} ({result['architecture']}, {result['task']}); {summary}", err=True)
+        return result
