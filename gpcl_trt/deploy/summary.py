@@ -1,0 +1,137 @@
+"""The pipeline's summary: one dict (summary.json), a Markdown report (report.md) and a rich
+table on stderr. Reads the stage results defensively: a skipped stage leaves its rows empty."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpcl_trt.common import write_json_atomic, write_text_atomic
+
+
+def _tau_range(sites: list[dict]) -> tuple[float | None, float | None]:
+    values: list[float] = []
+    for s in sites:
+        t = s.get("tau")
+        if isinstance(t, (int, float)):
+            values.append(float(t))
+        elif isinstance(t, list) and t:
+            values += [float(v) for v in t]
+        elif isinstance(t, dict):  # {"min":..., "max":...} style
+            values += [float(v) for k, v in t.items() if k in ("min", "max") and isinstance(v, (int, float))]
+    return (min(values), max(values)) if values else (None, None)
+
+
+def _accuracy(diff: dict) -> dict[str, Any]:
+    outputs = diff.get("outputs") or {}
+    if not outputs:
+        return {}
+    return {
+        "passed": diff.get("ok"),
+        "max_abs": max(o.get("max_abs", 0.0) for o in outputs.values()),
+        "min_cosine": min((o["cosine"] for o in outputs.values() if o.get("cosine") is not None), default=None),
+        "atol": (diff.get("tolerances") or {}).get("atol"),
+        "summary": diff.get("summary"),
+    }
+
+
+def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s: float) -> dict[str, Any]:
+    r = ctx.results
+    export, insert, build = r.get("export", {}), r.get("insert", {}), r.get("build", {})
+    serve, triton = r.get("serve", {}), r.get("triton", {})
+    sites = insert.get("sites") or []
+    tau_min, tau_max = _tau_range(sites)
+    engine = ctx.path("model_gpcl.engine")
+    load = serve.get("load") or {}
+    checks = {"accuracy": r.get("diff", {}).get("ok") if "diff" in r else None, "served": serve.get("ok") if serve else None}
+    return {
+        "ok": all(v is not False for v in checks.values()),
+        "model_dir": str(ctx.model_dir),
+        "out_dir": str(ctx.out),
+        "architecture": export.get("architecture"),
+        "task": export.get("task"),
+        "stages": {name: {"status": st, "seconds": timings.get(name)} for name, st in statuses.items()},
+        "sites": {"inserted": insert.get("inserted"), "mode": insert.get("mode"), "tau_min": tau_min, "tau_max": tau_max,
+                  "names": [s.get("gpcl") or s.get("key") for s in sites]},
+        "engine": {
+            "path": str(engine) if engine.is_file() else None,
+            "size_bytes": engine.stat().st_size if engine.is_file() else None,
+            "build_s": build.get("build_seconds", timings.get("build")),
+            "backend": build.get("backend"),
+            "precision": build.get("precision"),
+            "gpcl": (build.get("gpcl") or {}).get("implementation") if isinstance(build.get("gpcl"), dict) else build.get("gpcl"),
+        },
+        "accuracy": _accuracy(r.get("diff", {})),
+        "triton": {"repo": triton.get("repo"), "entries": triton.get("entries")},
+        "served": {
+            "ok": serve.get("ok"), "http_max_abs_diff": serve.get("http_max_abs_diff"),
+            "grpc_max_abs_diff": serve.get("grpc_max_abs_diff"), "requests": load.get("requests"),
+            "completed": load.get("completed"), "errors": load.get("errors"),
+            "throughput_rps": load.get("throughput_rps"), "latency_ms": load.get("latency_ms"),
+            "error": serve.get("error"),
+        } if serve else {},
+        "checks": checks,
+        "total_s": total_s,
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    s, e, a, v = summary["sites"], summary["engine"], summary["accuracy"], summary["served"]
+    mb = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else "-"
+    out = [
+        ("model", f"{summary['model_dir']} ({_fmt(summary['architecture'])}, {_fmt(summary['task'])})"),
+        ("GPCL sites", f"{len(s['inserted'] or [])} ({_fmt(s['mode'])})"),
+        ("tau", f"{_fmt(s['tau_min'])} .. {_fmt(s['tau_max'])}"),
+        ("engine", f"{mb}, built in {_fmt(e['build_s'])} s ({_fmt(e['backend'])}, {_fmt(e['precision'])}, GPCL {_fmt(e['gpcl'])})"),
+        ("accuracy", f"{'PASS' if a.get('passed') else 'FAIL' if a else '-'}: max abs {_fmt(a.get('max_abs'))}, "
+                     f"min cosine {_fmt(a.get('min_cosine'))} (atol {_fmt(a.get('atol'))})" if a else "-"),
+        ("served (python backend)",
+         (f"{'ok' if v.get('ok') else 'FAILED'}: HTTP/gRPC max diff {_fmt(v.get('http_max_abs_diff'))}/"
+          f"{_fmt(v.get('grpc_max_abs_diff'))}, {_fmt(v.get('completed'))}/{_fmt(v.get('requests'))} requests, "
+          f"{_fmt(v.get('errors'))} errors, {_fmt(v.get('throughput_rps'))} req/s"
+          + (f" ({v['error']})" if v.get("error") else "")) if v else "-"),
+        ("stages", ", ".join(f"{k} {d['status']}" for k, d in summary["stages"].items())),
+        ("total", f"{summary['total_s']:.1f} s"),
+    ]
+    return out
+
+
+def report_md(summary: dict[str, Any]) -> str:
+    lines = ["# gpcl-trt pipeline report", "", f"**{'OK' if summary['ok'] else 'CHECK FAILED'}**", "",
+             "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows(summary)]
+    lines += ["", "## Stages", "", "| stage | status | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {d['status']} | {_fmt(d['seconds'])} |" for k, d in summary["stages"].items()]
+    if summary["accuracy"].get("summary"):
+        lines += ["", "## Accuracy", "", summary["accuracy"]["summary"], "",
+                  "Reference: the Hugging Face model in PyTorch; candidate: the GPCL ONNX model in ONNX Runtime. "
+                  "Details and site statistics: `accuracy/report.md`."]
+    if summary["sites"]["names"]:
+        lines += ["", "## GPCL sites", ""] + [f"- `{n}`" for n in summary["sites"]["names"]]
+    lines += ["", "The engine itself is not run here (no GPU); the served model is the GPCL ONNX model behind "
+              "Triton's python backend, compared with ONNX Runtime over HTTP and gRPC."]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    from gpcl_trt.progress import console
+
+    write_json_atomic(out / "summary.json", summary, force=True)
+    write_text_atomic(out / "report.md", report_md(summary), force=True)
+    table = Table(title=f"gpcl-trt pipeline: {'OK' if summary['ok'] else 'CHECK FAILED'}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows(summary):
+        table.add_row(k, v)
+    console.print(table)
+    console.print(f"summary: {out / 'summary.json'}, report: {out / 'report.md'}")
