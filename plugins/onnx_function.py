@@ -105,7 +105,8 @@ class _Body:
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         names = [f"_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
         self._n += 1
-        self.nodes.append(oh.make_node(op_type, list(inputs), names, **attrs))
+        # named so that profiles of the inlined body show which nodes are GPCL
+        self.nodes.append(oh.make_node(op_type, list(inputs), names, name=f"gpcl_{op_type}{self._n - 1}", **attrs))
         return names[0] if outputs == 1 else names
 
     def const_f(self, value: float) -> str:
@@ -117,6 +118,8 @@ class _Body:
     def attr_f(self, attr: str) -> str:
         """A scalar float Constant whose value is the calling node's attribute ``attr``."""
         out = f"_{attr}"
+        if any(out in n.output for n in self.nodes):
+            return out
         a = AttributeProto()
         a.name, a.ref_attr_name, a.type = "value_float", attr, AttributeProto.FLOAT
         node = oh.make_node("Constant", [], [out])
@@ -124,15 +127,31 @@ class _Body:
         self.nodes.append(node)
         return out
 
-    def reduce_l2(self, q: str) -> str:
+    def radius(self, q: str) -> str:
+        """Group radius without the group axis ([..., G]): ORT's elementwise ops are fast on
+        it, while a trailing axis of 1 sends every broadcast down a slow per-element path.
+        ReduceSumSquare + Sqrt is twice as fast as ReduceL2 in ORT and sums in the
+        reference's order (checked bit-exact)."""
         if self.opset >= 18:
-            return self.op("ReduceL2", q, self.const_i([-1]), keepdims=1)
-        return self.op("ReduceL2", q, axes=[-1], keepdims=1)
+            r2 = self.op("ReduceSumSquare", q, self.const_i([-1]), keepdims=0)
+        else:
+            r2 = self.op("ReduceSumSquare", q, axes=[-1], keepdims=0)
+        return self.op("Sqrt", r2)
 
-    def split4(self, u: str) -> list[str]:
-        if self.opset >= 18:
-            return self.op("Split", u, outputs=4, axis=-1, num_outputs=4)
-        return self.op("Split", u, self.const_i([1, 1, 1, 1]), outputs=4, axis=-1)
+    def channels(self, q: str) -> list[str]:
+        """q [..., 4] -> four [...] tensors."""
+        split = (self.op("Split", q, outputs=4, axis=-1, num_outputs=4) if self.opset >= 18
+                 else self.op("Split", q, self.const_i([1, 1, 1, 1]), outputs=4, axis=-1))
+        axis = self.const_i([-1])
+        return [self.op("Squeeze", c, axis) for c in split]
+
+    def stack4(self, *parts: str) -> str:
+        """Four [...] tensors (one repeated four times to broadcast a per-group scale; a
+        same-shape Mul after this Concat is several times faster in ORT than a [..., 1]
+        broadcast) -> [..., 4]."""
+        axis = self.const_i([-1])
+        col = {p: self.op("Unsqueeze", p, axis) for p in dict.fromkeys(parts)}  # once per distinct part
+        return self.op("Concat", *[col[p] for p in parts], axis=-1)
 
 
 def _nan_rule(b: _Body, v: str, r: str) -> str:
@@ -140,29 +159,35 @@ def _nan_rule(b: _Body, v: str, r: str) -> str:
     return b.op("Add", v, b.op("Sub", r, r))
 
 
+def _scale(b: _Body, q: str, s: str) -> str:
+    return b.op("Mul", q, b.stack4(s, s, s, s))
+
+
 def _clamp(b: _Body, q: str, r: str, t: str) -> str:
-    return b.op("Mul", q, _nan_rule(b, b.op("Div", t, b.op("Max", r, t)), r))
+    return _scale(b, q, _nan_rule(b, b.op("Div", t, b.op("Max", r, t)), r))
 
 
 def _soft(b: _Body, q: str, r: str, t: str) -> str:
     a = b.op("Div", r, t)
     s = b.op("Where", b.op("Less", r, b.attr_f("eps")), b.const_f(1.0), b.op("Div", b.op("Tanh", a), a))
-    return b.op("Mul", q, _nan_rule(b, s, r))
+    return _scale(b, q, _nan_rule(b, s, r))
 
 
 def _hopf(b: _Body, q: str, r: str, t: str) -> str:
-    u0, u1, u2, u3 = b.split4(b.op("Div", q, r))
+    eps = b.attr_f("eps")
+    rs = b.op("Max", r, eps)  # u stays finite for r < eps, where k is 0 anyway
+    u0, u1, u2, u3 = (b.op("Div", c, rs) for c in b.channels(q))
     two = b.const_f(2.0)
     p0 = b.op("Mul", two, b.op("Add", b.op("Mul", u0, u2), b.op("Mul", u1, u3)))
     p1 = b.op("Mul", two, b.op("Sub", b.op("Mul", u1, u2), b.op("Mul", u0, u3)))
     p2 = b.op("Sub", b.op("Add", b.op("Mul", u0, u0), b.op("Mul", u1, u1)),
               b.op("Add", b.op("Mul", u2, u2), b.op("Mul", u3, u3)))
     k = b.op("Mul", b.op("Min", r, t), b.const_f(INV_SQRT2))
-    y = b.op("Concat", b.op("Mul", k, p0), b.op("Mul", k, p1), b.op("Mul", k, p2), k, axis=-1)
-    return _nan_rule(b, b.op("Where", b.op("Less", r, b.attr_f("eps")), b.const_f(0.0), y), r)
+    k = _nan_rule(b, b.op("Where", b.op("Less", r, eps), b.const_f(0.0), k), r)
+    return b.stack4(b.op("Mul", k, p0), b.op("Mul", k, p1), b.op("Mul", k, p2), k)
 
 
-# One body builder per mode (a table, not an if-chain); each maps (q [.., 4], r, t) -> y [.., 4].
+# One body builder per mode (a table, not an if-chain); each maps q [..., 4], r [...], t -> y [..., 4].
 _MODE_BODY = {"clamp": _clamp, "soft": _soft, "hopf": _hopf}
 
 
@@ -181,11 +206,11 @@ def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "
         # [-1, 4] for a scalar tau, [-1, G, 4] for a per-group one; ORT folds all of this
         # away when tau is an initializer.
         gshape = b.op("Concat", b.const_i([-1]), b.op("Shape", "tau"), b.const_i([4]), axis=0)
-        t = b.op("Unsqueeze", b.op("Cast", "tau", to=TensorProto.FLOAT), b.const_i([-1]))
+        t = b.op("Cast", "tau", to=TensorProto.FLOAT)
     else:
         gshape, t = b.const_i([-1, 4]), b.attr_f("tau")
     q = b.op("Reshape", xf, gshape)
-    yq = _MODE_BODY[mode](b, q, b.reduce_l2(q), t)
+    yq = _MODE_BODY[mode](b, q, b.radius(q), t)
     y = b.op("Reshape", yq, b.op("Shape", "X"))
     b.nodes.append(oh.make_node("CastLike", [y, "X"], ["Y"]))
     fn = oh.make_function(
