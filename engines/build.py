@@ -207,9 +207,7 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
     if gpcl_present and gpcl == "plugin":
         changes.append(_as_plugin_nodes)
     elif gpcl_present and (len(of.gpcl_variants(model)) > 1 or not _has_gpcl_function(model)):
-        # The parser finds local functions by name and ignores overloads: a model mixing GPCL
-        # variants is inlined first (a single-variant model parses as it is).
-        changes.append(lambda m: of.inline_gpcl_functions(of.attach_gpcl_functions(m)))
+        changes.append(lambda m: _split_overloads(of.attach_gpcl_functions(m)))
     if lower_to:
         from gpcl_trt.engines.precision import lower_precision
 
@@ -231,6 +229,21 @@ def _has_gpcl_function(model: Any) -> bool:
     from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
 
     return any(f.domain == GPCL_DOMAIN and f.name == GPCL_OP for f in model.functions)
+
+
+def _split_overloads(model: Any) -> Any:
+    """The parser finds local functions by op name and ignores ``overload``, so a model mixing
+    GPCL variants gets one function name per variant (``GPCL__clamp_attr``...) for the build.
+    Renaming, not inlining, keeps each layer's provenance (``| node (GPCL__hopf_attr)``)."""
+    from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, iter_gpcl_nodes
+
+    for fn in model.functions:
+        if fn.domain == GPCL_DOMAIN and fn.overload:
+            fn.name, fn.overload = f"{fn.name}__{fn.overload}", ""
+    for node in list(iter_gpcl_nodes(model.graph)):
+        if node.overload:
+            node.op_type, node.overload = f"{node.op_type}__{node.overload}", ""
+    return model
 
 
 def _as_plugin_nodes(model: Any) -> Any:

@@ -11,7 +11,8 @@ import collections
 import re
 from typing import Any, Iterable
 
-_FUNCTION_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL\)")
+# GPCL, or GPCL__<variant> where a build split the overloads (engines/build.py).
+_FUNCTION_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL(?:__\w+)?\)")
 _PLUGIN_TYPES = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
 
 
@@ -26,7 +27,7 @@ def _layer_type(layer: Any) -> str:
 
 def layer_summary(network: Any, gpcl_nodes: Iterable[str]) -> dict[str, Any]:
     """Counts by layer type, and per GPCL node the layers that implement it (function body
-    layers, plugin layers, or layers named after it when the function was inlined upstream)."""
+    layers or plugin layers). ``gpcl_nodes``: the parser's names of the GPCL nodes."""
     gpcl_nodes = list(gpcl_nodes)
     wanted = set(gpcl_nodes)
     by_type: collections.Counter[str] = collections.Counter()
@@ -41,7 +42,7 @@ def layer_summary(network: Any, gpcl_nodes: Iterable[str]) -> dict[str, Any]:
         if call and call.group(1) in wanted:
             body[call.group(1)] += 1
             continue
-        owner = _owning_node(meta, layer.name, wanted)
+        owner = _owning_node(meta, wanted)
         if owner is None:
             continue
         (plugin if kind in _PLUGIN_TYPES else body)[owner] += 1
@@ -58,14 +59,9 @@ def layer_summary(network: Any, gpcl_nodes: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def _owning_node(meta: str, layer_name: str, wanted: set[str]) -> str | None:
-    if not wanted:
-        return None
+def _owning_node(meta: str, wanted: set[str]) -> str | None:
+    """The GPCL node a layer was made for directly (a plugin layer), from its metadata."""
     m = re.match(r"\[ONNX Layer: ([^|\]]+?)\s*[\]|]", meta)
     if m and m.group(1) in wanted:
         return m.group(1)
-    # onnx.inliner prefixes the body's node names with the call's name.
-    for name in wanted:
-        if layer_name.startswith(name) or (m and m.group(1).startswith(name)):
-            return name
     return None
