@@ -1,0 +1,287 @@
+"""One side of a diff: a polygraphy runner plus what is needed to feed it.
+
+- Hugging Face model dir -> ``TorchRunner`` (ours, polygraphy's ``BaseRunner`` interface) over
+  the exporter's wrapped module, so PyTorch and ONNX see the same input/output names.
+- ``.onnx`` -> polygraphy's ``OnnxrtRunner`` on a CPU session; extra outputs (per-layer
+  tensors, GPCL site inputs) are marked on an in-memory copy of the model.
+- ``.engine`` -> polygraphy's ``TrtRunner`` (needs a GPU and TensorRT / TensorRT-RTX).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from polygraphy.backend.base import BaseRunner
+
+from gpcl_trt.accuracy import inputs as inp
+from gpcl_trt.common import GpclError
+
+# Outputs by task, when the exporter's module does not name them itself (architecture.md names).
+_TASK_OUTPUTS = {"feature-extraction": ["last_hidden_state"], "text-generation": ["logits"]}
+
+
+class TorchRunner(BaseRunner):
+    """PyTorch inference on the exporter's wrapped module (the module that is exported)."""
+
+    def __init__(self, model_dir: str | Path, task: str = "auto", name: str | None = None):
+        super().__init__(name=name, prefix="torch-runner")
+        self.model_dir = Path(model_dir)
+        self.task = task
+        self.output_names: list[str] = []
+
+    def load(self) -> None:
+        """Load once; activation after that is free (a diff activates each runner once)."""
+        if getattr(self, "module", None) is not None:
+            return
+        from gpcl_trt.exporter import load_model, make_dummy_inputs
+
+        self.module, self.arch, self.task = load_model(self.model_dir, task=self.task)
+        self.module.eval()
+        self.dummy = make_dummy_inputs(self.arch, self.task, 1, 8, 0)
+        self.output_names = list(
+            getattr(self.module, "output_names", None)
+            or getattr(self.arch, "output_names", None)
+            or _TASK_OUTPUTS.get(self.task, ["output"])
+        )
+
+    def activate_impl(self) -> None:
+        self.load()
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name, arr in self.dummy.items():
+            # Every axis of a text model's input is dynamic here; ONNX names them.
+            meta.add(name, dtype=arr.dtype, shape=[f"dim{i}" for i in range(arr.ndim)])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import torch
+
+        kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outs = self.module(**kwargs)
+        self.inference_time = time.perf_counter() - start
+        if isinstance(outs, torch.Tensor):
+            outs = (outs,)
+        elif isinstance(outs, dict):
+            outs = tuple(outs.values())
+        flat = [o for o in _flatten(outs)]
+        names = self.output_names if len(self.output_names) == len(flat) else [f"output_{i}" for i in range(len(flat))]
+        return OrderedDict((n, o.detach().float().numpy() if o.is_floating_point() else o.numpy()) for n, o in zip(names, flat))
+
+    def deactivate_impl(self) -> None:
+        # Keep the loaded module: deactivation is per Comparator.run, loading is per diff.
+        pass
+
+
+def _flatten(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flatten(o)
+    else:
+        yield obj
+
+
+# ----------------------------------------------------------------------------- sides
+@dataclass
+class Side:
+    """A reference or candidate: its runner, how to make inputs for it, its input spec."""
+
+    kind: str  # "torch" | "onnx" | "engine"
+    path: Path
+    runner: Any
+    spec: "OrderedDict[str, tuple[np.dtype, list]]"
+    onnx_model: Any = None  # onnx.ModelProto for kind == "onnx"
+    extra_outputs: list[str] = field(default_factory=list)
+    generate: Callable[[int, int, int, int], list] | None = None
+
+
+def kind_of(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise GpclError(f"{p} is a directory without config.json: not a Hugging Face model dir")
+        return "torch"
+    if not p.exists():
+        raise GpclError(f"{p} does not exist")
+    if p.suffix == ".onnx":
+        return "onnx"
+    if p.suffix in (".engine", ".plan", ".trt"):
+        return "engine"
+    raise GpclError(f"{p}: expected a model dir, an .onnx or an .engine file")
+
+
+def make_side(path: str | Path, role: str, task: str = "auto", extra_outputs=(), threads: int | None = None,
+              tokenizer_dir: str | Path | None = None, onnx_model=None) -> Side:
+    """``tokenizer_dir`` overrides the tokenizer found next to / recorded for ``path``;
+    ``onnx_model`` is ``path`` already loaded (an .onnx is read once per diff)."""
+    kind = kind_of(path)
+    tok = Path(tokenizer_dir) if tokenizer_dir else inp.find_tokenizer_dir(path)
+    if kind == "onnx":
+        return _onnx_side(Path(path), role, list(extra_outputs), threads, tok, onnx_model)
+    if extra_outputs:
+        raise GpclError("extra (per-layer / GPCL site) outputs need an .onnx model, not " + str(path))
+    return {"torch": _torch_side, "engine": _engine_side}[kind](Path(path), role, task, tok)
+
+
+def _torch_side(path: Path, role: str, task: str, tok) -> Side:
+    runner = TorchRunner(path, task=task, name=role)
+    try:
+        runner.load()
+    except GpclError:
+        raise
+    except Exception as exc:
+        raise GpclError(f"cannot load {path} with PyTorch: {type(exc).__name__}: {exc}") from None
+    spec = OrderedDict((k, (v.dtype, [f"dim{i}" for i in range(v.ndim)])) for k, v in runner.dummy.items())
+
+    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
+        from gpcl_trt.exporter import make_dummy_inputs
+
+        base = [make_dummy_inputs(runner.arch, runner.task, batch, seq, seed + i) for i in range(samples)]
+        return _with_text(base, tok, batch, seq, seed)
+
+    return Side("torch", path, runner, spec, generate=generate)
+
+
+def load_onnx(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise GpclError(f"cannot read {path} as ONNX: {exc}") from None
+
+
+def with_outputs(model, names: list[str]):
+    """A copy of ``model`` with ``names`` added as graph outputs (types from shape inference)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    types = {vi.name: vi for vi in m.graph.value_info}
+    for name in names:
+        if name in have:
+            continue
+        vi = types.get(name)
+        m.graph.output.append(vi if vi is not None else onnx.helper.make_empty_tensor_value_info(name))
+    return m
+
+
+def ort_session(model, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GpclError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -> Side:
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    model = model if model is not None else load_onnx(path)
+    if extra_outputs and not model.graph.value_info:
+        model = infer_types(model)
+    run_model = with_outputs(model, extra_outputs) if extra_outputs else model
+    runner = OnnxrtRunner(lambda: ort_session(run_model, threads), name=role)
+    spec = inp.onnx_input_spec(model)
+    vocab = inp.vocab_size_from_onnx(model)
+
+    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        base = [inp.random_feed(spec, batch, seq, rng, vocab) for _ in range(samples)]
+        return _with_text(base, tok, batch, seq, seed)
+
+    return Side("onnx", path, runner, spec, onnx_model=model, extra_outputs=list(extra_outputs), generate=generate)
+
+
+def infer_types(model):
+    """Shape inference, so intermediate tensors have dtypes (a model > 2 GB keeps what it has)."""
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return model
+
+
+def _with_text(base: list, tok: Path | None, batch: int, seq: int, seed: int) -> list:
+    if tok is None or "input_ids" not in base[0]:
+        return base
+    texts = inp.tokenize_samples(tok, len(base), batch, seq, seed)
+    return [inp.overlay_text(b, t) for b, t in zip(base, texts)]
+
+
+# ----------------------------------------------------------------------------- engines
+def _cuda_devices() -> int:
+    for lib in ("libcuda.so.1", "libcuda.so"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def _trt_module() -> str | None:
+    import importlib.util
+
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def _engine_side(path: Path, role: str, task: str, tok) -> Side:
+    trt_name = _trt_module()
+    if trt_name is None or _cuda_devices() == 0:
+        missing = "no CUDA GPU" if trt_name else "TensorRT is not installed"
+        raise GpclError(f"{path}: running an engine needs a GPU and TensorRT ({missing})")
+    from polygraphy import config
+
+    config.USE_TENSORRT_RTX = trt_name == "tensorrt_rtx"
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    _load_plugin_libs(path)
+    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=role)
+    with runner:
+        meta = runner.get_input_metadata(use_numpy_dtypes=False)
+    spec = OrderedDict((n, (np.dtype(m.dtype.numpy()), [d if isinstance(d, int) and d >= 0 else None for d in m.shape])) for n, m in meta.items())
+
+    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        base = [inp.random_feed(spec, batch, seq, rng, None) for _ in range(samples)]
+        return _with_text(base, tok, batch, seq, seed)
+
+    return Side("engine", path, runner, spec, generate=generate)
+
+
+def _load_plugin_libs(engine: Path) -> None:
+    """An engine built with the GPCL plugin records the library in its manifest."""
+    from gpcl_trt.common import read_manifest
+
+    man = read_manifest(engine) or {}
+    for value in inp._strings(man):
+        if value.endswith(".so") and Path(value).is_file():
+            ctypes.CDLL(value, mode=ctypes.RTLD_GLOBAL)

@@ -1,0 +1,265 @@
+"""``study``: the GPCL effect report. Measures the spec's claims on a real model: for every
+mode and tau (calibrated percentiles and fixed values) the accuracy against the original, the
+fraction of groups GPCL changed, the max radius after it, and the ONNX Runtime CPU latency
+overhead per token against sequence length; then says plainly which claims held."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpcl_trt.accuracy import inputs as inp
+from gpcl_trt.accuracy import metrics as mt
+from gpcl_trt.accuracy.runners import load_onnx, make_side, ort_session, with_outputs
+from gpcl_trt.common import GpclError
+
+DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
+DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
+DEFAULT_LATENCY_SEQS = (16, 64, 256)
+IDENTITY_TAU = 1e6  # at or above this a fixed tau is "huge": clamp must be bit-exact identity
+
+
+def _variant_metrics(ref_outs: list[dict], outs: list[dict], names: list[str]) -> dict[str, Any]:
+    per = {n: mt.aggregate([mt.output_metrics(n, r[n], o[n]) for r, o in zip(ref_outs, outs)]) for n in names}
+    m = {"max_abs": max(v["max_abs"] for v in per.values()), "cosine": min(v["cosine"] for v in per.values())}
+    for key in ("top1", "top5", "kl"):
+        vals = [v[key] for v in per.values() if key in v]
+        if vals:
+            m[key] = vals[0]
+    return m
+
+
+def _site_metrics(sites: list[dict], outs: list[dict]) -> dict[str, Any]:
+    changed = groups = 0
+    max_after, ratio, bounded = 0.0, 0.0, True
+    per_site = []
+    for s in sites:
+        x = np.concatenate([o[s["input"]].reshape(-1, o[s["input"]].shape[-1]) for o in outs])
+        y = np.concatenate([o[s["output"]].reshape(-1, o[s["output"]].shape[-1]) for o in outs])
+        st = mt.site_stats(x, y, s["tau"])
+        changed += st["frac_groups_changed"] * st["groups"]
+        groups += st["groups"]
+        max_after = max(max_after, st["max_radius_after"])
+        ratio = max(ratio, st["max_radius_after"] / st["tau_min"])
+        bounded &= st["bounded"]
+        per_site.append({"node": s["node"], **st})
+    return {"frac_groups_changed": changed / max(groups, 1), "max_radius_after": max_after,
+            "max_radius_over_tau": ratio, "bounded": bounded, "sites": per_site}
+
+
+def _run(model, feeds: list[dict], threads: int | None) -> list[dict]:
+    sess = ort_session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    return [dict(zip(names, sess.run(None, f))) for f in feeds]
+
+
+def _median_time(sess, feed: dict, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def latency_sweep(base_model, gpcl_models: dict[str, Any], make_feed, seqs, reps: int, threads: int) -> list[dict]:
+    """Median ORT CPU latency of the original and each GPCL model per sequence length; the
+    overhead per token is (t_gpcl - t_orig) / tokens. Runs are interleaved so that drift in a
+    shared machine's load hits both sides alike."""
+    sessions = {"original": ort_session(base_model, threads)}
+    sessions.update({k: ort_session(m, threads) for k, m in gpcl_models.items()})
+    rows = []
+    for seq in seqs:
+        feed = make_feed(seq)
+        for s in sessions.values():  # warm-up (allocations, kernel selection)
+            s.run(None, feed)
+        samples: dict[str, list[float]] = {k: [] for k in sessions}
+        for _ in range(3):
+            for k, s in sessions.items():
+                samples[k].append(_median_time(s, feed, max(1, reps // 3)))
+        t = {k: statistics.median(v) for k, v in samples.items()}
+        noise = statistics.pstdev(samples["original"]) if len(samples["original"]) > 1 else 0.0
+        tokens = int(np.prod(next(iter(feed.values())).shape[:2]))
+        for k in gpcl_models:
+            over = t[k] - t["original"]
+            rows.append({"variant": k, "seq": seq, "tokens": tokens, "t_original_ms": t["original"] * 1e3,
+                         "t_gpcl_ms": t[k] * 1e3, "overhead_ms": over * 1e3, "overhead_pct": 100 * over / t["original"],
+                         "overhead_us_per_token": over * 1e6 / tokens, "noise_ms": noise * 1e3})
+    return rows
+
+
+def per_token_verdict(rows: list[dict]) -> dict[str, Any]:
+    """Is the overhead per token constant in sequence length? Held when it does not grow with
+    the sequence (largest-seq value <= 2x the smallest-seq value + noise); inconclusive when
+    every overhead is within the timing noise."""
+    out = {}
+    for variant in OrderedDict((r["variant"], None) for r in rows):
+        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seq"])
+        noise_pt = max(r["noise_ms"] * 1e3 / r["tokens"] for r in rs)
+        first, last = rs[0]["overhead_us_per_token"], rs[-1]["overhead_us_per_token"]
+        if all(abs(r["overhead_ms"]) <= max(3 * r["noise_ms"], 0.02 * r["t_original_ms"]) for r in rs):
+            verdict = "inconclusive: the overhead is within the timing noise at every length"
+        elif last <= 2 * max(first, 0.0) + 3 * noise_pt:
+            verdict = "held"
+        else:
+            verdict = "not held"
+        out[variant] = {"verdict": verdict, "us_per_token": [r["overhead_us_per_token"] for r in rs], "seqs": [r["seq"] for r in rs]}
+    return out
+
+
+def claims(variants: list[dict], latency: dict[str, dict]) -> list[dict]:
+    """The spec's claims, each with the measurement that decides it."""
+    out = []
+
+    def add(claim: str, rows: list[dict], held: bool, evidence: str) -> None:
+        out.append({"claim": claim, "held": held if rows else None,
+                    "evidence": evidence if rows else "not measured (no such variant in this study)"})
+
+    cal = [v for v in variants if v["mode"] == "clamp" and v["tau_kind"] == "calibrated" and v["percentile"] >= 99.99]
+    add("clamp at calibrated tau (P99.99 x margin) changes nothing on ordinary inputs", cal,
+        all(v["frac_groups_changed"] == 0 and v["max_abs"] == 0 for v in cal),
+        "; ".join(f"P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, max abs {v['max_abs']:.3g}" for v in cal))
+    huge = [v for v in variants if v["mode"] == "clamp" and v["tau_kind"] == "fixed" and v["tau"] >= IDENTITY_TAU]
+    add("clamp with a huge tau is the exact identity", huge,
+        all(v["max_abs"] == 0 for v in huge), "; ".join(f"tau {v['tau']:g}: max abs {v['max_abs']:.3g}" for v in huge))
+    add("every group is bounded by tau after GPCL, in every mode", variants,
+        all(v["bounded"] for v in variants),
+        f"largest radius/tau over all variants: {max((v['max_radius_over_tau'] for v in variants), default=0):.6f}")
+    small = [v for v in variants if v["mode"] == "clamp" and v["frac_groups_changed"] > 0]
+    add("clamp only changes the output when it clamps (max abs > 0 implies groups changed)",
+        [v for v in variants if v["mode"] == "clamp"],
+        all(v["frac_groups_changed"] > 0 or v["max_abs"] == 0 for v in variants if v["mode"] == "clamp"),
+        f"{len(small)} clamp variants clamped some groups")
+    other = [v for v in variants if v["mode"] in ("soft", "hopf") and v["tau_kind"] == "calibrated"]
+    add("soft and hopf change the function everywhere (they are for models trained with GPCL in place)", other,
+        all(v["frac_groups_changed"] > 0.5 for v in other),
+        "; ".join(f"{v['mode']} P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, cosine {v['cosine']:.4f}" for v in other))
+    lat_rows = list(latency.items())
+    add("GPCL costs O(D) per token: the overhead per token is constant in sequence length", lat_rows,
+        all(v["verdict"] == "held" for _, v in lat_rows),
+        "; ".join(f"{k}: {v['verdict']} ({', '.join(f'{u:.3g}' for u in v['us_per_token'])} us/token at seq {v['seqs']})" for k, v in lat_rows))
+    return out
+
+
+def study(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    modes: tuple[str, ...] = ("clamp", "soft", "hopf"),
+    taus: list[float] | None = None,
+    percentiles: list[float] | None = None,
+    sites: tuple[str, ...] = ("pre-attention", "pre-mlp"),
+    samples: int = 8,
+    calib_samples: int = 16,
+    seq: int = 32,
+    latency_seqs: list[int] | None = None,
+    latency_reps: int = 20,
+    threads: int = 1,
+    onnx: str | Path | None = None,
+    seed: int = 1234,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the sweep and write report.md, report.json and plots to ``out_dir``. ``onnx`` reuses
+    an existing export of ``model_dir`` instead of exporting it again."""
+    from gpcl_trt.accuracy.report import atomic_dir, write_study_report
+    from gpcl_trt.passes import calibrate_file, insert_file
+    from gpcl_trt.plugins.reference import MODES
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise GpclError(f"unknown GPCL mode(s) {bad}: choose from {', '.join(MODES)}")
+    taus = list(DEFAULT_TAUS if taus is None else taus)
+    percentiles = list(DEFAULT_PERCENTILES if percentiles is None else percentiles)
+    if any(t <= 0 for t in taus) or any(not 0 < p <= 100 for p in percentiles):
+        raise GpclError("taus must be > 0 and percentiles in (0, 100]")
+    if not taus and not percentiles:
+        raise GpclError("nothing to sweep: give at least one tau or percentile")
+    latency_seqs = list(DEFAULT_LATENCY_SEQS if latency_seqs is None else latency_seqs)
+    if samples < 1 or seq < 1 or any(s < 1 for s in latency_seqs):
+        raise GpclError("samples, seq and latency sequence lengths must be >= 1")
+
+    with atomic_dir(out_dir, force=force) as tmp_out, tempfile.TemporaryDirectory(prefix="gpcl-study-") as work:
+        work = Path(work)
+        t_start = time.perf_counter()
+        if onnx is None:
+            from gpcl_trt.exporter import export_model
+
+            onnx = work / "model.onnx"
+            res = export_model(model_dir, onnx)
+            if not res.get("ok", True):
+                raise GpclError(f"export of {model_dir} failed: {res}")
+        onnx = Path(onnx)
+        side = make_side(onnx, "original", tokenizer_dir=model_dir)
+        base = side.onnx_model
+        out_names = [o.name for o in base.graph.output]
+        feeds = side.generate(samples, 1, seq, seed)
+        ref_outs = _run(base, feeds, None)
+
+        # Every variant: (label, mode, tau kind, tau or percentile, insert kwargs).
+        plan = []
+        for p in percentiles:
+            calib = work / f"calib_p{p:g}.json"
+            calibrate_file(onnx, calib, samples=calib_samples, percentile=p)
+            plan += [(m, "calibrated", p, {"calibration": calib}) for m in modes]
+        plan += [(m, "fixed", t, {"tau": t}) for t in taus for m in modes]
+
+        variants, radii, keep = [], {}, {}
+        for i, (mode, kind, value, kwargs) in enumerate(plan):
+            path = work / f"v{i}.onnx"
+            insert_file(onnx, path, sites=sites, mode=mode, **kwargs)
+            model = load_onnx(path)
+            gsites = mt.gpcl_sites(model)
+            if not gsites:
+                raise GpclError(f"{onnx} has no {'/'.join(sites)} GPCL sites")
+            outs = _run(with_outputs(model, [t for s in gsites for t in (s["input"], s["output"])]), feeds, None)
+            site_m = _site_metrics(gsites, outs)
+            taus_used = np.concatenate([np.ravel(s["tau"]) for s in gsites])
+            label = f"{mode} P{value:g}" if kind == "calibrated" else f"{mode} tau={value:g}"
+            variants.append({
+                "label": label, "mode": mode, "tau_kind": kind,
+                "percentile": value if kind == "calibrated" else None, "tau": value if kind == "fixed" else None,
+                "tau_mean": float(taus_used.mean()), "tau_min": float(taus_used.min()), "tau_max": float(taus_used.max()),
+                **_variant_metrics(ref_outs, outs, out_names),
+                **{k: v for k, v in site_m.items() if k != "sites"}, "sites": site_m["sites"],
+            })
+            if kind == "calibrated" and value == percentiles[0]:
+                keep[mode] = model
+                if not radii:  # radius distribution before GPCL, with the calibrated tau
+                    radii = {s["node"]: (np.concatenate([mt.group_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
+            path.unlink()
+        if not keep:  # no calibrated variant: time the first fixed-tau model of each mode
+            for mode in modes:
+                path = work / f"lat_{mode}.onnx"
+                insert_file(onnx, path, sites=sites, mode=mode, tau=taus[0])
+                keep[mode] = load_onnx(path)
+
+        rng = np.random.default_rng(seed)
+        vocab = inp.vocab_size_from_onnx(base)
+
+        def make_feed(n: int) -> dict:
+            return inp.random_feed(side.spec, 1, n, rng, vocab)
+
+        lat_rows = latency_sweep(base, {f"{m} ({'P%g' % percentiles[0] if percentiles else 'tau=%g' % taus[0]})": mdl for m, mdl in keep.items()},
+                                 make_feed, latency_seqs, latency_reps, threads)
+        lat_verdict = per_token_verdict(lat_rows)
+        result = {
+            "model_dir": str(model_dir), "onnx": str(onnx), "modes": list(modes), "sites": list(sites),
+            "taus": taus, "percentiles": percentiles, "samples": samples, "seq": seq, "calib_samples": calib_samples,
+            "outputs": out_names, "variants": variants, "latency": lat_rows, "latency_verdict": lat_verdict,
+            "latency_threads": threads,
+        }
+        result["claims"] = claims(variants, lat_verdict)
+        result["ok"] = True
+        result["elapsed_s"] = time.perf_counter() - t_start
+        held = sum(1 for c in result["claims"] if c["held"])
+        result["summary"] = (f"GPCL study of {model_dir.name}: {len(variants)} variants, "
+                             f"{held}/{len(result['claims'])} claims held; report in {out_dir}")
+        write_study_report(result, radii, tmp_out)
+    result["report"] = str(out_dir)
+    return result
