@@ -23,6 +23,7 @@ STAT_PERCENTILES = (50.0, 99.0, 99.99)
 _TAU_FLOOR = 1e-6  # a dead site/group (r == 0 everywhere) still needs tau > 0
 _MAX_TOKENS = 128
 _NPZ_BATCH = 8
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
 
@@ -91,6 +92,8 @@ def _tokenizer(model_dir: str | None):
                     "token_type_ids": np.array([e.type_ids], np.int64)}
 
         return encode
+    if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer (and cost a torch import)
     try:
         from transformers import AutoTokenizer
 
@@ -147,7 +150,13 @@ def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tupl
     if not sentences:
         raise GpclError(f"{desc['path']}: no sentences")
     sentences = sentences[:samples]
-    batches = _pad_batches([tok(s) for s in sentences])
+    encoded = [tok(s) for s in sentences]
+    vocab = _vocab_size(lm)
+    if any(e["input_ids"].size == 0 for e in encoded):
+        raise GpclError(f"the tokenizer of {model_dir} produced no tokens for a sample sentence; pass --data FILE.npz")
+    if vocab is not None and max(int(e["input_ids"].max()) for e in encoded) >= vocab:
+        raise GpclError(f"the tokenizer of {model_dir} produces ids beyond the model's vocabulary of {vocab}; pass --data FILE.npz")
+    batches = _pad_batches(encoded)
     return batches, {**desc, "tokenizer": model_dir, "sentences": len(sentences)}
 
 
