@@ -327,7 +327,16 @@ def _save(proto: Any, output: Path, force: bool, external_data: bool | None) -> 
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return [output] + ([output.parent / data_name] if external else [])
+    files = [output] + ([output.parent / data_name] if external else [])
+    for f in files:  # files made inside a mkdtemp() directory can come out owner-only
+        os.chmod(f, 0o666 & ~_umask())
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- export

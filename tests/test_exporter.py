@@ -1,0 +1,190 @@
+"""Exporter against real models: the real MiniLM (session fixture), tiny random Llama and GPT-2
+saved with save_pretrained, real ONNX Runtime sessions. Each (model, task) is exported once per
+module and shared by the tests below."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from gpcl_trt.cli import main
+from gpcl_trt.common import read_manifest, sha256_file
+from gpcl_trt.exporter import export_model, load_model, make_dummy_inputs
+from gpcl_trt.exporter.validate import greedy_decode, ort_runner, torch_runner, validate_export
+
+TG, TGP = "text-generation", "text-generation-with-past"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir):
+    """Lazily export (model, task) once: ``exports("llama", TGP) -> (path, result)``. GPT-2 with
+    past goes through the CLI with --json so the command's success path is covered too."""
+    dirs = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}
+    cache: dict = {}
+
+    def get(name: str, task: str):
+        if (name, task) not in cache:
+            out = tmp_path_factory.mktemp(f"{name}_{task}") / f"{name}.onnx"
+            if (name, task) == ("gpt2", TGP):
+                res = CliRunner().invoke(main, ["export", str(dirs[name]), "-o", str(out), "--task", task, "--json"])
+                assert res.exit_code == 0, res.output
+                result = json.loads(res.stdout)
+            else:
+                result = export_model(dirs[name], out, task=task)
+            cache[name, task] = (out, result)
+        return cache[name, task]
+
+    return get
+
+
+def _dims(vi) -> list:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+# ----------------------------------------------------------------------------- MiniLM
+def test_minilm_export_validates_and_keeps_contract(minilm_onnx, minilm_dir):
+    man = read_manifest(minilm_onnx)
+    res = man["results"]
+    assert res["architecture"] == "bert" and res["task"] == "feature-extraction"
+    assert res["validation"]["passed"] and res["validation"]["max_abs_diff"] <= 1e-4
+    # validated on shapes other than the trace shape, batch 1 included
+    assert {(c["batch"], c["sequence"]) for c in res["validation"]["checks"]} == {(3, 11), (1, 5)}
+    assert man["inputs"]["model_dir"] == str(Path(minilm_dir).resolve())
+    assert len(man["inputs"]["model_dir_sha256"]) == 64
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime"):
+        assert man["versions"][pkg]
+    assert man["options"]["opset"] == 18 and man["options"]["dtype"] == "fp32"
+    assert man["artifact_sha256"] == sha256_file(minilm_onnx)
+
+    model = onnx.load(str(minilm_onnx), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in model.graph.output] == ["last_hidden_state"]
+    assert all(_dims(i) == ["batch", "sequence"] for i in model.graph.input)
+    assert _dims(model.graph.output[0]) == ["batch", "sequence", 384]
+    assert next(o.version for o in model.opset_import if o.domain == "") >= 18
+    # the passes locate sites by the exporter's module scopes
+    scopes = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+    assert len(scopes) > len(model.graph.node) // 2
+    assert any("encoder.layer.5.attention" in s for s in scopes)
+
+
+def test_minilm_loaded_module_matches_onnx_on_new_shape(minilm_onnx, minilm_dir):
+    """load_model returns the very module that was exported (for the accuracy area's runner)."""
+    module, arch, task = load_model(minilm_dir)
+    assert task == "feature-extraction" and module.output_names == ["last_hidden_state"]
+    feeds = make_dummy_inputs(arch, task, batch=4, seq=23, seed=7)
+    assert feeds["attention_mask"][-1, -1] == 0  # padding is exercised
+    ref = torch_runner(module)(feeds)["last_hidden_state"]
+    got = ort_runner(minilm_onnx)(feeds)["last_hidden_state"]
+    assert ref.shape == (4, 23, 384)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- decoders
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("task", [TG, TGP])
+def test_decoder_exports_validate(exports, name, task):
+    path, result = exports(name, task)
+    assert result["ok"] and result["task"] == task and result["architecture"] == name
+    v = result["validation"]
+    assert v["passed"] and v["max_abs_diff"] <= 1e-4
+    if task == TGP:  # two-step decode: prefill from an empty cache, then one token
+        assert [c["step"] for c in v["checks"]] == ["prefill", "decode"] * 2
+    model = onnx.load(str(path))
+    ins = {i.name: _dims(i) for i in model.graph.input}
+    outs = {o.name: _dims(o) for o in model.graph.output}
+    assert ins["input_ids"] == ["batch", "sequence"]
+    assert ("position_ids" in ins) == (name == "llama")
+    assert outs["logits"] == ["batch", "sequence", 128]
+    if task == TGP:
+        kv = 2 if name == "llama" else 4
+        assert sorted(n for n in ins if n.startswith("past_key_values.")) == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+        assert ins["attention_mask"] == ["batch", "total_sequence"]
+        assert ins["past_key_values.1.value"] == ["batch", kv, "past_sequence", 16]
+        assert outs["present.0.key"] == ["batch", kv, "total_sequence", 16]
+    else:
+        assert not any(n.startswith("past") for n in ins) and list(outs) == ["logits"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_greedy_decode_ort_matches_pytorch(exports, name, tiny_llama_dir, tiny_gpt2_dir):
+    """3 greedy tokens: ORT with past == our PyTorch module == HF generate == ORT without past."""
+    import torch
+
+    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[name]
+    path, _ = exports(name, TGP)
+    module, arch, task = load_model(model_dir, task=TGP)
+    prompt = np.random.default_rng(3).integers(0, arch.vocab_size, size=(2, 6), dtype=np.int64)
+    ort_tokens = greedy_decode(ort_runner(path), arch, task, prompt, steps=3)
+    torch_tokens = greedy_decode(torch_runner(module), arch, task, prompt, steps=3)
+    np.testing.assert_array_equal(ort_tokens, torch_tokens)
+
+    hf = module.core.model
+    with torch.no_grad():
+        gen = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=3, do_sample=False, min_new_tokens=3, pad_token_id=0)
+    np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
+
+    no_past_path, _ = exports(name, TG)
+    np.testing.assert_array_equal(greedy_decode(ort_runner(no_past_path), arch, TG, prompt, steps=3), ort_tokens)
+
+
+def test_validation_catches_a_wrong_model(exports, tiny_llama_dir):
+    """The check can fail: the same ONNX against a module with one perturbed weight."""
+    import torch
+
+    path, _ = exports("llama", TG)
+    module, arch, task = load_model(tiny_llama_dir, task=TG)
+    assert validate_export(module, arch, task, path, atol=1e-4)["passed"]
+    with torch.no_grad():
+        module.core.model.model.layers[1].mlp.down_proj.weight.add_(0.05)
+    v = validate_export(module, arch, task, path, atol=1e-4)
+    assert not v["passed"] and v["max_abs_diff"] > 1e-3
+
+
+def test_reexport_is_byte_identical(exports, tiny_gpt2_dir, tmp_path):
+    path, first = exports("gpt2", TG)
+    again = export_model(tiny_gpt2_dir, tmp_path / "again.onnx", task=TG, validate=False)
+    assert again["validation"] == {"skipped": True}
+    assert path.read_bytes() == (tmp_path / "again.onnx").read_bytes()
+    assert again["onnx_sha256"] == first["onnx_sha256"]
+
+
+def test_fp16_with_external_data(tiny_gpt2_dir, tmp_path):
+    """fp16 export, forced external data (the >2 GB path, exercised on a tiny model)."""
+    out = tmp_path / "g16.onnx"
+    res = export_model(tiny_gpt2_dir, out, task=TG, dtype="fp16", external_data=True)
+    assert res["ok"] and res["validation"]["atol"] == 1e-2, res["validation"]
+    data = tmp_path / "g16.onnx.data"
+    inits = onnx.load(str(out), load_external_data=False).graph.initializer
+    big = [t for t in inits if np.prod(t.dims) * 2 > 1024]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g16.manifest.json", "g16.onnx", "g16.onnx.data"]
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert read_manifest(out)["results"]["external_data"] == ["g16.onnx.data"]
+
+
+def test_pickle_weights_load_only_when_allowed(tiny_gpt2_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from gpcl_trt.common import GpclError
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(tiny_gpt2_dir / "config.json", d / "config.json")
+    torch.save(load_file(tiny_gpt2_dir / "model.safetensors"), d / "pytorch_model.bin")
+    with pytest.raises(GpclError, match="--allow-pickle"):
+        load_model(d)
+    module, arch, task = load_model(d, allow_pickle=True)
+    ref, _, _ = load_model(tiny_gpt2_dir)
+    feeds = make_dummy_inputs(arch, task, 2, 5, seed=0)
+    np.testing.assert_array_equal(torch_runner(module)(feeds)["logits"], torch_runner(ref)(feeds)["logits"])
