@@ -1,0 +1,108 @@
+// GPCL per-group math, shared by the CUDA kernel (gpcl_kernel.cu) and the host check
+// program (gpcl_host_check.cpp), so the code CI tests on the host is the code the GPU runs.
+//
+// It repeats the canonical float32 operation order of plugins/reference.py (the oracle):
+//   r = sqrt(((q0*q0 + q1*q1) + q2*q2) + q3*q3)
+//   clamp: y = q * (t / max(r, t))
+//   soft:  y = q                     (r < eps)   else a = r / t, y = q * (tanh(a) / a)
+//   hopf:  y = 0                     (r < eps)   else u = q / r, k = min(r, t) * (1/sqrt 2),
+//          y = k * (2(u0u2 + u1u3), 2(u1u2 - u0u3), (u0u0 + u1u1) - (u2u2 + u3u3), 1)
+//   a group whose r is not finite (NaN/Inf channel, or float32 overflow) -> all NaN.
+// Build with contraction off (nvcc --fmad=false, g++ -ffp-contract=off): an FMA would round
+// the sums differently from the reference and break clamp's bit-exact identity.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#if defined(__CUDACC__)
+#define GPCL_HD __host__ __device__ __forceinline__
+#else
+#define GPCL_HD inline
+#endif
+
+namespace gpcl
+{
+
+enum Mode : int
+{
+    kClamp = 0,
+    kSoft = 1,
+    kHopf = 2,
+};
+
+enum DType : int
+{
+    kFloat32 = 0,
+    kFloat16 = 1,
+    kBFloat16 = 2,
+};
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kFloatMax = 3.402823466e+38f;
+
+// In place on one group. `t` > 0 is the group's tau; `mode` one of Mode.
+GPCL_HD void group(float q[4], float t, float eps, int mode)
+{
+    float const r = sqrtf(((q[0] * q[0] + q[1] * q[1]) + q[2] * q[2]) + q[3] * q[3]);
+    if (!(r <= kFloatMax)) // NaN or Inf: corruption is propagated to the whole group
+    {
+        q[0] = q[1] = q[2] = q[3] = NAN;
+        return;
+    }
+    if (mode == kClamp)
+    {
+        float const s = t / fmaxf(r, t); // exactly 1 inside the ball
+        q[0] *= s, q[1] *= s, q[2] *= s, q[3] *= s;
+    }
+    else if (mode == kSoft)
+    {
+        if (r < eps)
+            return;
+        float const a = r / t;
+        float const s = tanhf(a) / a;
+        q[0] *= s, q[1] *= s, q[2] *= s, q[3] *= s;
+    }
+    else
+    {
+        if (r < eps)
+        {
+            q[0] = q[1] = q[2] = q[3] = 0.0f;
+            return;
+        }
+        float const u0 = q[0] / r, u1 = q[1] / r, u2 = q[2] / r, u3 = q[3] / r;
+        float const k = fminf(r, t) * kInvSqrt2;
+        q[0] = k * (2.0f * (u0 * u2 + u1 * u3));
+        q[1] = k * (2.0f * (u1 * u2 - u0 * u3));
+        q[2] = k * ((u0 * u0 + u1 * u1) - (u2 * u2 + u3 * u3));
+        q[3] = k;
+    }
+}
+
+// Element conversions: float32 math, one rounding to the storage type at the end.
+GPCL_HD float toFloat(float v) { return v; }
+GPCL_HD float toFloat(__half v) { return __half2float(v); }
+GPCL_HD float toFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+GPCL_HD T fromFloat(float v);
+template <>
+GPCL_HD float fromFloat<float>(float v) { return v; }
+template <>
+GPCL_HD __half fromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+GPCL_HD __nv_bfloat16 fromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One group from/to storage of type T (the kernel's scalar path and the host check).
+template <typename T>
+GPCL_HD void applyGroup(T const* x, T* y, float t, float eps, int mode)
+{
+    float q[4] = {toFloat(x[0]), toFloat(x[1]), toFloat(x[2]), toFloat(x[3])};
+    group(q, t, eps, mode);
+    y[0] = fromFloat<T>(q[0]), y[1] = fromFloat<T>(q[1]), y[2] = fromFloat<T>(q[2]), y[3] = fromFloat<T>(q[3]);
+}
+
+} // namespace gpcl
