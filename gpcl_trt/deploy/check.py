@@ -148,9 +148,13 @@ def check_served_model(
     atol: float = 1e-5,
     seq: int = 16,
     startup_timeout: float = 120.0,
+    server: Any = None,
 ) -> dict[str, Any]:
     """Serve ``repo/name`` (a python- or onnxruntime-backend model) with a real tritonserver
-    and compare it with ONNX Runtime on ``onnx_path`` (default: the repository's model.onnx)."""
+    and compare it with ONNX Runtime on ``onnx_path`` (default: the repository's model.onnx).
+
+    ``server``: a running :class:`TritonServer` with the model loaded, left running; by
+    default one is started for ``name`` alone and stopped at the end (and the stop checked)."""
     from gpcl_trt.deploy.server import TritonServer
 
     model_dir = Path(repo) / name
@@ -166,11 +170,14 @@ def check_served_model(
     import tritonclient.http as th
 
     result: dict[str, Any] = {"model": name, "repo": str(repo), "reference": str(onnx_path), "atol": atol}
-    server = TritonServer(repo, models=[name], startup_timeout=startup_timeout)
+    owned = server is None
+    if owned:
+        server = TritonServer(repo, models=[name], startup_timeout=startup_timeout)
     t0 = time.perf_counter()
     try:
-        server.start()
-        result["startup_s"] = round(time.perf_counter() - t0, 2)
+        if owned:
+            server.start()
+            result["startup_s"] = round(time.perf_counter() - t0, 2)
         feeds, want = cases[0]
         with th.InferenceServerClient(server.http_url) as http:
             result["http_max_abs_diff"] = max(_max_diff(_infer(th, http, name, f, list(w)), w) for f, w in cases)
@@ -182,7 +189,8 @@ def check_served_model(
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["server_log_tail"] = server.log_tail()
     finally:
-        result["stop"] = server.stop()
+        if owned:
+            result["stop"] = server.stop()
     load = result.get("load", {})
     result["ok"] = (
         "error" not in result
@@ -190,7 +198,7 @@ def check_served_model(
         and result.get("grpc_max_abs_diff", 1e9) <= atol
         and load.get("errors") == 0
         and load.get("completed") == requests
-        and result["stop"]["leftover_processes"] == 0
+        and (not owned or (result["stop"]["leftover_processes"] == 0 and result["stop"]["returncode"] == 0))
     )
     return result
 

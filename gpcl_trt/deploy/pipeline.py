@@ -257,6 +257,8 @@ def _stage_parameters(stage: Stage) -> set[str] | None:
 # ----------------------------------------------------------------------------- hashing/state
 def _hash_path(p: Path) -> str | None:
     if p.is_dir():
+        # The python-backend stub compiles model.py into __pycache__ (it ignores
+        # PYTHONDONTWRITEBYTECODE): serving must not make the repository look changed.
         return sha256_dir(p, skip=("__pycache__",))
     if p.is_file():
         h = sha256_file(p)

@@ -87,7 +87,6 @@ def _server_env(dist: TritonDist) -> dict[str, str]:
     # "python3" on PATH, so this venv's bin directory first means this venv's site-packages.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PYTHONHOME", None)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # serving must not write __pycache__ into the repository
     return env
 
 
@@ -227,12 +226,16 @@ class TritonServer:
             return 0, ""
 
     def load_model(self, name: str) -> dict[str, Any]:
-        """Ask the server to load ``name`` (explicit model control); returns what it says."""
+        """Ask the server to load ``name`` (explicit model control); returns what it answers
+        and the error lines it logged meanwhile (the answer alone can be as vague as "failed
+        to poll from model repository" when the real reason is a config parse error)."""
+        offset = len(self.log())
         code, body = self._get(f"/v2/repository/models/{name}/load", data=b"{}")
         message = body
         with contextlib.suppress(ValueError):
             message = json.loads(body).get("error", body) if body else ""
-        return {"name": name, "loaded": code == 200, "http_status": code, "message": message}
+        logged = [ln.strip() for ln in self.log()[offset:].splitlines() if ln.startswith(("E", "[libprotobuf ERROR"))]
+        return {"name": name, "loaded": code == 200, "http_status": code, "message": message, "log_errors": logged[:10]}
 
     def model_ready(self, name: str) -> bool:
         return self._get(f"/v2/models/{name}/ready")[0] == 200
