@@ -73,8 +73,10 @@ def register(main: click.Group) -> None:
     @click.option("--latency-seqs", default=None, help="Comma-separated sequence lengths for the latency sweep (default: 16,64,256).")
     @click.option("--latency-reps", default=20, show_default=True, help="Timed runs per point of the latency sweep.")
     @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads for the latency sweep.")
+    @click.option("--onnx", "onnx", type=click.Path(exists=True, dir_okay=False), help="Reuse this export of MODEL_DIR (gpcl-trt export) instead of exporting again.")
+    @click.option("--seed", default=1234, show_default=True, help="Seed of the evaluation inputs.")
     @click.option("--force", is_flag=True, help="Overwrite an existing report directory.")
-    def study_cmd(model_dir, output, modes, taus, percentiles, sites, samples, calib_samples, seq, latency_seqs, latency_reps, threads, force):
+    def study_cmd(model_dir, output, modes, taus, percentiles, sites, samples, calib_samples, seq, latency_seqs, latency_reps, threads, onnx, seed, force):
         """Measure the GPCL claims on MODEL_DIR instead of repeating them: for each mode and tau
         (calibrated percentiles and fixed values) the accuracy against the original model, the
         fraction of groups changed, the max radius after GPCL, and the ONNX Runtime CPU latency
@@ -93,7 +95,7 @@ def register(main: click.Group) -> None:
             result = study(model_dir, output, modes=tuple(m for m in modes.split(",") if m), taus=_floats(taus),
                            percentiles=_floats(percentiles), sites=tuple(s for s in sites.split(",") if s),
                            samples=samples, calib_samples=calib_samples, seq=seq, latency_seqs=ints(latency_seqs),
-                           latency_reps=latency_reps, threads=threads, force=force)
+                           latency_reps=latency_reps, threads=threads, onnx=onnx, seed=seed, force=force)
         click.echo(result.get("summary", ""), err=True)
         return result
 

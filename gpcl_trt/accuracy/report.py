@@ -203,8 +203,7 @@ def write_study_report(result: dict, radii: dict, tmp: Path) -> None:
           "change the function by design, which the table shows rather than hides.\n",
           "## Claims\n"]
     for c in result["claims"]:
-        status = {True: "HELD", False: "NOT HELD", None: "NOT MEASURED"}[c["held"]]
-        md.append(f"- **{status}**: {c['claim']}. {c['evidence']}")
+        md.append(f"- **{c['status'].upper()}**: {c['claim']}. {c['evidence']}")
     md.append("\n## Accuracy and effect per variant\n")
     md.append(md_table(variants, ["label", "tau_min", "tau_max", "cosine", "max_abs", "top1", "top5", "kl",
                                   "frac_groups_changed", "max_radius_after", "max_radius_over_tau", "bounded"]))

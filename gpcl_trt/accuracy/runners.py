@@ -162,7 +162,8 @@ def load_onnx(path: Path):
 
 
 def with_outputs(model, names: list[str]):
-    """A copy of ``model`` with ``names`` added as graph outputs (types from shape inference)."""
+    """A copy of ``model`` with ``names`` added as graph outputs (typed where value_info knows
+    the type; ORT accepts an untyped graph output)."""
     import onnx
 
     m = onnx.ModelProto()
@@ -194,8 +195,6 @@ def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     model = model if model is not None else load_onnx(path)
-    if extra_outputs and not model.graph.value_info:
-        model = infer_types(model)
     run_model = with_outputs(model, extra_outputs) if extra_outputs else model
     runner = OnnxrtRunner(lambda: ort_session(run_model, threads), name=role)
     spec = inp.onnx_input_spec(model)

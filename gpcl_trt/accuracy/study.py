@@ -16,8 +16,8 @@ import numpy as np
 
 from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.accuracy import metrics as mt
-from gpcl_trt.accuracy.runners import load_onnx, make_side, ort_session, with_outputs
-from gpcl_trt.common import GpclError
+from gpcl_trt.accuracy.runners import make_side, ort_session, with_outputs
+from gpcl_trt.common import GpclError, sha256_file
 
 DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
 DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
@@ -95,21 +95,27 @@ def latency_sweep(base_model, gpcl_models: dict[str, Any], make_feed, seqs, reps
 
 
 def per_token_verdict(rows: list[dict]) -> dict[str, Any]:
-    """Is the overhead per token constant in sequence length? Held when it does not grow with
-    the sequence (largest-seq value <= 2x the smallest-seq value + noise); inconclusive when
-    every overhead is within the timing noise."""
+    """Does the overhead per token grow with the sequence length? A fit overhead = fixed +
+    per_token * tokens separates the per-call cost (extra nodes to launch) from the per-token
+    cost. "held" when the per-token overhead at the longest length is not above the one at the
+    shortest (within 3x the timing noise); "inconclusive" when every overhead is within noise."""
     out = {}
     for variant in OrderedDict((r["variant"], None) for r in rows):
-        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seq"])
-        noise_pt = max(r["noise_ms"] * 1e3 / r["tokens"] for r in rs)
+        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["tokens"])
+        tokens = np.array([r["tokens"] for r in rs], dtype=np.float64)
+        over = np.array([r["overhead_ms"] for r in rs])
+        fixed, per_token = (np.polyfit(tokens, over, 1)[::-1] if len(rs) > 1 else (0.0, over[0] / tokens[0]))
+        noise_pt = [3 * r["noise_ms"] * 1e3 / r["tokens"] for r in rs]
         first, last = rs[0]["overhead_us_per_token"], rs[-1]["overhead_us_per_token"]
         if all(abs(r["overhead_ms"]) <= max(3 * r["noise_ms"], 0.02 * r["t_original_ms"]) for r in rs):
             verdict = "inconclusive: the overhead is within the timing noise at every length"
-        elif last <= 2 * max(first, 0.0) + 3 * noise_pt:
+        elif last <= first + noise_pt[0] + noise_pt[-1]:
             verdict = "held"
         else:
             verdict = "not held"
-        out[variant] = {"verdict": verdict, "us_per_token": [r["overhead_us_per_token"] for r in rs], "seqs": [r["seq"] for r in rs]}
+        out[variant] = {"verdict": verdict, "us_per_token": [r["overhead_us_per_token"] for r in rs],
+                        "seqs": [r["seq"] for r in rs], "fit_fixed_ms": float(fixed), "fit_us_per_token": float(per_token) * 1e3,
+                        "overhead_pct_longest": rs[-1]["overhead_pct"]}
     return out
 
 
@@ -117,9 +123,12 @@ def claims(variants: list[dict], latency: dict[str, dict]) -> list[dict]:
     """The spec's claims, each with the measurement that decides it."""
     out = []
 
-    def add(claim: str, rows: list[dict], held: bool, evidence: str) -> None:
-        out.append({"claim": claim, "held": held if rows else None,
-                    "evidence": evidence if rows else "not measured (no such variant in this study)"})
+    def add(claim: str, rows: list, held: bool | None, evidence: str) -> None:
+        """held: True / False, or None when the measurement cannot decide (timing noise)."""
+        if not rows:
+            held, evidence = None, "not measured (no such variant in this study)"
+        status = "not measured" if not rows else {True: "held", False: "not held", None: "inconclusive"}[held]
+        out.append({"claim": claim, "held": held, "status": status, "evidence": evidence})
 
     cal = [v for v in variants if v["mode"] == "clamp" and v["tau_kind"] == "calibrated" and v["percentile"] >= 99.99]
     add("clamp at calibrated tau (P99.99 x margin) changes nothing on ordinary inputs", cal,
@@ -141,9 +150,10 @@ def claims(variants: list[dict], latency: dict[str, dict]) -> list[dict]:
         all(v["frac_groups_changed"] > 0.5 for v in other),
         "; ".join(f"{v['mode']} P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, cosine {v['cosine']:.4f}" for v in other))
     lat_rows = list(latency.items())
-    add("GPCL costs O(D) per token: the overhead per token is constant in sequence length", lat_rows,
-        all(v["verdict"] == "held" for _, v in lat_rows),
-        "; ".join(f"{k}: {v['verdict']} ({', '.join(f'{u:.3g}' for u in v['us_per_token'])} us/token at seq {v['seqs']})" for k, v in lat_rows))
+    add("GPCL costs O(D) per token: its overhead per token does not grow with the sequence length", lat_rows,
+        False if any(v["verdict"] == "not held" for _, v in lat_rows) else (True if all(v["verdict"] == "held" for _, v in lat_rows) else None),
+        "; ".join(f"{k}: {v['verdict']} ({', '.join(f'{u:.3g}' for u in v['us_per_token'])} us/token at seq {v['seqs']}; "
+                  f"fit {v['fit_fixed_ms']:.3g} ms per call + {v['fit_us_per_token']:.3g} us/token)" for k, v in lat_rows))
     return out
 
 
@@ -167,7 +177,7 @@ def study(
     """Run the sweep and write report.md, report.json and plots to ``out_dir``. ``onnx`` reuses
     an existing export of ``model_dir`` instead of exporting it again."""
     from gpcl_trt.accuracy.report import atomic_dir, write_study_report
-    from gpcl_trt.passes import calibrate_file, insert_file
+    from gpcl_trt.passes import calibrate_file
     from gpcl_trt.plugins.reference import MODES
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -201,19 +211,30 @@ def study(
         feeds = side.generate(samples, 1, seq, seed)
         ref_outs = _run(base, feeds, None)
 
-        # Every variant: (label, mode, tau kind, tau or percentile, insert kwargs).
-        plan = []
+        # Variants are made in memory with the graph-level pass (insert_gpcl): insert_file would
+        # run the full ONNX checker and write the model out for each one; ORT still loads each.
+        from gpcl_trt.passes.graph import load_model as load_graph, to_proto
+        from gpcl_trt.passes.insert import insert_gpcl, load_calibration
+        from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
+
+        lm = load_graph(onnx)
+        src_sha = sha256_file(onnx)
+
+        def make_variant(mode: str, tau_value) -> Any:
+            graph, _rep = insert_gpcl(lm.graph, sites=sites, mode=mode, tau=tau_value, scopes=lm.scopes)
+            return attach_gpcl_functions(to_proto(graph, lm))
+
+        plan = []  # (mode, tau kind, percentile or tau, tau value for insert_gpcl)
         for p in percentiles:
             calib = work / f"calib_p{p:g}.json"
             calibrate_file(onnx, calib, samples=calib_samples, percentile=p)
-            plan += [(m, "calibrated", p, {"calibration": calib}) for m in modes]
-        plan += [(m, "fixed", t, {"tau": t}) for t in taus for m in modes]
+            site_taus = load_calibration(calib, onnx, src_sha)[0]
+            plan += [(m, "calibrated", p, site_taus) for m in modes]
+        plan += [(m, "fixed", t, float(t)) for t in taus for m in modes]
 
         variants, radii, keep = [], {}, {}
-        for i, (mode, kind, value, kwargs) in enumerate(plan):
-            path = work / f"v{i}.onnx"
-            insert_file(onnx, path, sites=sites, mode=mode, **kwargs)
-            model = load_onnx(path)
+        for mode, kind, value, tau_value in plan:
+            model = make_variant(mode, tau_value)
             gsites = mt.gpcl_sites(model)
             if not gsites:
                 raise GpclError(f"{onnx} has no {'/'.join(sites)} GPCL sites")
@@ -228,16 +249,10 @@ def study(
                 **_variant_metrics(ref_outs, outs, out_names),
                 **{k: v for k, v in site_m.items() if k != "sites"}, "sites": site_m["sites"],
             })
-            if kind == "calibrated" and value == percentiles[0]:
-                keep[mode] = model
-                if not radii:  # radius distribution before GPCL, with the calibrated tau
-                    radii = {s["node"]: (np.concatenate([mt.group_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
-            path.unlink()
-        if not keep:  # no calibrated variant: time the first fixed-tau model of each mode
-            for mode in modes:
-                path = work / f"lat_{mode}.onnx"
-                insert_file(onnx, path, sites=sites, mode=mode, tau=taus[0])
-                keep[mode] = load_onnx(path)
+            # Latency is timed on the first tau of the sweep for each mode.
+            keep.setdefault(mode, (label, model))
+            if not radii:  # radius distribution before GPCL, with this variant's tau marked
+                radii = {s["node"]: (np.concatenate([mt.group_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
 
         rng = np.random.default_rng(seed)
         vocab = inp.vocab_size_from_onnx(base)
@@ -245,8 +260,7 @@ def study(
         def make_feed(n: int) -> dict:
             return inp.random_feed(side.spec, 1, n, rng, vocab)
 
-        lat_rows = latency_sweep(base, {f"{m} ({'P%g' % percentiles[0] if percentiles else 'tau=%g' % taus[0]})": mdl for m, mdl in keep.items()},
-                                 make_feed, latency_seqs, latency_reps, threads)
+        lat_rows = latency_sweep(base, dict(keep.values()), make_feed, latency_seqs, latency_reps, threads)
         lat_verdict = per_token_verdict(lat_rows)
         result = {
             "model_dir": str(model_dir), "onnx": str(onnx), "modes": list(modes), "sites": list(sites),
@@ -257,9 +271,9 @@ def study(
         result["claims"] = claims(variants, lat_verdict)
         result["ok"] = True
         result["elapsed_s"] = time.perf_counter() - t_start
-        held = sum(1 for c in result["claims"] if c["held"])
-        result["summary"] = (f"GPCL study of {model_dir.name}: {len(variants)} variants, "
-                             f"{held}/{len(result['claims'])} claims held; report in {out_dir}")
+        counts = {st: sum(c["status"] == st for c in result["claims"]) for st in ("held", "not held", "inconclusive")}
+        result["summary"] = (f"GPCL study of {model_dir.name}: {len(variants)} variants; claims: {counts['held']} held, "
+                             f"{counts['not held']} not held, {counts['inconclusive']} inconclusive; report in {out_dir}")
         write_study_report(result, radii, tmp_out)
     result["report"] = str(out_dir)
     return result
