@@ -29,27 +29,49 @@ __device__ __forceinline__ float groupTau(float const* __restrict__ tau, float t
     return tau ? __ldg(tau + g % gpr) : tauScalar;
 }
 
-// I is the index type: 32-bit when it fits (64-bit division/modulo is many instructions).
+// Independent group loads in flight per thread (memory-level parallelism): 32 bytes either way,
+// which also keeps the 32-bit-index kernels inside 32 registers without spilling.
+template <typename T>
+constexpr int kUnroll = sizeof(typename GroupVec<T>::type) == 16 ? 2 : 4;
+
+// I is the index type: 32-bit when every element index fits (64-bit division/modulo is many
+// instructions). Each thread handles groups g, g + stride, g + 2*stride, ... (coalesced), with
+// kUnroll<T> loads issued before any math.
 template <typename T, typename I>
-__global__ void __launch_bounds__(256) gpclVector(typename GroupVec<T>::type const* __restrict__ x,
+__global__ void __launch_bounds__(256, 8) gpclVector(typename GroupVec<T>::type const* __restrict__ x,
     typename GroupVec<T>::type* __restrict__ y, I n, I gpr, float const* __restrict__ tau, float tauScalar,
     float eps, int mode)
 {
     using V = typename GroupVec<T>::type;
-    for (I g = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g < n;
-         g += static_cast<I>(gridDim.x) * blockDim.x)
+    I const stride = static_cast<I>(gridDim.x) * blockDim.x;
+    for (I base = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; base < n; base += kUnroll<T> * stride)
     {
-        V v = x[g];
-        T e[4];
-        memcpy(e, &v, sizeof(V)); // register reinterpretation; compiles to nothing
-        gpcl::applyGroup<T>(e, e, groupTau<I>(tau, tauScalar, g, gpr), eps, mode);
-        memcpy(&v, e, sizeof(V));
-        y[g] = v;
+        V v[kUnroll<T>];
+#pragma unroll
+        for (int k = 0; k < kUnroll<T>; ++k)
+        {
+            I const g = base + k * stride;
+            if (g < n)
+                v[k] = x[g];
+        }
+#pragma unroll
+        for (int k = 0; k < kUnroll<T>; ++k)
+        {
+            I const g = base + k * stride;
+            if (g < n)
+            {
+                T e[4];
+                memcpy(e, &v[k], sizeof(V)); // register reinterpretation; compiles to nothing
+                gpcl::applyGroup<T>(e, e, groupTau<I>(tau, tauScalar, g, gpr), eps, mode);
+                memcpy(&v[k], e, sizeof(V));
+                y[g] = v[k];
+            }
+        }
     }
 }
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(256) gpclScalar(
+__global__ void __launch_bounds__(256, 8) gpclScalar(
     T const* x, T* y, I n, I gpr, float const* __restrict__ tau, float tauScalar, float eps, int mode)
 {
     for (I g = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g < n;
@@ -61,7 +83,7 @@ __global__ void __launch_bounds__(256) gpclScalar(
     }
 }
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256; // with __launch_bounds__(256, 8): 8 resident blocks = 2048 threads per SM
 
 // Enough resident blocks to fill the device; the grid-stride loop covers the rest. The SM
 // count is cached per device (an attribute query, no synchronisation).
@@ -102,9 +124,10 @@ template <typename T>
 void dispatchIndex(void const* x, void* y, int64_t n, int64_t gpr, float const* tau, float tauScalar, float eps,
     int mode, cudaStream_t stream)
 {
-    // The grid-stride index may run one stride past n; keep that inside 32 bits too.
+    // Element indices (4 * group) and the unrolled grid-stride index, which may run
+    // kUnroll strides past n, must all stay inside 32 bits for the 32-bit path.
     int64_t const stride = static_cast<int64_t>(gridFor(n)) * kThreads;
-    if (n + stride < (int64_t{1} << 32))
+    if (4 * (n + kUnroll<T> * stride) < (int64_t{1} << 32))
         launch<T, uint32_t>(x, y, static_cast<uint32_t>(n), static_cast<uint32_t>(gpr), tau, tauScalar, eps, mode,
             stream);
     else
