@@ -32,8 +32,11 @@ def register(main: click.Group) -> None:
     def triton(artifact, repo, name, backend, max_batch_size, instances, dynamic_batching, plugin_lib, onnx_path, check, force):
         """Write a Triton model repository entry REPO/NAME for ARTIFACT (an ONNX model or an
         engine): config.pbtxt from Triton's own schema, the model file under 1/, a README."""
-        from gpcl_trt.common import eprint
+        from gpcl_trt.common import GpclError, eprint
         from gpcl_trt.deploy.triton import write_triton_repo
+
+        if check and (backend or "python") != "python":
+            raise GpclError("--check serves through the python backend (the only one the bundled tritonserver has); use --backend python")
 
         result = write_triton_repo(
             artifact, repo, name, backend=backend, max_batch_size=max_batch_size, instances=instances,

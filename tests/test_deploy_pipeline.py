@@ -1,0 +1,127 @@
+"""`gpcl-trt pipeline`: every stage for real (export or import, calibrate, insert, TRT-RTX
+engine build, accuracy diff, Triton repository, served-model check on a live tritonserver),
+reruns that skip unchanged stages, a failing stage that stops the run and keeps what was
+built, and config errors caught before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gpcl_trt.common import CheckFailed, GpclError, read_manifest, sha256_file
+from gpcl_trt.deploy import run_pipeline
+
+pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (tensorrt-rtx-cu13)")
+pytest.importorskip("pytriton", reason="needs tritonserver (nvidia-pytriton)")
+
+# Small but complete: every stage runs, the served check sends a real (short) load.
+FAST = """
+[calibrate]
+samples = 8
+[diff]
+samples = 2
+seq = 8
+[serve]
+requests = 64
+concurrency = 8
+seq = 8
+"""
+
+
+def _config(tmp_path: Path, text: str, name: str = "pipeline.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
+    out = tmp_path / "out"
+    cfg = _config(tmp_path, "[pipeline]\nname = \"minilm\"\n" + FAST)
+    s = run_pipeline(minilm_onnx, out, config=cfg)
+    assert s["ok"], s
+    assert {k: v["status"] for k, v in s["stages"].items()} == dict.fromkeys(
+        ["export", "calibrate", "insert", "build", "diff", "triton", "serve"], "done")
+    # Each stage's artifact and manifest are in OUT_DIR.
+    for rel in ("model.onnx", "calib.json", "model_gpcl.onnx", "model_gpcl.engine", "accuracy.json", "served.json"):
+        assert (out / rel).is_file() and read_manifest(out / rel) is not None, rel
+    assert (out / "accuracy" / "report.md").is_file()
+    for entry in ("minilm", "minilm_ort", "minilm_trt"):
+        assert (out / "triton_repo" / entry / "config.pbtxt").is_file(), entry
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
+    report = (out / "report.md").read_text()
+    assert "GPCL sites | 12 (clamp)" in report and "served (python backend) | ok" in report
+
+    assert len(s["sites"]["inserted"]) == 12 and 0 < s["sites"]["tau_min"] <= s["sites"]["tau_max"]
+    assert s["engine"]["size_bytes"] == (out / "model_gpcl.engine").stat().st_size > 1_000_000
+    assert s["engine"]["backend"] == "tensorrt-rtx" and s["engine"]["build_s"] > 0
+    # clamp with calibrated tau changes nothing on ordinary inputs.
+    assert s["accuracy"]["passed"] and s["accuracy"]["max_abs"] < 1e-4
+    assert s["served"]["ok"] and (s["served"]["completed"], s["served"]["errors"]) == (64, 0)
+    assert s["served"]["http_max_abs_diff"] <= 1e-6
+
+    # Rerun: every stage's inputs are unchanged, nothing is redone, same summary.
+    engine_sha = sha256_file(out / "model_gpcl.engine")
+    again = run_pipeline(minilm_onnx, out, config=cfg)
+    assert {v["status"] for v in again["stages"].values()} == {"cached"}
+    assert again["accuracy"] == s["accuracy"] and again["served"] == s["served"]
+
+    # A changed build option reruns build; a failing build stops the run with its own
+    # message, and what earlier stages wrote (and the previous engine) stays as it was.
+    gpcl_sha = sha256_file(out / "model_gpcl.onnx")
+    bad = _config(tmp_path, "[pipeline]\nname = \"minilm\"\n" + FAST + "[build]\nprecision = \"fp7\"\n", "bad.toml")
+    with pytest.raises(GpclError, match=r"^stage build failed: .*fp7"):
+        run_pipeline(minilm_onnx, out, config=bad)
+    assert sha256_file(out / "model_gpcl.onnx") == gpcl_sha
+    assert sha256_file(out / "model_gpcl.engine") == engine_sha
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert state["build"]["status"] == "failed" and "fp7" in state["build"]["error"]
+
+
+def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
+    """The whole path from a Hugging Face directory (a decoder with past key/values), through
+    the CLI with --json; the accuracy reference is the PyTorch model itself."""
+    from gpcl_trt.cli import main
+
+    out = tmp_path / "demo"
+    cfg = _config(tmp_path, "[pipeline]\nname = \"tiny\"\n" + FAST)
+    res = CliRunner().invoke(main, ["pipeline", str(tiny_llama_dir), "-o", str(out), "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["ok"] and s["architecture"] == "llama"
+    assert s["accuracy"]["passed"] and s["served"]["ok"]
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["reference_kind"] == "torch"
+    assert "gpcl-trt pipeline: OK" in res.stderr  # the rich summary table goes to stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[bogus]\nx = 1\n", r"unknown table \[bogus\]"),
+        ("[build]\nprecison = \"fp16\"\n", r"\[build\] unknown option 'precison'"),
+        ("[insert]\noutput = \"x.onnx\"\n", r"\[insert\] output is set by the pipeline"),
+        ("[pipeline]\nskip = [\"export\"]\n", r"cannot skip \['export'\]"),
+        ("[pipeline]\nname = \"../up\"\n", "invalid model name"),
+        ("[calibrate\n", "not valid TOML"),
+    ],
+)
+def test_pipeline_config_errors(tmp_path, minilm_dir, text, message):
+    out = tmp_path / "out"
+    with pytest.raises(GpclError, match=message):
+        run_pipeline(minilm_dir, out, config=_config(tmp_path, text))
+    assert not out.exists()  # refused before any work
+
+
+def test_pipeline_refuses_foreign_output_dir(tmp_path, minilm_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(GpclError, match="not a pipeline output directory; pass --force"):
+        run_pipeline(minilm_dir, out)
+    with pytest.raises(GpclError, match="neither a model directory nor an .onnx file"):
+        run_pipeline(tmp_path / "nope", tmp_path / "out2")
+    assert (out / "precious.txt").read_text() == "keep"
+    assert not issubclass(GpclError, CheckFailed)  # bad input exits 2, not 1
