@@ -27,7 +27,7 @@ def register(main: click.Group) -> None:
     @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
                   help="ONNX model to read inputs/outputs from (default: the artifact, or the ONNX named in the engine's manifest).")
     @click.option("--check", is_flag=True,
-                  help="Serve the written model with a real tritonserver (python backend here) and compare it with ONNX Runtime.")
+                  help="Serve the written model with the bundled tritonserver (python backend; implies --backend python) and compare it with ONNX Runtime.")
     @click.option("--force", is_flag=True, help="Overwrite REPO/NAME if it exists.")
     def triton(artifact, repo, name, backend, max_batch_size, instances, dynamic_batching, plugin_lib, onnx_path, check, force):
         """Write a Triton model repository entry REPO/NAME for ARTIFACT (an ONNX model or an
@@ -35,7 +35,9 @@ def register(main: click.Group) -> None:
         from gpcl_trt.common import GpclError, eprint
         from gpcl_trt.deploy.triton import write_triton_repo
 
-        if check and (backend or "python") != "python":
+        if check:
+            backend = backend or "python"  # --check implies the backend it can serve
+        if check and backend != "python":
             raise GpclError("--check serves through the python backend (the only one the bundled tritonserver has); use --backend python")
 
         result = write_triton_repo(
