@@ -18,8 +18,6 @@ from gpcl_trt.common import CheckFailed, GpclError, check_can_write, sha256_byte
 
 GPCL_CHOICES = ("native", "plugin")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
-PLUGIN_NAMESPACE = "gpcl"  # docs/gpcl-spec.md: plugin GPCL v1 in namespace gpcl
-PLUGIN_VERSION = "1"
 _MAX_PROTO = 1 << 30  # above this, models travel with external data (protobuf's 2 GiB limit)
 
 
@@ -247,19 +245,13 @@ def _split_overloads(model: Any) -> Any:
 
 
 def _as_plugin_nodes(model: Any) -> Any:
-    """For the plugin build: drop the GPCL function (the parser would inline it) and name the
-    plugin's namespace/version on each node, which is how the parser picks a registered plugin."""
-    from onnx import helper
+    """For the plugin build: drop the GPCL function, which the parser would otherwise inline.
+    A node with no importer and no function goes to the parser's plugin fallback, which looks
+    the plugin up by op name, version "1" and, lacking a plugin_namespace attribute, the
+    node's domain: GPCL / 1 / gpcl, the plugin's identity in docs/gpcl-spec.md."""
+    from gpcl_trt.plugins.onnx_function import remove_gpcl_functions
 
-    from gpcl_trt.plugins.onnx_function import iter_gpcl_nodes, remove_gpcl_functions
-
-    remove_gpcl_functions(model)
-    for node in iter_gpcl_nodes(model.graph):
-        present = {a.name for a in node.attribute}
-        for name, value in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
-            if name not in present:
-                node.attribute.append(helper.make_attribute(name, value))
-    return model
+    return remove_gpcl_functions(model)
 
 
 def _load_plugin(be: Any, plugin_lib: Any) -> str:
