@@ -198,3 +198,26 @@ def test_cli_triton(tmp_path):
     for cmd in (["triton", "--help"], ["pipeline", "--help"]):
         res = runner.invoke(main, cmd)
         assert res.exit_code == 0 and "--force" in res.output and "--json" in res.output
+
+
+def test_plugin_engine_needs_its_library(tiny_engine, tmp_path):
+    """An engine whose manifest records GPCL plugin layers is refused without its library,
+    and gets the library recorded at build time when that still exists."""
+    import shutil
+
+    from gpcl_trt.common import manifest_path
+
+    engine = tmp_path / "plugin.engine"
+    shutil.copyfile(tiny_engine, engine)
+    manifest = read_manifest(tiny_engine)
+    manifest["results"]["gpcl"] = {"implementation": "plugin", "plugin_layers": 2, "nodes_as_plugin": ["a", "b"]}
+    manifest["options"]["plugin_lib"] = str(tmp_path / "gone.so")
+    manifest_path(engine).write_text(json.dumps(manifest))
+    with pytest.raises(GpclError, match="built with the GPCL TensorRT plugin; pass its library"):
+        write_triton_repo(engine, tmp_path / "repo", "p")
+    lib = tmp_path / "libgpcl_plugin.so"
+    lib.write_bytes(b"\x7fELF stand-in library file")
+    manifest["options"]["plugin_lib"] = str(lib)
+    manifest_path(engine).write_text(json.dumps(manifest))
+    r = write_triton_repo(engine, tmp_path / "repo", "p")
+    assert Path(r["plugin_lib"]).read_bytes() == lib.read_bytes()

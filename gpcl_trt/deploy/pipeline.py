@@ -157,6 +157,12 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
         else:
             r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **opts)
         entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
+    # An entry of an earlier run that this run did not write (engine now skipped) would be stale.
+    import shutil
+
+    for stale in (f"{ctx.name}_ort", f"{ctx.name}_trt"):
+        if stale not in entries and (repo / stale / "config.pbtxt").is_file():
+            shutil.rmtree(repo / stale)
     return {"ok": True, "repo": str(repo), "served_model": ctx.name, "entries": entries}
 
 
@@ -315,6 +321,8 @@ def run_pipeline(
         raise GpclError(f"{model_dir} is neither a model directory nor an .onnx file")
     name, skip, options = load_config(config)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GpclError(f"{out} exists and is not a directory")
     if not out.parent.exists():
         raise GpclError(f"parent directory {out.parent} of the output does not exist")
     if out.exists() and any(out.iterdir()) and not (out / STATE_FILE).exists() and not force:

@@ -91,6 +91,19 @@ def _engine_source_onnx(engine: Path) -> Path | None:
     return None
 
 
+def _engine_plugin_lib(engine: Path) -> Path | None:
+    """An engine whose manifest says it holds GPCL plugin layers needs its plugin library:
+    take the one recorded at build time, or refuse rather than write an unloadable model."""
+    manifest = read_manifest(engine) or {}
+    gpcl = (manifest.get("results") or {}).get("gpcl") or {}
+    if not (gpcl.get("plugin_layers") or gpcl.get("nodes_as_plugin")):
+        return None
+    recorded = (manifest.get("options") or {}).get("plugin_lib")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    raise GpclError(f"{engine.name} was built with the GPCL TensorRT plugin; pass its library with --plugin-lib")
+
+
 def artifact_io(artifact: Path, backend: str, onnx_path: str | os.PathLike | None = None) -> dict[str, Any]:
     if onnx_path is not None:
         return onnx_io(onnx_path)
@@ -197,21 +210,25 @@ def _python_path() -> str:
 
 def _readme(name: str, backend: str, plugin: str | None) -> str:
     lines = [f"# Triton model `{name}` ({backend})", "", "Written by `gpcl-trt triton`.", ""]
-    if backend == "tensorrt":
+    if backend == "tensorrt" and plugin:
         lines += [
-            "The engine (`1/model.plan`) was built with the GPCL TensorRT plugin; the server must load",
-            "the plugin library before it deserialises the engine. Either:",
+            "The engine (`1/model.plan`) uses the GPCL TensorRT plugin; the server must load the plugin",
+            "library before it deserialises the engine. Either:",
             "",
-            f"    tritonserver --model-repository REPO --backend-config=tensorrt,plugins=\"$PWD/REPO/{name}/1/{plugin or 'libgpcl_plugin.so'}\"",
+            f"    tritonserver --model-repository REPO --backend-config=tensorrt,plugins=\"$PWD/REPO/{name}/1/{plugin}\"",
             "",
             "or preload it:",
             "",
-            f"    LD_PRELOAD=$PWD/REPO/{name}/1/{plugin or 'libgpcl_plugin.so'} tritonserver --model-repository REPO",
+            f"    LD_PRELOAD=$PWD/REPO/{name}/1/{plugin} tritonserver --model-repository REPO",
             "",
             "The config parameter `gpcl_plugin_library` records the file name; Triton itself ignores it.",
         ]
-        if plugin is None:
-            lines += ["", "No plugin library was given (engine built with native GPCL layers or TRT-RTX): none is needed."]
+    elif backend == "tensorrt":
+        lines += [
+            "The engine (`1/model.plan`) was given without a plugin library: its GPCL nodes were built as",
+            "native layers (or it has none), so no plugin is loaded. An engine built with `--gpcl plugin`",
+            "needs `gpcl-trt triton ... --plugin-lib libgpcl_plugin.so`.",
+        ]
     elif backend == "onnxruntime":
         lines += ["The GPCL nodes carry their ONNX function body, so ONNX Runtime runs them without a plugin."]
     else:
@@ -281,6 +298,8 @@ def write_triton_repo(
             raise GpclError("--plugin-lib only applies to --backend tensorrt")
         if not plugin_lib.is_file():
             raise GpclError(f"plugin library {plugin_lib} does not exist")
+    if backend == "tensorrt" and plugin_lib is None:
+        plugin_lib = _engine_plugin_lib(artifact)
     repo = Path(repo)
     if not repo.parent.exists():
         raise GpclError(f"parent directory {repo.parent} of the repository does not exist")
