@@ -35,14 +35,14 @@ def drop_gpcl_opset(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def check_model(model: onnx.ModelProto, what: str) -> None:
-    """The result must pass the full ONNX checker (strict shape inference) and load in ORT."""
+def check_model(data: bytes, what: str) -> None:
+    """The serialized result must pass the full ONNX checker (strict shape inference) and load in
+    ONNX Runtime."""
     import onnxruntime as ort
 
     try:
-        if model.ByteSize() < _TWO_GB:
-            onnx.checker.check_model(model, full_check=True)
-            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(data, full_check=True)
+        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
@@ -66,13 +66,16 @@ def save_model(
     else:
         remove_gpcl_functions(model)
         drop_gpcl_opset(model)
-    check_model(model, stage)
     out = Path(output)
+    # Serialize once: the checker, ORT and the file all take the same bytes (seconds on big models).
+    data = model.SerializeToString() if model.ByteSize() < _TWO_GB else None
+    if data is not None:
+        check_model(data, stage)
     with atomic_path(out, force=force) as tmp:
-        if model.ByteSize() >= _TWO_GB:  # protobuf limit: weights go next to the model
+        if data is None:  # protobuf limit: weights go next to the model (too big to check in memory)
             onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
         else:
-            onnx.save(model, str(tmp))
+            tmp.write_bytes(data)
     write_manifest(out, stage, inputs=inputs, options=options, results=results, packages=("onnx", "onnx-graphsurgeon", "onnxruntime"))
     return model
 

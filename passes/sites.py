@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,6 @@ class Site:
     norm: str  # what produces the tensor: LayerNormalization, RMSNorm (decomposed), ...
     method: str  # "metadata" or "structure"
     gpcl: str | None = None  # the GPCL node already in place, if any
-    extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -80,7 +79,6 @@ class Site:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("extra")
         d["key"] = self.key
         return d
 
@@ -306,7 +304,8 @@ def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
 
 # ----------------------------------------------------------------------------- API
 def find_sites(graph: gs.Graph, scopes: dict[str, list[str]] | None = None) -> list[Site]:
-    """Every candidate site of ``graph``, sorted by (layer, kind). Changes nothing.
+    """Every candidate site of ``graph``, sorted by (layer, kind). Changes nothing but the node
+    order (a topological sort, which structural layer numbering needs).
 
     ``scopes`` maps node names to their exporter module scopes (graphsurgeon drops node
     metadata, so :class:`LoadedModel` keeps it); without it, or when it names no block,
