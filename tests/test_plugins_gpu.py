@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-import numpy as np
 import pytest
 
 from gpcl_trt.common import GpclError

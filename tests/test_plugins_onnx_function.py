@@ -237,3 +237,28 @@ def test_inlined_mixed_model_runs_in_ort_and_tensorrt_rtx():
         network = builder.create_network(0)  # must outlive the parser
         parser = trt.OnnxParser(network, logger)
         assert parser.parse(m.SerializeToString()) == ok
+
+
+@pytest.fixture(scope="module")
+def per_group_sessions():
+    """One session per mode: X of any rank with D = 4*G, per-group tau as an input."""
+    return {m: session(gpcl_model(None, mode=m, tau=1.0, tau_shape=[G])) for m in MODES}
+
+
+def test_ort_matches_reference_on_random_tensors(per_group_sessions):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    finite = st.floats(-1e3, 1e3, width=32)
+    specials = st.sampled_from([0.0, -0.0, float(np.float32(1e-30)), np.nan, np.inf, -np.inf])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(1, 3), max_size=3), st.sampled_from(MODES), st.data())
+    def check(lead, mode, data):
+        x = data.draw(hnp.arrays(np.float32, (*lead, 4 * G), elements=st.one_of(finite, specials)))
+        tau = data.draw(hnp.arrays(np.float32, (G,), elements=st.floats(0.0625, 100, width=32)))
+        (y,) = per_group_sessions[mode].run(None, {"X": x, "tau": tau})
+        assert_matches(y, gpcl_numpy(x, tau, mode), np.float32)
+
+    check()

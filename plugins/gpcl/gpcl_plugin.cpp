@@ -154,21 +154,6 @@ IPluginV3* GpclPlugin::clone() noexcept
     }
 }
 
-char const* GpclPlugin::getPluginName() const noexcept
-{
-    return kPluginName;
-}
-
-char const* GpclPlugin::getPluginVersion() const noexcept
-{
-    return kPluginVersion;
-}
-
-char const* GpclPlugin::getPluginNamespace() const noexcept
-{
-    return kPluginNamespace;
-}
-
 int32_t GpclPlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
@@ -281,21 +266,6 @@ GpclPluginCreator::GpclPluginCreator()
         PluginField("eps", nullptr, PluginFieldType::kFLOAT32, 1)};
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();
-}
-
-char const* GpclPluginCreator::getPluginName() const noexcept
-{
-    return kPluginName;
-}
-
-char const* GpclPluginCreator::getPluginVersion() const noexcept
-{
-    return kPluginVersion;
-}
-
-char const* GpclPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPluginNamespace;
 }
 
 PluginFieldCollection const* GpclPluginCreator::getFieldNames() noexcept

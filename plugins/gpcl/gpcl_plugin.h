@@ -16,6 +16,16 @@ constexpr char const* kPluginName = "GPCL";
 constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "gpcl";
 
+// The identity getters shared by the plugin (IPluginV3OneCore) and its creator.
+template <typename Base>
+class WithGpclIdentity : public Base
+{
+public:
+    char const* getPluginName() const noexcept override { return kPluginName; }
+    char const* getPluginVersion() const noexcept override { return kPluginVersion; }
+    char const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
+};
+
 struct GpclParams
 {
     int mode{0}; // gpcl::Mode
@@ -24,7 +34,7 @@ struct GpclParams
 };
 
 class GpclPlugin : public nvinfer1::IPluginV3,
-                   public nvinfer1::IPluginV3OneCore,
+                   public WithGpclIdentity<nvinfer1::IPluginV3OneCore>,
                    public nvinfer1::IPluginV3OneBuild,
                    public nvinfer1::IPluginV3OneRuntime
 {
@@ -35,11 +45,6 @@ public:
     // IPluginV3
     nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
     nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
 
     // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
@@ -70,15 +75,12 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class GpclPluginCreator : public nvinfer1::IPluginCreatorV3One
+class GpclPluginCreator : public WithGpclIdentity<nvinfer1::IPluginCreatorV3One>
 {
 public:
     GpclPluginCreator();
     ~GpclPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
