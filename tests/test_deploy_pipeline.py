@@ -125,3 +125,14 @@ def test_pipeline_refuses_foreign_output_dir(tmp_path, minilm_dir):
         run_pipeline(tmp_path / "nope", tmp_path / "out2")
     assert (out / "precious.txt").read_text() == "keep"
     assert not issubclass(GpclError, CheckFailed)  # bad input exits 2, not 1
+
+
+def test_documented_config_is_valid(tmp_path):
+    """The pipeline.toml example in docs/triton.md passes the same checks a user's would."""
+    from gpcl_trt.deploy.pipeline import load_config
+
+    doc = (Path(__file__).parent.parent / "docs" / "triton.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    name, skip, options = load_config(_config(tmp_path, block))
+    assert name == "minilm_gpcl" and skip == ()
+    assert options["serve"] == {"requests": 1000, "concurrency": 16}
