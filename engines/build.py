@@ -111,8 +111,9 @@ def build_engine(
         "validity": validity,
         "timing_cache": cache_note,
     }
-    from gpcl_trt.engines.inspect import engine_layers
+    from gpcl_trt.engines.inspect import engine_layers, plan_layer_records
 
+    results["plan"] = plan_layer_records(data)
     engine_info = engine_layers(be, data)
     if engine_info is not None:
         results["engine_layers"] = engine_info

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ def check_engine_bytes(be: Any, data: bytes, expected_sha256: str | None = None)
     return {**out, "level": "device", "detail": "deserialises on this GPU"}
 
 
+_PLAN_RECORD = re.compile(rb"\[ONNX Layer: ([^\]\x00]{1,512})\]")
+_PLAN_GPCL_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL(?:__\w+)?\)")
+
+
+def plan_layer_records(data: bytes) -> dict[str, Any]:
+    """The parser's layer metadata (``[ONNX Layer: node | caller (GPCL)]``) carried inside the
+    serialized plan. Read from the bytes, so it works without a GPU: it shows which ONNX nodes,
+    and which GPCL calls, made it into the built engine."""
+    records = {m.decode("utf-8", "replace") for m in _PLAN_RECORD.findall(data)}
+    gpcl = {m.group(1) for r in records for m in [_PLAN_GPCL_CALL.search(r)] if m}
+    return {"onnx_layer_records": len(records), "gpcl_nodes": sorted(gpcl)}
+
+
 def engine_layers(be: Any, data: bytes) -> dict[str, Any] | None:
     """The engine inspector's layer list (names and types of the built layers), or None where
     the engine cannot be deserialised here (no GPU)."""
@@ -114,6 +128,7 @@ def inspect_engine(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("precision", "precision_mode", "profiles", "gpcl", "network", "build_seconds"):
         if key in results:
             out[key] = results[key]
+    out["plan"] = plan_layer_records(data)
     layers = engine_layers(be, data)
     if layers is not None:
         out["engine_layers"] = layers
@@ -139,6 +154,9 @@ def format_summary(result: dict[str, Any]) -> str:
         n = result["network"]
         kinds = ", ".join(f"{k.lower()} {v}" for k, v in sorted(n["by_type"].items(), key=lambda kv: -kv[1])[:8])
         lines.append(f"network  {n['num_layers']} layers ({kinds}, ...)")
+    if "plan" in result:
+        p = result["plan"]
+        lines.append(f"plan     {p['onnx_layer_records']} ONNX layer records, GPCL calls present: {len(p['gpcl_nodes'])}")
     if "engine_layers" in result:
         e = result["engine_layers"]
         lines.append(f"engine   {e['num_layers']} built layers, {len(e['gpcl_layers'])} named after GPCL")

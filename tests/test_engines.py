@@ -104,6 +104,11 @@ def test_gpcl_engine_layer_summary_shows_gpcl(minilm_engines, minilm_gpcl_onnx):
     assert gpcl["network"]["by_type"]["MATRIX_MULTIPLY"] == base["network"]["by_type"]["MATRIX_MULTIPLY"]
     assert base["gpcl"]["nodes"] == 0 and base["gpcl"]["body_layers"] == 0
     assert minilm_engines("gpcl", "fp16")["gpcl"]["nodes_as_body"] == names
+    # And in the built engines themselves: the plan carries each GPCL call's layer records.
+    for precision in ("fp32", "fp16"):
+        assert minilm_engines("gpcl", precision)["plan"]["gpcl_nodes"] == names
+        assert minilm_engines("base", precision)["plan"]["gpcl_nodes"] == []
+    assert gpcl["plan"]["onnx_layer_records"] > base["plan"]["onnx_layer_records"] > 100
 
 
 def test_inspect_reports_manifest_and_check(minilm_engines):
@@ -115,6 +120,7 @@ def test_inspect_reports_manifest_and_check(minilm_engines):
     assert code == 0, err
     assert json.loads(out)["validity"] == direct["validity"]
     assert "gpcl     native: 12 nodes" in err and "precision fp16" in err
+    assert direct["plan"] == res["plan"] and "GPCL calls present: 12" in err
 
 
 def test_inspect_catches_a_damaged_engine(minilm_engines, tmp_path):
@@ -167,6 +173,7 @@ def test_mixed_gpcl_variants_build_and_are_found(tmp_path):
     src = _save(attach_gpcl_functions(m), tmp_path / "mixed.onnx")
     res = build_engine(src, tmp_path / "mixed.engine", backend="tensorrt-rtx")
     assert res["gpcl"]["nodes_as_body"] == ["gpcl/hopf", "gpcl/test"] and res["gpcl"]["body_layers"] > 10
+    assert res["plan"]["gpcl_nodes"] == ["gpcl/hopf", "gpcl/test"]
 
 
 def test_progress_monitor_sees_builder_phases(tmp_path, monkeypatch):
