@@ -271,6 +271,9 @@ def attach_gpcl_functions(model: ModelProto) -> ModelProto:
     opset import, replacing any earlier GPCL functions (so it is idempotent and picks up changed
     modes). In place; returns ``model``. A model without GPCL nodes only loses stale functions."""
     remove_gpcl_functions(model)
+    for node in iter_gpcl_nodes(model.graph):
+        while len(node.input) > 1 and node.input[-1] == "":  # an omitted optional tau
+            node.input.pop()
     variants = gpcl_variants(model)
     if not variants:
         return model

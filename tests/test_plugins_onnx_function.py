@@ -96,6 +96,16 @@ def test_initializer_tau_and_eps_default():
     assert np.all(y[0, :4] == 0) and y[1, 3] > 0  # r < 1e-6 -> 0; r = 1e-3 -> projected
 
 
+def test_omitted_optional_tau_input_uses_the_attribute():
+    node = oh.make_node(GPCL_OP, ["X", ""], ["Y"], domain=GPCL_DOMAIN, tau=0.5)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", TensorProto.FLOAT, [3, 8])],
+                          [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 8])])
+    model = attach_gpcl_functions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
+    x = sample((3, 8), np.float32)
+    (y,) = session(model).run(None, {"X": x})
+    assert_matches(y, gpcl_numpy(x, 0.5), np.float32)
+
+
 def test_explicit_eps_reaches_the_body():
     x = np.array([[5e-7, 0, 0, 0]], np.float32)
     (y,) = session(gpcl_model([1, 4], mode="hopf", tau=1.0, eps=1e-8)).run(None, {"X": x})
