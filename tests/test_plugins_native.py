@@ -157,3 +157,22 @@ def test_plugin_loads_into_tensorrt_rtx_registry(plugin_lib):
         gc.collect()
         registry.deregister_library(handle)
     assert registry.get_creator("GPCL", "1", "gpcl") is None
+
+
+@pytest.mark.parametrize("register", ["0", "1"])
+def test_plugin_registers_on_load_only_when_asked(plugin_lib, register):
+    """LD_PRELOAD (Triton's way) never calls getCreators: GPCL_TRT_REGISTER_ON_LOAD=1 makes the
+    library register its creator when loaded; without it nothing is registered (so that
+    loadLibrary, which refuses already-registered plugins, keeps working)."""
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (tensorrt-rtx-cu13)")
+    import importlib.util
+    import sys
+
+    libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").submodule_search_locations[0])
+    runtime = next(libs.glob("libtensorrt_rtx.so*"))
+    code = ("import tensorrt_rtx as trt; c = trt.get_plugin_registry().get_creator('GPCL', '1', 'gpcl'); "
+            "print(c is not None)")
+    env = dict(os.environ, GPCL_TRT_REGISTER_ON_LOAD=register, LD_PRELOAD=f"{runtime}:{plugin_lib}")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(register == "1")
