@@ -38,8 +38,9 @@ constexpr int kUnroll = sizeof(typename GroupVec<T>::type) == 16 ? 2 : 4;
 // instructions). Each thread handles groups g, g + stride, g + 2*stride, ... (coalesced), with
 // kUnroll<T> loads issued before any math.
 template <typename T, typename I>
-__global__ void __launch_bounds__(256, 8) gpclVector(typename GroupVec<T>::type const* __restrict__ x,
-    typename GroupVec<T>::type* __restrict__ y, I n, I gpr, float const* __restrict__ tau, float tauScalar,
+// x and y are not __restrict__: in-place calls (x == y) are allowed.
+__global__ void __launch_bounds__(256, 8) gpclVector(typename GroupVec<T>::type const* x,
+    typename GroupVec<T>::type* y, I n, I gpr, float const* __restrict__ tau, float tauScalar,
     float eps, int mode)
 {
     using V = typename GroupVec<T>::type;
