@@ -149,6 +149,15 @@ def insert_gpcl(
 
 
 # ----------------------------------------------------------------------------- calibration
+def origin_sha256(source: str | Path, source_sha256: str) -> str:
+    """sha256 of the model without GPCL that ``source`` was made from: ``source`` itself, or,
+    for an insert output whose manifest still matches it, the origin that manifest records."""
+    manifest = read_manifest(source) or {}
+    if manifest.get("stage") == "insert" and manifest.get("artifact_sha256") == source_sha256:
+        return manifest.get("inputs", {}).get("origin_sha256") or source_sha256
+    return source_sha256
+
+
 def load_calibration(path: str | Path, source: str | Path, source_sha256: str) -> tuple[dict, str]:
     """Read calib.json, check it was made from this model, return (site key -> tau, its sha256).
 
@@ -163,11 +172,7 @@ def load_calibration(path: str | Path, source: str | Path, source_sha256: str) -
         raise GpclError(f"{p}: no such calibration file") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise GpclError(f"{p}: not a GPCL calibration file (calib.json from gpcl-trt calibrate)") from None
-    accepted = {source_sha256}
-    manifest = read_manifest(source) or {}
-    if manifest.get("stage") == "insert":
-        accepted.add(manifest.get("inputs", {}).get("source_sha256"))
-    if made_from not in accepted:
+    if made_from not in {source_sha256, origin_sha256(source, source_sha256)}:
         raise GpclError(f"{p} was calibrated on another model (source_sha256 {made_from[:12]}..., {Path(source).name} is {source_sha256[:12]}...)")
     return site_taus, sha256_file(p)
 
@@ -197,7 +202,8 @@ def insert_file(
     else:
         tau_value, tau_source = float(tau), {"tau": float(tau)}
     graph, report = insert_gpcl(lm.graph, sites=sites, layers=layers, mode=mode, tau=tau_value, scopes=lm.scopes)
-    inputs = {"source": str(input), "source_sha256": src_sha, "model_dir": model_dir_of(input), **tau_source}
+    inputs = {"source": str(input), "source_sha256": src_sha, "origin_sha256": origin_sha256(input, src_sha),
+              "model_dir": model_dir_of(input), **tau_source}
     options = {"sites": list(parse_kinds(sites)), "layers": parse_layers(layers), "mode": mode, "tau_source": tau_source}
     summary = [{k: s[k] for k in ("key", "layer", "kind", "tensor", "gpcl", "output", "tau")} for s in report["sites"]]
     save_model(graph, lm, output, force=force, gpcl=True, stage="insert", inputs=inputs, options=options,

@@ -93,9 +93,12 @@ def toy_transformer(d: int = 32, layers: int = 2, norm: str = "layer", vocab: in
     def normalise(x, tag):
         if norm == "layer":
             return node("LayerNormalization", [x, w(f"{tag}.g", d), w(f"{tag}.b", d)], f"{tag}.out", axis=-1)
+        if norm == "ln":
+            x = node("Sub", [x, node("ReduceMean", [x, "axes"], f"{tag}.mu")], f"{tag}.d")
         ms = node("ReduceMean", [node("Pow", [x, "two"], f"{tag}.sq"), "axes"], f"{tag}.ms")
         den = node("Sqrt", [node("Add", [ms, "eps"], f"{tag}.mse")], f"{tag}.rms")
-        return node("Mul", [node("Div", [x, den], f"{tag}.xn"), w(f"{tag}.g", d)], f"{tag}.out")
+        y = node("Mul", [node("Div", [x, den], f"{tag}.xn"), w(f"{tag}.g", d)], f"{tag}.out" if norm == "rms" else f"{tag}.y")
+        return y if norm == "rms" else node("Add", [y, w(f"{tag}.b", d)], f"{tag}.out")
 
     h = node("Gather", [w("emb", vocab, d, scale=1.0), "input_ids"], "h0")
     for i in range(layers):
@@ -213,7 +216,7 @@ def test_minilm_sites_are_post_ln_norm_outputs(minilm_onnx):
 
 
 def test_structural_sites_on_hand_built_models():
-    for norm, label in (("layer", "LayerNormalization"), ("rms", "RMSNorm (decomposed)")):
+    for norm, label in (("layer", "LayerNormalization"), ("rms", "RMSNorm (decomposed)"), ("ln", "LayerNorm (decomposed)")):
         sites = find_sites(from_proto(toy_transformer(norm=norm)).graph)
         assert [(s.layer, s.kind, s.tensor, s.norm) for s in sites] == [
             (i, k, f"l{i}.{ln}.out", label) for i in range(2) for k, ln in (("pre-attention", "ln1"), ("pre-mlp", "ln2"))
@@ -288,6 +291,11 @@ def test_insert_again_updates_in_place(tiny_gpt2_onnx, tmp_path):
     assert max_abs(soft, run(g3, feed)) == 0.0 and max_abs(soft, orig) > 1e-4  # soft really acts
     assert len(strip_file(g2, s)["removed"]) == 4
     assert max_abs(run(s, feed), orig) == 0.0
+    # A calibration of the original export also applies to the GPCL model made from it.
+    calib = tmp_path / "c.json"
+    calibrate_file(tiny_gpt2_onnx, calib, samples=4)
+    res = insert_file(g2, tmp_path / "g4.onnx", calibration=calib)
+    assert res["inserted"] == [] and len(res["updated"]) == 4
 
 
 def test_graph_passes_are_pure_and_idempotent():
