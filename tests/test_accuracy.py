@@ -111,6 +111,35 @@ def test_pytorch_vs_onnx_and_golden_round_trip(minilm_dir, minilm_onnx, gpcl_pai
         diff(minilm_onnx, minilm_onnx, save_golden_path=golden, **SMALL)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory):
+    # The export dominates this module's decoder test; a session fixture in conftest.py would
+    # share it with the exporter and engine tests.
+    from gpcl_trt.exporter import export_model
+
+    out = tmp_path_factory.mktemp("acc_llama") / "llama.onnx"
+    assert export_model(tiny_llama_dir, out, validate=False)["ok"]
+    return out
+
+
+def test_decoder_logits_metrics(tiny_llama_dir, tiny_llama_onnx, tmp_path):
+    """A decoder with past key/values: PyTorch vs ONNX agree on logits (top-1/top-5/KL), and a
+    clamping GPCL moves the next-token distribution, which the logits metrics show."""
+    from gpcl_trt.passes import insert_file
+
+    onnx_path = tiny_llama_onnx
+    r = diff(tiny_llama_dir, onnx_path, samples=1, seq=8)
+    assert r["ok"], r["summary"]
+    logits = r["outputs"]["logits"]
+    assert logits["top1"] == 1.0 and logits["top5"] == 1.0 and logits["kl"] < 1e-9
+    assert any(name.startswith("present.") for name in r["outputs"])
+
+    gpcl = tmp_path / "llama_gpcl.onnx"
+    assert insert_file(onnx_path, gpcl, mode="clamp", tau=0.01)["ok"]
+    bad = diff(onnx_path, gpcl, samples=1, seq=8)["outputs"]["logits"]
+    assert not bad["passed"] and bad["kl"] > 1e-6 and bad["cosine"] < 1.0
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_mismatched_inputs_are_one_line_exit_2(minilm_onnx, tmp_path):
     other = _tiny_model(tmp_path / "other.onnx", "x", [1, 4])
@@ -123,6 +152,12 @@ def test_mismatched_inputs_are_one_line_exit_2(minilm_onnx, tmp_path):
     assert "input x: shape [1, 4] (reference) vs [1, 8] (candidate)" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert json.loads(res.stdout)["ok"] is False
+    # An inputs file that does not fit the model: one line, before anything runs.
+    np.savez(tmp_path / "bad.npz", input_ids=np.zeros((1, 4), np.int64))
+    with pytest.raises(GpclError, match="inputs sample 0 has"):
+        diff(a, a, inputs=tmp_path / "bad.npz")
+    np.savez(tmp_path / "good.npz", x=np.ones((1, 4), np.float32))
+    assert diff(a, a, inputs=tmp_path / "good.npz")["ok"]
 
 
 def test_engine_without_gpu_is_a_clear_error(tmp_path, minilm_onnx):
@@ -204,3 +239,12 @@ def test_site_stats_clamp_semantics():
     r = mt.group_radii(x)
     assert st["frac_groups_changed"] == pytest.approx(np.mean(r > 1.0))
     assert st["bounded"] and st["max_radius_after"] <= 1.0 + 1e-6
+
+
+def test_cli_help_names_every_option():
+    for cmd in ("diff", "study"):
+        res = CliRunner().invoke(main, [cmd, "--help"])
+        assert res.exit_code == 0
+        # Every option carries help text (click prints an option without help on a bare line).
+        opts = [line for line in res.output.splitlines() if line.strip().startswith("-")]
+        assert opts and all(len(line.split("  ")) > 1 and line.split("  ")[-1].strip() for line in opts), res.output

@@ -211,6 +211,11 @@ def write_study_report(result: dict, radii: dict, tmp: Path) -> None:
     _plot_sweep(variants, "frac_groups_changed", "fraction of groups changed", tmp / "changed_vs_tau.png")
     md.append("\n![cosine vs tau](cosine_vs_tau.png)\n\n![groups changed vs tau](changed_vs_tau.png)\n")
     md.append("\n## Latency overhead per token (ONNX Runtime CPU)\n")
+    load = result.get("load_average")
+    if load:
+        md.append(f"Timed with {result['latency_threads']} ORT thread(s) on {result.get('cpu_count')} cores; load average "
+                  f"{load[0]:.2f} at the end of the run (a loaded machine widens the noise column; absolute times are "
+                  "CPU times, not GPU ones).\n")
     md.append(md_table(result["latency"], ["variant", "seq", "t_original_ms", "t_gpcl_ms", "overhead_ms",
                                            "overhead_pct", "overhead_us_per_token", "noise_ms"]))
     for variant, v in result["latency_verdict"].items():
