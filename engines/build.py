@@ -51,19 +51,12 @@ def build_engine(
             f"{be.name} cannot load the GPCL plugin library; build with --gpcl native "
             "(the parser inlines the GPCL function) or use --backend tensorrt"
         )
-    trt = be.trt
     be.logger.take()
 
     model = _read_model(onnx_path)
     gpcl_nodes = _gpcl_node_names(model)
     lowered = precision != "fp32" and not _precision_flags(be)
-    with _prepared_model(onnx_path, model, gpcl, lowered and precision) as parse_path:
-        builder = trt.Builder(be.logger.impl)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, be.logger.impl)
-        plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
-        if not parser.parse_from_file(str(parse_path)):
-            raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
+    builder, network, plugin_sha = _parse(be, onnx_path, model, gpcl, plugin_lib, lowered and precision)
 
     from gpcl_trt.engines.network import layer_summary
 
@@ -72,31 +65,13 @@ def build_engine(
     profile = prof.make_profiles(_network_inputs(network, model), shape_overrides)
 
     config = builder.create_builder_config()
-    _configure(be, builder, config, network, profile, precision, workspace, opt_level)
+    _configure(be, builder, config, profile, precision, workspace, opt_level)
     cache_note = _load_timing_cache(be, config, timing_cache)
-
-    from gpcl_trt.engines.monitor import BuildProgress
-
-    t0 = time.perf_counter()
-    with BuildProgress(trt, config, f"build {output.name}"):
-        serialized = builder.build_serialized_network(network, config)
-    build_seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
-    data = memoryview(serialized).tobytes()
-    del serialized
-
-    from gpcl_trt.common import atomic_path
-
-    with atomic_path(output, force=force) as tmp:
-        tmp.write_bytes(data)
-        _chmod_default(tmp)
-        from gpcl_trt.engines.inspect import check_engine_bytes
-
-        validity = check_engine_bytes(be, tmp.read_bytes(), expected_sha256=sha256_bytes(data))
-    if not validity["ok"]:
-        raise CheckFailed(f"the built engine failed its check: {validity['detail']}")  # pragma: no cover
+    data, build_seconds = _build(be, builder, network, config, onnx_path, output)
+    validity = _write_engine(be, output, data, force)
     cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
+
+    from gpcl_trt.engines.inspect import engine_layers, plan_layer_records
 
     results = {
         "backend": be.name,
@@ -108,13 +83,11 @@ def build_engine(
         "build_seconds": round(build_seconds, 3),
         "engine_bytes": len(data),
         "network": {k: layers[k] for k in ("num_layers", "by_type")},
+        "plan": plan_layer_records(data),
         "validity": validity,
         "timing_cache": cache_note,
     }
-    from gpcl_trt.engines.inspect import engine_layers, plan_layer_records
-
-    results["plan"] = plan_layer_records(data)
-    engine_info = engine_layers(be, data)
+    engine_info = engine_layers(be, data)  # None without a GPU
     if engine_info is not None:
         results["engine_layers"] = engine_info
     inputs = {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}}
@@ -131,6 +104,45 @@ def build_engine(
     }
     manifest = write_manifest(output, "build", inputs, options, results, packages=(_dist_name(be),))
     return {"ok": True, "engine": str(output), "manifest": str(manifest), **results}
+
+
+def _parse(be: Any, onnx_path: Path, model: Any, gpcl: str, plugin_lib: Any, lower_to: str | bool) -> tuple:
+    """(builder, network, plugin sha256 or None) for the prepared model."""
+    trt = be.trt
+    with _prepared_model(onnx_path, model, gpcl, lower_to) as parse_path:
+        builder = trt.Builder(be.logger.impl)
+        network = builder.create_network(0)  # explicit batch (TensorRT 10), strongly typed (RTX)
+        parser = trt.OnnxParser(network, be.logger.impl)
+        plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
+        if not parser.parse_from_file(str(parse_path)):
+            raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
+    return builder, network, plugin_sha
+
+
+def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, output: Path) -> tuple[bytes, float]:
+    from gpcl_trt.engines.monitor import BuildProgress
+
+    t0 = time.perf_counter()
+    with BuildProgress(be.trt, config, f"build {output.name}"):
+        serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
+    return memoryview(serialized).tobytes(), seconds
+
+
+def _write_engine(be: Any, output: Path, data: bytes, force: bool) -> dict[str, Any]:
+    """Write atomically and check what was written, before it takes the final name."""
+    from gpcl_trt.common import atomic_path
+    from gpcl_trt.engines.inspect import check_engine_bytes
+
+    with atomic_path(output, force=force) as tmp:
+        tmp.write_bytes(data)
+        _chmod_default(tmp)
+        validity = check_engine_bytes(be, tmp.read_bytes(), expected_sha256=sha256_bytes(data))
+        if not validity["ok"]:
+            raise CheckFailed(f"the built engine failed its check: {validity['detail']}")
+    return validity
 
 
 # ----------------------------------------------------------------------------- options
@@ -313,7 +325,7 @@ def _network_inputs(network: Any, model: Any) -> list[tuple[str, list[int | str]
     return out
 
 
-def _configure(be, builder, config, network, profile, precision, workspace, opt_level) -> None:
+def _configure(be, builder, config, profile, precision, workspace, opt_level) -> None:
     trt = be.trt
     if profile:
         opt = builder.create_optimization_profile()

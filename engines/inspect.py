@@ -72,15 +72,16 @@ def check_engine_bytes(be: Any, data: bytes, expected_sha256: str | None = None)
 
 
 _PLAN_RECORD = re.compile(rb"\[ONNX Layer: ([^\]\x00]{1,512})\]")
-_PLAN_GPCL_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL(?:__\w+)?\)")
 
 
 def plan_layer_records(data: bytes) -> dict[str, Any]:
     """The parser's layer metadata (``[ONNX Layer: node | caller (GPCL)]``) carried inside the
     serialized plan. Read from the bytes, so it works without a GPU: it shows which ONNX nodes,
     and which GPCL calls, made it into the built engine."""
+    from gpcl_trt.engines.network import GPCL_CALL
+
     records = {m.decode("utf-8", "replace") for m in _PLAN_RECORD.findall(data)}
-    gpcl = {m.group(1) for r in records for m in [_PLAN_GPCL_CALL.search(r)] if m}
+    gpcl = {m.group(1) for r in records for m in [GPCL_CALL.search(r)] if m}
     return {"onnx_layer_records": len(records), "gpcl_nodes": sorted(gpcl)}
 
 

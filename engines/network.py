@@ -12,7 +12,7 @@ import re
 from typing import Any, Iterable
 
 # GPCL, or GPCL__<variant> where a build split the overloads (engines/build.py).
-_FUNCTION_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL(?:__\w+)?\)")
+GPCL_CALL = re.compile(r"\|\s*([^|\]]+?) \(GPCL(?:__\w+)?\)")
 _PLUGIN_TYPES = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
 
 
@@ -38,7 +38,7 @@ def layer_summary(network: Any, gpcl_nodes: Iterable[str]) -> dict[str, Any]:
         kind = _layer_type(layer)
         by_type[kind] += 1
         meta = getattr(layer, "metadata", "") or ""
-        call = _FUNCTION_CALL.search(meta)
+        call = GPCL_CALL.search(meta)
         if call and call.group(1) in wanted:
             body[call.group(1)] += 1
             continue
