@@ -198,6 +198,7 @@ def load_model(
                 use_safetensors=use_safetensors,
                 local_files_only=True,
                 output_loading_info=True,
+                **arch.load_kwargs(task),
             )
         except Exception as exc:
             raise GpclError(f"unreadable weights in {d}: {_first_line(exc)}") from None

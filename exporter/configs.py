@@ -49,6 +49,10 @@ class ArchConfig:
     def auto_class(self, task: str) -> type:
         raise NotImplementedError
 
+    def load_kwargs(self, task: str) -> dict[str, Any]:
+        """Extra from_pretrained arguments for this architecture."""
+        return {}
+
     def inputs(self, task: str) -> list[TensorSpec]:
         raise NotImplementedError
 
@@ -88,6 +92,11 @@ class BertFamily(ArchConfig):
         from transformers import AutoModel
 
         return AutoModel
+
+    def load_kwargs(self, task: str) -> dict[str, Any]:
+        # Only last_hidden_state is exported; many sentence-embedding checkpoints ship without
+        # pooler weights, which would otherwise count as missing.
+        return {"add_pooling_layer": False}
 
     def inputs(self, task: str) -> list[TensorSpec]:
         names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.token_type_ids else [])

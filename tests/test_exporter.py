@@ -146,14 +146,6 @@ def test_validation_catches_a_wrong_model(exports, tiny_llama_dir):
     assert not v["passed"] and v["max_abs_diff"] > 1e-3
 
 
-def test_reexport_is_byte_identical(exports, tiny_gpt2_dir, tmp_path):
-    path, first = exports("gpt2", TG)
-    again = export_model(tiny_gpt2_dir, tmp_path / "again.onnx", task=TG, validate=False)
-    assert again["validation"] == {"skipped": True}
-    assert path.read_bytes() == (tmp_path / "again.onnx").read_bytes()
-    assert again["onnx_sha256"] == first["onnx_sha256"]
-
-
 def test_fp16_with_external_data(tiny_gpt2_dir, tmp_path):
     """fp16 export, forced external data (the >2 GB path, exercised on a tiny model)."""
     out = tmp_path / "g16.onnx"
@@ -188,3 +180,39 @@ def test_pickle_weights_load_only_when_allowed(tiny_gpt2_dir, tmp_path):
     ref, _, _ = load_model(tiny_gpt2_dir)
     feeds = make_dummy_inputs(arch, task, 2, 5, seed=0)
     np.testing.assert_array_equal(torch_runner(module)(feeds)["logits"], torch_runner(ref)(feeds)["logits"])
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_other_bert_family_encoders_without_pooler(model_type, tmp_path):
+    """One-layer random RoBERTa / XLM-R saved without pooler weights (as sentence-embedding
+    checkpoints often are) export and validate; re-exporting gives byte-identical ONNX."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64, type_vocab_size=1)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg, add_pooling_layer=False).eval().save_pretrained(tmp_path / "m")
+    res = export_model(tmp_path / "m", tmp_path / "m.onnx")
+    assert res["ok"] and res["architecture"] == "bert" and res["task"] == "feature-extraction"
+    assert res["validation"]["max_abs_diff"] <= 1e-4
+    assert res["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    if model_type == "roberta":  # determinism, checked once on the cheapest model
+        again = export_model(tmp_path / "m", tmp_path / "again.onnx", validate=False)
+        assert again["validation"] == {"skipped": True}
+        assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
+        assert again["onnx_sha256"] == res["onnx_sha256"]
+
+
+def test_remote_code_not_run_unless_trusted(tiny_gpt2_dir, tmp_path):
+    """config.json pointing at code in the directory: without --trust-remote-code that code is
+    never imported and the built-in class is used."""
+    import shutil
+
+    d = tmp_path / "remote"
+    shutil.copytree(tiny_gpt2_dir, d)
+    (d / "evil.py").write_text("raise RuntimeError('remote code ran')\n")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    module, _, _ = load_model(d)
+    assert type(module.core.model).__module__ == "transformers.models.gpt2.modeling_gpt2"
