@@ -22,7 +22,9 @@ def _tau_text(tau) -> str:
 
 
 def register(main: click.Group) -> None:
-    @result_command(main, "sites", help="List the GPCL candidate sites of an ONNX model (changes nothing).")
+    @result_command(main, "sites", short_help="List GPCL candidate sites (changes nothing).",
+                    help="List the GPCL candidate sites of an ONNX model: layer, kind, tensor, hidden size, "
+                    "norm and the projection nodes that would read GPCL. Changes nothing.")
     @click.argument("model", type=_ONNX)
     def sites(model: str) -> dict:
         from gpcl_trt.passes import sites_file
@@ -35,7 +37,10 @@ def register(main: click.Group) -> None:
                  + (f"  [GPCL: {s['gpcl']}]" if s["gpcl"] else ""))
         return result
 
-    @result_command(main, "insert", help="Insert GPCL at pre-attention / pre-MLP sites of an ONNX model.")
+    @result_command(main, "insert", short_help="Insert GPCL at pre-attention / pre-MLP sites.",
+                    help="Insert GPCL at pre-attention / pre-MLP sites of an ONNX model. Only the projection "
+                    "inputs are rewired (the residual path keeps the original tensor); inserting into a "
+                    "GPCL model updates tau/mode in place.")
     @click.argument("model", type=_ONNX)
     @click.option("-o", "--output", required=True, type=_ONNX, help="Where to write the GPCL model (.onnx).")
     @click.option("--sites", "kinds", default="pre-attention,pre-mlp", show_default=True,
@@ -57,7 +62,9 @@ def register(main: click.Group) -> None:
             _say(f"  {s['gpcl']:<28} on {s['tensor']:<20} tau {_tau_text(s['tau'])}")
         return result
 
-    @result_command(main, "calibrate", help="Measure activation radii at every site and write tau per site (calib.json).")
+    @result_command(main, "calibrate", short_help="Calibrate tau per GPCL site (calib.json).",
+                    help="Run ONNX Runtime on sample inputs, measure the quaternion radii at every site and "
+                    "write tau = margin x percentile per site (or per group) with the statistics to calib.json.")
     @click.argument("model", type=_ONNX)
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write calib.json.")
     @click.option("--samples", type=int, default=64, show_default=True, help="Number of sample sequences to run.")
@@ -78,7 +85,8 @@ def register(main: click.Group) -> None:
             _say(f"  {key:<22} tau {_tau_text(s['tau'])}  max r {s['max']:.4g}")
         return result
 
-    @result_command(main, "strip", help="Remove every GPCL node and the GPCL function, restoring the original wiring.")
+    @result_command(main, "strip", short_help="Remove GPCL nodes and function from a model.",
+                    help="Remove every GPCL node and the GPCL function, restoring the original wiring.")
     @click.argument("model", type=_ONNX)
     @click.option("-o", "--output", required=True, type=_ONNX, help="Where to write the model without GPCL (.onnx).")
     @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
