@@ -221,6 +221,26 @@ def _iter_progress(items: list, description: str) -> Iterator:
             progress.advance(task)
 
 
+def _session(model):
+    """An ORT session of ``model``, through a temporary file with external data when the model is
+    too big to be one protobuf."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from gpcl_trt.passes.modelio import EXTERNAL_DATA_BYTES, write_external
+
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="gpcl-calib-") as d:
+            path = Path(d) / "model.onnx"
+            write_external(model, path, force=True)
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # weights now in memory
+    except Exception as exc:
+        raise GpclError(f"ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0]})") from None
+
+
 # ----------------------------------------------------------------------------- file level
 def _check_options(samples: int, percentile: float, margin: float) -> None:
     if not (isinstance(samples, int) and samples >= 1):
@@ -244,7 +264,6 @@ def calibrate_file(
     """Measure the quaternion radius distribution at every site of ``input`` and write
     calib.json (tau per site or per group, statistics, source_sha256) + its manifest."""
     import onnx
-    import onnxruntime as ort
 
     from gpcl_trt.passes.graph import load_model
     from gpcl_trt.passes.insert import select_sites
@@ -264,10 +283,7 @@ def calibrate_file(
         if s.tensor not in have:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[s.tensor].dtype or np.float32))
             model.graph.output.append(onnx.helper.make_tensor_value_info(s.tensor, elem, None))
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise GpclError(f"{input}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+    session = _session(model)
     feeds = FeedMaker(session)
     names = [s.tensor for s in sites]
     radii: dict[str, list[np.ndarray]] = {s.tensor: [] for s in sites}

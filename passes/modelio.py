@@ -13,7 +13,9 @@ from gpcl_trt.common import GpclError, atomic_path, read_manifest, write_manifes
 from gpcl_trt.passes.graph import LoadedModel, to_proto
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
 
-_TWO_GB = 2**31 - 1
+# Above this the model cannot be one protobuf: weights go to OUT.onnx.data (a module constant so
+# the tests can lower it).
+EXTERNAL_DATA_BYTES = 2**31 - 1
 _MODEL_DIR_KEYS = ("model_dir", "model", "model_path")
 
 
@@ -35,9 +37,9 @@ def drop_gpcl_opset(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def check_model(data: bytes, what: str) -> None:
-    """The serialized result must pass the full ONNX checker (strict shape inference) and load in
-    ONNX Runtime."""
+def check_model(data: bytes | str, what: str) -> None:
+    """The result (serialized bytes, or a path for a model with external data) must pass the full
+    ONNX checker (strict shape inference) and load in ONNX Runtime."""
     import onnxruntime as ort
 
     try:
@@ -46,6 +48,22 @@ def check_model(data: bytes, what: str) -> None:
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
+
+
+def write_external(model: onnx.ModelProto, out: Path, force: bool, check=None) -> None:
+    """Write ``model`` with its weights in OUT.onnx.data; ``check(tmp_path)`` runs before the
+    rename, and a failure leaves neither file behind."""
+    data_file = out.with_name(f"{out.name}.data")
+    if data_file.exists() and not force:
+        raise GpclError(f"{data_file} exists; pass --force to overwrite it")
+    try:
+        with atomic_path(out, force=force) as tmp:
+            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name)
+            if check is not None:
+                check(tmp)
+    except BaseException:
+        data_file.unlink(missing_ok=True)
+        raise
 
 
 def save_model(
@@ -67,15 +85,14 @@ def save_model(
         remove_gpcl_functions(model)
         drop_gpcl_opset(model)
     out = Path(output)
-    # Serialize once: the checker, ORT and the file all take the same bytes (seconds on big models).
-    data = model.SerializeToString() if model.ByteSize() < _TWO_GB else None
-    if data is not None:
+    if model.ByteSize() < EXTERNAL_DATA_BYTES:
+        # Serialize once: the checker, ORT and the file take the same bytes (seconds on big models).
+        data = model.SerializeToString()
         check_model(data, stage)
-    with atomic_path(out, force=force) as tmp:
-        if data is None:  # protobuf limit: weights go next to the model (too big to check in memory)
-            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
-        else:
+        with atomic_path(out, force=force) as tmp:
             tmp.write_bytes(data)
+    else:
+        write_external(model, out, force, lambda tmp: check_model(str(tmp), stage))
     write_manifest(out, stage, inputs=inputs, options=options, results=results, packages=("onnx", "onnx-graphsurgeon", "onnxruntime"))
     return model
 

@@ -491,3 +491,22 @@ def test_cli_help_and_light_imports():
         mods = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
         assert mods <= {"__future__", "click", "importlib", "typing", "gpcl_trt.cli"}, (f, mods)
+
+
+def test_external_data_path(toy_onnx, tmp_path, monkeypatch):
+    """Models past the protobuf limit are written and run with their weights in OUT.onnx.data;
+    the limit is lowered so that the toy model takes that path."""
+    import gpcl_trt.passes.modelio as modelio
+
+    small = tmp_path / "small.onnx"
+    insert_file(toy_onnx, small, tau=0.5)
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_BYTES", 1000)
+    big = tmp_path / "big.onnx"
+    insert_file(toy_onnx, big, tau=0.5)
+    assert (tmp_path / "big.onnx.data").stat().st_size > big.stat().st_size
+    feed = random_feed(toy_onnx)
+    assert max_abs(run(big, feed), run(small, feed)) == 0.0
+    res = calibrate_file(big, tmp_path / "c.json", samples=2)
+    assert res["sites"]["layer0/pre-attention"]["tau"] > 0
+    with pytest.raises(GpclError, match="exists; pass --force"):
+        insert_file(toy_onnx, big, tau=0.5)
