@@ -311,8 +311,9 @@ def test_graph_passes_are_pure_and_idempotent():
     assert strip_gpcl(g3)[1]["removed"] == []
 
 
-def test_per_group_tau_and_layers_match_the_reference(toy_onnx, tmp_path):
-    """GPCL output at each site equals gpcl_numpy(site tensor, per-group tau) and feeds the
+@pytest.mark.parametrize("mode", ["clamp", "soft", "hopf"])
+def test_per_group_tau_and_layers_match_the_reference(toy_onnx, tmp_path, mode):
+    """GPCL output at each site equals gpcl_numpy(site tensor, per-group tau, mode) and feeds the
     projections; only the requested layers/kinds get a node."""
     calib = tmp_path / "c.json"
     calibrate_file(toy_onnx, calib, samples=8, per_group=True, percentile=50, margin=0.5)  # a tau that clamps
@@ -320,7 +321,7 @@ def test_per_group_tau_and_layers_match_the_reference(toy_onnx, tmp_path):
     assert doc["data"]["kind"] == "random-token-ids" and doc["data"]["vocab"] == 50
     assert all(len(s["tau"]) == 8 for s in doc["sites"].values())
     out = tmp_path / "g.onnx"
-    res = insert_file(toy_onnx, out, calibration=calib, layers="1", sites="pre-attention,pre-mlp")
+    res = insert_file(toy_onnx, out, calibration=calib, layers="1", sites="pre-attention,pre-mlp", mode=mode)
     assert res["inserted"] == ["layer1/pre-attention", "layer1/pre-mlp"]
     model = onnx.load(str(out))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -329,7 +330,7 @@ def test_per_group_tau_and_layers_match_the_reference(toy_onnx, tmp_path):
         x_name, tau_name = node.input
         assert inits[tau_name].shape == (8,)
         x, y = run(out, feed, [x_name, node.output[0]])
-        np.testing.assert_allclose(y, gpcl_numpy(x, inits[tau_name]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(y, gpcl_numpy(x, inits[tau_name], mode), rtol=1e-5, atol=1e-6)
         assert not np.array_equal(x, y)
         readers = [n for n in model.graph.node if node.output[0] in n.input]
         assert readers and all(n.op_type == "MatMul" for n in readers)
