@@ -193,6 +193,49 @@ def site_report(sites: list[dict], iters: list) -> tuple[list[dict], dict[str, n
     return rows, radii
 
 
+def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, threads):
+    """Both sides, each exposing the extra tensors it must (shared intermediates for per-layer,
+    GPCL site inputs/outputs for the report); each .onnx is read (and typed) once."""
+    from gpcl_trt.accuracy.runners import infer_types, load_onnx
+
+    paths = {"reference": reference, "candidate": candidate}
+    models = {role: load_onnx(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}
+    shared: list[str] = []
+    if per_layer:
+        models = {role: infer_types(m) for role, m in models.items()}
+        shared = shared_intermediates(models["reference"], models["candidate"])
+    sides = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        sites = mt.gpcl_sites(models[role]) if want_sites and role in models else []
+        extra = shared + _site_outputs(sites)
+        sides[role] = make_side(path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role))
+    return sides.get("reference"), sides.get("candidate"), shared
+
+
+def _feeds(ref_side, cand_side, golden, inputs, samples: int, batch: int, seq: int, seed: int):
+    """The inputs both sides get: recorded with the golden file, loaded from --inputs, or
+    generated from the reference's spec; checked against each side's input spec."""
+    if golden is not None:
+        source = str(inputs) if inputs is not None else str(golden_inputs_path(golden))
+        if inputs is None and not golden_inputs_path(golden).exists():
+            raise GpclError(f"golden {golden} has no recorded inputs ({golden_inputs_path(golden).name}); pass --inputs")
+        feeds, spec_side = inp.load_inputs(source), cand_side
+    else:
+        if ref_side is not None and cand_side is not None:
+            check_specs(ref_side.spec, cand_side.spec)
+        if inputs is not None:
+            feeds, source = inp.load_inputs(inputs), str(inputs)
+        else:
+            feeds, source = ref_side.generate(samples, batch, seq, seed), f"generated (seed {seed})"
+        spec_side = ref_side
+    check_feeds(feeds, spec_side.spec, spec_side.path.name)
+    if cand_side is not None and cand_side is not spec_side:
+        check_feeds(feeds, cand_side.spec, "candidate")
+    return feeds, source
+
+
 # ----------------------------------------------------------------------------- entry point
 def diff(
     reference: str | Path | None = None,
@@ -229,44 +272,9 @@ def diff(
     if per_layer and (candidate is None or kind_of(reference) != "onnx" or kind_of(candidate) != "onnx"):
         raise GpclError("--per-layer needs an .onnx model on both sides")
 
-    # Sides, with the extra tensors each must expose (per-layer, GPCL sites for the report);
-    # each .onnx is read (and type-inferred, for per-layer) once.
-    from gpcl_trt.accuracy.runners import infer_types, load_onnx
-
-    paths = {"reference": reference, "candidate": candidate}
-    models = {role: load_onnx(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}
-    shared: list[str] = []
-    if per_layer:
-        models = {role: infer_types(m) for role, m in models.items()}
-        shared = shared_intermediates(models["reference"], models["candidate"])
-    want_sites = report is not None
-    sides = {}
-    for role, path in paths.items():
-        if path is None:
-            continue
-        sites = mt.gpcl_sites(models[role]) if want_sites and role in models else []
-        extra = shared + _site_outputs(sites)
-        sides[role] = make_side(path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role))
-    ref_side, cand_side = sides.get("reference"), sides.get("candidate")
-
-    # Inputs: recorded with the golden file, loaded, or generated from the reference's spec.
-    if golden is not None:
-        source = str(inputs) if inputs is not None else str(golden_inputs_path(golden))
-        if inputs is None and not golden_inputs_path(golden).exists():
-            raise GpclError(f"golden {golden} has no recorded inputs ({golden_inputs_path(golden).name}); pass --inputs")
-        feeds = inp.load_inputs(source)
-        spec_side = cand_side
-    else:
-        if ref_side is not None and cand_side is not None:
-            check_specs(ref_side.spec, cand_side.spec)
-        if inputs is not None:
-            feeds, source = inp.load_inputs(inputs), str(inputs)
-        else:
-            feeds, source = ref_side.generate(samples, batch, seq, seed), f"generated (seed {seed})"
-        spec_side = ref_side
-    check_feeds(feeds, spec_side.spec, spec_side.path.name)
-    if cand_side is not None and cand_side is not spec_side:
-        check_feeds(feeds, cand_side.spec, "candidate")
+    ref_side, cand_side, shared = _sides(reference, candidate, per_layer, report is not None, task, threads)
+    golden_iters = load_golden(golden) if golden is not None else None  # fail fast on a bad file
+    feeds, source = _feeds(ref_side, cand_side, golden, inputs, samples, batch, seq, seed)
 
     from polygraphy.comparator import Comparator
 
@@ -283,7 +291,7 @@ def diff(
         "inputs": {"source": source, **inp.describe_feeds(feeds)},
         "tolerances": {"atol": atol, "rtol": rtol},
     }
-    ref_iters = iters.get("reference") or load_golden(golden)
+    ref_iters = iters.get("reference") or golden_iters
     ref_outputs = (_real_outputs(ref_side) if ref_side else None) or list(ref_iters[0])
     if save_golden_path is not None:
         opts = {"samples": len(feeds), "seq": seq, "batch": batch, "seed": seed, "inputs": source}
@@ -304,7 +312,7 @@ def diff(
         per_tensor = tensor_metrics(ref_iters, cand_iters, shared, atol, rtol)
         layers = tensor_layers(ref_side.onnx_model, shared)
         result["per_layer"] = per_layer_summary(per_tensor, layers)
-    if want_sites:
+    if report is not None:
         for role, side, its in (("reference", ref_side, ref_iters), ("candidate", cand_side, cand_iters)):
             if side is not None and _sites_of(side):
                 rows, radii = site_report(_sites_of(side), its)
