@@ -51,7 +51,7 @@ def tiny_engine(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny_engine")
     onnx_path = _tiny_onnx(d / "tiny.onnx")
-    result = build_engine(onnx_path, d / "tiny.engine", shapes=["input_ids:1x1,4x16,8x64", "attention_mask:1x1,4x16,8x64"])
+    result = build_engine(onnx_path, d / "tiny.engine", shapes=["input_ids:1x1,2x16,4x64", "attention_mask:1x1,2x16,4x64"])
     assert result["ok"], result
     return d / "tiny.engine"
 
@@ -118,6 +118,7 @@ def test_tensorrt_repo_for_a_real_engine(tiny_engine, tmp_path):
     # I/O came from the ONNX model named in the engine's manifest.
     assert [i.name for i in cfg.input] == ["input_ids", "attention_mask"]
     assert list(cfg.output[0].dims) == [-1, 8]
+    assert cfg.max_batch_size == 4  # the engine profile allows batch 1..4, not the default 8
     readme = (model_dir / "README.md").read_text()
     assert "--backend-config=tensorrt,plugins=" in readme and "LD_PRELOAD" in readme
 

@@ -144,7 +144,7 @@ def check_served_model(
     onnx_path: str | os.PathLike | None = None,
     requests: int = 1000,
     concurrency: int = 16,
-    time_limit_s: float = 120.0,
+    time_limit_s: float = 300.0,
     atol: float = 1e-5,
     seq: int = 16,
     startup_timeout: float = 120.0,

@@ -104,6 +104,14 @@ def _engine_plugin_lib(engine: Path) -> Path | None:
     raise GpclError(f"{engine.name} was built with the GPCL TensorRT plugin; pass its library with --plugin-lib")
 
 
+def _engine_max_batch(engine: Path) -> int:
+    """The largest batch every optimisation profile of the engine accepts (its manifest's
+    profiles: {input: {"max": [batch, ...]}}); Triton must not ask for more."""
+    profiles = ((read_manifest(engine) or {}).get("results") or {}).get("profiles") or []
+    limits = [shapes["max"][0] for p in profiles for shapes in p.values() if isinstance(shapes, dict) and shapes.get("max")]
+    return max(1, min(limits)) if limits else 8
+
+
 def artifact_io(artifact: Path, backend: str, onnx_path: str | os.PathLike | None = None) -> dict[str, Any]:
     if onnx_path is not None:
         return onnx_io(onnx_path)
@@ -310,7 +318,7 @@ def write_triton_repo(
     io = artifact_io(artifact, backend, onnx)
     if max_batch_size is None:
         batchable = all(t["dims"] and t["dims"][0] == -1 for t in io["inputs"] + io["outputs"])
-        max_batch_size = 8 if batchable else 0
+        max_batch_size = min(8, _engine_max_batch(artifact) if backend == "tensorrt" else 8) if batchable else 0
     kind = kind or ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
     # Validate everything that can fail cheaply before touching the repository.
     build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind)
