@@ -147,7 +147,7 @@ class TritonServer:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=_server_env(dist), start_new_session=True,
+                    env=_server_env(dist), start_new_session=True, preexec_fn=_die_with_parent,
                 )
             try:
                 self._wait_ready()
@@ -247,6 +247,15 @@ class TritonServer:
 
     def log_tail(self, lines: int = 15) -> str:
         return " | ".join(self.log().strip().splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, so a
+    killed test run or pipeline leaves no server behind (its own session escapes Ctrl-C)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _group_size(pgid: int) -> int:
