@@ -68,22 +68,44 @@ def build_kernel_library(out_dir: str | os.PathLike, archs=DEFAULT_ARCHS) -> Pat
     return lib
 
 
+def _plugin_objects(out: Path, tensorrt_include, archs, cxx: str) -> tuple[Path, Path]:
+    kernel_o = out / "gpcl_kernel.o"
+    if not kernel_o.exists():
+        _run(kernel_compile_cmd(kernel_o, archs, shared=False))
+    plugin_o = out / "gpcl_plugin.o"
+    if not plugin_o.exists():
+        _run([cxx, "-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
+              "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}", "-c",
+              str(SRC / "gpcl_plugin.cpp"), "-o", str(plugin_o)])
+    return kernel_o, plugin_o
+
+
+def _link_cudart() -> list[str]:
+    lib = cuda_home() / "lib64"
+    return [f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"]
+
+
 def build_plugin(out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",),
                  cxx: str = "g++") -> Path:
     """Compile the IPluginV3 plugin + kernel into ``libgpcl_trt_plugin.so`` against TensorRT headers.
     libnvinfer is not linked: TensorRT resolves getPluginRegistry when it loads the library."""
     out = Path(out_dir)
-    kernel_o = out / "gpcl_kernel.o"
-    _run(kernel_compile_cmd(kernel_o, archs, shared=False))
-    plugin_o = out / "gpcl_plugin.o"
-    _run([cxx, "-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
-          "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}", "-c", str(SRC / "gpcl_plugin.cpp"),
-          "-o", str(plugin_o)])
+    kernel_o, plugin_o = _plugin_objects(out, tensorrt_include, archs, cxx)
     lib = out / "libgpcl_trt_plugin.so"
-    cudart = cuda_home() / "lib64"
-    _run([cxx, "-shared", "-o", str(lib), str(plugin_o), str(kernel_o), f"-L{cudart}", "-lcudart",
-          f"-Wl,-rpath,{cudart}"])
+    _run([cxx, "-shared", "-o", str(lib), str(plugin_o), str(kernel_o), *_link_cudart()])
     return lib
+
+
+def build_plugin_check(out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",),
+                       cxx: str = "g++") -> Path:
+    """Compile gpcl_plugin_check.cpp (the plugin's build-time logic, exercised on the host)."""
+    out = Path(out_dir)
+    kernel_o, plugin_o = _plugin_objects(out, tensorrt_include, archs, cxx)
+    exe = out / "gpcl_plugin_check"
+    _run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
+          "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}", str(SRC / "gpcl_plugin_check.cpp"),
+          str(plugin_o), str(kernel_o), "-o", str(exe), *_link_cudart()])
+    return exe
 
 
 def tensorrt_version(include_dir: str | os.PathLike) -> str:

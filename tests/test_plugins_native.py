@@ -120,6 +120,15 @@ def plugin_lib(tmp_path_factory):
     return native.build_plugin(tmp_path_factory.mktemp("plugin"), include)
 
 
+def test_plugin_build_logic_on_the_host(plugin_lib):
+    """Creator, field (de)serialisation, types, formats and shape checks of the plugin, driven
+    the way TensorRT's builder drives them (plugins/gpcl/gpcl_plugin_check.cpp)."""
+    exe = native.build_plugin_check(plugin_lib.parent, os.environ["TENSORRT_INCLUDE"])
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 failure(s)" in proc.stdout and proc.stdout.count("ok ") >= 25
+
+
 def test_plugin_compiles_and_exports_entry_points(plugin_lib):
     exports = subprocess.run(["nm", "-D", "--defined-only", str(plugin_lib)], capture_output=True, text=True).stdout
     assert {"getCreators", "setLoggerFinder", "gpcl_forward"} <= set(exports.split())
