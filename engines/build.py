@@ -58,7 +58,7 @@ def build_engine(
     lowered = precision != "fp32" and not _precision_flags(be)
     builder, network, plugin_sha = _parse(be, onnx_path, model, gpcl, plugin_lib, lowered and precision)
 
-    from gpcl_trt.engines.network import layer_summary
+    from gpcl_trt.engines.network import layer_summary, network_io
 
     layers = layer_summary(network, gpcl_nodes)
     gpcl_impl = _check_gpcl(layers["gpcl"], gpcl)
@@ -79,6 +79,7 @@ def build_engine(
         "precision": precision,
         "precision_mode": _precision_mode(be, precision, lowered),
         "profiles": [profile],
+        "io": network_io(network),
         "gpcl": {"implementation": gpcl_impl, **layers["gpcl"]},
         "build_seconds": round(build_seconds, 3),
         "engine_bytes": len(data),

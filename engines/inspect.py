@@ -126,7 +126,7 @@ def inspect_engine(path: str | os.PathLike) -> dict[str, Any]:
         "validity": validity,
         "manifest": manifest,
     }
-    for key in ("precision", "precision_mode", "profiles", "gpcl", "network", "build_seconds"):
+    for key in ("precision", "precision_mode", "profiles", "io", "gpcl", "network", "build_seconds"):
         if key in results:
             out[key] = results[key]
     out["plan"] = plan_layer_records(data)

@@ -65,3 +65,16 @@ def _owning_node(meta: str, wanted: set[str]) -> str | None:
     if m and m.group(1) in wanted:
         return m.group(1)
     return None
+
+
+def network_io(network: Any) -> dict[str, list[dict[str, Any]]]:
+    """Engine inputs and outputs (name, TensorRT dtype, dims with -1 for dynamic), in order:
+    what a Triton config or a runner needs to feed the engine."""
+
+    def describe(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": str(t.dtype).rsplit(".", 1)[-1], "shape": list(t.shape)}
+
+    return {
+        "inputs": [describe(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)],
+    }

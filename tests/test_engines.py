@@ -68,6 +68,11 @@ def test_minilm_engine_builds_and_checks(minilm_engines, minilm_onnx, minilm_gpc
     assert set(profile) == {"input_ids", "attention_mask", "token_type_ids"}
     for p in profile.values():
         assert p["min"] == [1, 1] and p["max"] == [8, 512] and p["min"] < p["opt"] < p["max"]
+    # I/O as a server must feed it: int64 ids in, float32 hidden states out at every precision.
+    assert [(t["name"], t["dtype"], t["shape"]) for t in res["io"]["inputs"]] == [
+        (n, "INT64", [-1, -1]) for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    assert res["io"]["outputs"] == [{"name": "last_hidden_state", "dtype": "FLOAT", "shape": [-1, -1, 384]}]
     # The manifest records what built it, next to the engine.
     man = json.loads(Path(res["manifest"]).read_text())
     assert Path(res["manifest"]).name == engine.name + ".manifest.json"
