@@ -363,6 +363,8 @@ def export_model(
     out = Path(output)
     if out.suffix != ".onnx":
         raise GpclError(f"output {out} must end in .onnx")
+    if out.is_dir():
+        raise GpclError(f"output {out} is a directory")
     check_can_write(out, force)
     if dtype not in DTYPES:
         raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -116,6 +116,9 @@ def test_bad_output_paths(tmp_path, tiny_gpt2_dir, out_dir):
     _assert_bad_input(_invoke(str(tiny_gpt2_dir), "-o", str(out_dir / "m.txt")), out_dir, set(), "must end in .onnx")
     res = _invoke(str(tiny_gpt2_dir), "-o", str(tmp_path / "missing" / "m.onnx"))
     _assert_bad_input(res, out_dir, set(), "does not exist")
+    (out_dir / "d.onnx").mkdir()
+    res = _invoke(str(tiny_gpt2_dir), "-o", str(out_dir / "d.onnx"), "--force")
+    _assert_bad_input(res, out_dir, {"d.onnx"}, "is a directory")
 
 
 def test_json_error_object(tmp_path, out_dir):
