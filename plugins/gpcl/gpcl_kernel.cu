@@ -8,6 +8,14 @@
 
 #include <string.h>
 
+// Resident 256-thread blocks per SM the register budget is set for: a full SM (2048 threads)
+// on sm_80/90, 1536 threads on sm_86/87/89/120.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890 || __CUDA_ARCH__ >= 1200)
+#define GPCL_MIN_BLOCKS 6
+#else
+#define GPCL_MIN_BLOCKS 8
+#endif
+
 namespace
 {
 
@@ -39,7 +47,7 @@ constexpr int kUnroll = sizeof(typename GroupVec<T>::type) == 16 ? 2 : 4;
 // kUnroll<T> loads issued before any math.
 template <typename T, typename I>
 // x and y are not __restrict__: in-place calls (x == y) are allowed.
-__global__ void __launch_bounds__(256, 8) gpclVector(typename GroupVec<T>::type const* x,
+__global__ void __launch_bounds__(256, GPCL_MIN_BLOCKS) gpclVector(typename GroupVec<T>::type const* x,
     typename GroupVec<T>::type* y, I n, I gpr, float const* __restrict__ tau, float tauScalar,
     float eps, int mode)
 {
@@ -72,7 +80,7 @@ __global__ void __launch_bounds__(256, 8) gpclVector(typename GroupVec<T>::type 
 }
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(256, 8) gpclScalar(
+__global__ void __launch_bounds__(256, GPCL_MIN_BLOCKS) gpclScalar(
     T const* x, T* y, I n, I gpr, float const* __restrict__ tau, float tauScalar, float eps, int mode)
 {
     for (I g = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g < n;
@@ -84,7 +92,7 @@ __global__ void __launch_bounds__(256, 8) gpclScalar(
     }
 }
 
-constexpr int kThreads = 256; // with __launch_bounds__(256, 8): 8 resident blocks = 2048 threads per SM
+constexpr int kThreads = 256;
 
 // Enough resident blocks to fill the device; the grid-stride loop covers the rest. The SM
 // count is cached per device (an attribute query, no synchronisation).
@@ -101,7 +109,7 @@ unsigned gridFor(int64_t n)
             sms = smCount[dev];
     }
     int64_t const needed = (n + kThreads - 1) / kThreads;
-    int64_t const cap = static_cast<int64_t>(sms) * 8; // 8 x 256 threads = 2048 per SM
+    int64_t const cap = static_cast<int64_t>(sms) * 8; // up to a full SM of 256-thread blocks
     return static_cast<unsigned>(needed < cap ? needed : cap);
 }
 
