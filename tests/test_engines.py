@@ -350,3 +350,42 @@ def test_engine_inspector_lists_built_layers_on_a_gpu(minilm_engines):
         pytest.skip("needs a GPU")
     res = inspect_engine(minilm_engines("gpcl", "fp32")["engine"])
     assert res["validity"]["level"] == "device" and res["engine_layers"]["num_layers"] > 0
+
+
+# ----------------------------------------------------------------------------- decoder with past
+@pytest.fixture(scope="module")
+def llama_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
+    from gpcl_trt.exporter import export_model
+
+    out = tmp_path_factory.mktemp("llama") / "llama.onnx"
+    assert export_model(tiny_llama_dir, out)["ok"]
+    return out
+
+
+def test_decoder_with_past_profiles_and_fp16(llama_onnx, tmp_path):
+    """past_sequence and total_sequence get consistent defaults; fp16 lowering keeps a padded,
+    cached decoder's outputs (checked in ONNX Runtime) and builds on TensorRT-RTX."""
+    import onnxruntime as ort
+
+    from gpcl_trt.engines.precision import lower_precision
+
+    res = build_engine(llama_onnx, tmp_path / "llama.engine", backend="tensorrt-rtx", precision="fp16")
+    (profile,) = res["profiles"]
+    assert profile["attention_mask"] == {"min": [1, 2], "opt": [4, 256], "max": [8, 1024]}
+    assert profile["past_key_values.0.key"]["max"][2] == 512 and res["validity"]["ok"]
+    assert {t["dtype"] for t in res["io"]["outputs"]} == {"FLOAT"}  # float32 I/O kept
+
+    rng = np.random.default_rng(0)
+    b, s, p = 2, 5, 3
+    feed = {
+        "input_ids": rng.integers(0, 128, (b, s)).astype(np.int64),
+        "attention_mask": np.ones((b, p + s), np.int64),
+        "position_ids": np.tile(np.arange(p, p + s, dtype=np.int64), (b, 1)),
+    }
+    feed["attention_mask"][1, :2] = 0
+    for name in (i.name for i in ort.InferenceSession(str(llama_onnx)).get_inputs() if i.name.startswith("past")):
+        feed[name] = rng.standard_normal((b, 2, p, 16)).astype(np.float32)
+    ref = ort.InferenceSession(str(llama_onnx)).run(None, feed)
+    low = ort.InferenceSession(lower_precision(onnx.load(str(llama_onnx)), "fp16").SerializeToString()).run(None, feed)
+    for r, o in zip(ref, low):
+        assert o.dtype == np.float32 and np.abs(o - r).max() < 1e-2
