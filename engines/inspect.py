@@ -145,6 +145,8 @@ def format_summary(result: dict[str, Any]) -> str:
     for profile in result.get("profiles", []):
         for name, p in profile.items():
             lines.append(f"profile  {name}: min {_x(p['min'])}  opt {_x(p['opt'])}  max {_x(p['max'])}")
+    for kind, tensors in result.get("io", {}).items():
+        lines.append(f"{kind:<8} " + ", ".join(f"{t['name']} {t['dtype'].lower()}[{_x(t['shape'])}]" for t in tensors))
     if "gpcl" in result:
         g = result["gpcl"]
         lines.append(
