@@ -78,3 +78,37 @@ def minilm_gpcl_onnx(minilm_onnx, tmp_path_factory) -> Path:
     result = insert_file(minilm_onnx, out, sites=("pre-attention", "pre-mlp"), mode="clamp", calibration=calib)
     assert result["ok"], result
     return out
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir):
+    """Export each tiny decoder (name, task) once per session and share it between areas:
+    ``exports("llama", "text-generation") -> (onnx path, export result)``."""
+    from gpcl_trt.exporter import export_model
+
+    dirs = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}
+    cache: dict = {}
+
+    def get(name: str, task: str = "auto"):
+        if (name, task) not in cache:
+            out = tmp_path_factory.mktemp(f"{name}_{task}") / f"{name}.onnx"
+            cache[name, task] = (out, export_model(dirs[name], out, task=task))
+        return cache[name, task]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_onnx(exports) -> Path:
+    """Tiny Llama, text-generation (logits, no past)."""
+    out, result = exports("llama", "text-generation")
+    assert result["ok"], result
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_onnx(exports) -> Path:
+    """Tiny GPT-2 with the default task (with past), so feeds include empty past tensors."""
+    out, result = exports("gpt2")
+    assert result["ok"], result
+    return out

@@ -42,25 +42,6 @@ HELD_OUT = [
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
-    from gpcl_trt.exporter import export_model
-
-    out = tmp_path_factory.mktemp("passes_llama") / "llama.onnx"
-    assert export_model(tiny_llama_dir, out, task="text-generation")["ok"]
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_onnx(tiny_gpt2_dir, tmp_path_factory) -> Path:
-    """GPT-2 exported with past (the default task), so feeds include empty past tensors."""
-    from gpcl_trt.exporter import export_model
-
-    out = tmp_path_factory.mktemp("passes_gpt2") / "gpt2.onnx"
-    assert export_model(tiny_gpt2_dir, out)["ok"]
-    return out
-
-
 @pytest.fixture(params=["minilm", "llama", "gpt2"])
 def exported(request) -> tuple[str, Path, int]:
     """(name, onnx path, number of layers) of each real export."""

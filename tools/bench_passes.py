@@ -1,6 +1,6 @@
 """Benchmark of the passes on an exported model (numbers for BENCHMARKS.md, not a test):
 
-    python -m gpcl_trt.passes.bench MODEL.onnx --out-dir DIR [--repeat 20]
+    python tools/bench_passes.py MODEL.onnx --out-dir DIR [--repeat 20]
 
 Times sites / calibrate / insert / strip, and ONNX Runtime (CPU) latency of the model with
 calibrated clamp GPCL at every site next to the original, as a ratio measured in the same run.
