@@ -111,23 +111,13 @@ def test_pytorch_vs_onnx_and_golden_round_trip(minilm_dir, minilm_onnx, gpcl_pai
         diff(minilm_onnx, minilm_onnx, save_golden_path=golden, **SMALL)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory):
-    # The export dominates this module's decoder test; a session fixture in conftest.py would
-    # share it with the exporter and engine tests.
-    from gpcl_trt.exporter import export_model
-
-    out = tmp_path_factory.mktemp("acc_llama") / "llama.onnx"
-    assert export_model(tiny_llama_dir, out, validate=False)["ok"]
-    return out
-
-
-def test_decoder_logits_metrics(tiny_llama_dir, tiny_llama_onnx, tmp_path):
+def test_decoder_logits_metrics(tiny_llama_dir, exports, tmp_path):
     """A decoder with past key/values: PyTorch vs ONNX agree on logits (top-1/top-5/KL), and a
     clamping GPCL moves the next-token distribution, which the logits metrics show."""
     from gpcl_trt.passes import insert_file
 
-    onnx_path = tiny_llama_onnx
+    onnx_path, exported = exports("llama", "text-generation-with-past")
+    assert exported["ok"], exported
     r = diff(tiny_llama_dir, onnx_path, samples=1, seq=8)
     assert r["ok"], r["summary"]
     logits = r["outputs"]["logits"]
