@@ -79,6 +79,15 @@ def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     state = json.loads((out / "pipeline_state.json").read_text())
     assert state["build"]["status"] == "failed" and "fp7" in state["build"]["error"]
 
+    # Skipping build (and serve): the repository loses its tensorrt entry, the rest is reused.
+    skip = _config(tmp_path, "[pipeline]\nname = \"minilm\"\nskip = [\"build\", \"serve\"]\n" + FAST, "skip.toml")
+    s3 = run_pipeline(minilm_onnx, out, config=skip)
+    assert {k: v["status"] for k, v in s3["stages"].items()} == {
+        "export": "cached", "calibrate": "cached", "insert": "cached", "build": "skipped (config)",
+        "diff": "cached", "triton": "done", "serve": "skipped (config)"}
+    assert sorted(p.name for p in (out / "triton_repo").iterdir()) == ["minilm", "minilm_ort"]
+    assert s3["ok"] and s3["engine"]["size_bytes"] is None and s3["served"] == {}
+
 
 def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
     """The whole path from a Hugging Face directory (a decoder with past key/values), through

@@ -178,6 +178,11 @@ def _serve(ctx: Ctx, opts: dict) -> dict:
     return result
 
 
+def _triton_inputs(ctx: Ctx) -> list[Path]:
+    # A skipped build leaves no engine to serve, whatever an earlier run left behind.
+    return [ctx.path("model_gpcl.onnx")] + ([] if "build" in ctx.skip else [ctx.path("model_gpcl.engine")])
+
+
 def _p(*names: str) -> Callable[[Ctx], list[Path]]:
     return lambda ctx: [ctx.path(n) for n in names]
 
@@ -194,7 +199,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("diff", "accuracy diff", ("accuracy.json", "accuracy"),
           lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")], _diff,
           "gpcl_trt.accuracy.diff:diff", ("reference", "candidate", "report", "force"), check=True),
-    Stage("triton", "Triton repository", ("triton_repo",), _p("model_gpcl.onnx", "model_gpcl.engine"), _triton,
+    Stage("triton", "Triton repository", ("triton_repo",), _triton_inputs, _triton,
           "gpcl_trt.deploy.triton:write_triton_repo",
           ("artifact", "repo", "name", "backend", "onnx", "force"), extra_options=("backends",)),
     Stage("serve", "served-model check", ("served.json",), _p("triton_repo"), _serve,
@@ -277,7 +282,7 @@ def _stage_key(stage: Stage, ctx: Ctx, opts: dict) -> str:
     from gpcl_trt import __version__
 
     doc = {
-        "stage": stage.name, "version": __version__, "options": opts, "name": ctx.name, "skip": sorted(ctx.skip),
+        "stage": stage.name, "version": __version__, "options": opts, "name": ctx.name,
         "inputs": {str(p.relative_to(ctx.out) if ctx.out in p.parents else p): _hash_path(p) for p in stage.inputs(ctx)},
     }
     return sha256_bytes(to_json(doc).encode())
@@ -354,7 +359,8 @@ def run_pipeline(
                 result = stage.run(ctx, opts)
         except GpclError as exc:
             _save_state(out, state, stage.name, {"status": "failed", "error": str(exc)})
-            raise type(exc)(f"stage {stage.name} failed: {exc}") from None
+            hint = f" (or skip it: [pipeline] skip = [\"{stage.name}\"] in pipeline.toml)" if stage.name in SKIPPABLE else ""
+            raise type(exc)(f"stage {stage.name} failed: {exc}{hint}") from None
         except Exception as exc:  # a crash inside an area still gets its stage named
             _save_state(out, state, stage.name, {"status": "failed", "error": repr(exc)})
             raise CheckFailed(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc

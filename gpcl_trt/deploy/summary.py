@@ -41,7 +41,8 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
     serve, triton = r.get("serve", {}), r.get("triton", {})
     sites = insert.get("sites") or []
     tau_min, tau_max = _tau_range(sites)
-    engine = ctx.path("model_gpcl.engine")
+    # A skipped build may have left an older engine behind: it is not this run's.
+    engine = ctx.path("model_gpcl.engine") if "build" in statuses and "build" not in ctx.skip else Path("/nonexistent")
     load = serve.get("load") or {}
     checks = {"accuracy": r.get("diff", {}).get("ok") if "diff" in r else None, "served": serve.get("ok") if serve else None}
     return {
@@ -85,12 +86,13 @@ def _fmt(v: Any) -> str:
 
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     s, e, a, v = summary["sites"], summary["engine"], summary["accuracy"], summary["served"]
-    mb = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else "-"
+    mb = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else ""
     out = [
         ("model", f"{summary['model_dir']} ({_fmt(summary['architecture'])}, {_fmt(summary['task'])})"),
         ("GPCL sites", f"{len(s['inserted'] or [])} ({_fmt(s['mode'])})"),
         ("tau", f"{_fmt(s['tau_min'])} .. {_fmt(s['tau_max'])}"),
-        ("engine", f"{mb}, built in {_fmt(e['build_s'])} s ({_fmt(e['backend'])}, {_fmt(e['precision'])}, GPCL {_fmt(e['gpcl'])})"),
+        ("engine", f"{mb}, built in {_fmt(e['build_s'])} s ({_fmt(e['backend'])}, {_fmt(e['precision'])}, GPCL {_fmt(e['gpcl'])})"
+                   if e.get("size_bytes") else "- (not built)"),
         ("accuracy", f"{'PASS' if a.get('passed') else 'FAIL' if a else '-'}: max abs {_fmt(a.get('max_abs'))}, "
                      f"min cosine {_fmt(a.get('min_cosine'))} (atol {_fmt(a.get('atol'))})" if a else "-"),
         ("served (python backend)",
