@@ -67,7 +67,7 @@ def build_engine(
     config = builder.create_builder_config()
     _configure(be, builder, config, profile, precision, workspace, opt_level)
     cache_note = _load_timing_cache(be, config, timing_cache)
-    data, build_seconds = _build(be, builder, network, config, onnx_path, output)
+    data, build_seconds, phases = _build(be, builder, network, config, onnx_path)
     validity = _write_engine(be, output, data, force)
     cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
 
@@ -82,6 +82,7 @@ def build_engine(
         "io": network_io(network),
         "gpcl": {"implementation": gpcl_impl, **layers["gpcl"]},
         "build_seconds": round(build_seconds, 3),
+        "build_phases": phases,
         "engine_bytes": len(data),
         "network": {k: layers[k] for k in ("num_layers", "by_type")},
         "plan": plan_layer_records(data),
@@ -120,16 +121,17 @@ def _parse(be: Any, onnx_path: Path, model: Any, gpcl: str, plugin_lib: Any, low
     return builder, network, plugin_sha
 
 
-def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, output: Path) -> tuple[bytes, float]:
+def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path) -> tuple[bytes, float, dict]:
+    """(plan bytes, build seconds, seconds per builder phase)."""
     from gpcl_trt.engines.monitor import BuildProgress
 
     t0 = time.perf_counter()
-    with BuildProgress(be.trt, config, f"build {output.name}"):
+    with BuildProgress(be.trt, config) as progress:
         serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
-    return memoryview(serialized).tobytes(), seconds
+    return memoryview(serialized).tobytes(), seconds, progress.seconds
 
 
 def _write_engine(be: Any, output: Path, data: bytes, force: bool) -> dict[str, Any]:

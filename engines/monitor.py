@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import ModuleType
 from typing import Any
 
@@ -11,12 +12,15 @@ class BuildProgress:
     bar per builder phase (nested phases indented). A backend without ``IProgressMonitor``
     builds without a bar."""
 
-    def __init__(self, trt: ModuleType, config: Any, description: str) -> None:
-        self.trt, self.config, self.description = trt, config, description
+    def __init__(self, trt: ModuleType, config: Any) -> None:
+        self.trt, self.config = trt, config
         self.phases: list[str] = []  # phase names seen, in order (kept for tests and logs)
+        # Wall seconds per phase (phases nest; a repeated phase is summed): where a build's
+        # time goes, for the manifest and tools/bench_build.py.
+        self.seconds: dict[str, float] = {}
         self._monitor = None
         self._progress = None
-        self._tasks: dict[str, tuple[Any, int]] = {}
+        self._tasks: dict[str, tuple[Any, int, float]] = {}
 
     def __enter__(self) -> "BuildProgress":
         if not hasattr(self.trt, "IProgressMonitor") or not hasattr(self.config, "progress_monitor"):
@@ -39,7 +43,8 @@ class BuildProgress:
     def start(self, parent: str | None, phase: str, steps: int) -> None:
         self.phases.append(phase)
         depth = self._depth(parent)
-        self._tasks[phase] = (self._progress.add_task(f"{'  ' * depth}{phase}", total=max(steps, 1)), depth)
+        task = self._progress.add_task(f"{'  ' * depth}{phase}", total=max(steps, 1))
+        self._tasks[phase] = (task, depth, time.perf_counter())
 
     def step(self, phase: str) -> None:
         if phase in self._tasks:
@@ -49,6 +54,7 @@ class BuildProgress:
         task = self._tasks.pop(phase, None)
         if task is None:
             return
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - task[2], 3)
         # Inner phases disappear when done; the two outer levels stay as the build log.
         if task[1] > 1:
             self._progress.remove_task(task[0])
@@ -65,7 +71,7 @@ def _make_monitor(trt: ModuleType, sink: BuildProgress) -> Any:
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
-        def phase_start(self, parent_phase: str | None, phase_name: str, num_steps: int) -> None:
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             sink.start(parent_phase, phase_name, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:

@@ -42,6 +42,7 @@ def bench(models: dict[str, Path], work: Path, precisions: list[str], repeats: i
         builder: dict[str, list[float]] = {k: [] for k in models}
         cpu: dict[str, list[float]] = {k: [] for k in models}
         size: dict[str, int] = {}
+        phases: dict[str, dict] = {}
         for _ in range(repeats):
             for name, onnx_path in models.items():
                 out = work / f"{name}_{precision}.engine"
@@ -51,6 +52,7 @@ def bench(models: dict[str, Path], work: Path, precisions: list[str], repeats: i
                 cpu[name].append(time.process_time() - c0)
                 builder[name].append(res["build_seconds"])
                 size[name] = res["engine_bytes"]
+                phases[name] = res["build_phases"]  # last run: where the builder spends its time
                 backend_used = f"{res['backend']} {res['backend_version']}"
         med = {k: statistics.median(v) for k, v in wall.items()}
         medb = {k: statistics.median(v) for k, v in builder.items()}
@@ -64,6 +66,7 @@ def bench(models: dict[str, Path], work: Path, precisions: list[str], repeats: i
                 "builder_s": medb,
                 "cpu_s": medc,
                 "engine_bytes": size,
+                "build_phases_last": phases,
                 "wall_ratio": med["gpcl"] / med["base"],
                 "builder_ratio": medb["gpcl"] / medb["base"],
                 "cpu_ratio": medc["gpcl"] / medc["base"],
