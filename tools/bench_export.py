@@ -11,7 +11,8 @@ venv); optimum 2.x itself no longer ships an ONNX exporter.
 Each variant runs in its own fresh subprocess (peak RSS from wait4's rusage, so one variant's
 allocations never count against another); rounds are interleaved so machine noise hits all
 variants alike. Reported: median wall time of the whole child (imports + load + export + save)
-and of the export step alone, max peak RSS, and ratios to the direct torch.onnx.export.
+and of the export step alone, the child's CPU time (user + sys: steadier than wall time on a busy
+machine), max peak RSS, and ratios to the direct torch.onnx.export.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def measure(cmd: list[str], env: dict) -> dict:
         if line.startswith("{"):
             work = json.loads(line).get("work_s")
             break
-    return {"wall_s": wall, "work_s": work, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"wall_s": wall, "work_s": work, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -124,16 +125,20 @@ def main() -> None:
 
     base = statistics.median(s["wall_s"] for s in samples["torch.onnx.export"])
     base_rss = max(s["peak_rss_mib"] for s in samples["torch.onnx.export"])
+    base_cpu = statistics.median(s["cpu_s"] for s in samples["torch.onnx.export"])
     rows = {}
     for v, ss in samples.items():
         wall = statistics.median(s["wall_s"] for s in ss)
         rss = max(s["peak_rss_mib"] for s in ss)
+        cpu = statistics.median(s["cpu_s"] for s in ss)
         works = [s["work_s"] for s in ss if s["work_s"] is not None]
         rows[v] = {
             "wall_s": round(wall, 2),
             "work_s": round(statistics.median(works), 2) if works else None,
+            "cpu_s": round(cpu, 2),
             "peak_rss_mib": round(rss),
             "wall_ratio": round(wall / base, 3),
+            "cpu_ratio": round(cpu / base_cpu, 3),
             "rss_ratio": round(rss / base_rss, 3),
         }
     result = {"model_dir": args.model_dir, "task": args.task, "rounds": args.rounds, "cpus": os.cpu_count(), "variants": rows}
@@ -141,10 +146,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"export of {args.model_dir} ({args.task}), {args.rounds} round(s), median; ratios vs torch.onnx.export")
-    print(f"{'variant':<20}{'wall s':>9}{'export s':>10}{'peak RSS MiB':>14}{'wall x':>8}{'RSS x':>8}")
+    print(f"{'variant':<20}{'wall s':>9}{'export s':>10}{'CPU s':>8}{'peak RSS MiB':>14}{'wall x':>8}{'CPU x':>7}{'RSS x':>7}")
     for v, row in rows.items():
         work = f"{row['work_s']:.2f}" if row["work_s"] is not None else "-"
-        print(f"{v:<20}{row['wall_s']:>9.2f}{work:>10}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['rss_ratio']:>8.2f}")
+        print(f"{v:<20}{row['wall_s']:>9.2f}{work:>10}{row['cpu_s']:>8.1f}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['cpu_ratio']:>7.2f}{row['rss_ratio']:>7.2f}")
 
 
 if __name__ == "__main__":
