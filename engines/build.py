@@ -92,7 +92,7 @@ def build_engine(
     engine_info = engine_layers(be, data)  # None without a GPU
     if engine_info is not None:
         results["engine_layers"] = engine_info
-    inputs = {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}}
+    inputs = {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path), **_external_data(onnx_path, model)}}
     if plugin_lib:
         inputs["plugin_lib"] = {"path": str(plugin_lib), "sha256": plugin_sha}
     options = {
@@ -237,6 +237,16 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
         big = full.ByteSize() > _MAX_PROTO
         onnx.save(full, str(out), save_as_external_data=big, location=f"{path.name}.data" if big else None)
         yield out
+
+
+def _external_data(path: Path, model: Any) -> dict[str, Any]:
+    """sha256 of the weight files a model keeps outside its .onnx, so the manifest pins them too."""
+    locations = sorted(
+        {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    )
+    if not locations:
+        return {}
+    return {"external_data": {loc: sha256_file(path.parent / loc) for loc in locations}}
 
 
 def _has_gpcl_function(model: Any) -> bool:

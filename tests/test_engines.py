@@ -167,6 +167,21 @@ def test_shapes_override_moves_shared_axes(tmp_path):
     assert res["gpcl"]["implementation"] == "native" and res["gpcl"]["nodes_as_body"] == ["gpcl/test"]
 
 
+def test_external_data_model_builds_and_its_weights_are_hashed(tmp_path):
+    m = gpcl_model(["batch", 64])
+    w = onnx.numpy_helper.from_array(np.full((64,), 0.5, np.float32), "w")
+    m.graph.initializer.append(w)
+    m.graph.node.append(onnx.helper.make_node("Mul", ["Y", "w"], ["Z"], name="scale"))
+    m.graph.output[0].name = "Z"
+    src = tmp_path / "ext.onnx"
+    onnx.save(m, str(src), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    for precision in ("fp32", "fp16"):  # fp16 rewrites the model, with its weights, elsewhere
+        res = build_engine(src, tmp_path / f"ext_{precision}.engine", backend="tensorrt-rtx", precision=precision)
+        man = json.loads(Path(res["manifest"]).read_text())
+        assert man["inputs"]["onnx"]["external_data"] == {"ext.onnx.data": sha256_file(tmp_path / "ext.onnx.data")}
+        assert res["gpcl"]["nodes_as_body"] == ["gpcl/test"]
+
+
 def test_mixed_gpcl_variants_build_and_are_found(tmp_path):
     """Two GPCL modes need two function overloads, which the parser ignores: the builder
     gives each variant its own function name, and the layer summary finds both nodes."""
