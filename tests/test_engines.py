@@ -214,10 +214,18 @@ def test_progress_monitor_sees_builder_phases(tmp_path, monkeypatch):
     assert 0 < phases["Optimizing graph"] <= phases["Building engine"] <= res["build_seconds"]
 
 
-def test_timing_cache_is_reported_unused_on_rtx(tmp_path):
+def test_builder_options_timing_cache_workspace_opt_level(tmp_path):
     src = _save(gpcl_model(["batch", 16]), tmp_path / "t.onnx")
-    res = build_engine(src, tmp_path / "t.engine", backend="tensorrt-rtx", timing_cache=tmp_path / "cache.bin")
+    code, out, err = _run(
+        "build", str(src), "-o", str(tmp_path / "t.engine"), "--backend", "tensorrt-rtx",
+        "--timing-cache", str(tmp_path / "cache.bin"), "--workspace", "64", "--opt-level", "1", "--json",
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    # TensorRT-RTX documents timing caches as no-ops: said so, and no file is invented.
     assert "no-op" in res["timing_cache"] and not (tmp_path / "cache.bin").exists()
+    options = json.loads(Path(res["manifest"]).read_text())["options"]
+    assert options["workspace_mib"] == 64 and options["opt_level"] == 1 and res["validity"]["ok"]
 
 
 def test_lowered_fp16_model_matches_fp32_in_onnxruntime(minilm_gpcl_onnx):
