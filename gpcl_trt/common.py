@@ -84,11 +84,21 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            # mkstemp makes 0600 files; give the artifact the mode a plain open() would, so a
+            # server running as another user (Triton) can read it.
+            tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, force: bool = False) -> Path:

@@ -1,4 +1,4 @@
-"""``gpcl-trt diff`` and ``gpcl-trt study``: thin shells over gpcl_trt.accuracy.diff / .study.
+"""``gpcl-trt diff`` and ``gpcl-trt study``: thin shells over gpcl_trt.accuracy.comparison / .effect_study.
 Nothing heavy is imported here; the work (and polygraphy, which logs to stdout) runs with
 stdout redirected to stderr so that --json output stays one clean object."""
 
@@ -51,7 +51,7 @@ def register(main: click.Group) -> None:
           gpcl-trt diff --reference MODEL_DIR --save-golden golden.json
           gpcl-trt diff --golden golden.json --candidate g.engine
         """
-        from gpcl_trt.accuracy.diff import diff
+        from gpcl_trt.accuracy.comparison import diff
 
         with contextlib.redirect_stdout(sys.stderr):
             result = diff(reference=reference, candidate=candidate, inputs=inputs, samples=samples, seq=seq,
@@ -86,7 +86,7 @@ def register(main: click.Group) -> None:
         Example:
           gpcl-trt study MODEL_DIR -o study --modes clamp,soft --taus 1e9,4,1
         """
-        from gpcl_trt.accuracy.study import study
+        from gpcl_trt.accuracy.effect_study import study
 
         def ints(text):
             return [int(v) for v in _floats(text)] if text else None

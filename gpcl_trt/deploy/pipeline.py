@@ -120,9 +120,7 @@ def _build(ctx: Ctx, opts: dict) -> dict:
 
 
 def _diff(ctx: Ctx, opts: dict) -> dict:
-    # The function, not the package attribute: importing the submodule gpcl_trt.accuracy.diff
-    # rebinds the package's ``diff`` name to that module.
-    from gpcl_trt.accuracy.diff import diff
+    from gpcl_trt.accuracy import diff
 
     result = diff(
         reference=ctx.reference, candidate=ctx.path("model_gpcl.onnx"), report=ctx.path("accuracy"), force=True, **opts
@@ -198,7 +196,7 @@ STAGES: tuple[Stage, ...] = (
           "gpcl_trt.engines:build_engine", ("onnx_path", "output", "force")),
     Stage("diff", "accuracy diff", ("accuracy.json", "accuracy"),
           lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")], _diff,
-          "gpcl_trt.accuracy.diff:diff", ("reference", "candidate", "report", "force"), check=True),
+          "gpcl_trt.accuracy.comparison:diff", ("reference", "candidate", "report", "force"), check=True),
     Stage("triton", "Triton repository", ("triton_repo",), _triton_inputs, _triton,
           "gpcl_trt.deploy.triton:write_triton_repo",
           ("artifact", "repo", "name", "backend", "onnx", "force"), extra_options=("backends",)),
