@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gpcl_trt.accuracy import diff
 from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.accuracy import metrics as mt
-from gpcl_trt.accuracy.diff import golden_inputs_path
+from gpcl_trt.accuracy.comparison import golden_inputs_path
 from gpcl_trt.cli import main
 from gpcl_trt.common import GpclError
 
