@@ -235,7 +235,7 @@ def _readme(name: str, backend: str, plugin: str | None) -> str:
         lines += [
             "The engine (`1/model.plan`) was given without a plugin library: its GPCL nodes were built as",
             "native layers (or it has none), so no plugin is loaded. An engine built with `--gpcl plugin`",
-            "needs `gpcl-trt triton ... --plugin-lib libgpcl_plugin.so`.",
+            "needs `gpcl-trt triton ... --plugin-lib libgpcl_trt_plugin.so`.",
         ]
     elif backend == "onnxruntime":
         lines += ["The GPCL nodes carry their ONNX function body, so ONNX Runtime runs them without a plugin."]
