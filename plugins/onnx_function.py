@@ -323,6 +323,14 @@ def inline_gpcl_functions(model: ModelProto) -> ModelProto:
     import onnx.inliner
 
     attached = attach_gpcl_functions(ModelProto.FromString(model.SerializeToString()))
+    # The inliner does not apply a function's attribute defaults: spell them out on each node,
+    # or an attribute left at its default inlines to an empty Constant.
+    for node in iter_gpcl_nodes(attached.graph):
+        present = {a.name for a in node.attribute}
+        if "mode" not in present:
+            node.attribute.append(oh.make_attribute("mode", "clamp"))
+        if "eps" not in present:
+            node.attribute.append(oh.make_attribute("eps", DEFAULT_EPS))
     out = onnx.inliner.inline_selected_functions(attached, [(GPCL_DOMAIN, GPCL_OP)])
     keep = [i for i in out.opset_import if i.domain != GPCL_DOMAIN]
     del out.opset_import[:]

@@ -249,6 +249,24 @@ def test_inlined_mixed_model_runs_in_ort_and_tensorrt_rtx():
         assert parser.parse(m.SerializeToString()) == ok
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_inlining_applies_attribute_defaults(mode):
+    """A node that leaves eps at its default must inline to the same function: the inliner does
+    not fill in a function's attribute defaults by itself (soft and hopf read eps)."""
+    node = oh.make_node("GPCL", ["X"], ["Y"], domain=GPCL_DOMAIN, tau=0.5, mode=mode)
+    graph = oh.make_graph(
+        [node], "g",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, [None, 8])],
+        [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 8])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(GPCL_DOMAIN, 1)])
+    inlined = inline_gpcl_functions(model)
+    onnx.checker.check_model(inlined, full_check=True)
+    x = sample((5, 8), np.float32)
+    (y,) = session(inlined).run(None, {"X": x})
+    assert_matches(y, gpcl_numpy(x, 0.5, mode), np.float32)
+
+
 @pytest.fixture(scope="module")
 def per_group_sessions():
     """One session per mode: X of any rank with D = 4*G, per-group tau as an input."""
