@@ -380,11 +380,9 @@ def test_engine_inspector_lists_built_layers_on_a_gpu(minilm_engines):
 
 # ----------------------------------------------------------------------------- decoder with past
 @pytest.fixture(scope="module")
-def llama_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
-    from gpcl_trt.exporter import export_model
-
-    out = tmp_path_factory.mktemp("llama") / "llama.onnx"
-    assert export_model(tiny_llama_dir, out)["ok"]
+def llama_onnx(exports) -> Path:
+    out, result = exports("llama", "text-generation-with-past")  # shared with other areas
+    assert result["ok"], result
     return out
 
 
