@@ -374,7 +374,7 @@ def export_model(
     if not atol >= 0:
         raise GpclError(f"atol must be >= 0, got {atol}")
 
-    with progress.step(f"load {model_dir}"):
+    with progress.step(f"load {Path(model_dir).name}"):
         module, arch, task = load_model(model_dir, task, trust_remote_code, allow_pickle, dtype)
     model_dir_abs = Path(model_dir).resolve()
     with progress.step(f"trace {arch.name} ({task}, opset {opset}, {dtype})"):
