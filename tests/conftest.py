@@ -109,6 +109,6 @@ def tiny_llama_onnx(exports) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_onnx(exports) -> Path:
     """Tiny GPT-2 with the default task (with past), so feeds include empty past tensors."""
-    out, result = exports("gpt2")
+    out, result = exports("gpt2", "text-generation-with-past")
     assert result["ok"], result
     return out
