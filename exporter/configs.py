@@ -7,6 +7,7 @@ exporter itself has no per-architecture branches.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "axes": list(self.axes)}
 
 
-class ArchConfig:
+class ArchConfig(abc.ABC):
     """Base of the per-architecture configs. An instance binds the class-level description to
     one HF config (for vocab size, layer count, KV heads...)."""
 
@@ -46,22 +47,25 @@ class ArchConfig:
     def default_task(self) -> str:
         return self.tasks[0]
 
+    @abc.abstractmethod
     def auto_class(self, task: str) -> type:
-        raise NotImplementedError
+        """Per architecture."""
 
     def load_kwargs(self, task: str) -> dict[str, Any]:
         """Extra from_pretrained arguments for this architecture."""
         return {}
 
+    @abc.abstractmethod
     def inputs(self, task: str) -> list[TensorSpec]:
-        raise NotImplementedError
+        """Per architecture."""
 
+    @abc.abstractmethod
     def outputs(self, task: str) -> list[TensorSpec]:
-        raise NotImplementedError
+        """Per architecture."""
 
+    @abc.abstractmethod
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         """The module that is traced: plain tensors in (ONNX input order), a tuple out."""
-        raise NotImplementedError
 
     @property
     def vocab_size(self) -> int:
