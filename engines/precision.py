@@ -56,7 +56,7 @@ def _lower_graph(graph: onnx.GraphProto, precision: str, low: int, keep: set[str
             elif attr.type == onnx.AttributeProto.TENSOR and _is_float(attr.t) and node.output[0] not in keep:
                 # Constant(value=...), ConstantOfShape(value=...)
                 attr.t.CopyFrom(_lower_tensor(attr.t, precision))
-            elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats"):
+            elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats") and node.output[0] not in keep:
                 value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
                 attr.CopyFrom(helper.make_attribute("value", _lower_array(value, precision)))
             elif attr.type == onnx.AttributeProto.GRAPH:
@@ -74,10 +74,11 @@ def _rename(graph: onnx.GraphProto, old: str, new: str, fields: tuple[str, ...])
                     names[k] = new
 
 
-def _retype_io(graph: onnx.GraphProto, low: int) -> None:
-    """Keep float32 at the graph boundary: Cast float inputs down, Cast float outputs up."""
+def _retype_io(graph: onnx.GraphProto, low: int, keep: set[str]) -> None:
+    """Keep float32 at the graph boundary: Cast float inputs down (except those in ``keep``,
+    e.g. a GPCL tau fed as a graph input), Cast float outputs up."""
     head, tail = [], []
-    for inp in (i for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT):
+    for inp in (i for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT and i.name not in keep):
         _rename(graph, inp.name, f"{inp.name}/lowp", ("input",))
         head.append(helper.make_node("Cast", [inp.name], [f"{inp.name}/lowp"], to=low, name=f"{inp.name}/cast_lowp"))
     for out in (o for o in graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT):
@@ -96,6 +97,7 @@ def lower_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     low = LOW_TYPES[precision]
-    _lower_graph(out.graph, precision, low, _keep_fp32_names(out.graph))
-    _retype_io(out.graph, low)
+    keep = _keep_fp32_names(out.graph)
+    _lower_graph(out.graph, precision, low, keep)
+    _retype_io(out.graph, low, keep)
     return out

@@ -228,6 +228,24 @@ def test_builder_options_timing_cache_workspace_opt_level(tmp_path):
     assert options["workspace_mib"] == 64 and options["opt_level"] == 1 and res["validity"]["ok"]
 
 
+def test_lowering_keeps_a_tau_graph_input_float32():
+    """tau is float32 by the spec: fp16 lowering must not round a tau fed as a graph input
+    (1.0001 is not representable in fp16; rounded, clamp would bound at 1.0)."""
+    import onnxruntime as ort
+
+    from gpcl_trt.engines.precision import lower_precision
+    from gpcl_trt.plugins.reference import gpcl_numpy
+
+    low = lower_precision(gpcl_model(["b", 8], tau=None, tau_shape=[2]), "fp16")
+    gpcl = next(iter_gpcl_nodes(low.graph))
+    assert gpcl.input[1] == "tau"  # fed directly, no Cast to fp16 in between
+    x = np.array([[0.0, 0.0, 0.0, 1.0001, 3.0, 4.0, 0.0, 0.0]], np.float32)
+    tau = np.array([1.0001, 5.0], np.float32)
+    (y,) = ort.InferenceSession(low.SerializeToString()).run(None, {"X": x, "tau": tau})
+    ref = gpcl_numpy(x.astype(np.float16), tau, "clamp").astype(np.float32)
+    np.testing.assert_array_equal(y, ref)
+
+
 def test_lowered_fp16_model_matches_fp32_in_onnxruntime(minilm_gpcl_onnx):
     """The fp16 lowering the TensorRT-RTX fp16 build parses computes the same function
     (checked with ONNX Runtime on CPU, where the engine itself cannot run)."""
