@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -108,7 +109,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, force: bool = False) -
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, force: bool = False) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", force)
+    return write_text_atomic(path, to_json(obj, indent=2) + "\n", force)
 
 
 def _json_default(o: Any) -> Any:
@@ -126,8 +127,22 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=_json_default)
+def _finite(o: Any) -> Any:
+    """Strict JSON has no Infinity/NaN: write them as the strings float() reads back."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return "NaN" if math.isnan(o) else ("Infinity" if o > 0 else "-Infinity")
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """JSON for every stage's files and --json output: sorted keys, numpy values as Python ones,
+    non-finite floats as strings (strict JSON readers reject a bare Infinity)."""
+    plain = json.loads(json.dumps(obj, default=_json_default))  # numpy scalars/arrays -> Python
+    return json.dumps(_finite(plain), indent=indent, sort_keys=True, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- manifests

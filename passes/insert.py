@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from gpcl_trt.common import GpclError, check_can_write, read_manifest, sha256_file
-from gpcl_trt.passes.graph import LoadedModel, is_gpcl, load_model
+from gpcl_trt.passes.graph import LoadedModel, load_model
 from gpcl_trt.passes.sites import KINDS, Site, find_sites
 from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES
 

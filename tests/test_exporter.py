@@ -150,7 +150,6 @@ def test_fp16_with_external_data(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "g16.onnx"
     res = export_model(tiny_gpt2_dir, out, task=TG, dtype="fp16", external_data=True)
     assert res["ok"] and res["validation"]["atol"] == 1e-2, res["validation"]
-    data = tmp_path / "g16.onnx.data"
     inits = onnx.load(str(out), load_external_data=False).graph.initializer
     big = [t for t in inits if np.prod(t.dims) * 2 > 1024]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)

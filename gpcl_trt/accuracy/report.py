@@ -5,7 +5,6 @@ into place when complete."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, _json_default
+from gpcl_trt.common import GpclError, to_json
 
 
 @contextlib.contextmanager
@@ -56,7 +55,7 @@ def md_table(rows: list[dict], columns: Iterable[str]) -> str:
 
 
 def dump_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    path.write_text(to_json(obj, indent=2) + "\n")
 
 
 def _plt():

@@ -27,7 +27,6 @@ from gpcl_trt.common import (
     to_json,
     write_json_atomic,
     write_manifest,
-    write_text_atomic,
 )
 
 STATE_FILE = "pipeline_state.json"
