@@ -199,14 +199,26 @@ def _pkey(p: float) -> str:
     return f"p{p:g}"
 
 
-def site_stats(r: np.ndarray, percentile: float, margin: float, per_group: bool) -> dict:
-    flat = r.reshape(-1)
+def site_stats(r: np.ndarray, percentile: float, margin: float, per_group: bool, site: str = "site") -> dict:
+    """tau = margin x percentile of the finite radii ``r`` [tokens, groups], with statistics.
+    Non-finite radii (an overflowing sample) are counted, not averaged in: one of them would
+    make every percentile NaN. A site (or group) with no finite radius is refused."""
+    finite = np.isfinite(r)
+    flat = r[finite]
+    if flat.size == 0:
+        raise GpclError(f"calibration of {site}: no finite activation radii in the sample data "
+                        f"({r.size} radii, {int((~finite).sum())} non-finite)")
     ps = sorted(set(STAT_PERCENTILES) | {percentile})
     values = np.percentile(flat, ps)
     stats = {_pkey(p): float(v) for p, v in zip(ps, values)}
-    stats.update(max=float(flat.max()), count=int(flat.size), tokens=int(r.shape[0]))
+    stats.update(max=float(flat.max()), count=int(flat.size), tokens=int(r.shape[0]),
+                 non_finite=int((~finite).sum()))
     if per_group:
-        tau = np.maximum(margin * np.percentile(r, percentile, axis=0), _TAU_FLOOR).astype(np.float32)
+        if not finite.any(axis=0).all():
+            bad = [int(g) for g in np.flatnonzero(~finite.any(axis=0))][:5]
+            raise GpclError(f"calibration of {site}: groups {bad} have no finite activation radius in the sample data")
+        per = np.nanpercentile(np.where(finite, r, np.nan), percentile, axis=0)
+        tau = np.maximum(margin * per, _TAU_FLOOR).astype(np.float32)
         return {"tau": [float(t) for t in tau], "stats": stats}
     return {"tau": float(max(margin * stats[_pkey(percentile)], _TAU_FLOOR)), "stats": stats}
 
@@ -300,7 +312,7 @@ def calibrate_file(
     for s in sites:
         r = np.concatenate(radii[s.tensor], axis=0)
         result_sites[s.key] = {"layer": s.layer, "kind": s.kind, "tensor": s.tensor, "hidden": s.hidden,
-                               **site_stats(r, percentile, margin, per_group)}
+                               **site_stats(r, percentile, margin, per_group, s.key)}
     src_sha = sha256_file(input)
     doc = {
         "format": CALIB_FORMAT,

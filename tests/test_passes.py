@@ -318,6 +318,31 @@ def test_per_group_tau_and_layers_match_the_reference(toy_onnx, tmp_path, mode):
 
 
 # ----------------------------------------------------------------------------- calibrate
+def test_calibration_ignores_non_finite_radii_and_refuses_a_site_without_any():
+    """One overflowing sample must not turn tau into NaN; a site (or group) with no finite
+    radius is a clear error, not a calib.json with NaN in it."""
+    from gpcl_trt.passes.calibrate import site_stats
+
+    rng = np.random.default_rng(0)
+    r = rng.uniform(0.5, 2.0, size=(500, 3)).astype(np.float32)
+    clean = site_stats(r, 90.0, 1.25, per_group=True)
+    r_bad = r.copy()
+    r_bad[7, 1] = np.inf
+    r_bad[9, 2] = np.nan
+    got = site_stats(r_bad, 90.0, 1.25, per_group=True)
+    expect = [1.25 * np.percentile(np.delete(r[:, g], {1: 7, 2: 9}.get(g, []), axis=0), 90.0) for g in range(3)]
+    np.testing.assert_allclose(got["tau"], expect, rtol=1e-6)
+    assert got["stats"]["non_finite"] == 2 and clean["stats"]["non_finite"] == 0
+    site = site_stats(r_bad, 90.0, 1.25, per_group=False)
+    assert np.isfinite(site["tau"]) and site["tau"] == pytest.approx(1.25 * np.percentile(r_bad[np.isfinite(r_bad)], 90.0))
+    r_dead = r.copy()
+    r_dead[:, 2] = np.nan
+    with pytest.raises(GpclError, match="groups \\[2\\]"):
+        site_stats(r_dead, 90.0, 1.25, per_group=True, site="layer0/pre-mlp")
+    with pytest.raises(GpclError, match="layer0/pre-mlp: no finite"):
+        site_stats(np.full((4, 3), np.nan, np.float32), 90.0, 1.25, per_group=False, site="layer0/pre-mlp")
+
+
 def test_calibration_file_contents(tiny_gpt2_onnx, tmp_path):
     calib = tmp_path / "calib.json"
     res = calibrate_file(tiny_gpt2_onnx, calib, samples=12, percentile=99.0, margin=2.0)
