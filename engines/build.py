@@ -217,6 +217,10 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
     from gpcl_trt.plugins import onnx_function as of
 
     gpcl_present = any(True for _ in of.iter_gpcl_nodes(model.graph))
+    if gpcl_present:
+        # Validate every GPCL node (mode, tau, eps) before either implementation sees it: the
+        # plugin would otherwise fall back to its field defaults, the function to a parse error.
+        of.gpcl_variants(model)
     changes = []
     if gpcl_present and gpcl == "plugin":
         changes.append(_as_plugin_nodes)

@@ -228,6 +228,28 @@ def test_builder_options_timing_cache_workspace_opt_level(tmp_path):
     assert options["workspace_mib"] == 64 and options["opt_level"] == 1 and res["validity"]["ok"]
 
 
+def test_gpcl_node_without_tau_is_refused_before_parsing(tmp_path):
+    """A GPCL node with neither a tau attribute nor a tau input: one clear error, no engine
+    (the plugin would otherwise build with its default tau)."""
+    model = gpcl_model(["b", 8], tau=0.5)
+    node = next(iter_gpcl_nodes(model.graph))
+    keep = [a for a in node.attribute if a.name != "tau"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    src = tmp_path / "no_tau.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(GpclError, match="neither a tau attribute nor a tau input"):
+        build_engine(src, tmp_path / "no_tau.engine", backend="tensorrt-rtx")
+    assert not (tmp_path / "no_tau.engine").exists()
+    # The plugin build's model preparation (full TensorRT only, so called directly here) must
+    # refuse it too, instead of handing the plugin a node without tau.
+    from gpcl_trt.engines.build import _prepared_model
+
+    with pytest.raises(GpclError, match="neither a tau attribute nor a tau input"):
+        with _prepared_model(src, model, "plugin", False):
+            pass
+
+
 def test_lowering_keeps_a_tau_graph_input_float32():
     """tau is float32 by the spec: fp16 lowering must not round a tau fed as a graph input
     (1.0001 is not representable in fp16; rounded, clamp would bound at 1.0)."""
