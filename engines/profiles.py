@@ -78,6 +78,7 @@ def make_profiles(
         raise GpclError(f"--shapes names unknown input(s) {', '.join(unknown)}; the model's inputs are {', '.join(sorted(names))}")
     axes: dict[str, Range] = dict(AXIS_DEFAULTS)
     # Axes fixed by an override apply to every input that shares the axis name.
+    overridden: dict[str, tuple[str, Range]] = {}
     for name, dims in inputs:
         if name not in shapes:
             continue
@@ -88,7 +89,12 @@ def make_profiles(
             if isinstance(d, int) and d >= 0 and not lo[axis] == opt[axis] == hi[axis] == d:
                 raise GpclError(f"--shapes {name}: axis {axis} is fixed at {d} in the model")
             if isinstance(d, str) and d:
-                axes[d] = (lo[axis], opt[axis], hi[axis])
+                given = (lo[axis], opt[axis], hi[axis])
+                if d in overridden and overridden[d][1] != given:
+                    raise GpclError(f"--shapes {name}: axis {d!r} is {_fmt_range(given)} here but "
+                                    f"{_fmt_range(overridden[d][1])} for {overridden[d][0]}")
+                overridden[d] = (name, given)
+                axes[d] = given
     out: dict[str, dict[str, list[int]]] = {}
     for name, dims in inputs:
         if name in shapes:
@@ -113,3 +119,7 @@ def make_profiles(
 
 def _fmt(dims: Sequence[int | str]) -> str:
     return "x".join(str(d) if d != "" else "?" for d in dims)
+
+
+def _fmt_range(r: Range) -> str:
+    return "min {}, opt {}, max {}".format(*r)

@@ -145,10 +145,13 @@ class KernelLibrary:
         tau_t = tau if isinstance(tau, torch.Tensor) else None
         check_args(d, tuple(tau_t.shape) if tau_t is not None else (), mode, eps)
         out = torch.empty_like(x) if out is None else out
+        # The kernel trusts its pointers: a mismatched out or tau would be an out-of-bounds access.
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise GpclError(f"GPCL kernel: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
         tau_ptr, gpr, tau_scalar = None, 1, 0.0
         if tau_t is not None:
-            if tau_t.dtype != torch.float32 or not tau_t.is_cuda or not tau_t.is_contiguous():
-                raise GpclError("GPCL kernel needs tau as a contiguous float32 CUDA tensor")
+            if tau_t.dtype != torch.float32 or tau_t.device != x.device or not tau_t.is_contiguous():
+                raise GpclError(f"GPCL kernel needs tau as a contiguous float32 tensor on {x.device}")
             tau_ptr, gpr = tau_t.data_ptr(), tau_t.numel()
         else:
             tau_scalar = float(tau)

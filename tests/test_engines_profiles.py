@@ -34,6 +34,11 @@ def test_override_on_one_input_moves_the_axes_it_shares():
     assert p["attention_mask"] == p["input_ids"] == {"min": [2, 8], "opt": [2, 16], "max": [2, 32]}
 
 
+def test_agreeing_overrides_on_a_shared_axis_are_fine():
+    p = make_profiles(ENCODER, parse_shapes(["input_ids:1x8,2x16,4x32", "attention_mask:1x8,2x16,4x32"]))
+    assert p["input_ids"] == p["attention_mask"] == {"min": [1, 8], "opt": [2, 16], "max": [4, 32]}
+
+
 def test_single_shape_means_fixed():
     assert parse_shapes(["x:3x4"]) == {"x": ((3, 4), (3, 4), (3, 4))}
 
@@ -48,6 +53,8 @@ def test_single_shape_means_fixed():
         (ENCODER, ["input_ids:1x-1"], "dimensions must be >= 0"),
         ([("x", ["", 8])], [], "input x axis 0 is dynamic (unnamed) with no default range"),
         ([("x", ["frames", 8])], [], "axis 0 is dynamic (frames)"),
+        (ENCODER, ["input_ids:1x8,2x16,4x32", "attention_mask:1x8,2x16,8x32"],
+         "axis 'batch' is min 1, opt 2, max 8 here but min 1, opt 2, max 4 for input_ids"),
     ],
 )
 def test_bad_shapes_are_clear_errors(inputs, specs, message):
