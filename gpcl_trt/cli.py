@@ -46,7 +46,26 @@ def result_command(group: click.Group, name: str, **kwargs: Any) -> Callable:
     return deco
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """Usage errors (bad option values, missing files) follow the same contract as every other
+    bad input: one line on stderr, with --json the error object on stdout, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # Group.invoke consumes these; keep them to see whether --json was asked for.
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            sub = exc.ctx is not None and exc.ctx is not ctx
+            prog = f"gpcl-trt {exc.ctx.info_name}" if sub else "gpcl-trt"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"{prog}: error: {message} (see '{prog} --help')", err=True)
+            if "--json" in args:
+                click.echo(to_json({"ok": False, "error": message, "exit_code": exc.exit_code}))
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gpcl-trt")
 def main() -> None:
     """Export Hugging Face transformers to ONNX, insert the GPCL op, build TensorRT engines,

@@ -66,12 +66,12 @@ def sha256_dir(path: str | os.PathLike, skip: Iterable[str] = ()) -> str:
 def check_can_write(path: str | os.PathLike, force: bool) -> Path:
     """Refuse to overwrite without --force, and refuse a missing parent directory."""
     p = Path(path)
+    if p.is_dir():
+        raise GpclError(f"{p} is a directory; give a file name")
     if p.exists() and not force:
         raise GpclError(f"{p} exists; pass --force to overwrite it")
     if not p.parent.exists():
         raise GpclError(f"output directory {p.parent} does not exist")
-    if p.exists() and p.is_dir() and not force:
-        raise GpclError(f"{p} is a directory")
     return p
 
 
