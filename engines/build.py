@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from gpcl_trt.common import CheckFailed, GpclError, check_can_write, sha256_bytes, sha256_file, write_manifest
+from gpcl_trt.common import CheckFailed, GpclError, check_can_write, load_onnx, sha256_bytes, sha256_file, write_manifest
 
 GPCL_CHOICES = ("native", "plugin")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
@@ -193,12 +193,7 @@ def _precision_mode(be: Any, precision: str, lowered: bool) -> str:
 
 # ----------------------------------------------------------------------------- model
 def _read_model(path: Path) -> Any:
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, onnx its own; all mean "not ONNX"
-        raise GpclError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return load_onnx(path, external_data=False)
 
 
 def _gpcl_node_names(model: Any) -> list[str]:

@@ -145,6 +145,23 @@ def to_json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(_finite(plain), indent=indent, sort_keys=True, allow_nan=False)
 
 
+# ----------------------------------------------------------------------------- ONNX files
+def load_onnx(path: str | os.PathLike, external_data: bool = True) -> Any:
+    """onnx.load, with one clear GpclError when the file is missing or not a readable ONNX model
+    (protobuf raises several unrelated exception types on garbage; a missing .data file is
+    onnx's own error). Every stage that reads a user's ONNX file goes through here."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise GpclError(f"{p}: no such ONNX file")
+    try:
+        return onnx.load(str(p), load_external_data=external_data)
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {detail})") from None
+
+
 # ----------------------------------------------------------------------------- manifests
 def manifest_path(artifact: str | os.PathLike) -> Path:
     """OUT.onnx -> OUT.manifest.json; any other artifact (OUT.engine, calib.json...) gets

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import GpclError
+from gpcl_trt.common import load_onnx
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -97,13 +97,7 @@ def _parse_scopes(value: str) -> list[str]:
 def load_model(path: str | Path) -> LoadedModel:
     """Load an ONNX file (one clear GpclError if it is not one) and import it into graphsurgeon."""
     p = Path(path)
-    if not p.is_file():
-        raise GpclError(f"{p}: no such ONNX file")
-    try:
-        model = onnx.load(str(p))
-    except Exception as exc:  # protobuf raises several unrelated types on garbage
-        raise GpclError(f"{p}: not a readable ONNX model ({type(exc).__name__})") from None
-    return from_proto(model, p)
+    return from_proto(load_onnx(p), p)
 
 
 def from_proto(model: onnx.ModelProto, path: Path | None = None) -> LoadedModel:

@@ -148,6 +148,13 @@ def test_refusals_leave_nothing_behind(tmp_path, monkeypatch):
             write_triton_repo(art, repo, "n", **kwargs)
     with pytest.raises(GpclError, match="does not exist"):
         write_triton_repo(tmp_path / "missing.onnx", repo, "n")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf")
+    with pytest.raises(GpclError, match="is not a readable ONNX model"):
+        write_triton_repo(garbage, repo, "n")
+    with pytest.raises(GpclError, match="is not a readable ONNX model"):
+        write_triton_repo(garbage, tmp_path / "fresh_repo", "n")
+    assert not (tmp_path / "fresh_repo").exists()
 
     # A failure while the model directory is being filled leaves neither it nor a temp dir,
     # and --force over an existing entry keeps the old one until the new one is complete.

@@ -21,6 +21,7 @@ from polygraphy.backend.base import BaseRunner
 
 from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.common import GpclError
+from gpcl_trt.common import load_onnx  # noqa: F401  (also imported from here by comparison)
 
 # Outputs by task, when the exporter's module does not name them itself (architecture.md names).
 _TASK_OUTPUTS = {"feature-extraction": ["last_hidden_state"], "text-generation": ["logits"]}
@@ -150,15 +151,6 @@ def _torch_side(path: Path, role: str, task: str, tok) -> Side:
         return _with_text(base, tok, batch, seq, seed)
 
     return Side("torch", path, runner, spec, generate=generate)
-
-
-def load_onnx(path: Path):
-    import onnx
-
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise GpclError(f"cannot read {path} as ONNX: {exc}") from None
 
 
 def with_outputs(model, names: list[str]):

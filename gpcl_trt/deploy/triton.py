@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpcl_trt.common import GpclError, read_manifest, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, load_onnx, read_manifest, sha256_file, write_manifest
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 VERSION = "1"
@@ -52,9 +52,7 @@ def validate_model_name(name: str) -> str:
 # ----------------------------------------------------------------------------- I/O signature
 def onnx_io(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
     """Inputs and outputs of an ONNX graph: name, Triton dtype, dims (-1 for dynamic axes)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path, external_data=False)
     initializers = {t.name for t in model.graph.initializer}
 
     def describe(values) -> list[dict[str, Any]]:
@@ -198,7 +196,7 @@ def _save_onnx(src: Path, dst: Path) -> None:
     functions attached so ONNX Runtime runs it without a plugin."""
     import onnx
 
-    model = onnx.load(str(src))
+    model = load_onnx(src)
     if any(n.domain == "gpcl" for n in model.graph.node):
         from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
 
