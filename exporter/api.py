@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, check_can_write, sha256_dir, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_dir, sha256_file, write_manifest
 
 DTYPES = ("fp32", "fp16")
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -366,6 +366,7 @@ def export_model(
     if out.is_dir():
         raise GpclError(f"output {out} is a directory")
     check_can_write(out, force)
+    check_can_write(manifest_path(out), force)  # the manifest is an output too
     if dtype not in DTYPES:
         raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
@@ -415,7 +416,7 @@ def export_model(
         "model_dir_sha256": sha256_dir(model_dir_abs),
         "config_sha256": sha256_file(model_dir_abs / "config.json"),
     }
-    manifest = write_manifest(out, "export", inputs, options, results, packages=PACKAGES)
+    manifest = write_manifest(out, "export", inputs, options, results, packages=PACKAGES, force=force)
     return {
         "ok": bool(ok),
         "output": str(out),

@@ -66,8 +66,6 @@ def sha256_dir(path: str | os.PathLike, skip: Iterable[str] = ()) -> str:
 def check_can_write(path: str | os.PathLike, force: bool) -> Path:
     """Refuse to overwrite without --force, and refuse a missing parent directory."""
     p = Path(path)
-    if p.is_dir():
-        raise GpclError(f"{p} is a directory; give a file name")
     if p.exists() and not force:
         raise GpclError(f"{p} exists; pass --force to overwrite it")
     if not p.parent.exists():
@@ -80,6 +78,8 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block
     succeeds, so a failure never leaves a partial output behind."""
     final = check_can_write(path, force)
+    if final.is_dir():
+        raise GpclError(f"{final} is a directory; give a file name")
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -171,6 +171,9 @@ def test_bad_arguments(minilm_dir, minilm_onnx, tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(GpclError, match="expected a model dir"):
         diff(minilm_onnx, tmp_path / "x.txt")
+    for tol in ({"atol": -1.0}, {"rtol": -1e-3}, {"atol": float("nan")}):
+        with pytest.raises(GpclError, match="--atol and --rtol must be >= 0"):
+            diff(minilm_onnx, minilm_onnx, **tol)
 
 
 # ----------------------------------------------------------------------------- inputs, metrics

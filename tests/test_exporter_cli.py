@@ -99,6 +99,13 @@ def test_existing_output_needs_force(out_dir, tiny_gpt2_dir):
     assert (out_dir / "m.onnx").read_text() == "keep me"
 
 
+def test_existing_manifest_needs_force(out_dir, tiny_gpt2_dir):
+    (out_dir / "m.manifest.json").write_text("keep me")
+    res = _invoke(str(tiny_gpt2_dir), "-o", str(out_dir / "m.onnx"))
+    _assert_bad_input(res, out_dir, {"m.manifest.json"}, "--force")
+    assert (out_dir / "m.manifest.json").read_text() == "keep me"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

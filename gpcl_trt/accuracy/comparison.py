@@ -265,6 +265,8 @@ def diff(
         raise GpclError("--golden replaces --reference: it cannot be combined with --per-layer or --save-golden")
     if samples < 1 or seq < 1 or batch < 1:
         raise GpclError("--samples, --seq and --batch must be >= 1")
+    if not (atol >= 0 and rtol >= 0):
+        raise GpclError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     for out in (save_golden_path, report):
         if out is not None:
             check_can_write(out, force)
