@@ -5,7 +5,7 @@ or torch."""
 
 from __future__ import annotations
 
-__all__ = ["export_model", "load_model", "make_dummy_inputs"]
+__all__ = ["export_model", "load_model", "make_dummy_inputs", "check_model_dir"]
 
 
 def __getattr__(name: str):

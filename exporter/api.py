@@ -87,6 +87,15 @@ def _check_model_dir(model_dir: str | os.PathLike) -> tuple[Path, dict]:
     return d.resolve(), raw
 
 
+def check_model_dir(model_dir: str | os.PathLike) -> str:
+    """Cheap up-front check that ``model_dir`` is a local HF model directory of a supported
+    architecture (no weights loaded); returns its model_type. For stages that plan before they
+    export (the pipeline)."""
+    d, raw = _check_model_dir(model_dir)
+    _arch_class(raw, d / "config.json")
+    return raw["model_type"]
+
+
 def _arch_class(raw_config: dict, cfg_path: Path):
     from gpcl_trt.exporter.configs import arch_for_model_type, supported_model_types
 

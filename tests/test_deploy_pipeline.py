@@ -115,6 +115,9 @@ def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
         ("[pipeline]\nskip = [\"export\"]\n", r"cannot skip \['export'\]"),
         ("[pipeline]\nname = \"../up\"\n", "invalid model name"),
         ("[calibrate\n", "not valid TOML"),
+        ("pipeline = 3\n", r"pipeline must be a table"),
+        ("[pipeline]\nskip = \"build\"\n", r"skip must be a list of stage names"),
+        ("[triton]\nbackends = [\"bogus\"]\n", r"\[triton\] backends must be a non-empty list"),
     ],
 )
 def test_pipeline_config_errors(tmp_path, minilm_dir, text, message):
@@ -132,6 +135,14 @@ def test_pipeline_refuses_foreign_output_dir(tmp_path, minilm_dir):
         run_pipeline(minilm_dir, out)
     with pytest.raises(GpclError, match="neither a model directory nor an .onnx file"):
         run_pipeline(tmp_path / "nope", tmp_path / "out2")
+    # Bad input that exists is refused before the output directory is created.
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(GpclError, match="has no config.json"):
+        run_pipeline(tmp_path / "empty_dir", tmp_path / "out3")
+    (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(GpclError, match="is not a readable ONNX model"):
+        run_pipeline(tmp_path / "garbage.onnx", tmp_path / "out4")
+    assert not (tmp_path / "out3").exists() and not (tmp_path / "out4").exists()
     assert (out / "precious.txt").read_text() == "keep"
     assert not issubclass(GpclError, CheckFailed)  # bad input exits 2, not 1
 

@@ -133,19 +133,23 @@ def _diff(ctx: Ctx, opts: dict) -> dict:
     return result
 
 
+# The Triton entries the pipeline writes, by backend: NAME (served), NAME_ort, NAME_trt.
+TRITON_ENTRY_SUFFIX = {"python": "", "onnxruntime": "_ort", "tensorrt": "_trt"}
+
+
 def _triton(ctx: Ctx, opts: dict) -> dict:
     """The served entry (python backend: runs on any tritonserver, checked by ``serve``) plus
     an onnxruntime entry and, when an engine was built, a tensorrt entry."""
     from gpcl_trt.deploy.triton import write_triton_repo
 
     opts = dict(opts)
-    backends = opts.pop("backends", ["python", "onnxruntime", "tensorrt"])
+    backends = opts.pop("backends", list(TRITON_ENTRY_SUFFIX))
     repo = ctx.path("triton_repo")
     engine = ctx.path("model_gpcl.engine")
     plugin = (ctx.options.get("build") or {}).get("plugin_lib")
     entries = {}
     for backend in backends:
-        name = {"python": ctx.name, "onnxruntime": f"{ctx.name}_ort", "tensorrt": f"{ctx.name}_trt"}[backend]
+        name = ctx.name + TRITON_ENTRY_SUFFIX[backend]
         if backend == "tensorrt":
             if "build" in ctx.skip or not engine.is_file():
                 continue
@@ -223,10 +227,15 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
     except tomllib.TOMLDecodeError as exc:
         raise GpclError(f"{p}: not valid TOML: {exc}") from None
     head = doc.pop("pipeline", {})
+    if not isinstance(head, dict):
+        raise GpclError(f"{p}: pipeline must be a table ([pipeline])")
     unknown = set(head) - {"name", "skip"}
     if unknown:
         raise GpclError(f"{p}: [pipeline] has unknown key(s) {sorted(unknown)}; known: name, skip")
-    skip = tuple(head.get("skip", ()))
+    skip_value = head.get("skip", [])
+    if not isinstance(skip_value, list) or not all(isinstance(s, str) for s in skip_value):
+        raise GpclError(f"{p}: [pipeline] skip must be a list of stage names, e.g. skip = [\"build\"]")
+    skip = tuple(skip_value)
     bad = [s for s in skip if s not in SKIPPABLE]
     if bad:
         raise GpclError(f"{p}: cannot skip {bad}; only {', '.join(SKIPPABLE)} can be skipped")
@@ -243,6 +252,9 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
             if allowed is not None and key not in allowed:
                 raise GpclError(f"{p}: [{section}] unknown option {key!r}; known: {', '.join(sorted(allowed))}")
         options[section] = dict(table)
+    backends = options.get("triton", {}).get("backends", list(TRITON_ENTRY_SUFFIX))
+    if not isinstance(backends, list) or not backends or not all(b in TRITON_ENTRY_SUFFIX for b in backends):
+        raise GpclError(f"{p}: [triton] backends must be a non-empty list of {', '.join(TRITON_ENTRY_SUFFIX)}")
     from gpcl_trt.deploy.triton import validate_model_name
 
     return validate_model_name(head.get("name", DEFAULT_NAME)), skip, options
@@ -322,6 +334,15 @@ def run_pipeline(
     if not (model_dir.is_dir() or (model_dir.is_file() and model_dir.suffix == ".onnx")):
         raise GpclError(f"{model_dir} is neither a model directory nor an .onnx file")
     name, skip, options = load_config(config)
+    # Check the input before anything is created, so bad input leaves no output directory.
+    if model_dir.is_dir():
+        from gpcl_trt.exporter import check_model_dir
+
+        check_model_dir(model_dir)
+    else:
+        from gpcl_trt.common import load_onnx
+
+        load_onnx(model_dir, external_data=False)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GpclError(f"{out} exists and is not a directory")
