@@ -50,3 +50,17 @@ def test_study_minilm(minilm_dir, minilm_onnx, tmp_path):
     # No partial or overwritten output: a second run without --force is refused.
     again = CliRunner().invoke(main, args[:-1])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_study_refuses_bad_options_before_any_work(minilm_dir, tmp_path):
+    """Bad sites, modes or taus are refused at once (no export first), leaving nothing."""
+    import pytest
+
+    from gpcl_trt.accuracy import study
+    from gpcl_trt.common import GpclError
+
+    for kwargs, message in [({"sites": ("nowhere",)}, "--sites must be"), ({"modes": ("cubic",)}, "unknown GPCL mode"),
+                            ({"taus": [-1.0]}, "taus must be > 0")]:
+        with pytest.raises(GpclError, match=message):
+            study(minilm_dir, tmp_path / "s", **kwargs)
+    assert not (tmp_path / "s").exists()

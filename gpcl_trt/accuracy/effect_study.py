@@ -201,6 +201,9 @@ def study(
     latency_seqs = list(DEFAULT_LATENCY_SEQS if latency_seqs is None else latency_seqs)
     if samples < 1 or seq < 1 or any(s < 1 for s in latency_seqs):
         raise GpclError("samples, seq and latency sequence lengths must be >= 1")
+    from gpcl_trt.passes.insert import parse_kinds
+
+    sites = parse_kinds(sites)  # before the (slow) export, not after
 
     with atomic_dir(out_dir, force=force) as tmp_out, tempfile.TemporaryDirectory(prefix="gpcl-study-") as work:
         work = Path(work)
