@@ -241,3 +241,14 @@ def test_cli_help_names_every_option():
         # Every option carries help text (click prints an option without help on a bare line).
         opts = [line for line in res.output.splitlines() if line.strip().startswith("-")]
         assert opts and all(len(line.split("  ")) > 1 and line.split("  ")[-1].strip() for line in opts), res.output
+
+
+def test_a_json_that_is_not_golden_is_one_line(minilm_onnx, tmp_path):
+    """polygraphy prints its own critical messages before raising; the CLI shows only ours."""
+    bad = tmp_path / "g.json"
+    bad.write_text('{"a": 1}')
+    res = CliRunner().invoke(main, ["diff", "--golden", str(bad), "--candidate", str(minilm_onnx), "--json"])
+    assert res.exit_code == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("[W] 'colored'")]
+    assert len(lines) == 1 and "is not a golden RunResults JSON" in lines[0], res.stderr
+    assert json.loads(res.stdout)["exit_code"] == 2

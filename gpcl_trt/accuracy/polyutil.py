@@ -17,7 +17,9 @@ def quiet_polygraphy() -> Iterator[None]:
     from polygraphy.logger import G_LOGGER
 
     old = G_LOGGER.module_severity
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    # Above CRITICAL: polygraphy prints critical messages before raising them; the exception
+    # still comes through and becomes our one line.
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL + 1
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
