@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -93,6 +94,33 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Like ``atomic_path``, for a directory: yield a temporary sibling to fill; on success it
+    is renamed into place (an existing one, with ``force``, is moved aside first and removed only
+    after the new one is in), on failure nothing is left behind."""
+    final = check_can_write(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a server may run as another user
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -184,7 +184,8 @@ def study(
 ) -> dict[str, Any]:
     """Run the sweep and write report.md, report.json and plots to ``out_dir``. ``onnx`` reuses
     an existing export of ``model_dir`` instead of exporting it again."""
-    from gpcl_trt.accuracy.report import atomic_dir, write_study_report
+    from gpcl_trt.accuracy.report import write_study_report
+    from gpcl_trt.common import atomic_dir
     from gpcl_trt.passes import calibrate_file
     from gpcl_trt.plugins.reference import MODES
 

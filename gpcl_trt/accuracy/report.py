@@ -4,35 +4,13 @@ into place when complete."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, to_json
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
-    """Like common.atomic_path, for a directory: a failure leaves nothing behind."""
-    if path.exists() and not force:
-        raise GpclError(f"{path} exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise GpclError(f"output directory {path.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from gpcl_trt.common import atomic_dir, to_json
 
 
 def fmt(v: Any) -> str:

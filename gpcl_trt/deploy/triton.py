@@ -9,16 +9,14 @@ write is exactly what Triton parses. Inputs, outputs, dtypes and dims come from 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpcl_trt.common import GpclError, load_onnx, read_manifest, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, atomic_dir, load_onnx, read_manifest, sha256_file, write_manifest
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 VERSION = "1"
@@ -322,9 +320,7 @@ def write_triton_repo(
     build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind)
 
     repo.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    with atomic_dir(final, force=force) as tmp:
         params, plugin_name = _populate(tmp, artifact, backend, plugin_lib)
         cfg = build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind, params)
         text = config_text(cfg)
@@ -343,10 +339,6 @@ def write_triton_repo(
             results={"io": io},
             packages=("tritonclient", "onnx"),
         )
-        _swap_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     model_file = final / VERSION / BACKEND_SPEC[backend]["file"]
     return {
         "ok": True,
@@ -361,21 +353,3 @@ def write_triton_repo(
         "io": io,
         "plugin_lib": str(final / VERSION / plugin_name) if plugin_name else None,
     }
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished directory into place; an old one (--force) is moved aside first
-    and removed only after the new one is in."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)
