@@ -80,7 +80,8 @@ def build_engine(
         "precision_mode": _precision_mode(be, precision, lowered),
         "profiles": [profile],
         "io": network_io(network),
-        "gpcl": {"implementation": gpcl_impl, **layers["gpcl"]},
+        "gpcl": {"implementation": gpcl_impl, **({"function_body": "flat"} if gpcl_impl == "native" else {}),
+                 **layers["gpcl"]},
         "build_seconds": round(build_seconds, 3),
         "build_phases": phases,
         "engine_bytes": len(data),
@@ -219,8 +220,11 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
     changes = []
     if gpcl_present and gpcl == "plugin":
         changes.append(_as_plugin_nodes)
-    elif gpcl_present and (len(of.gpcl_variants(model)) > 1 or not _has_gpcl_function(model)):
-        changes.append(lambda m: _split_overloads(of.attach_gpcl_functions(m)))
+    elif gpcl_present:
+        # The model carries the branching body (tuned for ONNX Runtime); an engine gets the
+        # flat one, which computes the same function without an If (see
+        # plugins/onnx_function.py).
+        changes.append(lambda m: _split_overloads(of.attach_gpcl_functions(m, body="flat")))
     if lower_to:
         from gpcl_trt.engines.precision import lower_precision
 
@@ -246,12 +250,6 @@ def _external_data(path: Path, model: Any) -> dict[str, Any]:
     if not locations:
         return {}
     return {"external_data": {loc: sha256_file(path.parent / loc) for loc in locations}}
-
-
-def _has_gpcl_function(model: Any) -> bool:
-    from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
-
-    return any(f.domain == GPCL_DOMAIN and f.name == GPCL_OP for f in model.functions)
 
 
 def _split_overloads(model: Any) -> Any:

@@ -7,14 +7,12 @@ input is present, so :func:`attach_gpcl_functions` writes one *specialised* body
 case) gives one plain ``gpcl.GPCL`` function; a model that mixes them gets one overload per
 combination (FunctionProto ``overload`` + node ``overload``, IR >= 10).
 
-The body is kept lean because it runs on ORT's CPU hot path (measured op by op, see
-tools/bench_gpcl_ort.py): a free Reshape to [..., 4]; the radius as ReduceSumSquare + Sqrt
-without the group axis; the per-group scale computed on that [...] tensor (ORT's broadcasts
-against a trailing axis of 1 take a slow per-element path, 10-15x slower); the scale spread to
-the four channels by a Concat and applied with one same-shape Mul. The whole-group NaN rule
-costs one Sub and one Add on the radius tensor: ``s + (r - r)`` is ``s`` for a finite radius
-and NaN for an infinite or NaN one (ORT's Max/Min do propagate NaN, but an Inf radius would
-otherwise give a scale of 0). Casts to float32 and back vanish for float32 models (ORT removes
+Two bodies compute the same function (docs/gpcl-spec.md, in the reference's operation order):
+the *branching* body that models carry, tuned for ONNX Runtime's CPU hot path (measured op by
+op, see tools/bench_gpcl_ort.py): channel planes, and an If whose fast branch (every radius
+finite) skips the NaN rule and the overflow-safe radius; and the *flat* body that engine builds
+swap in (no If: in an engine a conditional is a run-time branch on a device value, a likely
+host synchronisation, and it multiplies the layers), which applies the full rule to every group. Casts to float32 and back vanish for float32 models (ORT removes
 same-type casts). The `tau` and `eps` attributes reach the body through ``ref_attr_name``
 Constants.
 """
@@ -27,7 +25,7 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from onnx import helper as oh
 
 from gpcl_trt.common import GpclError
-from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES, INV_SQRT2
+from gpcl_trt.plugins.reference import DEFAULT_EPS, FLOAT_MIN, INV_SQRT2, MODES, RESCALE
 
 GPCL_DOMAIN = "gpcl"
 GPCL_OP = "GPCL"
@@ -97,13 +95,27 @@ def node_variant(node: NodeProto) -> tuple[str, bool]:
 
 
 # ----------------------------------------------------------------------------- bodies
-class _Body:
-    """Tiny builder for a function body: fresh names, constants, node list."""
+BODIES = ("branching", "flat")
 
-    def __init__(self, opset: int) -> None:
+
+class _Body:
+    """Tiny builder for a function body: fresh names, constants, node list, and the layout of
+    the groups.
+
+    ``planar`` (the branching body, for ORT): channel planes qt [4, M(, K)], so channels are
+    contiguous slices and every per-group tensor is a [1, ...] plane whose broadcast against
+    [4, ...] is a fast leading-axis one in ORT (a trailing axis of 1 sends ORT's broadcasts
+    down a per-element path, and its reductions over a trailing axis of 4 pay a per-group
+    overhead: together 2.5x slower). Not planar (the flat body, for engines): q [M(, K), 4] with
+    per-group tensors [..., 1], the fewest layers for TensorRT, where broadcasts are free."""
+
+    def __init__(self, opset: int, planar: bool) -> None:
         self.opset = opset
+        self.planar = planar
+        self.axis = 0 if planar else -1  # the channel axis
         self.nodes: list[NodeProto] = []
         self._n = 0
+        self._attrs: set[str] = set()
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         names = [f"_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
@@ -119,10 +131,12 @@ class _Body:
         return self.op("Constant", value_ints=list(values))
 
     def attr_f(self, attr: str) -> str:
-        """A scalar float Constant whose value is the calling node's attribute ``attr``."""
+        """A scalar float Constant whose value is the calling node's attribute ``attr`` (made
+        once, in the scope where it is first asked for)."""
         out = f"_{attr}"
-        if any(out in n.output for n in self.nodes):
+        if out in self._attrs:
             return out
+        self._attrs.add(out)
         a = AttributeProto()
         a.name, a.ref_attr_name, a.type = "value_float", attr, AttributeProto.FLOAT
         node = oh.make_node("Constant", [], [out])
@@ -130,53 +144,65 @@ class _Body:
         self.nodes.append(node)
         return out
 
-    def radius(self, q: str) -> str:
-        """Group radius without the group axis ([..., G]): ORT's elementwise ops are fast on
-        it, while a trailing axis of 1 sends every broadcast down a slow per-element path.
-        ReduceSumSquare + Sqrt is twice as fast as ReduceL2 in ORT and sums in the
-        reference's order (checked bit-exact)."""
+    def channels(self, v: str) -> list[str]:
+        """The four channels of v, each keeping the channel axis (size 1)."""
         if self.opset >= 18:
-            r2 = self.op("ReduceSumSquare", q, self.const_i([-1]), keepdims=0)
-        else:
-            r2 = self.op("ReduceSumSquare", q, axes=[-1], keepdims=0)
-        return self.op("Sqrt", r2)
-
-    def channels(self, q: str) -> list[str]:
-        """q [..., 4] -> four [...] tensors."""
-        split = (self.op("Split", q, outputs=4, axis=-1, num_outputs=4) if self.opset >= 18
-                 else self.op("Split", q, self.const_i([1, 1, 1, 1]), outputs=4, axis=-1))
-        axis = self.const_i([-1])
-        return [self.op("Squeeze", c, axis) for c in split]
+            return self.op("Split", v, outputs=4, axis=self.axis, num_outputs=4)
+        return self.op("Split", v, self.const_i([1, 1, 1, 1]), outputs=4, axis=self.axis)
 
     def stack4(self, *parts: str) -> str:
-        """Four [...] tensors (one repeated four times to broadcast a per-group scale; a
-        same-shape Mul after this Concat is several times faster in ORT than a [..., 1]
-        broadcast) -> [..., 4]."""
-        axis = self.const_i([-1])
-        col = {p: self.op("Unsqueeze", p, axis) for p in dict.fromkeys(parts)}  # once per distinct part
-        return self.op("Concat", *[col[p] for p in parts], axis=-1)
+        """Four per-group tensors -> one with four channels."""
+        return self.op("Concat", *parts, axis=self.axis)
+
+    def sum_squares(self, q: str) -> str:
+        """((q0*q0 + q1*q1) + q2*q2) + q3*q3 per group, in the reference's order (checked
+        bit-exact in ORT): on planes, one Mul, a Split into contiguous planes and three Adds;
+        otherwise one ReduceSumSquare over the trailing axis (one reduction layer)."""
+        if self.planar:
+            c0, c1, c2, c3 = self.channels(self.op("Mul", q, q))
+            return self.op("Add", self.op("Add", self.op("Add", c0, c1), c2), c3)
+        if self.opset >= 18:
+            return self.op("ReduceSumSquare", q, self.const_i([-1]), keepdims=1)
+        return self.op("ReduceSumSquare", q, axes=[-1], keepdims=1)
+
+    def safe_radius(self, q: str, r: str) -> tuple[str, str]:
+        """(r, rho) with the full rule: rho = sqrt(ss(q * 2^-66)) cannot overflow, so it is
+        finite exactly when every channel is (the NaN rule keys on it); r stays sqrt(ss(q))
+        except where that overflowed float32 (|q| > ~1.8e19), where it becomes rho * 2^66, the
+        same radius without the overflow."""
+        rho = self.op("Sqrt", self.sum_squares(self.op("Mul", q, self.const_f(RESCALE))))
+        r = self.op("Where", self.op("IsInf", r), self.op("Mul", rho, self.const_f(1.0 / RESCALE)), r)
+        return r, rho
+
+    def branch(self, build) -> GraphProto:
+        """A subgraph (for If) of the nodes ``build()`` adds; its one output is what it returns.
+        Names stay unique across branches; outer-scope tensors are visible inside."""
+        outer, self.nodes = self.nodes, []
+        try:
+            out = build()
+            nodes = self.nodes
+        finally:
+            self.nodes = outer
+        return oh.make_graph(nodes, f"gpcl_branch{self._n}", [], [oh.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
 
-def _nan_rule(b: _Body, v: str, r: str) -> str:
-    """``v + (r - r)``: unchanged for a finite radius, NaN for a non-finite one."""
-    return b.op("Add", v, b.op("Sub", r, r))
+def _nan_rule(b: _Body, v: str, rho: str | None) -> str:
+    """``v + (rho - rho)``: unchanged where every channel is finite, NaN elsewhere (nothing on
+    the fast branch, where every channel is known to be finite)."""
+    return v if rho is None else b.op("Add", v, b.op("Sub", rho, rho))
 
 
-def _scale(b: _Body, q: str, s: str) -> str:
-    return b.op("Mul", q, b.stack4(s, s, s, s))
+def _clamp(b: _Body, q: str, r: str, rho: str | None, t: str) -> str:
+    return b.op("Mul", q, _nan_rule(b, b.op("Div", t, b.op("Max", r, t)), rho))
 
 
-def _clamp(b: _Body, q: str, r: str, t: str) -> str:
-    return _scale(b, q, _nan_rule(b, b.op("Div", t, b.op("Max", r, t)), r))
-
-
-def _soft(b: _Body, q: str, r: str, t: str) -> str:
-    a = b.op("Div", r, t)
+def _soft(b: _Body, q: str, r: str, rho: str | None, t: str) -> str:
+    a = b.op("Max", b.op("Div", r, t), b.const_f(FLOAT_MIN))  # never 0/0 when r/t underflows
     s = b.op("Where", b.op("Less", r, b.attr_f("eps")), b.const_f(1.0), b.op("Div", b.op("Tanh", a), a))
-    return _scale(b, q, _nan_rule(b, s, r))
+    return b.op("Mul", q, _nan_rule(b, s, rho))
 
 
-def _hopf(b: _Body, q: str, r: str, t: str) -> str:
+def _hopf(b: _Body, q: str, r: str, rho: str | None, t: str) -> str:
     eps = b.attr_f("eps")
     rs = b.op("Max", r, eps)  # u stays finite for r < eps, where k is 0 anyway
     u0, u1, u2, u3 = (b.op("Div", c, rs) for c in b.channels(q))
@@ -186,11 +212,12 @@ def _hopf(b: _Body, q: str, r: str, t: str) -> str:
     p2 = b.op("Sub", b.op("Add", b.op("Mul", u0, u0), b.op("Mul", u1, u1)),
               b.op("Add", b.op("Mul", u2, u2), b.op("Mul", u3, u3)))
     k = b.op("Mul", b.op("Min", r, t), b.const_f(INV_SQRT2))
-    k = _nan_rule(b, b.op("Where", b.op("Less", r, eps), b.const_f(0.0), k), r)
+    k = _nan_rule(b, b.op("Where", b.op("Less", r, eps), b.const_f(0.0), k), rho)
     return b.stack4(b.op("Mul", k, p0), b.op("Mul", k, p1), b.op("Mul", k, p2), k)
 
 
-# One body builder per mode (a table, not an if-chain); each maps q [..., 4], r [...], t -> y [..., 4].
+# One body builder per mode (a table, not an if-chain); each maps q, r, rho (None: all finite),
+# t -> y in the body's layout.
 _MODE_BODY = {"clamp": _clamp, "soft": _soft, "hopf": _hopf}
 
 
@@ -198,22 +225,52 @@ def overload_name(mode: str, tau_input: bool) -> str:
     return f"{mode}_{'input' if tau_input else 'attr'}"
 
 
-def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "") -> FunctionProto:
+def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "", body: str = "branching") -> FunctionProto:
     """The GPCL body specialised to ``mode`` and to where tau comes from, for a model whose
-    default-domain opset is ``opset`` (>= 15)."""
+    default-domain opset is ``opset`` (>= 15).
+
+    ``body="branching"`` (the one models carry, tuned for ONNX Runtime on CPU): an If picks a
+    fast branch when every group radius is finite (no NaN/Inf channel, no overflow), which
+    needs neither the NaN rule nor the rescaled radius, and the full rule otherwise; its cost
+    is one ReduceSum of the radii. ``body="flat"`` (what engine builds parse): no If, since in
+    an engine a conditional is a run-time branch on a device value (a likely host
+    synchronisation) with both branches built; the full rule on every group instead. Both
+    compute the same function."""
     if opset < _MIN_BODY_OPSET:
         raise GpclError(f"the GPCL ONNX function needs opset >= {_MIN_BODY_OPSET}, the model has {opset}")
-    b = _Body(opset)
+    if body not in BODIES:
+        raise GpclError(f"GPCL function body must be one of {', '.join(BODIES)}, got {body!r}")
+    b = _Body(opset, planar=body == "branching")
     xf = b.op("Cast", "X", to=TensorProto.FLOAT)
     if tau_input:
-        # [-1, 4] for a scalar tau, [-1, G, 4] for a per-group one; ORT folds all of this
-        # away when tau is an initializer.
-        gshape = b.op("Concat", b.const_i([-1]), b.op("Shape", "tau"), b.const_i([4]), axis=0)
-        t = b.op("Cast", "tau", to=TensorProto.FLOAT)
+        # q [M, K, 4] with K = tau's size: 1 for a scalar tau, G for a per-group one; t [K].
+        # ORT folds all of this away when tau is an initializer.
+        k = b.op("Reshape", b.op("Size", "tau"), b.const_i([1]))
+        gshape = b.op("Concat", b.const_i([-1]), k, b.const_i([4]), axis=0)
+        t = b.op("Reshape", b.op("Cast", "tau", to=TensorProto.FLOAT), b.const_i([-1]))
+        if not b.planar:
+            t = b.op("Unsqueeze", t, b.const_i([-1]))  # [K, 1], against [M, K, 1]
     else:
         gshape, t = b.const_i([-1, 4]), b.attr_f("tau")
+    rank = 3 if tau_input else 2
     q = b.op("Reshape", xf, gshape)
-    yq = _MODE_BODY[mode](b, q, b.radius(q), t)
+    if b.planar:
+        q = b.op("Transpose", q, perm=[rank - 1, *range(rank - 1)])
+    mode_body = _MODE_BODY[mode]
+    r = b.op("Sqrt", b.sum_squares(q))
+    if body == "flat":
+        yq = mode_body(b, q, *b.safe_radius(q, r), t)
+    else:
+        if mode != "clamp":
+            b.attr_f("eps")  # in the outer scope, where ref_attr_name resolves
+        # Every radius finite <=> their sum is finite (radii are >= 0 or NaN); a sum that
+        # overflows merely takes the slow branch.
+        total = b.op("ReduceSum", r, keepdims=0)
+        fast = b.op("Equal", b.op("Sub", total, total), b.const_f(0.0))
+        yq = b.op("If", fast,
+                  then_branch=b.branch(lambda: mode_body(b, q, r, None, t)),
+                  else_branch=b.branch(lambda: mode_body(b, q, *b.safe_radius(q, r), t)))
+        yq = b.op("Transpose", yq, perm=[*range(1, rank), 0])
     y = b.op("Reshape", yq, b.op("Shape", "X"))
     b.nodes.append(oh.make_node("CastLike", [y, "X"], ["Y"]))
     fn = oh.make_function(
@@ -225,8 +282,8 @@ def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "
         opset_imports=[oh.make_opsetid("", opset)],
         attributes=["tau"],
         attribute_protos=[oh.make_attribute("mode", mode), oh.make_attribute("eps", DEFAULT_EPS)],
-        doc_string=f"GPCL v{GPCL_OPSET}, mode={mode}, tau from {'input' if tau_input else 'attribute'} "
-        "(docs/gpcl-spec.md)",
+        doc_string=f"GPCL v{GPCL_OPSET}, mode={mode}, tau from {'input' if tau_input else 'attribute'}, "
+        f"{body} body (docs/gpcl-spec.md)",
     )
     if overload:
         fn.overload = overload
@@ -266,10 +323,12 @@ def gpcl_variants(model: ModelProto) -> list[tuple[str, bool]]:
     return sorted({node_variant(n) for n in iter_gpcl_nodes(model.graph)})
 
 
-def attach_gpcl_functions(model: ModelProto) -> ModelProto:
+def attach_gpcl_functions(model: ModelProto, body: str = "branching") -> ModelProto:
     """Give ``model`` the model-local GPCL function(s) its GPCL nodes need and the ``gpcl``
     opset import, replacing any earlier GPCL functions (so it is idempotent and picks up changed
-    modes). In place; returns ``model``. A model without GPCL nodes only loses stale functions."""
+    modes). ``body``: see :func:`gpcl_function` (models carry the branching one; engine builds
+    swap in the flat one). In place; returns ``model``. A model without GPCL nodes only loses
+    stale functions."""
     remove_gpcl_functions(model)
     for node in iter_gpcl_nodes(model.graph):
         while len(node.input) > 1 and node.input[-1] == "":  # an omitted optional tau
@@ -279,10 +338,10 @@ def attach_gpcl_functions(model: ModelProto) -> ModelProto:
         return model
     opset = _default_opset(model)
     if len(variants) == 1:
-        model.functions.append(gpcl_function(*variants[0], opset=opset))
+        model.functions.append(gpcl_function(*variants[0], opset=opset, body=body))
     else:
         # Mixed combinations: one overload each (IR >= 10), and every node names its own.
-        model.functions.extend(gpcl_function(m, ti, opset, overload_name(m, ti)) for m, ti in variants)
+        model.functions.extend(gpcl_function(m, ti, opset, overload_name(m, ti), body) for m, ti in variants)
         for node in iter_gpcl_nodes(model.graph):
             node.overload = overload_name(*node_variant(node))
         model.ir_version = max(model.ir_version, 10)
@@ -300,6 +359,7 @@ def gpcl_model(
     dtype: int = TensorProto.FLOAT,
     eps: float = DEFAULT_EPS,
     opset: int = 18,
+    body: str = "branching",
 ) -> ModelProto:
     """A one-node model ``Y = GPCL(X[, tau])`` with the function attached: for tests, benchmarks
     and engine smoke builds. ``tau_shape`` (e.g. [] or [D/4]) makes tau a graph input."""
@@ -311,18 +371,18 @@ def gpcl_model(
                           tau_input="tau" if tau_shape is not None else None, eps=eps)
     graph = oh.make_graph([node], "gpcl", inputs, [oh.make_tensor_value_info("Y", dtype, shape)])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=10)
-    return attach_gpcl_functions(model)
+    return attach_gpcl_functions(model, body)
 
 
-def inline_gpcl_functions(model: ModelProto) -> ModelProto:
-    """A copy of ``model`` with every GPCL call replaced by its body (standard ops only).
+def inline_gpcl_functions(model: ModelProto, body: str = "branching") -> ModelProto:
+    """A copy of ``model`` with every GPCL call replaced by its ``body`` (standard ops only).
 
     TensorRT(-RTX)'s ONNX parser looks local functions up by name and ignores ``overload``, so a
     model that mixes GPCL modes or tau sources must be inlined before it reaches the parser; a
     single-variant model parses either way. The GPCL nodes' ``gpcl`` opset import is dropped."""
     import onnx.inliner
 
-    attached = attach_gpcl_functions(ModelProto.FromString(model.SerializeToString()))
+    attached = attach_gpcl_functions(ModelProto.FromString(model.SerializeToString()), body)
     # The inliner does not apply a function's attribute defaults: spell them out on each node,
     # or an attribute left at its default inlines to an empty Constant.
     for node in iter_gpcl_nodes(attached.graph):

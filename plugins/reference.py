@@ -4,13 +4,20 @@ Both functions follow docs/gpcl-spec.md and use one canonical float32 operation 
 the CUDA math header (plugins/gpcl/gpcl_math.h) and the ONNX function body repeat, so the
 implementations agree to the last bit wherever the platform's sqrt/tanh agree:
 
-    r     = sqrt(q0*q0 + q1*q1 + q2*q2 + q3*q3)
+    ss(v) = ((v0*v0 + v1*v1) + v2*v2) + v3*v3
+    rho   = sqrt(ss(q * 2^-66))             finite exactly when every channel is finite
+    r     = sqrt(ss(q)), or rho * 2^66 where that is +Inf (the float32 sum overflowed,
+            |q| > ~1.8e19; the rescaled sum cannot overflow, and for those groups the
+            rescaling loses nothing)
     clamp: s = t / max(r, t);                     Y = q * s        (s == 1 exactly when r <= t)
-    soft:  a = r / t; s = tanh(a) / a  (r >= eps), s = 1 (r < eps); Y = q * s
+    soft:  a = max(r / t, FLT_MIN); s = tanh(a) / a  (r >= eps), s = 1 (r < eps); Y = q * s
     hopf:  u = q / r; p = hopf(u); Y = (min(r, t) * (1/sqrt 2)) * (p0, p1, p2, 1); Y = 0 if r < eps
+    non-finite rule: Y = NaN (all four) where rho is not finite (a NaN or Inf channel)
 
-A group whose r is not finite (a NaN or Inf channel; also a float32 group so large that its
-sum of squares overflows, |q| > ~1.8e19) is all NaN in every mode.
+(The max with FLT_MIN only matters where r / t underflows to 0 or a subnormal, where
+tanh(a) / a is 1 in float32 and would otherwise be 0/0.) One float32 limit remains: a finite
+group whose true radius exceeds FLT_MAX (channels near 3.4e38) has r = +Inf in float32, so
+clamp and soft give 0 and hopf (0, 0, 0, t/sqrt 2): bounded and finite, but not of norm t.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ MODES = ("clamp", "soft", "hopf")
 MODE_IDS = {m: i for i, m in enumerate(MODES)}  # also the `mode` int of the C ABI
 DEFAULT_EPS = 1e-6
 INV_SQRT2 = float(np.float32(0.70710678118654752))  # the float32 value, as a Python float
+RESCALE = 2.0**-66  # ss(q * RESCALE) stays finite for every finite float32 group (4 * (2^62)^2 < FLT_MAX)
+FLOAT_MIN = float(np.finfo(np.float32).tiny)  # smallest normal float32, 2^-126
 
 
 def check_args(d: int, tau_shape: tuple[int, ...], mode: str, eps: float) -> None:
@@ -61,12 +70,18 @@ def _gpcl_groups(xp, q, t, mode: str, eps: float):
     """The per-group math on float32 groups q [..., G, 4] with t [1|G, 1], written once for
     numpy and torch (``xp`` is either module; both spell these functions alike)."""
     eps = float(np.float32(eps))  # compare against the float32 value, as the kernel does
-    r = xp.sqrt(((q[..., 0:1] * q[..., 0:1] + q[..., 1:2] * q[..., 1:2]) + q[..., 2:3] * q[..., 2:3])
-                + q[..., 3:4] * q[..., 3:4])
+
+    def ss(v):
+        return ((v[..., 0:1] * v[..., 0:1] + v[..., 1:2] * v[..., 1:2]) + v[..., 2:3] * v[..., 2:3]) \
+            + v[..., 3:4] * v[..., 3:4]
+
+    rho = xp.sqrt(ss(q * RESCALE))
+    r = xp.sqrt(ss(q))
+    r = xp.where(xp.isinf(r), rho * (1.0 / RESCALE), r)
     if mode == "clamp":
         y = q * (t / xp.maximum(r, t))
     elif mode == "soft":
-        a = r / t
+        a = (r / t).clip(FLOAT_MIN)  # a method both numpy and torch spell alike
         y = xp.where(r < eps, q, q * (xp.tanh(a) / a))
     else:
         u = q / r
@@ -77,7 +92,7 @@ def _gpcl_groups(xp, q, t, mode: str, eps: float):
         k = xp.minimum(r, t) * INV_SQRT2
         y = xp.concatenate([k * p0, k * p1, k * p2, k], axis=-1)
         y = xp.where(r < eps, xp.zeros_like(y), y)
-    return xp.where(xp.isfinite(r), y, y + float("nan"))  # non-finite rule: whole group NaN
+    return xp.where(xp.isfinite(rho), y, y + float("nan"))  # non-finite rule: whole group NaN
 
 
 def gpcl_torch(x, tau, mode: str = "clamp", eps: float = DEFAULT_EPS):

@@ -49,6 +49,8 @@ def edge_groups(g: int, seed: int) -> np.ndarray:
     x[2, 0, 3] = np.inf
     x[2, 1, 0] = -np.inf
     x[3, 0] = [3e19, 0, 0, 0]  # finite, but the sum of squares overflows float32
+    x[3, 1] = [-2e37, 1e37, 0, 3e36]  # likewise, on every channel
+    x[4, 0] = [3e38, 3e38, 0, 0]  # true radius > FLT_MAX: +Inf in float32, bounded output
     return x.reshape(rows, 4 * g)
 
 
@@ -70,7 +72,7 @@ def run_host(exe: Path, x: np.ndarray, tau, mode: str, eps: float, tmp: Path) ->
 @pytest.mark.parametrize("mode", MODES)
 def test_host_math_matches_reference(host_check, tmp_path, mode, dtype, per_group):
     g = 6
-    with np.errstate(over="ignore"):  # the overflow group becomes Inf in 16-bit types: also NaN out
+    with np.errstate(over="ignore"):  # the overflow groups become Inf in float16: NaN out
         x = edge_groups(g, seed=MODE_IDS[mode]).astype(_np_dtype(dtype))
     tau = np.linspace(0.5, 3, g).astype(np.float32) if per_group else 1.5
     eps = 1e-6 if mode != "hopf" else 1e-3
@@ -82,7 +84,11 @@ def test_host_math_matches_reference(host_check, tmp_path, mode, dtype, per_grou
         np.testing.assert_allclose(yf, rf, rtol=1e-6, atol=1e-12)
     else:  # same operation order in float32: identical results
         np.testing.assert_array_equal(yf, rf)
-    assert np.isnan(yf.reshape(-1, 4)[3 * g]).all()  # overflowing group: NaN, like the reference
+    overflow = yf.reshape(-1, 4)[[3 * g, 3 * g + 1]]
+    if dtype == "float16":  # 3e19 is +Inf in float16: a non-finite channel
+        assert np.isnan(overflow).all()
+    else:  # the sum of squares overflowed float32, the output did not
+        assert np.isfinite(overflow).all() and np.isfinite(yf.reshape(-1, 4)[4 * g]).all()
 
 
 def test_host_check_refuses_bad_files(host_check, tmp_path):

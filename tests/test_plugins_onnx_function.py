@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from gpcl_trt.common import GpclError
 from gpcl_trt.plugins.onnx_function import (
+    BODIES,
     GPCL_DOMAIN,
     GPCL_OP,
     attach_gpcl_functions,
@@ -45,6 +46,9 @@ def sample(shape, dtype, seed=0):
         flat[2, 1] = np.nan
         flat[3, 3] = np.inf
         flat[4, 0] = -np.inf
+    if flat.shape[0] > 6 and dtype == np.float32:
+        flat[5] = [3e19, 0, -1e19, 0]  # the float32 sum of squares overflows: still finite out
+        flat[6] = [3e38, 3e38, 0, 0]  # radius > FLT_MAX
     return x.astype(dtype)
 
 
@@ -62,14 +66,16 @@ TAU_KINDS = {  # tau source -> (tau_shape for gpcl_model or None, tau value)
 }
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("tau_kind", TAU_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
-def test_ort_matches_reference(mode, dtype, tau_kind):
+def test_ort_matches_reference(mode, dtype, tau_kind, body):
+    """Both bodies (the branching one models carry, the flat one engine builds parse)."""
     onnx_dtype, np_dtype = DTYPES[dtype]
     tau_shape, tau = TAU_KINDS[tau_kind]
     # Rank unknown in the graph: the same session serves leading ranks 0..3 (X rank 1..4).
-    model = gpcl_model(None, mode=mode, tau=1.3, tau_shape=tau_shape, dtype=onnx_dtype)
+    model = gpcl_model(None, mode=mode, tau=1.3, tau_shape=tau_shape, dtype=onnx_dtype, body=body)
     sess = session(model)
     for shape in [(4 * G,), (5, 4 * G), (2, 3, 4 * G), (2, 1, 3, 4 * G)]:
         x = sample(shape, np_dtype, seed=len(shape))
@@ -78,7 +84,7 @@ def test_ort_matches_reference(mode, dtype, tau_kind):
         ref = gpcl_numpy(x, tau, mode)
         assert_matches(y, ref, np_dtype)
         if mode == "clamp":  # bit-exact identity inside the ball, through ORT too
-            inside = np.linalg.norm(x.astype(np.float32).reshape(-1, 4), axis=1) <= np.broadcast_to(
+            inside = np.linalg.norm(x.astype(np.float64).reshape(-1, 4), axis=1) <= np.broadcast_to(
                 np.asarray(tau, np.float32).reshape(-1), (x.size // (4 * G), G)).reshape(-1)
             assert np.array_equal(y.reshape(-1, 4)[inside], x.reshape(-1, 4)[inside])
 
@@ -207,13 +213,14 @@ def test_make_gpcl_node_checks():
         make_gpcl_node("X", "Y", tau=1.0, mode="bad")
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tensorrt_rtx_parses_and_builds(mode, dtype):
-    """TensorRT-RTX's ONNX parser imports the function and builds an engine (no GPU needed to
+def test_tensorrt_rtx_parses_and_builds(mode, dtype, body):
+    """TensorRT-RTX's ONNX parser imports either body and builds an engine (no GPU needed to
     build; running it needs one)."""
     trt = pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (tensorrt-rtx-cu13)")
-    model = gpcl_model([-1, 4 * G], mode=mode, tau=1.3, tau_shape=[G], dtype=DTYPES[dtype][0])
+    model = gpcl_model([-1, 4 * G], mode=mode, tau=1.3, tau_shape=[G], dtype=DTYPES[dtype][0], body=body)
     # tau as an initializer, as the calibrated insertion writes it
     model.graph.input.pop()
     model.graph.initializer.append(numpy_helper.from_array(np.linspace(0.5, 2, G).astype(np.float32), "tau"))
@@ -269,8 +276,8 @@ def test_inlining_applies_attribute_defaults(mode):
 
 @pytest.fixture(scope="module")
 def per_group_sessions():
-    """One session per mode: X of any rank with D = 4*G, per-group tau as an input."""
-    return {m: session(gpcl_model(None, mode=m, tau=1.0, tau_shape=[G])) for m in MODES}
+    """One session per (mode, body): X of any rank with D = 4*G, per-group tau as an input."""
+    return {(m, b): session(gpcl_model(None, mode=m, tau=1.0, tau_shape=[G], body=b)) for m in MODES for b in BODIES}
 
 
 def test_ort_matches_reference_on_random_tensors(per_group_sessions):
@@ -279,14 +286,44 @@ def test_ort_matches_reference_on_random_tensors(per_group_sessions):
     from hypothesis.extra import numpy as hnp
 
     finite = st.floats(-1e3, 1e3, width=32)
-    specials = st.sampled_from([0.0, -0.0, float(np.float32(1e-30)), np.nan, np.inf, -np.inf])
+    big = [float(np.float32(v)) for v in (3e19, -2e25, 3e38)]  # the float32 sum of squares overflows
+    specials = st.sampled_from([0.0, -0.0, float(np.float32(1e-30)), *big, np.nan, np.inf, -np.inf])
 
-    @settings(max_examples=60, deadline=None)
-    @given(st.lists(st.integers(1, 3), max_size=3), st.sampled_from(MODES), st.data())
-    def check(lead, mode, data):
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.integers(1, 3), max_size=3), st.sampled_from(MODES), st.sampled_from(BODIES), st.data())
+    def check(lead, mode, body, data):
         x = data.draw(hnp.arrays(np.float32, (*lead, 4 * G), elements=st.one_of(finite, specials)))
         tau = data.draw(hnp.arrays(np.float32, (G,), elements=st.floats(0.0625, 100, width=32)))
-        (y,) = per_group_sessions[mode].run(None, {"X": x, "tau": tau})
+        (y,) = per_group_sessions[mode, body].run(None, {"X": x, "tau": tau})
         assert_matches(y, gpcl_numpy(x, tau, mode), np.float32)
 
     check()
+
+
+@pytest.mark.parametrize("tau_kind", TAU_KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_branching_body_fast_and_slow_branches_agree(mode, tau_kind):
+    """The branching body takes its fast branch only when every radius is finite; one NaN
+    group sends the whole call down the full rule. Both must give the other groups the same
+    bits, and both must equal the flat body."""
+    tau_shape, tau = TAU_KINDS[tau_kind]
+    feeds_tau = {} if tau_shape is None else {"tau": np.asarray(tau, np.float32)}
+    branching, flat = (session(gpcl_model(None, mode=mode, tau=1.3, tau_shape=tau_shape, body=b)) for b in BODIES)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((9, 4 * G)) * rng.choice([0.01, 1, 30], (9, 1))).astype(np.float32)
+    (fast,) = branching.run(None, {"X": x, **feeds_tau})
+    assert_matches(fast, gpcl_numpy(x, tau, mode), np.float32)
+    poisoned = x.copy()
+    poisoned[4, 5] = np.nan
+    (slow,) = branching.run(None, {"X": poisoned, **feeds_tau})
+    (flat_y,) = flat.run(None, {"X": poisoned, **feeds_tau})
+    assert np.isnan(slow[4, 4:8]).all()
+    others = np.ones(x.shape, bool)
+    others[4, 4:8] = False
+    np.testing.assert_array_equal(slow[others], fast[others])
+    np.testing.assert_array_equal(slow, flat_y)
+
+
+def test_unknown_body_is_refused():
+    with pytest.raises(GpclError, match="body"):
+        gpcl_model([1, 4], body="fast")

@@ -96,7 +96,7 @@ def test_hopf_invariants(xt, theta):
     big = r >= 1e-3  # well clear of eps, where u = q/r is well conditioned
     rho = np.minimum(r, t)
     np.testing.assert_allclose(radius(y)[big], rho[big], rtol=3e-6)
-    assert np.all(groups(y)[r < 1e-6] == 0)
+    assert np.all(groups(y)[r < np.float32(1e-6)] == 0)  # eps as the float32 value the op compares with
     np.testing.assert_array_equal(gpcl_numpy(-x, tau, "hopf"), y)
     y_rot = gpcl_numpy(_rotate(x.reshape(-1, 4), theta).reshape(x.shape), tau, "hopf")
     np.testing.assert_allclose(groups(y_rot)[big], groups(y)[big], atol=1e-5 * float(np.max(t)))
@@ -132,6 +132,38 @@ def test_non_finite_groups_are_nan(xt, mode, data):
     mask[bad] = True
     assert np.all(np.isnan(y[mask]))
     np.testing.assert_array_equal(y[~mask], groups(gpcl_numpy(x, tau, mode))[~mask])
+
+
+@SETTINGS
+@given(tensors(st.floats(2.0**63, 2.0**122, width=32) | st.floats(-(2.0**122), -(2.0**63), width=32)),
+       st.sampled_from(MODES))
+def test_groups_whose_sum_of_squares_overflows_stay_exact(xt, mode):
+    """Invariants 1 and 4 hold where the float32 sum of squares overflows (|q| > ~1.8e19):
+    finite, ||Y|| = t (clamp, soft: the ball's radius; hopf: rho), clamp and soft keep q's
+    direction, hopf's p is a unit vector."""
+    x, tau = xt
+    y = gpcl_numpy(x, tau, mode)
+    assert np.all(np.isfinite(y))
+    t = group_tau(x, tau)
+    np.testing.assert_allclose(radius(y), t, rtol=2e-6)
+    g = groups(y).astype(np.float64)
+    if mode != "hopf":
+        u = groups(x).astype(np.float64) / radius(x)[:, None]
+        np.testing.assert_allclose(g / t[:, None], u, rtol=3e-6, atol=1e-6)
+    else:
+        np.testing.assert_allclose(np.linalg.norm(g[:, :3] / g[:, 3:], axis=1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_edge_of_the_float32_range(mode):
+    """Where r / t underflows (soft: identity, not 0/0), and where the true radius exceeds
+    FLT_MAX (r = +Inf in float32: bounded and finite, the documented limit)."""
+    x = np.array([[1e-5, 0, 0, 0, 3e38, -3e38, 3e38, 0, 2e-30, 0, 0, 0]], np.float32)
+    y = gpcl_numpy(x, 1e33, mode, eps=1e-32).reshape(-1, 4)
+    assert np.all(np.isfinite(y))
+    assert np.all(np.linalg.norm(y.astype(np.float64), axis=1) <= 1e33 * (1 + 1e-6))
+    if mode != "hopf":  # far inside the ball: clamp and soft are the identity
+        np.testing.assert_array_equal(y[[0, 2]], x.reshape(-1, 4)[[0, 2]])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -2,12 +2,15 @@
 // program (gpcl_host_check.cpp), so the code CI tests on the host is the code the GPU runs.
 //
 // It repeats the canonical float32 operation order of plugins/reference.py (the oracle):
-//   r = sqrt(((q0*q0 + q1*q1) + q2*q2) + q3*q3)
+//   ss(v) = ((v0*v0 + v1*v1) + v2*v2) + v3*v3
+//   r = sqrt(ss(q)); where that is +Inf: rho = sqrt(ss(q * 2^-66)), which cannot overflow,
+//       is not finite -> the group has a NaN/Inf channel -> all NaN; else r = rho * 2^66
+//   (a NaN r also means a NaN channel -> all NaN)
 //   clamp: y = q * (t / max(r, t))
-//   soft:  y = q                     (r < eps)   else a = r / t, y = q * (tanh(a) / a)
+//   soft:  y = q                     (r < eps)   else a = max(r / t, FLT_MIN), y = q * (tanh(a) / a)
 //   hopf:  y = 0                     (r < eps)   else u = q / r, k = min(r, t) * (1/sqrt 2),
 //          y = k * (2(u0u2 + u1u3), 2(u1u2 - u0u3), (u0u0 + u1u1) - (u2u2 + u3u3), 1)
-//   a group whose r is not finite (NaN/Inf channel, or float32 overflow) -> all NaN.
+// The rescaled radius is only computed on the rare overflow branch: the hot path is unchanged.
 // Build with contraction off (nvcc --fmad=false, g++ -ffp-contract=off): an FMA would round
 // the sums differently from the reference and break clamp's bit-exact identity.
 #pragma once
@@ -43,15 +46,28 @@ enum DType : int
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kFloatMax = 3.402823466e+38f;
+constexpr float kFloatMin = 1.175494351e-38f; // smallest normal float32
+constexpr float kRescale = 0x1p-66f;          // 4 * (FLT_MAX * 2^-66)^2 < FLT_MAX
+constexpr float kUnscale = 0x1p66f;
+
+GPCL_HD float sumSquares(float v0, float v1, float v2, float v3)
+{
+    return ((v0 * v0 + v1 * v1) + v2 * v2) + v3 * v3;
+}
 
 // In place on one group. `t` > 0 is the group's tau; `mode` one of Mode.
 GPCL_HD void group(float q[4], float t, float eps, int mode)
 {
-    float const r = sqrtf(((q[0] * q[0] + q[1] * q[1]) + q[2] * q[2]) + q[3] * q[3]);
-    if (!(r <= kFloatMax)) // NaN or Inf: corruption is propagated to the whole group
+    float r = sqrtf(sumSquares(q[0], q[1], q[2], q[3]));
+    if (!(r <= kFloatMax)) // NaN or Inf channel, or the float32 sum of squares overflowed
     {
-        q[0] = q[1] = q[2] = q[3] = NAN;
-        return;
+        float const rho = sqrtf(sumSquares(q[0] * kRescale, q[1] * kRescale, q[2] * kRescale, q[3] * kRescale));
+        if (!(rho <= kFloatMax)) // a non-finite channel: corruption is propagated to the whole group
+        {
+            q[0] = q[1] = q[2] = q[3] = NAN;
+            return;
+        }
+        r = rho * kUnscale; // +Inf only when the true radius exceeds FLT_MAX
     }
     if (mode == kClamp)
     {
@@ -62,7 +78,7 @@ GPCL_HD void group(float q[4], float t, float eps, int mode)
     {
         if (r < eps)
             return;
-        float const a = r / t;
+        float const a = fmaxf(r / t, kFloatMin); // r / t may underflow: tanh(a) / a is 1 there, not 0/0
         float const s = tanhf(a) / a;
         q[0] *= s, q[1] *= s, q[2] *= s, q[3] *= s;
     }
