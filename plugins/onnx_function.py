@@ -242,20 +242,24 @@ def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "
         raise GpclError(f"GPCL function body must be one of {', '.join(BODIES)}, got {body!r}")
     b = _Body(opset, planar=body == "branching")
     xf = b.op("Cast", "X", to=TensorProto.FLOAT)
-    if tau_input:
-        # q [M, K, 4] with K = tau's size: 1 for a scalar tau, G for a per-group one; t [K].
-        # ORT folds all of this away when tau is an initializer.
-        k = b.op("Reshape", b.op("Size", "tau"), b.const_i([1]))
-        gshape = b.op("Concat", b.const_i([-1]), k, b.const_i([4]), axis=0)
-        t = b.op("Reshape", b.op("Cast", "tau", to=TensorProto.FLOAT), b.const_i([-1]))
-        if not b.planar:
-            t = b.op("Unsqueeze", t, b.const_i([-1]))  # [K, 1], against [M, K, 1]
+    if not tau_input:
+        t = b.attr_f("tau")
     else:
-        gshape, t = b.const_i([-1, 4]), b.attr_f("tau")
-    rank = 3 if tau_input else 2
-    q = b.op("Reshape", xf, gshape)
+        # Per-group layout [..., K] with K = tau's size (1 for a scalar tau, G for a per-group
+        # one) and t [K]; ORT folds the shape arithmetic away when tau is an initializer.
+        k = b.op("Reshape", b.op("Size", "tau"), b.const_i([1]))
+        t = b.op("Reshape", b.op("Cast", "tau", to=TensorProto.FLOAT), b.const_i([-1]))
     if b.planar:
-        q = b.op("Transpose", q, perm=[rank - 1, *range(rank - 1)])
+        # [M, 4] -> planes [4, M] (a 2-D transpose, cheaper in ORT than moving the last axis
+        # of [M, K, 4]), then a free reshape to [4, M / K, K] for a per-group tau.
+        q = b.op("Transpose", b.op("Reshape", xf, b.const_i([-1, 4])), perm=[1, 0])
+        if tau_input:
+            q = b.op("Reshape", q, b.op("Concat", b.const_i([4, -1]), k, axis=0))
+    elif tau_input:
+        q = b.op("Reshape", xf, b.op("Concat", b.const_i([-1]), k, b.const_i([4]), axis=0))  # [M, K, 4]
+        t = b.op("Unsqueeze", t, b.const_i([-1]))  # [K, 1], against [M, K, 1]
+    else:
+        q = b.op("Reshape", xf, b.const_i([-1, 4]))
     mode_body = _MODE_BODY[mode]
     r = b.op("Sqrt", b.sum_squares(q))
     if body == "flat":
@@ -270,7 +274,9 @@ def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "
         yq = b.op("If", fast,
                   then_branch=b.branch(lambda: mode_body(b, q, r, None, t)),
                   else_branch=b.branch(lambda: mode_body(b, q, *b.safe_radius(q, r), t)))
-        yq = b.op("Transpose", yq, perm=[*range(1, rank), 0])
+        if tau_input:
+            yq = b.op("Reshape", yq, b.const_i([4, -1]))
+        yq = b.op("Transpose", yq, perm=[1, 0])
     y = b.op("Reshape", yq, b.op("Shape", "X"))
     b.nodes.append(oh.make_node("CastLike", [y, "X"], ["Y"]))
     fn = oh.make_function(

@@ -5,8 +5,11 @@ at every pre-attention and pre-MLP site, side by side in one run. Target: ratio 
     python tools/bench_gpcl_ort.py                       # embedded MiniLM, batch 1 x 128
     python tools/bench_gpcl_ort.py --batch 8 --seq 128 --threads 2 --json
 
-The two sessions are timed interleaved (round r: baseline block, then each GPCL variant's block)
-so machine noise hits them alike; the reported time is the median per-call latency.
+The sessions are timed interleaved (round r: baseline block, then each GPCL variant's block)
+so machine noise hits them alike; reported: the median per-call latency, and the median over
+rounds of each round's GPCL / baseline ratio (steadier on a shared machine). Variants: the
+tau attribute and per-group tau (both with the branching body that models carry), and the
+flat body that engine builds use instead, for comparison.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-VARIANTS = ("tau-attribute", "tau-per-group")
+VARIANTS = ("tau-attribute", "tau-per-group", "flat-body")
 
 
 def per_group_tau(src: Path, dst: Path, tau: float) -> None:
@@ -47,8 +50,11 @@ def per_group_tau(src: Path, dst: Path, tau: float) -> None:
 
 
 def make_models(model_dir: Path, work: Path, mode: str, tau: float) -> dict[str, Path]:
+    import onnx
+
     from gpcl_trt.exporter import export_model
     from gpcl_trt.passes import insert_file
+    from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
 
     base = work / "base.onnx"
     if not base.exists():
@@ -57,7 +63,15 @@ def make_models(model_dir: Path, work: Path, mode: str, tau: float) -> dict[str,
     insert_file(base, models["tau-attribute"], sites=("pre-attention", "pre-mlp"), mode=mode, tau=tau, force=True)
     models["tau-per-group"] = work / f"gpcl_{mode}_pg.onnx"
     per_group_tau(models["tau-attribute"], models["tau-per-group"], tau)
+    models["flat-body"] = work / f"gpcl_{mode}_flat.onnx"
+    flat = attach_gpcl_functions(onnx.load(str(models["tau-attribute"])), body="flat")
+    onnx.save(flat, str(models["flat-body"]))
     return models
+
+
+def _iqr(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4)
+    return [round(q[0], 4), round(q[2], 4)]
 
 
 def bench(models: dict[str, Path], batch: int, seq: int, threads: int, rounds: int, iters: int) -> dict:
@@ -76,13 +90,18 @@ def bench(models: dict[str, Path], batch: int, seq: int, threads: int, rounds: i
     outs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}  # warm-up + sanity
     wall: dict[str, list[float]] = {k: [] for k in sessions}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    paired: dict[str, list[float]] = {k: [] for k in sessions if k != "baseline"}
     for _ in range(rounds):
+        block: dict[str, float] = {}
         for k, s in sessions.items():
             for _ in range(iters):
                 c0, t0 = time.thread_time(), time.perf_counter()
                 s.run(None, feeds)
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.thread_time() - c0)
+            block[k] = statistics.median(wall[k][-iters:])
+        for k in paired:  # this round's ratio: slow drifts of the machine cancel out
+            paired[k].append(block[k] / block["baseline"])
     med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
     out = {
         "batch": batch,
@@ -91,6 +110,10 @@ def bench(models: dict[str, Path], batch: int, seq: int, threads: int, rounds: i
         "samples": len(wall["baseline"]),
         "median_ms": med,
         "ratio": {k: med[k] / med["baseline"] for k in med if k != "baseline"},
+        # median over rounds of (GPCL block median / baseline block median), with the
+        # interquartile range of those per-round ratios
+        "paired_ratio": {k: statistics.median(v) for k, v in paired.items()},
+        "paired_ratio_iqr": {k: _iqr(v) for k, v in paired.items()},
         "max_abs_diff_vs_baseline": {k: float(np.abs(outs[k] - outs["baseline"]).max()) for k in outs},
     }
     if threads == 1:
@@ -132,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     for r in results:
-        ratios = ", ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items())
+        ratios = ", ".join(f"{k} {v:.3f}x (paired {r['paired_ratio'][k]:.3f}x, IQR {r['paired_ratio_iqr'][k][0]:.3f}-"
+                           f"{r['paired_ratio_iqr'][k][1]:.3f})" for k, v in r["ratio"].items())
         if "cpu_ratio" in r:
             ratios += "; thread CPU time: " + ", ".join(f"{k} {v:.3f}x" for k, v in r["cpu_ratio"].items())
         print(f"batch {r['batch']} x seq {r['seq']}, {r['threads']} thread(s): baseline "
