@@ -28,8 +28,8 @@ def register(main: click.Group) -> None:
         type=click.Choice(["native", "plugin"]),
         default="native",
         show_default=True,
-        help="GPCL implementation: native (the parser inlines the ONNX function, any backend) or plugin "
-        "(the CUDA plugin from --plugin-lib; full TensorRT only).",
+        help="GPCL implementation: native (the parser inlines the ONNX function, any backend; the build "
+        "uses its flat, If-free body) or plugin (the CUDA plugin from --plugin-lib; full TensorRT only).",
     )
     @click.option("--plugin-lib", type=_PATH, default=None, help="GPCL TensorRT plugin library (.so), for --gpcl plugin.")
     @click.option(
