@@ -34,7 +34,8 @@ def kernel(tmp_path_factory):
 
 
 def sample(shape, seed):
-    """Random groups at several scales (never all zeros), plus zero, sub-eps, NaN and Inf groups."""
+    """Random groups at several scales (never all zeros), plus zero, sub-eps, NaN, Inf and
+    overflowing groups."""
     g = torch.Generator().manual_seed(seed)
     groups = shape[-1] // 4
     scale = torch.tensor([1e-8, 1e-3, 0.3, 1.0, 5.0, 300.0])[torch.randint(0, 6, (*shape[:-1], groups, 1), generator=g)]
@@ -46,6 +47,9 @@ def sample(shape, seed):
         flat[2, 1] = float("nan")
         flat[3, 3] = float("inf")
         flat[4, 0] = float("-inf")
+    if flat.shape[0] > 6:
+        flat[5] = torch.tensor([3e19, 0, -1e19, 0])  # the float32 sum of squares overflows (float16: Inf)
+        flat[6] = torch.tensor([3e38, 3e38, 0, 0])  # radius > FLT_MAX
     return x
 
 
