@@ -517,3 +517,38 @@ def test_external_data_path(toy_onnx, tmp_path, monkeypatch):
     assert res["sites"]["layer0/pre-attention"]["tau"] > 0
     with pytest.raises(GpclError, match="exists; pass --force"):
         insert_file(toy_onnx, big, tau=0.5)
+
+
+def test_calibration_matches_radii_recomputed_from_ort_site_tensors(minilm_onnx, tmp_path):
+    """tau and the statistics in calib.json equal what an independent computation gives: the
+    site tensors read straight from an ORT session of the plain model (as extra outputs), the
+    padding tokens dropped, radii from float32 groups of four, numpy's percentile x margin."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1000, 5000, (4, 11), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # padding: not calibration data
+    mask[3, 4:] = 0
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+    calibrate_file(minilm_onnx, tmp_path / "calib.json", data=tmp_path / "d.npz", percentile=99.5, margin=1.5)
+    doc = json.loads((tmp_path / "calib.json").read_text())
+    assert len(doc["sites"]) == 12
+
+    model = onnx.load(str(minilm_onnx))
+    tensors = [s["tensor"] for s in doc["sites"].values()]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    radii: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for i in range(ids.shape[0]):
+        feeds = {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1], "token_type_ids": np.zeros_like(ids[i:i + 1])}
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        for t in tensors:
+            q = outs[t][0][mask[i] == 1].astype(np.float32).reshape(-1, 4)
+            radii[t].append(np.sqrt(((q[:, 0] * q[:, 0] + q[:, 1] * q[:, 1]) + q[:, 2] * q[:, 2]) + q[:, 3] * q[:, 3]))
+    tokens = int(mask.sum())
+    for site in doc["sites"].values():
+        r = np.concatenate(radii[site["tensor"]])
+        assert site["stats"]["tokens"] == tokens and site["stats"]["count"] == r.size == tokens * site["hidden"] // 4
+        assert site["stats"]["max"] == pytest.approx(float(r.max()), rel=1e-6)
+        assert site["tau"] == pytest.approx(1.5 * float(np.percentile(r, 99.5)), rel=1e-5)
