@@ -23,7 +23,6 @@ STAT_PERCENTILES = (50.0, 99.0, 99.99)
 _TAU_FLOOR = 1e-6  # a dead site/group (r == 0 everywhere) still needs tau > 0
 _MAX_TOKENS = 128
 _NPZ_BATCH = 8
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
 
@@ -75,37 +74,11 @@ def _vocab_size(lm) -> int | None:
 
 def _tokenizer(model_dir: str | None):
     """A callable sentence -> {input_ids, attention_mask, token_type_ids} ([1, S] arrays), or
-    None. The fast `tokenizers` path avoids importing transformers (and torch): seconds saved."""
-    if model_dir is None:
-        return None
-    tj = Path(model_dir) / "tokenizer.json"
-    if tj.is_file():
-        from tokenizers import Tokenizer
+    None when the model folder has no tokenizer."""
+    from gpcl_trt.text import text_encoder
 
-        tk = Tokenizer.from_file(str(tj))
-        tk.no_padding()
-        tk.enable_truncation(_MAX_TOKENS)
-
-        def encode(text: str) -> dict[str, np.ndarray]:
-            e = tk.encode(text)
-            return {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
-                    "token_type_ids": np.array([e.type_ids], np.int64)}
-
-        return encode
-    if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
-        return None  # transformers would build an empty tokenizer (and cost a torch import)
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except Exception:  # no usable tokenizer files: the caller falls back to random ids
-        return None
-
-    def encode_hf(text: str) -> dict[str, np.ndarray]:
-        enc = tok(text, return_tensors="np", truncation=True, max_length=_MAX_TOKENS)
-        return {k: np.asarray(v, np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    return encode_hf
+    encode = text_encoder(model_dir, max_tokens=_MAX_TOKENS) if model_dir is not None else None
+    return None if encode is None else (lambda text: encode([text]))
 
 
 def _pad_batches(encoded: list[dict[str, np.ndarray]], size: int = _NPZ_BATCH) -> list[dict[str, np.ndarray]]:

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from gpcl_trt.common import GpclError, read_manifest
+from gpcl_trt.text import TOKENIZER_FILES
 
 Feed = "OrderedDict[str, np.ndarray]"
 
@@ -32,7 +33,6 @@ SENTENCES = (
     "Mountains in the distance were covered with fresh snow.",
 )
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -96,7 +96,7 @@ def find_tokenizer_dir(model: str | Path, depth: int = 3) -> Path | None:
     the artifact's manifest (followed through source artifacts, e.g. GPCL -> export -> model)."""
     p = Path(model)
     if p.is_dir():
-        return p if any((p / f).exists() for f in _TOKENIZER_FILES) else None
+        return p if any((p / f).exists() for f in TOKENIZER_FILES) else None
     if depth <= 0 or not p.is_file():
         return None
     manifest = read_manifest(p)
@@ -123,53 +123,13 @@ def _strings(obj: Any) -> Iterable[str]:
             yield from _strings(v)
 
 
-def _special(tokenizer_dir: Path, key: str) -> str | None:
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = tokenizer_dir / name
-        if f.exists():
-            v = json.loads(f.read_text()).get(key)
-            v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str):
-                return v
-    return None
-
-
-def _encoder(tokenizer_dir: Path, seq: int):
-    """texts -> {input_ids, attention_mask, token_type_ids}, padded/truncated to ``seq``. Uses
-    the `tokenizers` library on tokenizer.json when there is one (transformers' AutoTokenizer
-    would import torch: seconds, for an ONNX-only diff); AutoTokenizer otherwise."""
-    if (tokenizer_dir / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        pad = next((t for t in (_special(tokenizer_dir, k) for k in ("pad_token", "eos_token", "unk_token"))
-                    if t is not None and tok.token_to_id(t) is not None), None)
-        tok.enable_truncation(seq)
-        tok.enable_padding(length=seq, pad_id=tok.token_to_id(pad) if pad else 0, pad_token=pad or "[PAD]")
-
-        def encode(texts: list[str]) -> dict[str, np.ndarray]:
-            enc = tok.encode_batch(texts)
-            return {"input_ids": np.array([e.ids for e in enc], np.int64),
-                    "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-                    "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
-
-        return encode
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if hf.pad_token is None:  # decoder tokenizers often have none; pad with EOS
-        hf.pad_token = hf.eos_token or hf.unk_token
-
-    def encode_hf(texts: list[str]) -> dict[str, np.ndarray]:
-        enc = hf(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-
-    return encode_hf
-
-
 def tokenize_samples(tokenizer_dir: Path, samples: int, batch: int, seq: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Real text, padded/truncated to ``seq`` tokens so every sample has the same shape."""
-    encode = _encoder(Path(tokenizer_dir), seq)
+    from gpcl_trt.text import text_encoder
+
+    encode = text_encoder(tokenizer_dir, length=seq)
+    if encode is None:
+        raise GpclError(f"{tokenizer_dir}: no usable tokenizer for text inputs; pass --inputs FILE.npz")
     rng = np.random.default_rng(seed)
     return [encode([" ".join(rng.choice(SENTENCES, size=1 + seq // 12)) for _ in range(batch)]) for _ in range(samples)]
 
