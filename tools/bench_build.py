@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="plain ONNX model (default: export MiniLM here)")
     ap.add_argument("--gpcl", type=Path, help="the same model with GPCL (default: insert into the baseline here)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--repeats", type=int, default=3, help="builds per model and precision (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="builds per model and precision (median and fastest reported)")
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"])
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--site-stand-in", choices=STAND_INS, help="build a stand-in at each GPCL site instead of GPCL")

@@ -34,7 +34,6 @@ SENTENCES = (
 )
 
 
-
 # ----------------------------------------------------------------------------- loading
 def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
     """Feeds from ``.npz`` (one sample, or keys ``"{i}/{name}"`` for several) or from a
