@@ -118,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         major, minor = torch.cuda.get_device_capability()
         lib = native.build_kernel_library(tempfile.mkdtemp(prefix="gpcl_bench_"), archs=(f"{major}{minor}",))
     kernel = native.KernelLibrary(lib)
-    compiled = None if args.no_compile else torch.compile(gpcl_torch, dynamic=False)
+    compiled = None
+    if not args.no_compile:
+        # One specialisation per (shape, dtype, mode): raise dynamo's recompile limit (default 8),
+        # past which it silently falls back to eager and the comparison would be against eager.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+        compiled = torch.compile(gpcl_torch, dynamic=False)
     device = torch.cuda.get_device_name()
     shapes = SHAPES[1::3] if args.quick else SHAPES
     results = []
