@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return build_engine
     if name == "inspect_engine":
-        from gpcl_trt.engines.inspect import inspect_engine
+        from gpcl_trt.engines.inspection import inspect_engine
 
         return inspect_engine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

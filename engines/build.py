@@ -71,7 +71,7 @@ def build_engine(
     validity = _write_engine(be, output, data, force)
     cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
 
-    from gpcl_trt.engines.inspect import engine_layers, plan_layer_records
+    from gpcl_trt.engines.inspection import engine_layers, plan_layer_records
 
     results = {
         "backend": be.name,
@@ -138,7 +138,7 @@ def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path) ->
 def _write_engine(be: Any, output: Path, data: bytes, force: bool) -> dict[str, Any]:
     """Write atomically and check what was written, before it takes the final name."""
     from gpcl_trt.common import atomic_path
-    from gpcl_trt.engines.inspect import check_engine_bytes
+    from gpcl_trt.engines.inspection import check_engine_bytes
 
     with atomic_path(output, force=force) as tmp:
         tmp.write_bytes(data)

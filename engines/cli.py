@@ -56,7 +56,7 @@ def register(main: click.Group) -> None:
         (ONNX and plugin hashes, backend, precision, profiles, GPCL implementation, layer summary,
         build time, engine check)."""
         from gpcl_trt.engines import build_engine
-        from gpcl_trt.engines.inspect import format_summary
+        from gpcl_trt.engines.inspection import format_summary
         from gpcl_trt.common import eprint
 
         result = build_engine(onnx_path, output, **kw)
@@ -69,7 +69,7 @@ def register(main: click.Group) -> None:
         """Print what OUT.engine holds (from its manifest and the engine itself) and check it:
         header validity without a GPU, deserialisation and the built layers with one."""
         from gpcl_trt.engines import inspect_engine
-        from gpcl_trt.engines.inspect import format_summary
+        from gpcl_trt.engines.inspection import format_summary
         from gpcl_trt.common import eprint
 
         result = inspect_engine(engine_path)

@@ -413,7 +413,7 @@ def test_full_tensorrt_plugin_build_has_plugin_layers(tmp_path_factory, request)
 
 @pytest.mark.gpu
 def test_engine_inspector_lists_built_layers_on_a_gpu(minilm_engines):
-    from gpcl_trt.engines.inspect import gpu_present
+    from gpcl_trt.engines.inspection import gpu_present
 
     if not gpu_present():
         pytest.skip("needs a GPU")
