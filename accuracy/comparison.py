@@ -196,7 +196,8 @@ def site_report(sites: list[dict], iters: list) -> tuple[list[dict], dict[str, n
 def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, threads):
     """Both sides, each exposing the extra tensors it must (shared intermediates for per-layer,
     GPCL site inputs/outputs for the report); each .onnx is read (and typed) once."""
-    from gpcl_trt.accuracy.runners import infer_types, load_onnx
+    from gpcl_trt.accuracy.runners import infer_types
+    from gpcl_trt.common import load_onnx
 
     paths = {"reference": reference, "candidate": candidate}
     models = {role: load_onnx(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.accuracy import metrics as mt
-from gpcl_trt.accuracy.runners import make_side, ort_session, with_outputs
+from gpcl_trt.accuracy.runners import make_side, with_outputs
 from gpcl_trt.common import GpclError, sha256_file
+from gpcl_trt.feeds import make_feeds, ort_session, specs_from_onnx, vocab_size
 
 DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
 DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
@@ -56,7 +56,7 @@ def _site_metrics(sites: list[dict], outs: list[dict]) -> dict[str, Any]:
 
 
 def _run(model, feeds: list[dict], threads: int | None) -> list[dict]:
-    sess = ort_session(model, threads)
+    sess = ort_session(model, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, f))) for f in feeds]
 
@@ -74,8 +74,8 @@ def latency_sweep(base_model, gpcl_models: dict[str, Any], make_feed, seqs, reps
     """Median ORT CPU latency of the original and each GPCL model per sequence length; the
     overhead per token is (t_gpcl - t_orig) / tokens. Runs are interleaved so that drift in a
     shared machine's load hits both sides alike."""
-    sessions = {"original": ort_session(base_model, threads)}
-    sessions.update({k: ort_session(m, threads) for k, m in gpcl_models.items()})
+    sessions = {"original": ort_session(base_model, threads=threads)}
+    sessions.update({k: ort_session(m, threads=threads) for k, m in gpcl_models.items()})
     rows = []
     for seq in seqs:
         feed = make_feed(seq)
@@ -225,7 +225,7 @@ def study(
 
         # Variants are made in memory with the graph-level pass (insert_gpcl): insert_file would
         # run the full ONNX checker and write the model out for each one; ORT still loads each.
-        from gpcl_trt.passes.graph import load_model as load_graph, to_proto
+        from gpcl_trt.passes.graph import load_graph, to_proto
         from gpcl_trt.passes.insert import insert_gpcl, load_calibration
         from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
 
@@ -266,11 +266,10 @@ def study(
             if not radii:  # radius distribution before GPCL, with this variant's tau marked
                 radii = {s["node"]: (np.concatenate([mt.group_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
 
-        rng = np.random.default_rng(seed)
-        vocab = inp.vocab_size_from_onnx(base)
+        specs, vocab = specs_from_onnx(base), vocab_size(base)
 
         def make_feed(n: int) -> dict:
-            return inp.random_feed(side.spec, 1, n, rng, vocab)
+            return make_feeds(specs, 1, n, seed=seed + n, vocab=vocab)
 
         lat_rows = latency_sweep(base, dict(keep.values()), make_feed, latency_seqs, latency_reps, threads)
         lat_verdict = per_token_verdict(lat_rows)

@@ -8,11 +8,11 @@ import json
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, read_manifest
+from gpcl_trt.common import GpclError
 from gpcl_trt.text import TOKENIZER_FILES
 
 Feed = "OrderedDict[str, np.ndarray]"
@@ -90,36 +90,14 @@ def save_inputs_json(feeds: list[dict[str, np.ndarray]], path: str | Path) -> No
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def find_tokenizer_dir(model: str | Path, depth: int = 3) -> Path | None:
-    """The directory holding a tokenizer for ``model``: the model dir itself, or one recorded in
-    the artifact's manifest (followed through source artifacts, e.g. GPCL -> export -> model)."""
+def find_tokenizer_dir(model: str | Path) -> Path | None:
+    """The directory holding a tokenizer for ``model``: the model dir itself, or the HF model
+    directory its manifest chain records (GPCL model -> export -> model dir)."""
+    from gpcl_trt.manifest import model_dir_of
+
     p = Path(model)
-    if p.is_dir():
-        return p if any((p / f).exists() for f in TOKENIZER_FILES) else None
-    if depth <= 0 or not p.is_file():
-        return None
-    manifest = read_manifest(p)
-    for value in _strings(manifest or {}):
-        cand = Path(value)
-        if not cand.is_absolute():
-            cand = p.parent / cand
-        if cand.resolve() == p.resolve() or not cand.exists():
-            continue
-        found = find_tokenizer_dir(cand, depth - 1)
-        if found:
-            return found
-    return None
-
-
-def _strings(obj: Any) -> Iterable[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
+    d = p if p.is_dir() else model_dir_of(p)
+    return d if d is not None and any((d / f).exists() for f in TOKENIZER_FILES) else None
 
 
 def tokenize_samples(tokenizer_dir: Path, samples: int, batch: int, seq: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -133,78 +111,7 @@ def tokenize_samples(tokenizer_dir: Path, samples: int, batch: int, seq: int, se
     return [encode([" ".join(rng.choice(SENTENCES, size=1 + seq // 12)) for _ in range(batch)]) for _ in range(samples)]
 
 
-# ----------------------------------------------------------------------------- generation
-def onnx_input_spec(model) -> "OrderedDict[str, tuple[np.dtype, list]]":
-    """name -> (numpy dtype, dims) for the graph inputs that are not initializers."""
-    from onnx import helper
-
-    inits = {i.name for i in model.graph.initializer}
-    spec = OrderedDict()
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim]
-        spec[vi.name] = (np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims)
-    return spec
-
-
-def vocab_size_from_onnx(model, ids_name: str = "input_ids") -> int | None:
-    """The embedding table's row count: the Gather that reads ``input_ids`` from an initializer."""
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == ids_name and node.input[0] in inits:
-            return int(inits[node.input[0]].dims[0])
-    return None
-
-
-_DIM_SIZES = {"past_sequence": 0}
-
-
-def _concrete(dims: list, batch: int, seq: int) -> tuple[int, ...]:
-    sizes = {"batch": batch, "sequence": seq, "total_sequence": seq, **_DIM_SIZES}
-    out = []
-    for i, d in enumerate(dims):
-        if isinstance(d, int) and d > 0:
-            out.append(d)
-        elif isinstance(d, str) and d in sizes:
-            out.append(sizes[d])
-        else:  # unnamed dynamic dim: leading is batch, the next the sequence
-            out.append(batch if i == 0 else seq)
-    return tuple(out)
-
-
-def random_feed(spec, batch: int, seq: int, rng: np.random.Generator, vocab: int | None) -> dict[str, np.ndarray]:
-    """One feed from an input spec, with the usual meaning of the conventional input names."""
-    feed = OrderedDict()
-    for name, (dtype, dims) in spec.items():
-        shape = _concrete(dims, batch, seq)
-        if name == "attention_mask":
-            feed[name] = np.ones(shape, dtype)
-        elif name in ("token_type_ids",) or name.startswith("past_key_values"):
-            feed[name] = np.zeros(shape, dtype)
-        elif name == "position_ids":
-            feed[name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        elif np.issubdtype(dtype, np.integer):
-            feed[name] = rng.integers(0, vocab or 100, size=shape, dtype=dtype)
-        else:
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-    return feed
-
-
-def overlay_text(feed: dict[str, np.ndarray], text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Replace ids/mask/type ids of ``feed`` by the tokenizer's, keeping the model's input set,
-    and make position ids follow the mask."""
-    out = OrderedDict(feed)
-    for name in ("input_ids", "attention_mask", "token_type_ids"):
-        if name in out and name in text:
-            out[name] = text[name].astype(out[name].dtype)
-    if "position_ids" in out and "attention_mask" in text:
-        mask = text["attention_mask"]
-        out["position_ids"] = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(out["position_ids"].dtype)
-    return out
-
-
+# ----------------------------------------------------------------------------- description
 def describe_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     first = feeds[0]
     return {"samples": len(feeds), "shapes": {k: list(v.shape) for k, v in first.items()},

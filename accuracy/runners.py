@@ -19,9 +19,10 @@ from typing import Any, Callable
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 
+from gpcl_trt import feeds
 from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.common import GpclError
-from gpcl_trt.common import load_onnx  # noqa: F401  (also imported from here by comparison)
+from gpcl_trt.common import load_onnx
 
 # Outputs by task, when the exporter's module does not name them itself (architecture.md names).
 _TASK_OUTPUTS = {"feature-extraction": ["last_hidden_state"], "text-generation": ["logits"]}
@@ -142,15 +143,9 @@ def _torch_side(path: Path, role: str, task: str, tok) -> Side:
         raise
     except Exception as exc:
         raise GpclError(f"cannot load {path} with PyTorch: {type(exc).__name__}: {exc}") from None
-    spec = OrderedDict((k, (v.dtype, [f"dim{i}" for i in range(v.ndim)])) for k, v in runner.dummy.items())
-
-    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
-        from gpcl_trt.exporter import make_dummy_inputs
-
-        base = [make_dummy_inputs(runner.arch, runner.task, batch, seq, seed + i) for i in range(samples)]
-        return _with_text(base, tok, batch, seq, seed)
-
-    return Side("torch", path, runner, spec, generate=generate)
+    specs = feeds.specs_from_axes(runner.arch.inputs(runner.task), np.float16 if runner.arch.dtype == "fp16" else np.float32)
+    spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
+    return Side("torch", path, runner, spec, generate=_generator(specs, runner.arch.vocab_size, tok))
 
 
 def with_outputs(model, names: list[str]):
@@ -170,34 +165,16 @@ def with_outputs(model, names: list[str]):
     return m
 
 
-def ort_session(model, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise GpclError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
-
-
 def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -> Side:
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     model = model if model is not None else load_onnx(path)
     run_model = with_outputs(model, extra_outputs) if extra_outputs else model
-    runner = OnnxrtRunner(lambda: ort_session(run_model, threads), name=role)
-    spec = inp.onnx_input_spec(model)
-    vocab = inp.vocab_size_from_onnx(model)
-
-    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
-        rng = np.random.default_rng(seed)
-        base = [inp.random_feed(spec, batch, seq, rng, vocab) for _ in range(samples)]
-        return _with_text(base, tok, batch, seq, seed)
-
-    return Side("onnx", path, runner, spec, onnx_model=model, extra_outputs=list(extra_outputs), generate=generate)
+    runner = OnnxrtRunner(lambda: feeds.ort_session(run_model, threads=threads), name=role)
+    specs = feeds.specs_from_onnx(model)
+    spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
+    return Side("onnx", path, runner, spec, onnx_model=model, extra_outputs=list(extra_outputs),
+                generate=_generator(specs, feeds.vocab_size(model), tok))
 
 
 def infer_types(model):
@@ -210,11 +187,16 @@ def infer_types(model):
         return model
 
 
-def _with_text(base: list, tok: Path | None, batch: int, seq: int, seed: int) -> list:
-    if tok is None or "input_ids" not in base[0]:
-        return base
-    texts = inp.tokenize_samples(tok, len(base), batch, seq, seed)
-    return [inp.overlay_text(b, t) for b, t in zip(base, texts)]
+def _generator(specs: list, vocab: int | None, tok: Path | None) -> Callable[[int, int, int, int], list]:
+    """samples x [batch, seq] feeds (no past): the tokenizer's text where there is one and the
+    model reads token ids, random inputs otherwise; sample i is drawn with seed + i."""
+    reads_text = any(s.name == feeds.INPUT_IDS for s in specs)
+
+    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
+        texts = inp.tokenize_samples(tok, samples, batch, seq, seed) if tok is not None and reads_text else [None] * samples
+        return [feeds.make_feeds(specs, batch, seq, seed=seed + i, vocab=vocab, text=t) for i, t in enumerate(texts)]
+
+    return generate
 
 
 # ----------------------------------------------------------------------------- engines
@@ -258,21 +240,18 @@ def _engine_side(path: Path, role: str, task: str, tok) -> Side:
     runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=role)
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
-    spec = OrderedDict((n, (np.dtype(m.dtype.numpy()), [d if isinstance(d, int) and d >= 0 else None for d in m.shape])) for n, m in meta.items())
-
-    def generate(samples: int, batch: int, seq: int, seed: int) -> list:
-        rng = np.random.default_rng(seed)
-        base = [inp.random_feed(spec, batch, seq, rng, None) for _ in range(samples)]
-        return _with_text(base, tok, batch, seq, seed)
-
-    return Side("engine", path, runner, spec, generate=generate)
+    specs = [feeds.InputSpec(n, np.dtype(m.dtype.numpy()), tuple(d if isinstance(d, int) and d >= 0 else None for d in m.shape))
+             for n, m in meta.items()]
+    spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
+    return Side("engine", path, runner, spec, generate=_generator(specs, None, tok))
 
 
 def _load_plugin_libs(engine: Path) -> None:
     """An engine built with the GPCL plugin records the library in its manifest."""
-    from gpcl_trt.common import read_manifest
+    from gpcl_trt.manifest import Manifest
 
-    man = read_manifest(engine) or {}
-    for value in inp._strings(man):
-        if value.endswith(".so") and Path(value).is_file():
-            ctypes.CDLL(value, mode=ctypes.RTLD_GLOBAL)
+    man = Manifest.read(engine)
+    if man is not None and man.uses_plugin:
+        if man.plugin_lib is None:
+            raise GpclError(f"{engine.name} was built with the GPCL TensorRT plugin and its library is gone")
+        ctypes.CDLL(str(man.plugin_lib), mode=ctypes.RTLD_GLOBAL)

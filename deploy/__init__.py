@@ -1,13 +1,18 @@
-"""Triton deployment and the one-shot pipeline (issue 7). Module imports stay light: the
-heavy libraries (onnx, onnxruntime, tritonclient) load inside the functions."""
+"""Triton deployment (repositories, the served-model check) and the one-shot pipeline."""
 
-from gpcl_trt.deploy.triton import write_triton_repo
+from __future__ import annotations
 
-__all__ = ["write_triton_repo", "run_pipeline"]
+from typing import TYPE_CHECKING
 
+from gpcl_trt.common import lazy_exports
 
-def run_pipeline(*args, **kwargs):
-    """See :func:`gpcl_trt.deploy.pipeline.run_pipeline`."""
-    from gpcl_trt.deploy.pipeline import run_pipeline as _run
+if TYPE_CHECKING:
+    from gpcl_trt.deploy.check import check_served_model as check_served_model
+    from gpcl_trt.deploy.pipeline import run_pipeline as run_pipeline
+    from gpcl_trt.deploy.triton import write_triton_repo as write_triton_repo
 
-    return _run(*args, **kwargs)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "write_triton_repo": "triton",
+    "check_served_model": "check",
+    "run_pipeline": "pipeline",
+})

@@ -13,58 +13,20 @@ from typing import Any, Iterable
 
 from gpcl_trt.common import GpclError
 
-_ORT_TO_NP = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-    "tensor(bool)": "bool",
-}
+def make_inputs(onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0, past: int = 4) -> dict[str, Any]:
+    """Inputs for the served model (``past`` cached tokens where it takes a KV cache, so the
+    decode path is served too)."""
+    from gpcl_trt import feeds
+
+    specs = feeds.specs_from_session(feeds.ort_session(onnx_path))
+    has_past = any(feeds.is_past(s.name) for s in specs)
+    return feeds.make_feeds(specs, batch, seq, past if has_past else 0, seed=seed)
 
 
-def make_inputs(
-    onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0, past: int = 4
-) -> dict[str, Any]:
-    """Plausible inputs for a transformer graph, sized by the exporter's axis names (batch,
-    sequence, past_sequence, total_sequence = past + sequence): ids in a small vocabulary
-    range, an all-ones attention mask, zero token types, positions after the past, normal
-    floats (the past key/values) otherwise."""
-    import numpy as np
-    import onnxruntime as ort
+def ort_outputs(onnx_path: str | os.PathLike, inputs: dict[str, Any]) -> dict[str, Any]:
+    from gpcl_trt import feeds
 
-    rng = np.random.default_rng(seed)
-    sizes = {"batch": batch, "sequence": seq, "past_sequence": past, "total_sequence": past + seq}
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    metas = sess.get_inputs()
-    first_position = past if any("past_sequence" in m.shape for m in metas) else 0
-    feeds = {}
-    for meta in metas:
-        dtype = _ORT_TO_NP.get(meta.type)
-        if dtype is None:
-            raise GpclError(f"cannot make test data for input {meta.name!r} of type {meta.type}")
-        shape = [
-            d if isinstance(d, int) and d > 0 else sizes.get(d, batch if i == 0 else seq)
-            for i, d in enumerate(meta.shape)
-        ]
-        name = meta.name.lower()
-        if dtype.startswith("float"):
-            value = rng.standard_normal(shape).astype(dtype)
-        elif "mask" in name:
-            value = np.ones(shape, dtype)
-        elif "token_type" in name:
-            value = np.zeros(shape, dtype)
-        elif "position" in name:
-            value = np.broadcast_to(np.arange(first_position, first_position + shape[-1], dtype=dtype), shape).copy()
-        else:
-            value = rng.integers(1, 100, size=shape).astype(dtype)
-        feeds[meta.name] = value
-    return feeds
-
-
-def ort_outputs(onnx_path: str | os.PathLike, feeds: dict[str, Any]) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return feeds.ort_run(feeds.ort_session(onnx_path), inputs)
 
 
 def _infer(module, client, model: str, feeds: dict[str, Any], outputs: Iterable[str]) -> dict[str, Any]:
@@ -80,15 +42,9 @@ def _infer(module, client, model: str, feeds: dict[str, Any], outputs: Iterable[
 
 
 def _max_diff(got: dict[str, Any], want: dict[str, Any]) -> float:
-    import numpy as np
+    from gpcl_trt.feeds import max_abs_diff
 
-    worst = 0.0
-    for name, ref in want.items():
-        value = got.get(name)
-        if value is None or value.shape != ref.shape:
-            return float("inf")
-        worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - ref.astype(np.float64)), initial=0.0)))
-    return worst
+    return max((max_abs_diff(got[n], ref) if n in got else float("inf") for n, ref in want.items()), default=0.0)
 
 
 def run_load(

@@ -28,6 +28,13 @@ from gpcl_trt.common import (
     write_json_atomic,
     write_manifest,
 )
+from gpcl_trt.accuracy.comparison import diff
+from gpcl_trt.deploy.check import check_served_model
+from gpcl_trt.deploy.triton import validate_model_name, write_triton_repo
+from gpcl_trt.engines.build import build_engine
+from gpcl_trt.exporter.api import check_model_dir, export_model
+from gpcl_trt.passes.calibrate import calibrate_file
+from gpcl_trt.passes.insert import insert_file
 
 STATE_FILE = "pipeline_state.json"
 DEFAULT_NAME = "gpcl_model"
@@ -63,7 +70,7 @@ class Stage:
     outputs: tuple[str, ...]  # relative to OUT_DIR; files or directories
     inputs: Callable[[Ctx], list[Path]]
     run: Callable[[Ctx, dict[str, Any]], dict[str, Any]]
-    function: str  # "module:function" whose keyword arguments the stage's options are
+    function: Callable[..., dict]  # whose keyword arguments the stage's options are
     reserved: tuple[str, ...]  # arguments the pipeline sets itself
     extra_options: tuple[str, ...] = ()
     check: bool = False  # a failed check is reported in the summary instead of stopping the run
@@ -73,8 +80,6 @@ class Stage:
 def _export(ctx: Ctx, opts: dict) -> dict:
     if ctx.from_onnx:
         return _import_onnx(ctx, opts)
-    from gpcl_trt.exporter import export_model
-
     return export_model(ctx.model_dir, ctx.path("model.onnx"), force=True, **opts)
 
 
@@ -97,14 +102,10 @@ def _import_onnx(ctx: Ctx, opts: dict) -> dict:
 
 
 def _calibrate(ctx: Ctx, opts: dict) -> dict:
-    from gpcl_trt.passes import calibrate_file
-
     return calibrate_file(ctx.path("model.onnx"), ctx.path("calib.json"), force=True, **opts)
 
 
 def _insert(ctx: Ctx, opts: dict) -> dict:
-    from gpcl_trt.passes import insert_file
-
     if "sites" in opts:
         opts = {**opts, "sites": tuple(opts["sites"])}
     # A fixed tau in the config replaces the calibration (insert_file takes exactly one).
@@ -113,14 +114,10 @@ def _insert(ctx: Ctx, opts: dict) -> dict:
 
 
 def _build(ctx: Ctx, opts: dict) -> dict:
-    from gpcl_trt.engines import build_engine
-
     return build_engine(ctx.path("model_gpcl.onnx"), ctx.path("model_gpcl.engine"), force=True, **opts)
 
 
 def _diff(ctx: Ctx, opts: dict) -> dict:
-    from gpcl_trt.accuracy import diff
-
     result = diff(
         reference=ctx.reference, candidate=ctx.path("model_gpcl.onnx"), report=ctx.path("accuracy"), force=True, **opts
     )
@@ -140,8 +137,6 @@ TRITON_ENTRY_SUFFIX = {"python": "", "onnxruntime": "_ort", "tensorrt": "_trt"}
 def _triton(ctx: Ctx, opts: dict) -> dict:
     """The served entry (python backend: runs on any tritonserver, checked by ``serve``) plus
     an onnxruntime entry and, when an engine was built, a tensorrt entry."""
-    from gpcl_trt.deploy.triton import write_triton_repo
-
     opts = dict(opts)
     backends = opts.pop("backends", list(TRITON_ENTRY_SUFFIX))
     repo = ctx.path("triton_repo")
@@ -168,8 +163,6 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
 
 
 def _serve(ctx: Ctx, opts: dict) -> dict:
-    from gpcl_trt.deploy.check import check_served_model
-
     result = check_served_model(ctx.path("triton_repo"), ctx.name, **opts)
     write_json_atomic(ctx.path("served.json"), result, force=True)
     write_manifest(
@@ -190,21 +183,21 @@ def _p(*names: str) -> Callable[[Ctx], list[Path]]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("export", "export to ONNX", ("model.onnx",), lambda ctx: [ctx.model_dir], _export,
-          "gpcl_trt.exporter:export_model", ("model_dir", "output", "force")),
+          export_model, ("model_dir", "output", "force")),
     Stage("calibrate", "calibrate tau", ("calib.json",), _p("model.onnx"), _calibrate,
-          "gpcl_trt.passes:calibrate_file", ("input", "output", "force")),
+          calibrate_file, ("input", "output", "force")),
     Stage("insert", "insert GPCL", ("model_gpcl.onnx",), _p("model.onnx", "calib.json"), _insert,
-          "gpcl_trt.passes:insert_file", ("input", "output", "calibration", "force")),
+          insert_file, ("input", "output", "calibration", "force")),
     Stage("build", "build engine", ("model_gpcl.engine",), _p("model_gpcl.onnx"), _build,
-          "gpcl_trt.engines:build_engine", ("onnx_path", "output", "force")),
+          build_engine, ("onnx_path", "output", "force")),
     Stage("diff", "accuracy diff", ("accuracy.json", "accuracy"),
           lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")], _diff,
-          "gpcl_trt.accuracy.comparison:diff", ("reference", "candidate", "report", "force"), check=True),
+          diff, ("reference", "candidate", "report", "force"), check=True),
     Stage("triton", "Triton repository", ("triton_repo",), _triton_inputs, _triton,
-          "gpcl_trt.deploy.triton:write_triton_repo",
+          write_triton_repo,
           ("artifact", "repo", "name", "backend", "onnx", "force"), extra_options=("backends",)),
     Stage("serve", "served-model check", ("served.json",), _p("triton_repo"), _serve,
-          "gpcl_trt.deploy.check:check_served_model", ("repo", "name"), check=True),
+          check_served_model, ("repo", "name"), check=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -249,28 +242,17 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
         for key in table:
             if key in stage.reserved:
                 raise GpclError(f"{p}: [{section}] {key} is set by the pipeline itself")
-            if allowed is not None and key not in allowed:
+            if key not in allowed:
                 raise GpclError(f"{p}: [{section}] unknown option {key!r}; known: {', '.join(sorted(allowed))}")
         options[section] = dict(table)
     backends = options.get("triton", {}).get("backends", list(TRITON_ENTRY_SUFFIX))
     if not isinstance(backends, list) or not backends or not all(b in TRITON_ENTRY_SUFFIX for b in backends):
         raise GpclError(f"{p}: [triton] backends must be a non-empty list of {', '.join(TRITON_ENTRY_SUFFIX)}")
-    from gpcl_trt.deploy.triton import validate_model_name
-
     return validate_model_name(head.get("name", DEFAULT_NAME)), skip, options
 
 
-def _stage_parameters(stage: Stage) -> set[str] | None:
-    import importlib
-
-    module, func = stage.function.split(":")
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError):
-        raise GpclError(f"stage {stage.name} needs {stage.function}, which is not installed") from None
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None  # a pass-through wrapper: the function itself will judge the options
+def _stage_parameters(stage: Stage) -> set[str]:
+    params = inspect.signature(stage.function).parameters
     return (set(params) - set(stage.reserved)) | set(stage.extra_options)
 
 
@@ -336,8 +318,6 @@ def run_pipeline(
     name, skip, options = load_config(config)
     # Check the input before anything is created, so bad input leaves no output directory.
     if model_dir.is_dir():
-        from gpcl_trt.exporter import check_model_dir
-
         check_model_dir(model_dir)
     else:
         from gpcl_trt.common import load_onnx

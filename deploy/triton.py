@@ -16,7 +16,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from gpcl_trt.common import GpclError, atomic_dir, load_onnx, read_manifest, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, atomic_dir, load_onnx, sha256_file, write_manifest
+from gpcl_trt.manifest import Manifest
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 VERSION = "1"
@@ -70,40 +71,27 @@ def onnx_io(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
 
 
 def _engine_source_onnx(engine: Path) -> Path | None:
-    """The ONNX model an engine was built from, as its manifest records it (any input path
-    ending in .onnx, resolved next to the engine when relative)."""
-    manifest = read_manifest(engine) or {}
-    candidates: list[str] = []
-    for value in (manifest.get("inputs") or {}).values():
-        if isinstance(value, dict):
-            value = value.get("path")
-        if isinstance(value, str) and value.endswith(".onnx"):
-            candidates.append(value)
-    for c in candidates:
-        p = Path(c)
-        for q in (p, engine.parent / p, engine.parent / p.name):
-            if q.is_file():
-                return q
-    return None
+    """The ONNX model an engine was built from, as its manifest records it."""
+    manifest = Manifest.read(engine)
+    return manifest.source if manifest is not None else None
 
 
 def _engine_plugin_lib(engine: Path) -> Path | None:
     """An engine whose manifest says it holds GPCL plugin layers needs its plugin library:
     take the one recorded at build time, or refuse rather than write an unloadable model."""
-    manifest = read_manifest(engine) or {}
-    gpcl = (manifest.get("results") or {}).get("gpcl") or {}
-    if not (gpcl.get("plugin_layers") or gpcl.get("nodes_as_plugin")):
+    manifest = Manifest.read(engine)
+    if manifest is None or not manifest.uses_plugin:
         return None
-    recorded = (manifest.get("options") or {}).get("plugin_lib")
-    if recorded and Path(recorded).is_file():
-        return Path(recorded)
+    if manifest.plugin_lib is not None and manifest.plugin_lib.is_file():
+        return manifest.plugin_lib
     raise GpclError(f"{engine.name} was built with the GPCL TensorRT plugin; pass its library with --plugin-lib")
 
 
 def _engine_max_batch(engine: Path) -> int:
     """The largest batch every optimisation profile of the engine accepts (its manifest's
     profiles: {input: {"max": [batch, ...]}}); Triton must not ask for more."""
-    profiles = ((read_manifest(engine) or {}).get("results") or {}).get("profiles") or []
+    manifest = Manifest.read(engine)
+    profiles = manifest.profiles if manifest is not None else []
     limits = [shapes["max"][0] for p in profiles for shapes in p.values() if isinstance(shapes, dict) and shapes.get("max")]
     return max(1, min(limits)) if limits else 8
 

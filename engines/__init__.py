@@ -1,19 +1,16 @@
-"""TensorRT and TensorRT-RTX engines: ``build_engine`` and ``inspect_engine``.
-
-Names resolve lazily so that ``import gpcl_trt.engines.cli`` does not load onnx or TensorRT."""
+"""TensorRT and TensorRT-RTX engines: build one from an ONNX model, inspect one."""
 
 from __future__ import annotations
 
-__all__ = ["build_engine", "inspect_engine"]
+from typing import TYPE_CHECKING
 
+from gpcl_trt.common import lazy_exports
 
-def __getattr__(name: str):
-    if name == "build_engine":
-        from gpcl_trt.engines.build import build_engine
+if TYPE_CHECKING:
+    from gpcl_trt.engines.build import build_engine as build_engine
+    from gpcl_trt.engines.inspection import inspect_engine as inspect_engine
 
-        return build_engine
-    if name == "inspect_engine":
-        from gpcl_trt.engines.inspection import inspect_engine
-
-        return inspect_engine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "build_engine": "build",
+    "inspect_engine": "inspection",
+})

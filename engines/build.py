@@ -93,9 +93,10 @@ def build_engine(
     engine_info = engine_layers(be, data)  # None without a GPU
     if engine_info is not None:
         results["engine_layers"] = engine_info
-    inputs = {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path), **_external_data(onnx_path, model)}}
-    if plugin_lib:
-        inputs["plugin_lib"] = {"path": str(plugin_lib), "sha256": plugin_sha}
+    from gpcl_trt.manifest import engine_inputs, file_ref
+
+    inputs = engine_inputs(file_ref(onnx_path, sha256_file(onnx_path), **_external_data(onnx_path, model)),
+                           file_ref(plugin_lib, plugin_sha) if plugin_lib else None)
     options = {
         "backend": backend,
         "gpcl": gpcl,

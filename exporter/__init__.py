@@ -1,16 +1,18 @@
-"""HF -> ONNX exporter: ``export_model``, ``load_model``, ``make_dummy_inputs``.
-
-Names resolve lazily so that ``import gpcl_trt.exporter.cli`` (the CLI) does not pull in numpy
-or torch."""
+"""HF -> ONNX exporter: export a local model directory, load it as it is exported, make its
+inputs."""
 
 from __future__ import annotations
 
-__all__ = ["export_model", "load_model", "make_dummy_inputs", "check_model_dir"]
+from typing import TYPE_CHECKING
 
+from gpcl_trt.common import lazy_exports
 
-def __getattr__(name: str):
-    if name in __all__:
-        from gpcl_trt.exporter import api
+if TYPE_CHECKING:
+    from gpcl_trt.exporter.api import check_model_dir as check_model_dir, export_model as export_model, load_model as load_model, make_dummy_inputs as make_dummy_inputs
 
-        return getattr(api, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "export_model": "api",
+    "load_model": "api",
+    "make_dummy_inputs": "api",
+    "check_model_dir": "api",
+})

@@ -85,22 +85,14 @@ def main() -> None:
 def _register() -> None:
     # Each area owns its commands; importing these modules must stay cheap (no torch/onnx at
     # import time) so that `gpcl-trt --help` is instant.
-    import importlib
+    from gpcl_trt.accuracy import cli as accuracy_cli
+    from gpcl_trt.deploy import cli as deploy_cli
+    from gpcl_trt.engines import cli as engines_cli
+    from gpcl_trt.exporter import cli as exporter_cli
+    from gpcl_trt.passes import cli as passes_cli
 
-    for mod in (
-        "gpcl_trt.exporter.cli",
-        "gpcl_trt.passes.cli",
-        "gpcl_trt.engines.cli",
-        "gpcl_trt.accuracy.cli",
-        "gpcl_trt.deploy.cli",
-    ):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:  # area not written yet
-                continue
-            raise
-        module.register(main)
+    for area in (exporter_cli, passes_cli, engines_cli, accuracy_cli, deploy_cli):
+        area.register(main)
 
 
 _register()

@@ -190,6 +190,24 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> Any:
         raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {detail})") from None
 
 
+# ----------------------------------------------------------------------------- package API
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[list[str], Any, Any]:
+    """``__all__``, ``__getattr__`` and ``__dir__`` for an area's ``__init__``: each public name
+    resolves to the real object of its submodule on first use (so ``inspect.signature`` shows
+    the real signature) while importing the area, hence the CLI, stays cheap."""
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return sorted(exports), __getattr__, __dir__
+
+
 # ----------------------------------------------------------------------------- manifests
 def manifest_path(artifact: str | os.PathLike) -> Path:
     """OUT.onnx -> OUT.manifest.json; any other artifact (OUT.engine, calib.json...) gets

@@ -1,29 +1,27 @@
-"""Graph-surgery passes: find GPCL sites, insert GPCL, calibrate tau, strip GPCL.
-
-Imports are lazy so that ``gpcl_trt.passes.cli`` (loaded by every ``gpcl-trt`` invocation)
-pulls in neither onnx nor onnx-graphsurgeon."""
+"""Graph-surgery passes (onnx-graphsurgeon): find GPCL sites, insert GPCL, calibrate tau, strip
+GPCL; graph -> graph functions and their file-level commands."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "find_sites": "gpcl_trt.passes.sites",
-    "sites_file": "gpcl_trt.passes.sites",
-    "Site": "gpcl_trt.passes.sites",
-    "insert_gpcl": "gpcl_trt.passes.insert",
-    "insert_file": "gpcl_trt.passes.insert",
-    "strip_gpcl": "gpcl_trt.passes.strip",
-    "strip_file": "gpcl_trt.passes.strip",
-    "calibrate_file": "gpcl_trt.passes.calibrate",
-    "load_model": "gpcl_trt.passes.graph",
-}
+from gpcl_trt.common import lazy_exports
 
-__all__ = sorted(_EXPORTS)
+if TYPE_CHECKING:
+    from gpcl_trt.passes.calibrate import calibrate_file as calibrate_file
+    from gpcl_trt.passes.graph import load_graph as load_graph
+    from gpcl_trt.passes.insert import insert_file as insert_file, insert_gpcl as insert_gpcl
+    from gpcl_trt.passes.sites import Site as Site, find_sites as find_sites, sites_file as sites_file
+    from gpcl_trt.passes.strip import strip_file as strip_file, strip_gpcl as strip_gpcl
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "find_sites": "sites",
+    "sites_file": "sites",
+    "Site": "sites",
+    "insert_gpcl": "insert",
+    "insert_file": "insert",
+    "strip_gpcl": "strip",
+    "strip_file": "strip",
+    "calibrate_file": "calibrate",
+    "load_graph": "graph",
+})

@@ -16,6 +16,9 @@ from typing import Iterator
 import numpy as np
 
 from gpcl_trt.common import GpclError, check_can_write, sha256_file, write_json_atomic, write_manifest
+from gpcl_trt.feeds import INPUT_IDS, complete_feed, make_feeds, ort_session, specs_from_onnx, specs_from_session, vocab_size
+from gpcl_trt.gpcl import quaternion_radii
+from gpcl_trt.manifest import model_dir_of, pass_inputs
 
 CORPUS = Path(__file__).parent / "data" / "calibration.txt"
 CALIB_FORMAT = "gpcl-calibration/1"
@@ -23,53 +26,6 @@ STAT_PERCENTILES = (50.0, 99.0, 99.99)
 _TAU_FLOOR = 1e-6  # a dead site/group (r == 0 everywhere) still needs tau > 0
 _MAX_TOKENS = 128
 _NPZ_BATCH = 8
-_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-               "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
-
-
-# ----------------------------------------------------------------------------- feeds
-class FeedMaker:
-    """Build a complete feed for an exported transformer from input_ids (+ optional mask and
-    token types): every other input gets its neutral value (no past, positions 0..S-1)."""
-
-    def __init__(self, session) -> None:
-        self.inputs = {i.name: i for i in session.get_inputs()}
-        if "input_ids" not in self.inputs:
-            raise GpclError("the model has no input_ids input; pass --data FILE.npz with its inputs")
-
-    def __call__(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = given["input_ids"]
-        b, s = ids.shape
-        feed = {}
-        for name, info in self.inputs.items():
-            dtype = _ORT_DTYPES.get(info.type)
-            if name in given:
-                feed[name] = given[name].astype(dtype) if dtype is not None else given[name]
-            elif name == "attention_mask":
-                feed[name] = np.ones((b, s), dtype)
-            elif name in ("token_type_ids",):
-                feed[name] = np.zeros((b, s), dtype)
-            elif name == "position_ids":
-                feed[name] = np.broadcast_to(np.arange(s, dtype=dtype), (b, s)).copy()
-            elif name.startswith("past_key_values"):
-                shape = [b if d == "batch" else (d if isinstance(d, int) else 0) for d in info.shape]
-                feed[name] = np.zeros(shape, dtype)
-            else:
-                raise GpclError(f"cannot make sample data for model input {name!r}; pass --data FILE.npz with it")
-        return feed
-
-
-def _vocab_size(lm) -> int | None:
-    """Rows of the embedding table that input_ids indexes."""
-    import onnx_graphsurgeon as gs
-
-    from gpcl_trt.passes.graph import see_through
-
-    for node in lm.graph.nodes:
-        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
-            if see_through(node.inputs[1]).name == "input_ids":
-                return int(node.inputs[0].shape[0])
-    return None
 
 
 def _tokenizer(model_dir: str | None):
@@ -97,14 +53,18 @@ def _pad_batches(encoded: list[dict[str, np.ndarray]], size: int = _NPZ_BATCH) -
 
 
 def _read_lines(path: Path) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GpclError(f"{path}: not UTF-8 text (byte {exc.start}); pass UTF-8 text, one sentence a line, or an .npz") from None
+    except OSError as exc:
+        raise GpclError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     return [ln for ln in lines if ln]
 
 
 def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tuple[list[dict], dict]:
     """The sample batches (dicts of input arrays) and a description of where they came from."""
-    from gpcl_trt.passes.modelio import model_dir_of
-
     if data is not None and Path(data).suffix == ".npz":
         return _npz_batches(Path(data), samples)
     model_dir = model_dir_of(input_path)
@@ -124,7 +84,7 @@ def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tupl
         raise GpclError(f"{desc['path']}: no sentences")
     sentences = sentences[:samples]
     encoded = [tok(s) for s in sentences]
-    vocab = _vocab_size(lm)
+    vocab = vocab_size(lm.model)
     if any(e["input_ids"].size == 0 for e in encoded):
         raise GpclError(f"the tokenizer of {model_dir} produced no tokens for a sample sentence; pass --data FILE.npz")
     if vocab is not None and max(int(e["input_ids"].max()) for e in encoded) >= vocab:
@@ -141,33 +101,27 @@ def _npz_batches(path: Path, samples: int) -> tuple[list[dict], dict]:
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:
         raise GpclError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
-    ids = arrays.get("input_ids")
-    if ids is None or ids.ndim != 2:
-        raise GpclError(f"{path}: needs an input_ids array of shape [N, sequence]")
-    n = min(samples, ids.shape[0])
+    if not arrays or any(v.ndim < 1 for v in arrays.values()) or len({v.shape[0] for v in arrays.values()}) != 1:
+        raise GpclError(f"{path}: needs model inputs by name (input_ids, pixel_values, ...) with one leading sample axis")
+    n = min(samples, next(iter(arrays.values())).shape[0])
     batches = [{k: v[i : min(i + _NPZ_BATCH, n)] for k, v in arrays.items()} for i in range(0, n, _NPZ_BATCH)]
     return batches, {"kind": "npz", "path": str(path), "sequences": n}
 
 
 def _random_batches(lm, samples: int) -> tuple[list[dict], dict]:
-    vocab = _vocab_size(lm)
-    if vocab is None:
+    """Random inputs of varied length: token ids below the vocabulary (text models), normal
+    pixel values (vision models)."""
+    specs = specs_from_onnx(lm.model)
+    vocab = vocab_size(lm.model)
+    if vocab is None and any(s.name == INPUT_IDS for s in specs):
         raise GpclError("no tokenizer found via the export manifest and no embedding table to draw ids from; pass --data")
     rng = np.random.default_rng(0)
-    batches = [{"input_ids": rng.integers(0, vocab, (1, int(rng.integers(8, 33))), dtype=np.int64)} for _ in range(samples)]
-    return batches, {"kind": "random-token-ids", "vocab": vocab, "sequences": samples, "seed": 0}
+    batches = [make_feeds(specs, 1, int(rng.integers(8, 33)), seed=i, vocab=vocab) for i in range(samples)]
+    kind = "random-token-ids" if vocab is not None else "random-inputs"
+    return batches, {"kind": kind, "vocab": vocab, "sequences": samples, "seed": 0}
 
 
-# ----------------------------------------------------------------------------- radii
-def quaternion_radii(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """[tokens, D/4] radii of the real tokens of a site tensor [B, S, D] (or any [..., D])."""
-    x = np.asarray(x, dtype=np.float32)
-    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-        x = x[mask.astype(bool)]
-    q = x.reshape(-1, x.shape[-1] // 4, 4)
-    return np.sqrt(np.sum(q * q, axis=-1))
-
-
+# ----------------------------------------------------------------------------- statistics
 def _pkey(p: float) -> str:
     return f"p{p:g}"
 
@@ -206,26 +160,6 @@ def _iter_progress(items: list, description: str) -> Iterator:
             progress.advance(task)
 
 
-def _session(model):
-    """An ORT session of ``model``, through a temporary file with external data when the model is
-    too big to be one protobuf."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from gpcl_trt.passes.modelio import EXTERNAL_DATA_BYTES, write_external
-
-    try:
-        if model.ByteSize() < EXTERNAL_DATA_BYTES:
-            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix="gpcl-calib-") as d:
-            path = Path(d) / "model.onnx"
-            write_external(model, path, force=True)
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # weights now in memory
-    except Exception as exc:
-        raise GpclError(f"ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0]})") from None
-
-
 # ----------------------------------------------------------------------------- file level
 def _check_options(samples: int, percentile: float, margin: float) -> None:
     if not (isinstance(samples, int) and samples >= 1):
@@ -250,13 +184,13 @@ def calibrate_file(
     calib.json (tau per site or per group, statistics, source_sha256) + its manifest."""
     import onnx
 
-    from gpcl_trt.passes.graph import load_model
+    from gpcl_trt.passes.graph import load_graph
     from gpcl_trt.passes.insert import select_sites
     from gpcl_trt.passes.sites import KINDS, find_sites_loaded
 
     _check_options(samples, percentile, margin)
     check_can_write(output, force)
-    lm = load_model(input)
+    lm = load_graph(input)
     sites = select_sites(find_sites_loaded(lm), KINDS, None)
     batches, data_desc = sample_inputs(lm, input, samples, data)
 
@@ -268,12 +202,12 @@ def calibrate_file(
         if s.tensor not in have:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[s.tensor].dtype or np.float32))
             model.graph.output.append(onnx.helper.make_tensor_value_info(s.tensor, elem, None))
-    session = _session(model)
-    feeds = FeedMaker(session)
+    session = ort_session(model)
+    specs = specs_from_session(session)
     names = [s.tensor for s in sites]
     radii: dict[str, list[np.ndarray]] = {s.tensor: [] for s in sites}
     for batch in _iter_progress(batches, "calibrating"):
-        feed = feeds(batch)
+        feed = complete_feed(specs, batch)
         try:
             outs = session.run(names, feed)
         except Exception as exc:
@@ -294,12 +228,13 @@ def calibrate_file(
         "percentile": percentile,
         "margin": margin,
         "per_group": per_group,
-        "samples": sum(len(b["input_ids"]) for b in batches),
+        "samples": sum(len(next(iter(b.values()))) for b in batches),
         "data": data_desc,
         "sites": result_sites,
     }
     write_json_atomic(output, doc, force=force)
-    write_manifest(output, "calibrate", inputs={"source": str(input), "source_sha256": src_sha, "data": data_desc},
+    model_dir = model_dir_of(input)
+    write_manifest(output, "calibrate", inputs=pass_inputs(input, src_sha, str(model_dir) if model_dir else None, data=data_desc),
                    options={"samples": samples, "percentile": percentile, "margin": margin, "per_group": per_group},
                    packages=("onnxruntime",))
     summary = {k: {"tau": v["tau"] if not per_group else {"min": min(v["tau"]), "max": max(v["tau"])},

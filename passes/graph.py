@@ -4,16 +4,13 @@ finding and insertion both need."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
 from gpcl_trt.common import load_onnx
-from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, GPCL_OP
-
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+from gpcl_trt.gpcl import GPCL_DOMAIN, GPCL_OP, SCOPES_KEY, parse_scopes
 
 # Ops that only re-view or re-type a tensor: a projection reached through them (GPT-2's Conv1D
 # flattens to 2-D before its Gemm) still projects the same hidden state; GPCL is see-through so
@@ -82,19 +79,11 @@ class LoadedModel:
         for name, props in self.node_metadata.items():
             for p in props:
                 if p.key == SCOPES_KEY:
-                    out[name] = _parse_scopes(p.value)
+                    out[name] = parse_scopes(p.value)
         return out
 
 
-def _parse_scopes(value: str) -> list[str]:
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(s) for s in parsed] if isinstance(parsed, (list, tuple)) else []
-
-
-def load_model(path: str | Path) -> LoadedModel:
+def load_graph(path: str | Path) -> LoadedModel:
     """Load an ONNX file (one clear GpclError if it is not one) and import it into graphsurgeon."""
     p = Path(path)
     return from_proto(load_onnx(p), p)

@@ -12,8 +12,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import GpclError, check_can_write, read_manifest, sha256_file
-from gpcl_trt.passes.graph import LoadedModel, load_model
+from gpcl_trt.common import GpclError, check_can_write, sha256_file
+from gpcl_trt.passes.graph import LoadedModel, load_graph
 from gpcl_trt.passes.sites import KINDS, Site, find_sites
 from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES
 
@@ -152,9 +152,11 @@ def insert_gpcl(
 def origin_sha256(source: str | Path, source_sha256: str) -> str:
     """sha256 of the model without GPCL that ``source`` was made from: ``source`` itself, or,
     for an insert output whose manifest still matches it, the origin that manifest records."""
-    manifest = read_manifest(source) or {}
-    if manifest.get("stage") == "insert" and manifest.get("artifact_sha256") == source_sha256:
-        return manifest.get("inputs", {}).get("origin_sha256") or source_sha256
+    from gpcl_trt.manifest import Manifest
+
+    manifest = Manifest.read(source)
+    if manifest is not None and manifest.stage == "insert" and manifest.artifact_sha256 == source_sha256:
+        return manifest.inputs.get("origin_sha256") or source_sha256
     return source_sha256
 
 
@@ -189,12 +191,13 @@ def insert_file(
     force: bool = False,
 ) -> dict:
     """Insert GPCL into the ONNX model ``input`` and write ``output`` (+ OUT.manifest.json)."""
-    from gpcl_trt.passes.modelio import model_dir_of, save_model
+    from gpcl_trt.manifest import model_dir_of, pass_inputs
+    from gpcl_trt.passes.modelio import save_model
 
     if (tau is None) == (calibration is None):
         raise GpclError("give exactly one of --tau and --calibration")
     check_can_write(output, force)
-    lm: LoadedModel = load_model(input)
+    lm: LoadedModel = load_graph(input)
     src_sha = sha256_file(input)
     if calibration is not None:
         tau_value, calib_sha = load_calibration(calibration, input, src_sha)
@@ -202,8 +205,9 @@ def insert_file(
     else:
         tau_value, tau_source = float(tau), {"tau": float(tau)}
     graph, report = insert_gpcl(lm.graph, sites=sites, layers=layers, mode=mode, tau=tau_value, scopes=lm.scopes)
-    inputs = {"source": str(input), "source_sha256": src_sha, "origin_sha256": origin_sha256(input, src_sha),
-              "model_dir": model_dir_of(input), **tau_source}
+    model_dir = model_dir_of(input)
+    inputs = pass_inputs(input, src_sha, str(model_dir) if model_dir else None,
+                         origin_sha256=origin_sha256(input, src_sha), **tau_source)
     options = {"sites": list(parse_kinds(sites)), "layers": parse_layers(layers), "mode": mode, "tau_source": tau_source}
     summary = [{k: s[k] for k in ("key", "layer", "kind", "tensor", "gpcl", "output", "tau")} for s in report["sites"]]
     save_model(graph, lm, output, force=force, gpcl=True, stage="insert", inputs=inputs, options=options,

@@ -9,27 +9,10 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import GpclError, atomic_path, read_manifest, write_manifest
+from gpcl_trt.common import GpclError, atomic_path, write_manifest
+from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 from gpcl_trt.passes.graph import LoadedModel, to_proto
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
-
-# Above this the model cannot be one protobuf: weights go to OUT.onnx.data (a module constant so
-# the tests can lower it).
-EXTERNAL_DATA_BYTES = 2**31 - 1
-_MODEL_DIR_KEYS = ("model_dir", "model", "model_path")
-
-
-def model_dir_of(onnx_path: str | Path) -> str | None:
-    """The Hugging Face model directory an export came from, as its manifest records it
-    (followed through an insert manifest, which copies it)."""
-    manifest = read_manifest(onnx_path) or {}
-    for section in ("inputs", "options"):
-        for key in _MODEL_DIR_KEYS:
-            value = manifest.get(section, {}).get(key)
-            if isinstance(value, str) and Path(value).is_dir():
-                return value
-    return None
-
 
 def drop_gpcl_opset(model: onnx.ModelProto) -> None:
     keep = [o for o in model.opset_import if o.domain != GPCL_DOMAIN]

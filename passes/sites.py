@@ -29,7 +29,7 @@ from gpcl_trt.passes.graph import (
     is_const,
     is_gpcl,
     is_projection,
-    load_model,
+    load_graph,
     producer,
     see_through,
 )
@@ -323,7 +323,7 @@ def find_sites_loaded(lm: LoadedModel) -> list[Site]:
 def sites_file(path: str | Path) -> dict:
     """List the candidate GPCL sites of an ONNX model (layer, kind, tensor, hidden size,
     consumers); changes nothing."""
-    lm = load_model(path)
+    lm = load_graph(path)
     sites = find_sites_loaded(lm)
     per_layer = Counter(s.kind for s in sites)
     return {

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 from gpcl_trt.common import check_can_write, sha256_file
-from gpcl_trt.passes.graph import is_gpcl, load_model
+from gpcl_trt.passes.graph import is_gpcl, load_graph
 
 
 def strip_gpcl(graph: gs.Graph) -> tuple[gs.Graph, dict]:
@@ -31,11 +31,13 @@ def strip_gpcl(graph: gs.Graph) -> tuple[gs.Graph, dict]:
 
 def strip_file(input: str | Path, output: str | Path, force: bool = False) -> dict:
     """Write ``output``: ``input`` without any GPCL node or function (+ OUT.manifest.json)."""
-    from gpcl_trt.passes.modelio import model_dir_of, save_model
+    from gpcl_trt.manifest import model_dir_of, pass_inputs
+    from gpcl_trt.passes.modelio import save_model
 
     check_can_write(output, force)
-    lm = load_model(input)
+    lm = load_graph(input)
     graph, report = strip_gpcl(lm.graph)
-    inputs = {"source": str(input), "source_sha256": sha256_file(input), "model_dir": model_dir_of(input)}
+    model_dir = model_dir_of(input)
+    inputs = pass_inputs(input, sha256_file(input), str(model_dir) if model_dir else None)
     save_model(graph, lm, output, force=force, gpcl=False, stage="strip", inputs=inputs, options={}, results=report)
     return {"ok": True, "output": str(output), "removed": report["removed"]}

@@ -25,11 +25,8 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from onnx import helper as oh
 
 from gpcl_trt.common import GpclError
-from gpcl_trt.plugins.reference import DEFAULT_EPS, FLOAT_MIN, INV_SQRT2, MODES, RESCALE
-
-GPCL_DOMAIN = "gpcl"
-GPCL_OP = "GPCL"
-GPCL_OPSET = 1
+from gpcl_trt.gpcl import DEFAULT_EPS, GPCL_DOMAIN, GPCL_OP, GPCL_OPSET, MODES, node_attrs
+from gpcl_trt.plugins.reference import FLOAT_MIN, INV_SQRT2, RESCALE
 _MIN_BODY_OPSET = 15  # CastLike
 
 
@@ -78,19 +75,18 @@ def iter_gpcl_nodes(graph: GraphProto) -> Iterator[NodeProto]:
 
 def node_variant(node: NodeProto) -> tuple[str, bool]:
     """(mode, tau comes from an input) of a GPCL node, validated."""
-    attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
-    mode = attrs.get("mode", b"clamp")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    a = node_attrs(node)
+    mode = a["mode"]
     if mode not in MODES:
         raise GpclError(f"GPCL node {node.name!r}: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    tau_input = len(node.input) > 1 and node.input[1] != ""
+    tau_input = a["tau_input"] is not None
     if not tau_input:
-        if "tau" not in attrs:
+        if a["tau"] is None:
             raise GpclError(f"GPCL node {node.name!r} has neither a tau attribute nor a tau input")
-        if not attrs["tau"] > 0:
-            raise GpclError(f"GPCL node {node.name!r}: tau must be > 0, got {attrs['tau']}")
-    if "eps" in attrs and not attrs["eps"] > 0:
-        raise GpclError(f"GPCL node {node.name!r}: eps must be > 0, got {attrs['eps']}")
+        if not a["tau"] > 0:
+            raise GpclError(f"GPCL node {node.name!r}: tau must be > 0, got {a['tau']}")
+    if not a["eps"] > 0:
+        raise GpclError(f"GPCL node {node.name!r}: eps must be > 0, got {a['eps']}")
     return mode, tau_input
 
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("clamp", "soft", "hopf")
-MODE_IDS = {m: i for i, m in enumerate(MODES)}  # also the `mode` int of the C ABI
-DEFAULT_EPS = 1e-6
+from gpcl_trt.gpcl import DEFAULT_EPS, MODE_IDS, MODES  # noqa: F401  (re-exported: the oracle's API)
+
 INV_SQRT2 = float(np.float32(0.70710678118654752))  # the float32 value, as a Python float
 RESCALE = 2.0**-66  # ss(q * RESCALE) stays finite for every finite float32 group (4 * (2^62)^2 < FLT_MAX)
 FLOAT_MIN = float(np.finfo(np.float32).tiny)  # smallest normal float32, 2^-126

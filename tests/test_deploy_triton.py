@@ -213,19 +213,22 @@ def test_plugin_engine_needs_its_library(tiny_engine, tmp_path):
     and gets the library recorded at build time when that still exists."""
     import shutil
 
-    from gpcl_trt.common import manifest_path
+    from gpcl_trt.common import sha256_file, write_manifest
+    from gpcl_trt.manifest import Manifest, engine_inputs, file_ref
 
+    # The build's own manifest writer with a plugin build's sections (a plugin build itself
+    # needs full TensorRT): the reader must find the library where the writer put it.
     engine = tmp_path / "plugin.engine"
     shutil.copyfile(tiny_engine, engine)
-    manifest = read_manifest(tiny_engine)
-    manifest["results"]["gpcl"] = {"implementation": "plugin", "plugin_layers": 2, "nodes_as_plugin": ["a", "b"]}
-    manifest["options"]["plugin_lib"] = str(tmp_path / "gone.so")
-    manifest_path(engine).write_text(json.dumps(manifest))
-    with pytest.raises(GpclError, match="built with the GPCL TensorRT plugin; pass its library"):
-        write_triton_repo(engine, tmp_path / "repo", "p")
+    built = Manifest.read(tiny_engine)
     lib = tmp_path / "libgpcl_plugin.so"
     lib.write_bytes(b"\x7fELF stand-in library file")
-    manifest["options"]["plugin_lib"] = str(lib)
-    manifest_path(engine).write_text(json.dumps(manifest))
+    results = {**built.results, "gpcl": {"implementation": "plugin", "plugin_layers": 2, "nodes_as_plugin": ["a", "b"]}}
+    write_manifest(engine, "build", engine_inputs(built.inputs["onnx"], file_ref(lib, sha256_file(lib))), built.options, results)
+    lib_copy = lib.read_bytes()
+    lib.unlink()
+    with pytest.raises(GpclError, match="built with the GPCL TensorRT plugin; pass its library"):
+        write_triton_repo(engine, tmp_path / "repo", "p")
+    lib.write_bytes(lib_copy)
     r = write_triton_repo(engine, tmp_path / "repo", "p")
     assert Path(r["plugin_lib"]).read_bytes() == lib.read_bytes()

@@ -1,0 +1,115 @@
+"""The manifest schema: what every stage writes next to its artifact and what later stages read.
+
+One document per artifact (``OUT.onnx -> OUT.manifest.json``, ``X -> X.manifest.json``):
+``stage``, ``artifact`` and its ``artifact_sha256``, ``inputs`` (input paths and hashes),
+``options``, ``results``, ``versions``. Writers build the sections that other stages read with the
+functions here, and readers go through :class:`Manifest`'s accessors, so no reader guesses keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpcl_trt.common import GpclError, manifest_path
+
+STAGES = ("export", "calibrate", "insert", "strip", "build", "golden", "triton", "diff", "served")
+
+
+# ----------------------------------------------------------------------------- writers' sections
+def file_ref(path: str | os.PathLike, sha256: str | None, **extra: Any) -> dict[str, Any]:
+    """An input file as manifests record it: {"path", "sha256", ...}."""
+    return {"path": str(path), "sha256": sha256, **extra}
+
+
+def engine_inputs(onnx: dict[str, Any], plugin_lib: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A build's inputs: the ONNX model and, for plugin builds, the plugin library (file_ref)."""
+    return {"onnx": onnx, **({"plugin_lib": plugin_lib} if plugin_lib else {})}
+
+
+def pass_inputs(source: str | os.PathLike, source_sha256: str, model_dir: str | None, **extra: Any) -> dict[str, Any]:
+    """A pass's inputs (insert, strip, calibrate): the source model and the HF model directory it
+    came from (followed through the source's own manifest)."""
+    return {"source": str(source), "source_sha256": source_sha256, "model_dir": model_dir, **extra}
+
+
+# ----------------------------------------------------------------------------- readers
+@dataclass(frozen=True)
+class Manifest:
+    artifact_path: Path
+    stage: str
+    artifact_sha256: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, artifact: str | os.PathLike) -> "Manifest | None":
+        """The manifest next to ``artifact``, None when there is none; one clear error when it is
+        not a manifest."""
+        art = Path(artifact)
+        p = manifest_path(art)
+        if not p.is_file():
+            return None
+        try:
+            doc = json.loads(p.read_text())
+            sections = {k: doc.get(k) or {} for k in ("inputs", "options", "results", "versions")}
+            if not isinstance(doc.get("stage"), str) or not all(isinstance(v, dict) for v in sections.values()):
+                raise ValueError("missing stage or sections")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise GpclError(f"{p} is not a gpcl-trt manifest ({type(exc).__name__})") from None
+        return cls(art, doc["stage"], doc.get("artifact_sha256"), **sections)
+
+    def _existing(self, value: Any) -> Path | None:
+        """A recorded path that still exists, as recorded or relative to the artifact."""
+        if not isinstance(value, str) or not value:
+            return None
+        p = Path(value)
+        for cand in (p, self.artifact_path.parent / p, self.artifact_path.parent / p.name):
+            if cand.exists():
+                return cand
+        return None
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The Hugging Face model directory the artifact came from (export, or a pass that
+        recorded it from its source), if it still exists."""
+        p = self._existing(self.inputs.get("model_dir"))
+        return p if p is not None and p.is_dir() else None
+
+    @property
+    def source(self) -> Path | None:
+        """The ONNX model a pass or a build read."""
+        if self.stage == "build":
+            return self._existing((self.inputs.get("onnx") or {}).get("path"))
+        return self._existing(self.inputs.get("source"))
+
+    @property
+    def plugin_lib(self) -> Path | None:
+        """The GPCL plugin library a build used, if it still exists."""
+        return self._existing((self.inputs.get("plugin_lib") or {}).get("path"))
+
+    @property
+    def uses_plugin(self) -> bool:
+        gpcl = self.results.get("gpcl") or {}
+        return bool(gpcl.get("plugin_layers") or gpcl.get("nodes_as_plugin"))
+
+    @property
+    def profiles(self) -> list[dict[str, Any]]:
+        return list(self.results.get("profiles") or [])
+
+
+def model_dir_of(artifact: str | os.PathLike, depth: int = 4) -> Path | None:
+    """The HF model directory behind an artifact: its own manifest's, else its source's (an
+    engine -> GPCL model -> export chain)."""
+    m = Manifest.read(artifact) if Path(artifact).is_file() else None
+    if m is None:
+        return None
+    if m.model_dir is not None:
+        return m.model_dir
+    src = m.source
+    return model_dir_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
