@@ -69,8 +69,12 @@ def check_can_write(path: str | os.PathLike, force: bool) -> Path:
     p = Path(path)
     if p.exists() and not force:
         raise GpclError(f"{p} exists; pass --force to overwrite it")
-    if not p.parent.exists():
-        raise GpclError(f"output directory {p.parent} does not exist")
+    parent = p.parent
+    if not parent.is_dir():
+        blocker = next((a for a in parent.parents if a.exists()), None) if not parent.exists() else parent
+        if blocker is not None and not blocker.is_dir():
+            raise GpclError(f"cannot write {p}: {blocker} is a file, not a directory")
+        raise GpclError(f"output directory {parent} does not exist")
     return p
 
 

@@ -196,6 +196,8 @@ def insert_file(
 
     if (tau is None) == (calibration is None):
         raise GpclError("give exactly one of --tau and --calibration")
+    if tau is not None and not (math.isfinite(tau) and tau > 0):
+        raise GpclError(f"--tau must be a finite number > 0, got {tau}")
     check_can_write(output, force)
     lm: LoadedModel = load_graph(input)
     src_sha = sha256_file(input)

@@ -39,7 +39,7 @@ def test_study_minilm(minilm_dir, minilm_onnx, tmp_path):
 
     lat = r["latency"]
     assert {(x["variant"], x["seq"]) for x in lat} == {(m, s) for m in ("clamp P99.99", "hopf P99.99") for s in (8, 32)}
-    assert all(x["t_original_ms"] > 0 and x["t_gpcl_ms"] > 0 and math.isfinite(x["overhead_us_per_token"]) for x in lat)
+    assert all(x["t_original_ms"] >= 0 and x["t_gpcl_ms"] >= 0 and math.isfinite(x["overhead_us_per_token"]) for x in lat)
 
     md = (out / "report.md").read_text()
     for section in ("## Claims", "## Accuracy and effect per variant", "## Latency overhead per token", "## Radius distribution"):

@@ -56,7 +56,7 @@ def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
 
     assert len(s["sites"]["inserted"]) == 12 and 0 < s["sites"]["tau_min"] <= s["sites"]["tau_max"]
     assert s["engine"]["size_bytes"] == (out / "model_gpcl.engine").stat().st_size > 1_000_000
-    assert s["engine"]["backend"] == "tensorrt-rtx" and s["engine"]["build_s"] > 0
+    assert s["engine"]["backend"] == "tensorrt-rtx" and s["engine"]["build_s"] >= 0
     # clamp with calibrated tau changes nothing on ordinary inputs.
     assert s["accuracy"]["passed"] and s["accuracy"]["max_abs"] < 1e-4
     assert s["served"]["ok"] and (s["served"]["completed"], s["served"]["errors"]) == (64, 0)
