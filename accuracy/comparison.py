@@ -16,6 +16,7 @@ from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.polyutil import quiet_polygraphy
 from gpcl_trt.accuracy.runners import Side, kind_of, make_side
 from gpcl_trt.common import GpclError, atomic_path, check_can_write, write_manifest
+from gpcl_trt.gpcl import quaternion_radii
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -189,7 +190,7 @@ def site_report(sites: list[dict], iters: list) -> tuple[list[dict], dict[str, n
         y = np.concatenate([a.reshape(-1, a.shape[-1]) for a in ys]) if len(ys) == len(xs) else None
         stats = mt.site_stats(x, y, s["tau"])
         rows.append({"node": s["node"], "layer": s["layer"], "kind": s["kind"], "mode": s["mode"], **stats})
-        radii[s["node"]] = mt.group_radii(x).ravel()
+        radii[s["node"]] = quaternion_radii(x).ravel()
     return rows, radii
 
 

@@ -19,6 +19,7 @@ from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.runners import make_side, with_outputs
 from gpcl_trt.common import GpclError, sha256_file
 from gpcl_trt.feeds import make_feeds, ort_session, specs_from_onnx, vocab_size
+from gpcl_trt.gpcl import quaternion_radii
 
 DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
 DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
@@ -264,7 +265,7 @@ def study(
             # Latency is timed on the first tau of the sweep for each mode.
             keep.setdefault(mode, (label, model))
             if not radii:  # radius distribution before GPCL, with this variant's tau marked
-                radii = {s["node"]: (np.concatenate([mt.group_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
+                radii = {s["node"]: (np.concatenate([quaternion_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
 
         specs, vocab = specs_from_onnx(base), vocab_size(base)
 

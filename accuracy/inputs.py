@@ -15,8 +15,6 @@ import numpy as np
 from gpcl_trt.common import GpclError
 from gpcl_trt.text import TOKENIZER_FILES
 
-Feed = "OrderedDict[str, np.ndarray]"
-
 # Ordinary text, varied in topic and length, so calibrated GPCL sees typical activations.
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",

@@ -3,11 +3,11 @@ and the statistics of GPCL sites (radius distribution, groups changed)."""
 
 from __future__ import annotations
 
-import ast
-import re
 from typing import Any
 
 import numpy as np
+
+from gpcl_trt import gpcl
 
 LOGITS_NAMES = ("logits",)
 
@@ -99,29 +99,19 @@ def aggregate(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- layers
-_LAYER_RE = re.compile(r"(?:^|[./_])(?:layer|layers|h|block|blocks|encoder_layer|decoder_layer)[./_](\d+)(?:$|[./_])")
-
-
 def layer_of(scope: str | None, name: str = "") -> int | None:
     """The transformer block index from a node's name scope (``encoder.layer.3.attention``) or,
     failing that, from a tensor/node name (``/encoder/layer.3/...``)."""
-    for text in (scope or "", name):
-        found = _LAYER_RE.findall(text)
-        if found:
-            return int(found[-1])
-    return None
+    return gpcl.layer_of(scope or "", name)
 
 
 def node_scope(node) -> str:
     """The innermost module scope the dynamo exporter recorded for ``node``."""
     for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(p.value)
-            except (ValueError, SyntaxError):
-                return p.value
+        if p.key == gpcl.SCOPES_KEY:
+            scopes = gpcl.parse_scopes(p.value)
             # The last entry is the op's own name; the one before is its module.
-            mods = [s for s in scopes if "." in s or s in ("",)] or scopes
+            mods = [s for s in scopes if "." in s] or scopes
             return max(mods, key=len) if mods else ""
     return ""
 
@@ -136,37 +126,28 @@ def gpcl_sites(model) -> list[dict[str, Any]]:
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
     sites = []
     for node in model.graph.node:
-        if node.domain != "gpcl" or node.op_type != "GPCL":
+        if node.domain != gpcl.GPCL_DOMAIN or node.op_type != gpcl.GPCL_OP:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        mode = attrs.get("mode", b"clamp")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-        tau: Any = attrs.get("tau")
-        if len(node.input) > 1 and node.input[1]:
-            t = node.input[1]
+        attrs = gpcl.node_attrs(node)
+        mode, tau = attrs["mode"], attrs["tau"]
+        t = attrs["tau_input"]
+        if t is not None:
             if t in inits:
                 tau = numpy_helper.to_array(inits[t]).astype(np.float64)
             elif t in consts:
                 tau = numpy_helper.to_array(helper.get_attribute_value(consts[t].attribute[0])).astype(np.float64)
         tau_arr = np.asarray(tau if tau is not None else np.inf, dtype=np.float64)
-        m = re.search(r"layer(\d+)/([\w-]+)", node.name)
+        layer, kind = gpcl.parse_node_name(node.name)
         sites.append({
             "node": node.name, "input": node.input[0], "output": node.output[0], "mode": mode,
-            "layer": int(m.group(1)) if m else None, "kind": m.group(2) if m else None,
-            "tau": tau_arr,
+            "layer": layer, "kind": kind, "tau": tau_arr,
         })
     return sites
 
 
-def group_radii(x: np.ndarray) -> np.ndarray:
-    """|q| of every quaternion group of the last axis, shape [..., D/4]."""
-    x = x.astype(np.float64)
-    return np.sqrt(np.sum(x.reshape(*x.shape[:-1], -1, 4) ** 2, axis=-1))
-
-
 def site_stats(x: np.ndarray, y: np.ndarray | None, tau: np.ndarray) -> dict[str, Any]:
     """Radius distribution before GPCL, groups changed and max radius after."""
-    r = group_radii(x)
+    r = gpcl.quaternion_radii(x)
     t = np.broadcast_to(tau, r.shape[-1:]) if tau.ndim else tau
     stats: dict[str, Any] = {
         "groups": int(r.size),
@@ -177,7 +158,7 @@ def site_stats(x: np.ndarray, y: np.ndarray | None, tau: np.ndarray) -> dict[str
     }
     if y is not None and y.shape == x.shape:
         changed = np.any(x.reshape(*x.shape[:-1], -1, 4) != y.reshape(*y.shape[:-1], -1, 4), axis=-1)
-        ry = group_radii(y)
+        ry = gpcl.quaternion_radii(y)
         stats["frac_groups_changed"] = float(np.mean(changed))
         stats["max_radius_after"] = float(np.nanmax(ry))
         stats["bounded"] = bool(np.all(ry <= t * (1 + 1e-5) + 1e-6))

@@ -21,13 +21,10 @@ from polygraphy.backend.base import BaseRunner
 
 from gpcl_trt import feeds
 from gpcl_trt.accuracy import inputs as inp
-from gpcl_trt.common import GpclError
-from gpcl_trt.common import load_onnx
+from gpcl_trt.common import GpclError, load_onnx
+
 
 # Outputs by task, when the exporter's module does not name them itself (architecture.md names).
-_TASK_OUTPUTS = {"feature-extraction": ["last_hidden_state"], "text-generation": ["logits"]}
-
-
 class TorchRunner(BaseRunner):
     """PyTorch inference on the exporter's wrapped module (the module that is exported)."""
 
@@ -46,11 +43,7 @@ class TorchRunner(BaseRunner):
         self.module, self.arch, self.task = load_model(self.model_dir, task=self.task)
         self.module.eval()
         self.dummy = make_dummy_inputs(self.arch, self.task, 1, 8, 0)
-        self.output_names = list(
-            getattr(self.module, "output_names", None)
-            or getattr(self.arch, "output_names", None)
-            or _TASK_OUTPUTS.get(self.task, ["output"])
-        )
+        self.output_names = list(self.module.output_names)
 
     def activate_impl(self) -> None:
         self.load()

@@ -157,17 +157,3 @@ def check_served_model(
         and (not owned or (result["stop"]["leftover_processes"] == 0 and result["stop"]["returncode"] == 0))
     )
     return result
-
-
-def probe_configs(repo: str | os.PathLike, names: Iterable[str], startup_timeout: float = 120.0) -> dict[str, Any]:
-    """Start a server with no models loaded and ask it to load each of ``names``: a config
-    that does not parse fails differently from one whose backend is simply not installed."""
-    from gpcl_trt.deploy.server import TritonServer
-
-    server = TritonServer(repo, models=[], startup_timeout=startup_timeout)
-    try:
-        server.start()
-        answers = {n: server.load_model(n) for n in names}
-    finally:
-        stop = server.stop()
-    return {"models": answers, "stop": stop}

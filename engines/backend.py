@@ -29,16 +29,14 @@ class Capabilities:
     precision_flags: bool
     # Timing cache load/save has an effect (TensorRT-RTX: documented no-op since 1.2).
     timing_cache: bool
-    # get_engine_validity on the Runtime: checks an engine header without deserialising.
-    engine_validity: bool
 
 
 CAPABILITIES = {
     "tensorrt": Capabilities(
-        module="tensorrt", extra="trt", plugins=True, precision_flags=True, timing_cache=True, engine_validity=False
+        module="tensorrt", extra="trt", plugins=True, precision_flags=True, timing_cache=True
     ),
     "tensorrt-rtx": Capabilities(
-        module="tensorrt_rtx", extra="rtx", plugins=False, precision_flags=False, timing_cache=False, engine_validity=True
+        module="tensorrt_rtx", extra="rtx", plugins=False, precision_flags=False, timing_cache=False
     ),
 }
 
@@ -116,10 +114,6 @@ def _import(name: str) -> Backend | None:
     backend = Backend(name=name, trt=trt, caps=caps, logger=_Logger(trt))
     _LOADED[name] = backend
     return backend
-
-
-def available_backends() -> list[str]:
-    return [name for name in _AUTO_ORDER if _import(name) is not None]
 
 
 def load_backend(name: str = "auto") -> Backend:

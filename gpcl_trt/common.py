@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 

@@ -229,7 +229,7 @@ def test_site_stats_clamp_semantics():
     x = (rng.standard_normal((3, 16)) * np.array([0.1, 10.0] * 8)).astype(np.float32)
     y = gpcl_numpy(x, 1.0, mode="clamp")
     st = mt.site_stats(x, y, np.asarray(1.0))
-    r = mt.group_radii(x)
+    r = np.linalg.norm(x.reshape(3, 4, 4), axis=-1)  # independent of the code under test
     assert st["frac_groups_changed"] == pytest.approx(np.mean(r > 1.0))
     assert st["bounded"] and st["max_radius_after"] <= 1.0 + 1e-6
 
