@@ -76,17 +76,11 @@ def _iqr(values: list[float]) -> list[float]:
 
 def bench(models: dict[str, Path], batch: int, seq: int, threads: int, rounds: int, iters: int) -> dict:
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in models.items()}
-    rng = np.random.default_rng(0)
-    names = [i.name for i in sessions["baseline"].get_inputs()]
-    feeds = {n: rng.integers(1, 1000, (batch, seq)).astype(np.int64) for n in names}
-    feeds.update({n: np.ones((batch, seq), np.int64) for n in names if n == "attention_mask"})
-    feeds.update({n: np.zeros((batch, seq), np.int64) for n in names if n == "token_type_ids"})
+    from gpcl_trt.feeds import make_feeds, ort_session, specs_from_session
+
+    sessions = {k: ort_session(p, threads=threads) for k, p in models.items()}
+    feeds = make_feeds(specs_from_session(sessions["baseline"]), batch, seq, vocab=1000)
     outs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}  # warm-up + sanity
     wall: dict[str, list[float]] = {k: [] for k in sessions}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}

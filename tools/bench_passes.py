@@ -53,11 +53,10 @@ def _latency_ratio(base, other, feed: dict, repeat: int) -> float:
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Scratch directory for the outputs.")
 @click.option("--repeat", default=20, show_default=True, help="Timed ORT runs per shape (median reported).")
 def main(model: str, out_dir: str, repeat: int) -> None:
-    import onnxruntime as ort
-
+    from gpcl_trt.feeds import complete_feed, make_feeds, ort_session, specs_from_session
+    from gpcl_trt.manifest import model_dir_of
     from gpcl_trt.passes import calibrate_file, insert_file, sites_file, strip_file
-    from gpcl_trt.passes.calibrate import FeedMaker, _pad_batches, _tokenizer
-    from gpcl_trt.passes.modelio import model_dir_of
+    from gpcl_trt.passes.calibrate import _pad_batches, _tokenizer
 
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -69,11 +68,10 @@ def main(model: str, out_dir: str, repeat: int) -> None:
     res["insert_s"], _ = _timed(lambda: insert_file(model, gpcl, calibration=calib, force=True))
     res["strip_s"], _ = _timed(lambda: strip_file(gpcl, stripped, force=True))
 
-    s0 = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    s1 = ort.InferenceSession(str(gpcl), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
+    s0, s1 = ort_session(model), ort_session(gpcl)
+    specs = specs_from_session(s0)
     for batch, seq in ((1, 128), (8, 128)):
-        feed = FeedMaker(s0)({"input_ids": rng.integers(1, 100, (batch, seq), dtype=np.int64)})
+        feed = make_feeds(specs, batch, seq)
         res[f"ort_cpu_ratio_b{batch}_s{seq}"] = round(_latency_ratio(s0, s1, feed, repeat), 3)
 
     tok = _tokenizer(model_dir_of(model))
@@ -81,7 +79,7 @@ def main(model: str, out_dir: str, repeat: int) -> None:
         worst_diff, worst_cos = 0.0, 1.0
         for b in _pad_batches([tok(t) for t in HELD_OUT]):
             m = b["attention_mask"].astype(bool)
-            feed = FeedMaker(s0)(b)
+            feed = complete_feed(specs, b)
             a, g = s0.run(None, feed)[0][m], s1.run(None, feed)[0][m]
             worst_diff = max(worst_diff, float(np.abs(a - g).max()))
             cos = (a * g).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(g, axis=-1))
