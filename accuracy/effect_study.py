@@ -234,8 +234,12 @@ def study(
         src_sha = sha256_file(onnx)
 
         def make_variant(mode: str, tau_value) -> Any:
+            from onnx.external_data_helper import load_external_data_for_model
+
             graph, _rep = insert_gpcl(lm.graph, sites=sites, mode=mode, tau=tau_value, scopes=lm.scopes)
-            return attach_gpcl_functions(to_proto(graph, lm))
+            variant = attach_gpcl_functions(to_proto(graph, lm))
+            load_external_data_for_model(variant, str(onnx.parent))  # the study runs each variant in memory
+            return variant
 
         plan = []  # (mode, tau kind, percentile or tau, tau value for insert_gpcl)
         for p in percentiles:

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import platform
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -77,6 +78,41 @@ def check_can_write(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+# Every temporary output is a hidden sibling named .NAME.gpcl-PID-XXXXXXXX.tmp: the same
+# filesystem (atomic renames, hard links) and the owner's pid, so the next write into that
+# directory removes what a killed process (SIGKILL, OOM) left behind. Only this pattern is removed.
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.gpcl-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_sibling(final: Path) -> Path:
+    return final.with_name(f".{final.name}.gpcl-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid > 0
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Remove our temporary files and directories in ``directory`` whose owning process is dead."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            m = TEMP_RE.match(name)
+            if m is None or _pid_alive(int(m.group("pid"))):
+                continue
+            p = Path(directory) / name
+            with contextlib.suppress(OSError):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block
@@ -84,15 +120,11 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     final = check_can_write(path, force)
     if final.is_dir():
         raise GpclError(f"{final} is a directory; give a file name")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    remove_stale_temps(final.parent)
+    tmp_path = temp_sibling(final)
+    tmp_path.touch(mode=0o666 & ~_umask(), exist_ok=False)
     try:
         yield tmp_path
-        if tmp_path.is_file():
-            # mkstemp makes 0600 files; give the artifact the mode a plain open() would, so a
-            # server running as another user (Triton) can read it.
-            tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -106,13 +138,14 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     is renamed into place (an existing one, with ``force``, is moved aside first and removed only
     after the new one is in), on failure nothing is left behind."""
     final = check_can_write(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final.parent)
+    tmp = temp_sibling(final)
+    tmp.mkdir()  # the umask's mode, like a plain mkdir: a server may run as another user
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a server may run as another user
         yield tmp
         old = None
         if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            old = temp_sibling(final)
             os.replace(final, old)
         try:
             os.replace(tmp, final)
@@ -209,6 +242,25 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[list[str], Any,
         return sorted(exports)
 
     return sorted(exports), __getattr__, __dir__
+
+
+def external_locations(model: Any) -> list[str]:
+    """The external data files a ModelProto's tensors point at (relative to its directory)."""
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+
+
+@contextlib.contextmanager
+def graph_beside(model: Any, directory: str | os.PathLike, name: str = "model.onnx") -> Iterator[Path]:
+    """A graph-only ModelProto whose weights stay in external data (relative to ``directory``)
+    written as a hidden temporary file in ``directory``, for a runtime or parser that reads a
+    path; removed afterwards. Nothing is copied: the weights are read where they are."""
+    tmp = temp_sibling(Path(directory) / name)
+    try:
+        tmp.write_bytes(model.SerializeToString())
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- manifests

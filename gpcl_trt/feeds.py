@@ -194,11 +194,13 @@ def vocab_size(model: Any, ids_name: str = INPUT_IDS) -> int | None:
     return None
 
 
-def ort_session(model: Any, *, threads: int | None = None, prepacking: bool = True, profile: bool = False) -> Any:
-    """A CPU ONNX Runtime session of a path, serialized bytes or a ModelProto (through a temporary
-    file with external data when it is too big for one protobuf). ``prepacking=False`` keeps
-    ORT from making pre-packed copies of the MatMul weights (memory-mapped weights stay shared).
-    A model ORT cannot load is bad input: one clear line."""
+def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, threads: int | None = None,
+                prepacking: bool = True, profile: bool = False) -> Any:
+    """A CPU ONNX Runtime session of a path, serialized bytes or a ModelProto. A ModelProto
+    whose weights are external (loaded graph-only) reads them from ``base_dir``, where it came
+    from; one too big for a protobuf goes through a temporary file. ``prepacking=False`` keeps
+    ORT from making pre-packed copies of the MatMul weights. A model ORT cannot load is bad
+    input: one clear line."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -211,8 +213,14 @@ def ort_session(model: Any, *, threads: int | None = None, prepacking: bool = Tr
     opts.enable_profiling = profile
     try:
         if hasattr(model, "SerializeToString"):
+            from gpcl_trt.common import external_locations, graph_beside
             from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
+            if external_locations(model):
+                if base_dir is None:
+                    raise GpclError("a model with external weights needs the directory they are in")
+                with graph_beside(model, base_dir) as path:
+                    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             if model.ByteSize() < EXTERNAL_DATA_BYTES:
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             import tempfile

@@ -16,7 +16,15 @@ from typing import Iterator
 import numpy as np
 
 from gpcl_trt.common import GpclError, check_can_write, sha256_file, write_json_atomic, write_manifest
-from gpcl_trt.feeds import INPUT_IDS, complete_feed, make_feeds, ort_session, specs_from_onnx, specs_from_session, vocab_size
+from gpcl_trt.feeds import (
+    INPUT_IDS,
+    complete_feed,
+    make_feeds,
+    ort_session,
+    specs_from_onnx,
+    specs_from_session,
+    vocab_size,
+)
 from gpcl_trt.gpcl import quaternion_radii
 from gpcl_trt.manifest import model_dir_of, pass_inputs
 
@@ -202,7 +210,7 @@ def calibrate_file(
         if s.tensor not in have:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[s.tensor].dtype or np.float32))
             model.graph.output.append(onnx.helper.make_tensor_value_info(s.tensor, elem, None))
-    session = ort_session(model)
+    session = ort_session(model, base_dir=lm.path.parent)
     specs = specs_from_session(session)
     names = [s.tensor for s in sites]
     radii: dict[str, list[np.ndarray]] = {s.tensor: [] for s in sites}

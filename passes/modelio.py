@@ -1,18 +1,21 @@
 """Writing a pass result: export the graph, attach or drop the GPCL function, check it (ONNX
 checker with shape inference, an ONNX Runtime session), then write it atomically with its
-manifest."""
+manifest. Passes never read external weights: the result references the source's weight files
+(the same files, or hard links to them next to the output)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import GpclError, atomic_path, write_manifest
+from gpcl_trt.common import GpclError, atomic_path, check_can_write, external_locations, graph_beside, write_manifest
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 from gpcl_trt.passes.graph import LoadedModel, to_proto
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
+
 
 def drop_gpcl_opset(model: onnx.ModelProto) -> None:
     keep = [o for o in model.opset_import if o.domain != GPCL_DOMAIN]
@@ -20,17 +23,48 @@ def drop_gpcl_opset(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def check_model(data: bytes | str, what: str) -> None:
+# An ONNX Runtime session reads every weight into memory: above this many bytes of external
+# weights the check is the ONNX checker's alone, so that a pass stays small at any model size.
+ORT_CHECK_MAX_WEIGHT_BYTES = 512 * 2**20
+
+
+def check_model(data: bytes | str, what: str, ort_check: bool = True) -> None:
     """The result (serialized bytes, or a path for a model with external data) must pass the full
     ONNX checker (strict shape inference) and load in ONNX Runtime."""
     import onnxruntime as ort
 
     try:
         onnx.checker.check_model(data, full_check=True)
-        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        if ort_check:
+            ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
+
+
+def share_external_data(locations: list[str], src_dir: Path, out_dir: Path, force: bool) -> dict[str, str]:
+    """Make the source's external weight files readable from ``out_dir`` without a copy: the very
+    files when the output sits beside the source, else hard links (a copy only where the
+    filesystem cannot link). Returns location -> "shared" | "hardlink" | "copy"."""
+    import shutil
+
+    how = {}
+    for loc in locations:
+        src, dst = src_dir / loc, out_dir / loc
+        if not src.is_file():
+            raise GpclError(f"{src}: the model's external weight file is missing")
+        if dst.exists() and os.path.samefile(src, dst):
+            how[loc] = "shared"
+            continue
+        with atomic_path(dst, force=force) as tmp:
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+                how[loc] = "hardlink"
+            except OSError:
+                shutil.copyfile(src, tmp)
+                how[loc] = "copy"
+    return how
 
 
 def write_external(model: onnx.ModelProto, out: Path, force: bool, check=None) -> None:
@@ -68,7 +102,19 @@ def save_model(
         remove_gpcl_functions(model)
         drop_gpcl_opset(model)
     out = Path(output)
-    if model.ByteSize() < EXTERNAL_DATA_BYTES:
+    locations = external_locations(model)
+    if locations:
+        src_dir = like.path.parent
+        weight_bytes = sum((src_dir / loc).stat().st_size for loc in locations if (src_dir / loc).is_file())
+        ort_check = weight_bytes <= ORT_CHECK_MAX_WEIGHT_BYTES
+        with graph_beside(model, src_dir, out.name) as beside:  # checked where its weights are
+            check_model(str(beside), stage, ort_check)
+        check_can_write(out, force)
+        results = {**results, "external_data": share_external_data(locations, src_dir, out.parent, force),
+                   "ort_check": ort_check}
+        with atomic_path(out, force=force) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+    elif model.ByteSize() < EXTERNAL_DATA_BYTES:
         # Serialize once: the checker, ORT and the file take the same bytes (seconds on big models).
         data = model.SerializeToString()
         check_model(data, stage)

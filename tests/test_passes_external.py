@@ -1,0 +1,78 @@
+"""Passes on a model whose weights are external data: sites, calibrate, insert and strip read the
+graph only; their outputs reference the source's weight file (the very file beside it, a hard
+link elsewhere) and compute what the same passes give on the self-contained model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from gpcl_trt.feeds import complete_feed, specs_from_session
+from gpcl_trt.passes import calibrate_file, insert_file, sites_file, strip_file
+
+from test_passes import toy_transformer  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+def _outputs(path, ids):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, complete_feed(specs_from_session(sess), {"input_ids": ids}))
+
+
+@pytest.fixture
+def models(tmp_path):
+    """The same toy decoder twice: self-contained, and with every weight in ext.onnx.data."""
+    model = toy_transformer(d=192, norm="rms")  # weights above the small-constant size, so they stay external
+    inline, ext = tmp_path / "inline.onnx", tmp_path / "ext.onnx"
+    onnx.save(model, inline)
+    onnx.save(model, ext, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
+              size_threshold=0)
+    return inline, ext
+
+
+def test_passes_reference_the_weights_and_match_the_inline_model(models, tmp_path):
+    inline, ext = models
+    data = tmp_path / "ext.onnx.data"
+    assert ext.stat().st_size < data.stat().st_size / 10
+    assert sites_file(ext)["sites"] == sites_file(inline)["sites"]
+
+    ci, ce = tmp_path / "ci.json", tmp_path / "ce.json"
+    calibrate_file(inline, ci, samples=3)
+    calibrate_file(ext, ce, samples=3)
+    taus = [{k: v["tau"] for k, v in json.loads(p.read_text())["sites"].items()} for p in (ci, ce)]
+    assert taus[0] == taus[1]
+
+    # Beside the source: the output points at the same file, nothing is written for weights.
+    gi, ge = tmp_path / "gi.onnx", tmp_path / "ge.onnx"
+    insert_file(inline, gi, tau=0.5)
+    res = insert_file(ext, ge, tau=0.5)
+    manifest = json.loads((tmp_path / "ge.manifest.json").read_text())
+    assert manifest["results"]["external_data"] == {"ext.onnx.data": "shared"} and res["ok"]
+    assert ge.stat().st_size < data.stat().st_size / 10
+    ids = np.random.default_rng(0).integers(1, 50, (2, 9), dtype=np.int64)
+    for a, b in zip(_outputs(gi, ids), _outputs(ge, ids)):
+        np.testing.assert_array_equal(a, b)
+
+    # Elsewhere: a hard link to the same weights, no copy; strip gives the original back.
+    other = tmp_path / "other"
+    other.mkdir()
+    strip_file(ge, other / "s.onnx")
+    linked = other / "ext.onnx.data"
+    assert os.path.samefile(linked, data) and data.stat().st_nlink == 2
+    assert json.loads((other / "s.manifest.json").read_text())["results"]["external_data"] == {"ext.onnx.data": "hardlink"}
+    for a, b in zip(_outputs(inline, ids), _outputs(other / "s.onnx", ids)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_missing_weight_file_is_one_clear_error(models, tmp_path):
+    from gpcl_trt.common import GpclError
+
+    _, ext = models
+    (tmp_path / "ext.onnx.data").rename(tmp_path / "moved.data")
+    with pytest.raises(GpclError, match="external weight file is missing|cannot load"):
+        insert_file(ext, tmp_path / "g.onnx", tau=0.5)
+    assert not (tmp_path / "g.onnx").exists()
