@@ -14,11 +14,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from gpcl_trt.common import CheckFailed, GpclError, check_can_write, load_onnx, sha256_bytes, sha256_file, write_manifest
+from gpcl_trt.common import (
+    CheckFailed,
+    GpclError,
+    check_can_write,
+    external_locations,
+    graph_beside,
+    load_onnx,
+    sha256_bytes,
+    sha256_file,
+    write_manifest,
+)
+from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
 GPCL_CHOICES = ("native", "plugin")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
-_MAX_PROTO = 1 << 30  # above this, models travel with external data (protobuf's 2 GiB limit)
 
 
 def build_engine(
@@ -233,21 +243,29 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
     if not changes:
         yield path
         return
-    full = onnx.load(str(path))  # with external data: the rewrite saves a self-contained copy
+    if not lower_to and external_locations(model):
+        # Graph-only rewrite: the parser reads the rewritten graph beside the source, so its
+        # weights are read where they are, never copied or held by us.
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        for change in changes:
+            rewritten = change(rewritten)
+        with graph_beside(rewritten, path.parent, path.name) as beside:
+            yield beside
+        return
+    full = onnx.load(str(path))  # lowering converts the weights: a self-contained rewritten copy
     for change in changes:
         full = change(full)
     with tempfile.TemporaryDirectory(prefix="gpcl-build-") as tmp:
         out = Path(tmp) / path.name
-        big = full.ByteSize() > _MAX_PROTO
+        big = full.ByteSize() > EXTERNAL_DATA_BYTES
         onnx.save(full, str(out), save_as_external_data=big, location=f"{path.name}.data" if big else None)
         yield out
 
 
 def _external_data(path: Path, model: Any) -> dict[str, Any]:
     """sha256 of the weight files a model keeps outside its .onnx, so the manifest pins them too."""
-    locations = sorted(
-        {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    )
+    locations = external_locations(model)
     if not locations:
         return {}
     return {"external_data": {loc: sha256_file(path.parent / loc) for loc in locations}}

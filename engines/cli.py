@@ -55,9 +55,9 @@ def register(main: click.Group) -> None:
         """Build an engine from IN.onnx and write OUT.engine plus OUT.engine.manifest.json
         (ONNX and plugin hashes, backend, precision, profiles, GPCL implementation, layer summary,
         build time, engine check)."""
+        from gpcl_trt.common import eprint
         from gpcl_trt.engines import build_engine
         from gpcl_trt.engines.inspection import format_summary
-        from gpcl_trt.common import eprint
 
         result = build_engine(onnx_path, output, **kw)
         eprint(format_summary(result))
@@ -68,9 +68,9 @@ def register(main: click.Group) -> None:
     def inspect(engine_path: str) -> dict:
         """Print what OUT.engine holds (from its manifest and the engine itself) and check it:
         header validity without a GPU, deserialisation and the built layers with one."""
+        from gpcl_trt.common import eprint
         from gpcl_trt.engines import inspect_engine
         from gpcl_trt.engines.inspection import format_summary
-        from gpcl_trt.common import eprint
 
         result = inspect_engine(engine_path)
         eprint(format_summary(result))

@@ -76,3 +76,17 @@ def test_a_missing_weight_file_is_one_clear_error(models, tmp_path):
     with pytest.raises(GpclError, match="external weight file is missing|cannot load"):
         insert_file(ext, tmp_path / "g.onnx", tau=0.5)
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_engine_build_reads_external_weights_in_place(models, tmp_path):
+    """A GPCL model whose weights are external builds with TensorRT-RTX from the graph rewritten
+    beside them (flat GPCL body): no copy of the weights is written anywhere next to it."""
+    from gpcl_trt.engines import build_engine
+
+    _, ext = models
+    insert_file(ext, tmp_path / "g.onnx", tau=0.5)
+    before = {p.name for p in tmp_path.iterdir()}
+    res = build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", backend="tensorrt-rtx")
+    assert res["ok"] and res["gpcl"]["implementation"] == "native"
+    assert {p.name for p in tmp_path.iterdir()} - before == {"g.engine", "g.engine.manifest.json"}
+    assert res["engine_bytes"] > 0
