@@ -193,19 +193,6 @@ def _generator(specs: list, vocab: int | None, tok: Path | None) -> Callable[[in
 
 
 # ----------------------------------------------------------------------------- engines
-def _cuda_devices() -> int:
-    for lib in ("libcuda.so.1", "libcuda.so"):
-        try:
-            cuda = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return 0
-
-
 def _trt_module() -> str | None:
     import importlib.util
 
@@ -220,7 +207,9 @@ def _trt_module() -> str | None:
 
 def _engine_side(path: Path, role: str, task: str, tok) -> Side:
     trt_name = _trt_module()
-    if trt_name is None or _cuda_devices() == 0:
+    from gpcl_trt.engines.inspection import gpu_present
+
+    if trt_name is None or not gpu_present():
         missing = "no CUDA GPU" if trt_name else "TensorRT is not installed"
         raise GpclError(f"{path}: running an engine needs a GPU and TensorRT ({missing})")
     from polygraphy import config

@@ -290,6 +290,12 @@ def write_triton_repo(
             raise GpclError("--plugin-lib only applies to --backend tensorrt")
         if not plugin_lib.is_file():
             raise GpclError(f"plugin library {plugin_lib} does not exist")
+    if backend == "tensorrt":
+        manifest = Manifest.read(artifact)
+        if manifest is not None and manifest.weights_stripped:
+            # Triton's TensorRT backend deserialises model.plan as it is: it has no refit step.
+            raise GpclError(f"{artifact.name} is a weight-stripped plan (built with --strip-weights): Triton's "
+                            "TensorRT backend cannot refit it; build the served engine without --strip-weights")
     if backend == "tensorrt" and plugin_lib is None:
         plugin_lib = _engine_plugin_lib(artifact)
     repo = Path(repo)

@@ -42,12 +42,15 @@ def build_engine(
     timing_cache: str | os.PathLike | None = None,
     workspace: int | None = None,
     opt_level: int | None = None,
+    strip_weights: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
     """Build an engine for ``onnx_path`` and write it to ``output`` (plus its manifest).
 
     ``shapes``: ``["NAME:MIN,OPT,MAX", ...]`` (or the parsed dict) overriding the default
-    profile; ``workspace`` in MiB; ``opt_level`` the builder optimisation level."""
+    profile; ``workspace`` in MiB; ``opt_level`` the builder optimisation level;
+    ``strip_weights``: a weightless plan (STRIP_PLAN + REFIT) that is refitted from the same ONNX
+    model when it is loaded (the manifest names that model and its hash)."""
     from gpcl_trt.engines import profiles as prof
     from gpcl_trt.engines.backend import load_backend
 
@@ -56,6 +59,14 @@ def build_engine(
     check_can_write(output, force)
     shape_overrides = shapes if isinstance(shapes, dict) else prof.parse_shapes(shapes or ())
     be = load_backend(backend)
+    if strip_weights:
+        from gpcl_trt.engines.inspection import gpu_present
+
+        if not gpu_present():
+            # Measured with TensorRT-RTX 1.7: a refittable build JIT-compiles with CUDA and fails
+            # without a device, unlike a plain CPU-only AOT build.
+            raise GpclError("--strip-weights needs a CUDA GPU at build time (a refittable plan is compiled on the "
+                            "device); build without it here")
     if gpcl == "plugin" and not be.caps.plugins:
         raise GpclError(
             f"{be.name} cannot load the GPCL plugin library; build with --gpcl native "
@@ -75,13 +86,14 @@ def build_engine(
     profile = prof.make_profiles(_network_inputs(network, model), shape_overrides)
 
     config = builder.create_builder_config()
-    _configure(be, builder, config, profile, precision, workspace, opt_level)
+    _configure(be, builder, config, profile, precision, workspace, opt_level, strip_weights)
     cache_note = _load_timing_cache(be, config, timing_cache)
     data, build_seconds, phases = _build(be, builder, network, config, onnx_path)
     validity = _write_engine(be, output, data, force)
     cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
 
     from gpcl_trt.engines.inspection import engine_layers, plan_layer_records
+    from gpcl_trt.manifest import engine_inputs, engine_weights, file_ref
 
     results = {
         "backend": be.name,
@@ -99,11 +111,12 @@ def build_engine(
         "plan": plan_layer_records(data),
         "validity": validity,
         "timing_cache": cache_note,
+        # A weightless plan must be refitted (OnnxParserRefitter) from this very ONNX model.
+        "weights": engine_weights(strip_weights, onnx_path),
     }
     engine_info = engine_layers(be, data)  # None without a GPU
     if engine_info is not None:
         results["engine_layers"] = engine_info
-    from gpcl_trt.manifest import engine_inputs, file_ref
 
     inputs = engine_inputs(file_ref(onnx_path, sha256_file(onnx_path), **_external_data(onnx_path, model)),
                            file_ref(plugin_lib, plugin_sha) if plugin_lib else None)
@@ -115,6 +128,7 @@ def build_engine(
         "workspace_mib": workspace,
         "opt_level": opt_level,
         "timing_cache": str(timing_cache) if timing_cache else None,
+        "strip_weights": strip_weights,
     }
     manifest = write_manifest(output, "build", inputs, options, results, packages=(_dist_name(be),))
     return {"ok": True, "engine": str(output), "manifest": str(manifest), **results}
@@ -354,7 +368,7 @@ def _network_inputs(network: Any, model: Any) -> list[tuple[str, list[int | str]
     return out
 
 
-def _configure(be, builder, config, profile, precision, workspace, opt_level) -> None:
+def _configure(be, builder, config, profile, precision, workspace, opt_level, strip_weights=False) -> None:
     trt = be.trt
     if profile:
         opt = builder.create_optimization_profile()
@@ -367,6 +381,9 @@ def _configure(be, builder, config, profile, precision, workspace, opt_level) ->
         config.builder_optimization_level = int(opt_level)
     if precision != "fp32" and _precision_flags(be):
         config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
+    if strip_weights:
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT)
     # Keep layer names and their parameters in the plan, for the engine inspector.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
 

@@ -50,6 +50,9 @@ def register(main: click.Group) -> None:
     @click.option("--timing-cache", type=_PATH, default=None, help="Timing cache file to load and update (where the backend uses one).")
     @click.option("--workspace", type=int, default=None, metavar="MiB", help="Workspace memory pool limit in MiB.")
     @click.option("--opt-level", type=int, default=None, metavar="N", help="Builder optimisation level, 0..5.")
+    @click.option("--strip-weights", is_flag=True,
+                  help="Write a weightless plan (STRIP_PLAN + REFIT), refitted from IN.onnx when it is loaded; "
+                  "the manifest records the model it needs.")
     @click.option("--force", is_flag=True, help="Overwrite OUT.engine if it exists.")
     def build(onnx_path: str, output: str, **kw: Any) -> dict:
         """Build an engine from IN.onnx and write OUT.engine plus OUT.engine.manifest.json

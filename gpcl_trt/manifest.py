@@ -30,6 +30,11 @@ def engine_inputs(onnx: dict[str, Any], plugin_lib: dict[str, Any] | None = None
     return {"onnx": onnx, **({"plugin_lib": plugin_lib} if plugin_lib else {})}
 
 
+def engine_weights(stripped: bool, onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """Where a plan's weights are: inside it, or stripped (refitted from this ONNX model at load)."""
+    return {"stripped": True, "refit_from": str(onnx_path)} if stripped else {"stripped": False}
+
+
 def pass_inputs(source: str | os.PathLike, source_sha256: str, model_dir: str | None, **extra: Any) -> dict[str, Any]:
     """A pass's inputs (insert, strip, calibrate): the source model and the HF model directory it
     came from (followed through the source's own manifest)."""
@@ -97,6 +102,11 @@ class Manifest:
     def uses_plugin(self) -> bool:
         gpcl = self.results.get("gpcl") or {}
         return bool(gpcl.get("plugin_layers") or gpcl.get("nodes_as_plugin"))
+
+    @property
+    def weights_stripped(self) -> bool:
+        """A weightless plan (STRIP_PLAN) that must be refitted from its ONNX model."""
+        return bool((self.results.get("weights") or {}).get("stripped"))
 
     @property
     def profiles(self) -> list[dict[str, Any]]:

@@ -90,3 +90,48 @@ def test_engine_build_reads_external_weights_in_place(models, tmp_path):
     assert res["ok"] and res["gpcl"]["implementation"] == "native"
     assert {p.name for p in tmp_path.iterdir()} - before == {"g.engine", "g.engine.manifest.json"}
     assert res["engine_bytes"] > 0
+
+
+def test_weight_stripped_plan_needs_a_gpu_to_build_here(models, tmp_path):
+    """A refittable (weight-stripped) plan is JIT-compiled on the device by TensorRT-RTX: without
+    a GPU the build is refused up front in one line, and nothing is written."""
+    from gpcl_trt.common import GpclError
+    from gpcl_trt.engines import build_engine
+    from gpcl_trt.engines.inspection import gpu_present
+
+    if gpu_present():
+        pytest.skip("has a GPU: test_weight_stripped_plan_on_a_gpu covers this")
+    _, ext = models
+    with pytest.raises(GpclError, match="--strip-weights needs a CUDA GPU"):
+        build_engine(ext, tmp_path / "w.engine", backend="tensorrt-rtx", strip_weights=True)
+    assert not (tmp_path / "w.engine").exists()
+
+
+@pytest.mark.gpu
+def test_weight_stripped_plan_on_a_gpu(models, tmp_path):
+    from gpcl_trt.engines import build_engine
+    from gpcl_trt.engines.inspection import gpu_present
+
+    if not gpu_present():
+        pytest.skip("needs a GPU (a refittable plan is compiled on the device)")
+    _, ext = models
+    full = build_engine(ext, tmp_path / "full.engine", backend="tensorrt-rtx")
+    stripped = build_engine(ext, tmp_path / "w.engine", backend="tensorrt-rtx", strip_weights=True)
+    assert full["engine_bytes"] > (tmp_path / "ext.onnx.data").stat().st_size > stripped["engine_bytes"]
+    assert stripped["weights"] == {"stripped": True, "refit_from": str(ext)}
+
+
+def test_triton_refuses_a_weight_stripped_plan(tmp_path):
+    """Triton's TensorRT backend cannot refit: a plan whose build manifest says its weights are
+    stripped is refused, and the repository is not touched."""
+    from gpcl_trt.common import GpclError, write_manifest
+    from gpcl_trt.deploy import write_triton_repo
+    from gpcl_trt.manifest import engine_inputs, engine_weights, file_ref
+
+    engine = tmp_path / "w.engine"
+    engine.write_bytes(b"plan")
+    write_manifest(engine, "build", engine_inputs(file_ref(tmp_path / "m.onnx", None)), {"strip_weights": True},
+                   {"weights": engine_weights(True, tmp_path / "m.onnx")})
+    with pytest.raises(GpclError, match="weight-stripped plan"):
+        write_triton_repo(engine, tmp_path / "repo", "w", backend="tensorrt")
+    assert not (tmp_path / "repo").exists()
