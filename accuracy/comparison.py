@@ -198,10 +198,10 @@ def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, t
     """Both sides, each exposing the extra tensors it must (shared intermediates for per-layer,
     GPCL site inputs/outputs for the report); each .onnx is read (and typed) once."""
     from gpcl_trt.accuracy.runners import infer_types
-    from gpcl_trt.common import load_onnx
+    from gpcl_trt.common import load_onnx_graph
 
     paths = {"reference": reference, "candidate": candidate}
-    models = {role: load_onnx(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}
+    models = {role: load_onnx_graph(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}
     shared: list[str] = []
     if per_layer:
         models = {role: infer_types(m) for role, m in models.items()}

@@ -220,6 +220,11 @@ def study(
         onnx = Path(onnx)
         side = make_side(onnx, "original", tokenizer_dir=model_dir)
         base = side.onnx_model
+        # The study runs many variants of one model in memory (made for small models): read the
+        # weights in once.
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(base, str(onnx.parent))
         out_names = [o.name for o in base.graph.output]
         feeds = side.generate(samples, 1, seq, seed)
         ref_outs = _run(base, feeds, None)

@@ -21,7 +21,7 @@ from polygraphy.backend.base import BaseRunner
 
 from gpcl_trt import feeds
 from gpcl_trt.accuracy import inputs as inp
-from gpcl_trt.common import GpclError, load_onnx
+from gpcl_trt.common import GpclError, load_onnx_graph
 
 
 # Outputs by task, when the exporter's module does not name them itself (architecture.md names).
@@ -161,9 +161,10 @@ def with_outputs(model, names: list[str]):
 def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -> Side:
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    model = model if model is not None else load_onnx(path)
+    model = model if model is not None else load_onnx_graph(path)
     run_model = with_outputs(model, extra_outputs) if extra_outputs else model
-    runner = OnnxrtRunner(lambda: feeds.ort_session(run_model, threads=threads), name=role)
+    # External weights are read by ORT where they are (the graph is written beside them).
+    runner = OnnxrtRunner(lambda: feeds.ort_session(run_model, base_dir=path.parent, threads=threads), name=role)
     specs = feeds.specs_from_onnx(model)
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
     return Side("onnx", path, runner, spec, onnx_model=model, extra_outputs=list(extra_outputs),

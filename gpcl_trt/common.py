@@ -244,6 +244,33 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[list[str], Any,
     return sorted(exports), __getattr__, __dir__
 
 
+# Tensors the stages read themselves (a Pow exponent, a norm's epsilon, a per-group tau) are
+# small; weights are not.
+SMALL_TENSOR_BYTES = 64 * 1024
+
+
+def load_onnx_graph(path: str | os.PathLike) -> Any:
+    """An ONNX model without its external weights: they stay on disk, referenced (a runtime reads
+    them from there, see graph_beside). External tensors of at most SMALL_TENSOR_BYTES are read
+    in (they become inline). A missing weight file is one clear error."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
+
+    p = Path(path)
+    model = load_onnx(p, external_data=False)
+    for t in model.graph.initializer:
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        if not (p.parent / info.location).is_file():
+            raise GpclError(f"{p.parent / info.location}: the model's external weight file is missing")
+        if info.length is not None and info.length <= SMALL_TENSOR_BYTES:
+            load_external_data_for_tensor(t, str(p.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return model
+
+
 def external_locations(model: Any) -> list[str]:
     """The external data files a ModelProto's tensors point at (relative to its directory)."""
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import GpclError, load_onnx
+from gpcl_trt.common import load_onnx_graph
 from gpcl_trt.gpcl import GPCL_DOMAIN, GPCL_OP, SCOPES_KEY, parse_scopes
 
 # Ops that only re-view or re-type a tensor: a projection reached through them (GPT-2's Conv1D
@@ -88,30 +88,7 @@ def load_graph(path: str | Path) -> LoadedModel:
     """Load an ONNX file's graph (one clear GpclError if it is not one) and import it into
     graphsurgeon. External weights are not read: they stay where they are, referenced."""
     p = Path(path)
-    model = load_onnx(p, external_data=False)
-    _load_small_external(model, p.parent)
-    return from_proto(model, p)
-
-
-# Constants the passes read (a Pow exponent, a norm's epsilon) are small; weights are not.
-_SMALL_TENSOR_BYTES = 64 * 1024
-
-
-def _load_small_external(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Bring external tensors of at most _SMALL_TENSOR_BYTES into the graph (they become inline);
-    the weights stay external. A missing weight file is one clear error."""
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
-
-    for t in model.graph.initializer:
-        if not uses_external_data(t):
-            continue
-        info = ExternalDataInfo(t)
-        if not (base_dir / info.location).is_file():
-            raise GpclError(f"{base_dir / info.location}: the model's external weight file is missing")
-        if info.length is not None and info.length <= _SMALL_TENSOR_BYTES:
-            load_external_data_for_tensor(t, str(base_dir))
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
+    return from_proto(load_onnx_graph(p), p)
 
 
 def from_proto(model: onnx.ModelProto, path: Path | None = None) -> LoadedModel:

@@ -151,9 +151,10 @@ def test_mismatched_inputs_are_one_line_exit_2(minilm_onnx, tmp_path):
 
 
 def test_engine_without_gpu_is_a_clear_error(tmp_path, minilm_onnx):
-    from gpcl_trt.accuracy.runners import _cuda_devices, _trt_module
+    from gpcl_trt.accuracy.runners import _trt_module
+    from gpcl_trt.engines.inspection import gpu_present
 
-    if _cuda_devices() and _trt_module():
+    if gpu_present() and _trt_module():
         pytest.skip("a GPU and TensorRT are present: the engine path is exercised instead")
     eng = tmp_path / "m.engine"
     eng.write_bytes(b"not an engine")

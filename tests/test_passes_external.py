@@ -135,3 +135,14 @@ def test_triton_refuses_a_weight_stripped_plan(tmp_path):
     with pytest.raises(GpclError, match="weight-stripped plan"):
         write_triton_repo(engine, tmp_path / "repo", "w", backend="tensorrt")
     assert not (tmp_path / "repo").exists()
+
+
+def test_diff_runs_external_weights_where_they_are(models, tmp_path):
+    """diff reads a model's graph only and lets ONNX Runtime read the weights from their file:
+    the external-data model and its self-contained twin agree bit for bit."""
+    from gpcl_trt.accuracy import diff
+
+    inline, ext = models
+    res = diff(reference=inline, candidate=ext, samples=2, seq=8, atol=0.0, rtol=0.0)
+    assert res["ok"], res
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
