@@ -96,17 +96,12 @@ def check_model_dir(model_dir: str | os.PathLike) -> str:
     return raw["model_type"]
 
 
-def _arch_class(raw_config: dict, cfg_path: Path):
-    from gpcl_trt.exporter.configs import arch_for_model_type, supported_model_types
+def _arch_class(raw_config: dict, cfg_path: Path, trust_remote_code: bool = False):
+    """The family class (text encoder, decoder-only, vision encoder) from config.json's
+    architectures/model_type and transformers' auto-class mappings; one clear line otherwise."""
+    from gpcl_trt.exporter.configs import resolve_family
 
-    model_type = raw_config.get("model_type")
-    arch = arch_for_model_type(model_type) if isinstance(model_type, str) else None
-    if arch is None:
-        raise GpclError(
-            f"unsupported architecture model_type={model_type!r} in {cfg_path}; "
-            f"supported: {', '.join(supported_model_types())}"
-        )
-    return arch
+    return resolve_family(raw_config, str(cfg_path), trust_remote_code)
 
 
 def _check_weights(d: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
@@ -141,8 +136,7 @@ def _resolve_task(arch: Any, task: str) -> str:
         return arch.default_task()
     if task not in TASKS:
         raise GpclError(f"unknown task {task!r}; choose auto or one of {', '.join(TASKS)}")
-    if task not in arch.tasks:
-        raise GpclError(f"task {task!r} is not supported for {arch.name}; supported: {', '.join(arch.tasks)}")
+    arch.check_task(task)
     return task
 
 
@@ -185,7 +179,7 @@ def load_model(
     if dtype not in DTYPES:
         raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     d, raw = _check_model_dir(model_dir)
-    arch_cls = _arch_class(raw, d / "config.json")
+    arch_cls = _arch_class(raw, d / "config.json", trust_remote_code)
     _, use_safetensors = _check_weights(d, allow_pickle)
 
     import torch

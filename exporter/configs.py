@@ -1,235 +1,645 @@
-"""One small config per architecture family: which HF model class to load for a task, the ONNX
-inputs/outputs (names, dtypes, dynamic axes) and the wrapper module that is traced.
+"""Architecture families: which HF model class to load for a task, the ONNX inputs/outputs (names,
+dtypes, dynamic axes) and the wrapper module that is traced.
 
-Adding an architecture means adding one subclass here and one entry in ``ARCHITECTURES``; the
-exporter itself has no per-architecture branches.
+The architecture is read from the checkpoint, not from a list of names: config.json's
+``architectures`` (the head class) and ``model_type`` are looked up in transformers' own auto-class
+mappings (``transformers.models.auto.modeling_auto``), which say whether a model is a text encoder,
+a decoder-only LM or a vision encoder, and which task its head serves. What differs between models
+of one family (whether the forward takes ``token_type_ids``, rotary positions, the per-layer shape
+of the KV cache, the vocabulary of the LM head) is read from the model class's forward signature,
+the config, or one tiny forward of the loaded model, never from its name.
+
+A per-architecture subclass exists only where the generic path measurably fails, with a comment
+saying why (:data:`OVERRIDES`). Encoder-decoder, audio and multimodal models are refused with a
+message that names the task they would need.
 """
 
 from __future__ import annotations
 
-import abc
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from gpcl_trt.common import GpclError
+
 FEATURE_EXTRACTION = "feature-extraction"
+FILL_MASK = "fill-mask"
+TEXT_CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
+QUESTION_ANSWERING = "question-answering"
 TEXT_GENERATION = "text-generation"
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
-TASKS = (FEATURE_EXTRACTION, TEXT_GENERATION, TEXT_GENERATION_WITH_PAST)
+IMAGE_CLASSIFICATION = "image-classification"
+TASKS = (
+    FEATURE_EXTRACTION,
+    FILL_MASK,
+    TEXT_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    QUESTION_ANSWERING,
+    TEXT_GENERATION,
+    TEXT_GENERATION_WITH_PAST,
+    IMAGE_CLASSIFICATION,
+)
+
+# task -> (transformers auto mapping holding model_type -> head class name, Auto class)
+TASK_HEADS: dict[str, tuple[str, str]] = {
+    FEATURE_EXTRACTION: ("MODEL_MAPPING_NAMES", "AutoModel"),
+    FILL_MASK: ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    TEXT_CLASSIFICATION: ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification"),
+    TOKEN_CLASSIFICATION: ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification"),
+    QUESTION_ANSWERING: ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering"),
+    TEXT_GENERATION: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    TEXT_GENERATION_WITH_PAST: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    IMAGE_CLASSIFICATION: ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+}
+
+# Families that are out of scope for now: mapping -> (what the model is, the task it would need).
+REFUSED: tuple[tuple[str, str, str], ...] = (
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder model", "text2text-generation"),
+    ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "an audio (speech encoder-decoder) model", "automatic-speech-recognition"),
+    ("MODEL_FOR_CTC_MAPPING_NAMES", "an audio model", "automatic-speech-recognition"),
+    ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-classification"),
+    ("MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-frame-classification"),
+    ("MODEL_FOR_AUDIO_XVECTOR_MAPPING_NAMES", "an audio model", "audio-xvector"),
+    ("MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES", "an audio model", "text-to-audio"),
+    ("MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES", "an audio model", "text-to-audio"),
+    ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "a multimodal (image + text) model", "image-text-to-text"),
+    ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "a multimodal model", "any-to-any"),
+    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "a multimodal (image + text) model", "zero-shot-image-classification"),
+)
+
+# Cache layer classes that hold plain key/value tensors (the with-past export's flat I/O).
+_KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One ONNX graph input or output: name, element type and axes (a str is a dynamic axis)."""
+    """One ONNX graph input or output: name, element type and axes (a str is a dynamic axis, an
+    int a fixed size, None a fixed size the exporter decides, e.g. a vision model's tokens)."""
 
     name: str
     dtype: str  # "int64" or "float" (the model dtype: float32 or float16)
-    axes: tuple[str | int, ...]
+    axes: tuple[str | int | None, ...]
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "axes": list(self.axes)}
 
 
-class ArchConfig(abc.ABC):
-    """Base of the per-architecture configs. An instance binds the class-level description to
-    one HF config (for vocab size, layer count, KV heads...)."""
+# ----------------------------------------------------------------------------- transformers lookups
+def _mapping(name: str) -> dict[str, Any]:
+    from transformers.models.auto import modeling_auto
 
-    name: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]  # config.json "model_type" values served by this config
+    return getattr(modeling_auto, name, {}) or {}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) if value else ()
+
+
+def _in_mapping(mapping: str, model_type: str) -> bool:
+    return bool(_names(_mapping(mapping).get(model_type)))
+
+
+def _class_in_mapping(mapping: str, cls_name: str) -> bool:
+    return any(cls_name in _names(v) for v in _mapping(mapping).values())
+
+
+def head_class(task: str, model_type: str) -> type | None:
+    """The transformers class serving ``task`` for ``model_type`` (None if it has none)."""
+    import transformers
+
+    for name in _names(_mapping(TASK_HEADS[task][0]).get(model_type)):
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def forward_params(cls_or_model: Any) -> set[str]:
+    """The argument names of a model's forward (what it can take: token_type_ids, position_ids)."""
+    try:
+        return set(inspect.signature(cls_or_model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def task_of_class(cls_name: str) -> str | None:
+    """The task whose head class is ``cls_name`` (LlamaForCausalLM -> text-generation), or None."""
+    for task, (mapping, _) in TASK_HEADS.items():
+        if task != TEXT_GENERATION_WITH_PAST and _class_in_mapping(mapping, cls_name):
+            return task
+    return None
+
+
+# ----------------------------------------------------------------------------- family base
+class ArchConfig:
+    """Base of the family configs. An instance binds the family's description to one HF config
+    (and, once :meth:`core` has seen the loaded model, to what a tiny forward of it showed)."""
+
+    family: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]]
+    main_input: ClassVar[str] = "input_ids"
 
     def __init__(self, hf_config: Any, dtype: str = "fp32"):
         self.hf_config = hf_config
         self.dtype = dtype  # "fp32" or "fp16": the element type of every "float" tensor
+        self._params: set[str] | None = None  # forward arguments of the loaded model
+        self._vocab: int | None = None
+        self._logits: int | None = None
 
-    # --- what the caller asks of every architecture
-    def default_task(self) -> str:
-        return self.tasks[0]
-
-    @abc.abstractmethod
-    def auto_class(self, task: str) -> type:
-        """Per architecture."""
-
-    def load_kwargs(self, task: str) -> dict[str, Any]:
-        """Extra from_pretrained arguments for this architecture."""
-        return {}
-
-    @abc.abstractmethod
-    def inputs(self, task: str) -> list[TensorSpec]:
-        """Per architecture."""
-
-    @abc.abstractmethod
-    def outputs(self, task: str) -> list[TensorSpec]:
-        """Per architecture."""
-
-    @abc.abstractmethod
-    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
-        """The module that is traced: plain tensors in (ONNX input order), a tuple out."""
+    # --- naming
+    @property
+    def name(self) -> str:
+        """The architecture: config.json's model_type (llama, roberta, vit...)."""
+        return str(self.hf_config.model_type)
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.hf_config.vocab_size)
+    def head(self) -> str | None:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else None
 
-
-# ----------------------------------------------------------------------------- encoders
-class EncoderCore(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        return (out.last_hidden_state,)
-
-
-class BertFamily(ArchConfig):
-    """BERT-style encoders: input_ids, attention_mask, token_type_ids -> last_hidden_state."""
-
-    name = "bert"
-    model_types = ("bert", "roberta", "xlm-roberta")
-    tasks = (FEATURE_EXTRACTION,)
-    token_type_ids: ClassVar[bool] = True
+    # --- tasks and classes
+    def default_task(self) -> str:
+        """The task of the head class named in config.json's ``architectures``; the family's
+        first task when it names none we know."""
+        task = task_of_class(self.head) if self.head else None
+        if task is None:
+            return self.tasks[0]
+        if task not in self.tasks:
+            raise GpclError(
+                f"{self.head} ({self.name}) is a {task} head, which gpcl-trt does not export for "
+                f"{self.family} models; choose --task {' or '.join(self.tasks)}"
+            )
+        return task
 
     def auto_class(self, task: str) -> type:
-        from transformers import AutoModel
+        import transformers
 
-        return AutoModel
+        return getattr(transformers, TASK_HEADS[task][1])
+
+    def model_class(self, task: str) -> type | None:
+        return head_class(task, self.name)
 
     def load_kwargs(self, task: str) -> dict[str, Any]:
-        # Only last_hidden_state is exported; many sentence-embedding checkpoints ship without
-        # pooler weights, which would otherwise count as missing.
-        return {"add_pooling_layer": False}
+        """Extra from_pretrained arguments: no pooler for feature extraction where the class has
+        one (many sentence-embedding checkpoints ship without pooler weights, which would
+        otherwise count as missing; only last_hidden_state is exported)."""
+        cls = self.model_class(task)
+        if task == FEATURE_EXTRACTION and cls is not None:
+            try:
+                if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+                    return {"add_pooling_layer": False}
+            except (TypeError, ValueError):
+                pass
+        return {}
+
+    def check_task(self, task: str) -> None:
+        """Refuse a task the family or this model type cannot serve, with a clear line."""
+        if task not in self.tasks:
+            raise GpclError(f"task {task!r} is not supported for {self.name} ({self.family}); supported: {', '.join(self.tasks)}")
+        if not getattr(self.hf_config, "auto_map", None) and self.model_class(task) is None:
+            raise GpclError(f"transformers has no {task} head for model_type {self.name!r}; choose another --task")
+
+    def params(self, task: str) -> set[str]:
+        if self._params is not None:
+            return self._params
+        cls = self.model_class(task)
+        return forward_params(cls) if cls is not None else set()
+
+    # --- sizes
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding (what input_ids may index)."""
+        if self._vocab is not None:
+            return self._vocab
+        return int(self.hf_config.get_text_config().vocab_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config.get_text_config().hidden_size)
+
+    @property
+    def num_labels(self) -> int:
+        return int(getattr(self.hf_config, "num_labels", 2))
+
+    def _bind(self, model: torch.nn.Module) -> None:
+        self._params = forward_params(model)
+        emb = _call(model, "get_input_embeddings")
+        if isinstance(emb, torch.nn.Embedding):
+            self._vocab = int(emb.num_embeddings)
+        out = _call(model, "get_output_embeddings")
+        if isinstance(out, torch.nn.Linear):
+            self._logits = int(out.out_features)
+
+    # --- what each family says
+    def inputs(self, task: str) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def outputs(self, task: str) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        """The module that is traced: plain tensors in (ONNX input order), a tuple out."""
+        raise NotImplementedError
+
+    def _head_outputs(self, task: str, seq_axes: tuple) -> list[TensorSpec]:
+        """The outputs of an encoder head; ``seq_axes`` are the axes of one token position."""
+        if task == FEATURE_EXTRACTION:
+            return [TensorSpec("last_hidden_state", "float", (*seq_axes, self.hidden_size))]
+        if task == FILL_MASK:
+            return [TensorSpec("logits", "float", (*seq_axes, self._logits or self.vocab_size))]
+        if task in (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION):
+            return [TensorSpec("logits", "float", ("batch", self.num_labels))]
+        if task == TOKEN_CLASSIFICATION:
+            return [TensorSpec("logits", "float", (*seq_axes, self.num_labels))]
+        if task == QUESTION_ANSWERING:
+            return [TensorSpec(n, "float", seq_axes) for n in ("start_logits", "end_logits")]
+        raise GpclError(f"task {task!r} has no outputs in {self.family}")
+
+
+def _call(model: Any, method: str) -> Any:
+    try:
+        return getattr(model, method)()
+    except Exception:  # not implemented by this class
+        return None
+
+
+class HeadCore(torch.nn.Module):
+    """Calls the HF model with the named inputs and returns the named outputs (a tuple)."""
+
+    def __init__(self, model: torch.nn.Module, outputs: list[str], **call_kwargs: Any):
+        super().__init__()
+        self.model = model
+        self.outputs = list(outputs)
+        self.call_kwargs = call_kwargs
+
+    def _pick(self, out: Any) -> tuple:
+        return tuple(out[n] for n in self.outputs)
+
+
+# ----------------------------------------------------------------------------- text encoders
+class EncoderCore(HeadCore):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        return self._pick(self.model(input_ids=input_ids, **kw, **self.call_kwargs))
+
+
+class TextEncoder(ArchConfig):
+    """Bidirectional text encoders (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, ModernBERT,
+    ...): input_ids, attention_mask, plus token_type_ids where the forward takes them."""
+
+    family = "text-encoder"
+    tasks = (FEATURE_EXTRACTION, FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)
 
     def inputs(self, task: str) -> list[TensorSpec]:
-        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.token_type_ids else [])
+        params = self.params(task)
+        names = ["input_ids"] + [n for n in ("attention_mask", "token_type_ids") if n in params]
         return [TensorSpec(n, "int64", ("batch", "sequence")) for n in names]
 
     def outputs(self, task: str) -> list[TensorSpec]:
-        hidden = int(self.hf_config.hidden_size)
-        return [TensorSpec("last_hidden_state", "float", ("batch", "sequence", hidden))]
+        return self._head_outputs(task, ("batch", "sequence"))
 
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
-        return EncoderCore(model)
+        self._bind(model)
+        return EncoderCore(model, [s.name for s in self.outputs(task)], return_dict=True)
+
+
+# ----------------------------------------------------------------------------- vision encoders
+class VisionCore(HeadCore):
+    def forward(self, pixel_values):
+        return self._pick(self.model(pixel_values=pixel_values, **self.call_kwargs))
+
+
+class VisionEncoder(ArchConfig):
+    """ViT-like image encoders (ViT, DeiT, BEiT, DINOv2, ...): pixel_values [batch, channels,
+    height, width] at the config's image size -> logits or last_hidden_state."""
+
+    family = "vision-encoder"
+    tasks = (IMAGE_CLASSIFICATION, FEATURE_EXTRACTION)
+    main_input = "pixel_values"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.hf_config, "image_size", 224)
+        return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:  # no token ids; kept so callers that ask get a number
+        return 0
+
+    def inputs(self, task: str) -> list[TensorSpec]:
+        channels = int(getattr(self.hf_config, "num_channels", 3))
+        return [TensorSpec("pixel_values", "float", ("batch", channels, *self.image_size))]
+
+    def outputs(self, task: str) -> list[TensorSpec]:
+        return self._head_outputs(task, ("batch", None))  # the token count is fixed by the image size
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        self._bind(model)
+        return VisionCore(model, [s.name for s in self.outputs(task)], return_dict=True)
 
 
 # ----------------------------------------------------------------------------- decoders
-class CausalLMCore(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids=None):
+class CausalLMCore(HeadCore):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
         kw = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
-        return (out.logits,)
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        return self._pick(self.model(input_ids=input_ids, use_cache=False, **kw, **self.call_kwargs))
 
 
-class CausalLMWithPastCore(torch.nn.Module):
+class CausalLMWithPastCore(HeadCore):
     """Explicit past tensors in, present tensors out. Transformers 5 keeps the cache in a Cache
     object, which the dynamo exporter cannot take as a graph input, so the cache is rebuilt from
-    the flat tensors inside the traced forward."""
+    the flat tensors inside the traced forward. Every layer is a full DynamicLayer: sliding-window
+    layers (Mistral, Gemma 2/3, Qwen2 with a window...) still attend only inside their window,
+    because the attention mask, not the cache, applies the window, so presents always hold the
+    whole sequence (one axis, total_sequence, for every layer)."""
 
-    def __init__(self, model: torch.nn.Module, num_layers: int):
-        super().__init__()
-        self.model = model
+    def __init__(self, model: torch.nn.Module, num_layers: int, outputs: list[str]):
+        super().__init__(model, outputs)
         self.num_layers = num_layers
+        self.cache_arg = _cache_arg(model)
 
-    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=()):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=()):
         from transformers import DynamicCache
 
         pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache(ddp_cache_data=pairs)
         kw = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **kw
-        )
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        kw[self.cache_arg] = cache
+        out = self.model(input_ids=input_ids, use_cache=True, return_dict=True, **kw)
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in _out_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
 
-class CausalLM(ArchConfig):
-    """Decoder-only LMs. Subclasses only say whether ``position_ids`` is an input."""
+def _cache_arg(model: torch.nn.Module) -> str:
+    """Transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name is
+    deprecated); use whichever this model takes."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
-    tasks = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION)
-    position_ids: ClassVar[bool] = True
+
+def _out_cache(out: Any) -> Any:
+    for key in ("cache", "past_key_values"):
+        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class KVShape:
+    heads: int
+    head_dim: int
+
+
+class DecoderOnly(ArchConfig):
+    """Decoder-only LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, GPT-J, OPT, Bloom,
+    Falcon, ...): input_ids, attention_mask, position_ids where positions are rotary (a runtime
+    with padded batches must say where each token sits; learned absolute positions follow from
+    the past length), and with past the flat ``past_key_values.{i}.key|value`` tensors, whose
+    per-layer head count and head size are read from the cache of one tiny forward."""
+
+    family = "decoder-only"
+    tasks = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION, FEATURE_EXTRACTION)
+
+    def __init__(self, hf_config: Any, dtype: str = "fp32"):
+        super().__init__(hf_config, dtype)
+        self._kv: list[KVShape] | None = None
+        self._rotary: bool | None = None
 
     def default_task(self) -> str:
-        # config.json says whether the model is meant to decode with a KV cache.
-        return TEXT_GENERATION_WITH_PAST if getattr(self.hf_config, "use_cache", True) else TEXT_GENERATION
+        task = super().default_task()
+        if task == TEXT_GENERATION:
+            # config.json says whether the model is meant to decode with a KV cache.
+            use_cache = getattr(self.hf_config.get_text_config(), "use_cache", True)
+            return TEXT_GENERATION_WITH_PAST if use_cache else TEXT_GENERATION
+        return task
 
-    def auto_class(self, task: str) -> type:
-        from transformers import AutoModelForCausalLM
+    # --- what the model takes
+    @property
+    def rotary(self) -> bool:
+        if self._rotary is None:
+            self._rotary = _config_says_rotary(self.hf_config.get_text_config())
+        return self._rotary
 
-        return AutoModelForCausalLM
+    def _bind(self, model: torch.nn.Module) -> None:
+        super()._bind(model)
+        self._rotary = self.rotary or any("rotary" in type(m).__name__.lower() for m in model.modules())
 
     @property
     def num_layers(self) -> int:
-        return int(self.hf_config.num_hidden_layers)
+        if self._kv is not None:
+            return len(self._kv)
+        return int(self.hf_config.get_text_config().num_hidden_layers)
+
+    def kv_shapes(self) -> list[KVShape]:
+        if self._kv is not None:
+            return self._kv
+        cfg = self.hf_config.get_text_config()
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return [KVShape(heads, head_dim)] * int(cfg.num_hidden_layers)
 
     @property
     def num_kv_heads(self) -> int:
-        cfg = self.hf_config
-        return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        return self.kv_shapes()[0].heads
 
     @property
     def head_dim(self) -> int:
-        cfg = self.hf_config
-        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return self.kv_shapes()[0].head_dim
 
     def past_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
     def inputs(self, task: str) -> list[TensorSpec]:
         past = task == TEXT_GENERATION_WITH_PAST
-        specs = [
-            TensorSpec("input_ids", "int64", ("batch", "sequence")),
-            TensorSpec("attention_mask", "int64", ("batch", "total_sequence" if past else "sequence")),
-        ]
-        if self.position_ids:
+        params = self.params(task)
+        specs = [TensorSpec("input_ids", "int64", ("batch", "sequence"))]
+        if "attention_mask" in params or not params:
+            specs.append(TensorSpec("attention_mask", "int64", ("batch", "total_sequence" if past else "sequence")))
+        if self.rotary and "position_ids" in params:
             specs.append(TensorSpec("position_ids", "int64", ("batch", "sequence")))
         if past:
-            axes = ("batch", self.num_kv_heads, "past_sequence", self.head_dim)
-            specs += [TensorSpec(n, "float", axes) for n in self.past_names("past_key_values")]
+            for i, kv in enumerate(self.kv_shapes()):
+                axes = ("batch", kv.heads, "past_sequence", kv.head_dim)
+                specs += [TensorSpec(f"past_key_values.{i}.{n}", "float", axes) for n in ("key", "value")]
         return specs
 
     def outputs(self, task: str) -> list[TensorSpec]:
-        specs = [TensorSpec("logits", "float", ("batch", "sequence", self.vocab_size))]
+        if task == FEATURE_EXTRACTION:
+            return [TensorSpec("last_hidden_state", "float", ("batch", "sequence", self.hidden_size))]
+        specs = [TensorSpec("logits", "float", ("batch", "sequence", self._logits or self.vocab_size))]
         if task == TEXT_GENERATION_WITH_PAST:
-            axes = ("batch", self.num_kv_heads, "total_sequence", self.head_dim)
-            specs += [TensorSpec(n, "float", axes) for n in self.past_names("present")]
+            for i, kv in enumerate(self.kv_shapes()):
+                axes = ("batch", kv.heads, "total_sequence", kv.head_dim)
+                specs += [TensorSpec(f"present.{i}.{n}", "float", axes) for n in ("key", "value")]
         return specs
 
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        self._bind(model)
         if task == TEXT_GENERATION_WITH_PAST:
-            return CausalLMWithPastCore(model, self.num_layers)
-        return CausalLMCore(model)
+            self._kv = probe_kv_cache(model, self.name)
+            return CausalLMWithPastCore(model, self.num_layers, [s.name for s in self.outputs(task)])
+        if task == FEATURE_EXTRACTION:
+            return EncoderCore(model, ["last_hidden_state"], use_cache=False, return_dict=True)
+        return CausalLMCore(model, ["logits"], return_dict=True)
 
 
-class Llama(CausalLM):
-    name = "llama"
-    model_types = ("llama",)
-    position_ids = True  # RoPE: a runtime with padded batches must say where each token sits
+def _config_says_rotary(cfg: Any) -> bool:
+    """RoPE, by what the config carries: rope_parameters (transformers 5) or a rotary size."""
+    if getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None):
+        return True
+    return any(getattr(cfg, a, None) for a in ("rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor"))
 
 
-class GPT2(CausalLM):
-    name = "gpt2"
-    model_types = ("gpt2",)
-    position_ids = False  # learned positions follow from the past length; HF derives them
+def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
+    """Per-layer KV heads and head size, read from the cache after one forward of two tokens
+    (layers may differ: Gemma 3, sliding/full hybrids, models that share KV across layers). A
+    model whose cache holds anything but key/value tensors (Mamba or linear-attention states) is
+    refused for with-past export."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+    ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    cache = _out_cache(out)
+    layers = getattr(cache, "layers", None)
+    kinds = sorted({type(layer).__name__ for layer in layers or ()})
+    if not layers or any(k not in _KV_LAYERS for k in kinds):
+        what = type(cache).__name__ if cache is not None else "no cache"
+        detail = f" with {', '.join(kinds)} layers" if layers else ""
+        raise GpclError(
+            f"text-generation-with-past is not supported for {name}: its cache is {what}{detail}, not key/value "
+            "tensors per layer; export --task text-generation instead"
+        )
+    shapes = []
+    for layer in layers:
+        k, v = layer.keys, layer.values
+        if k is None or k.dim() != 4 or v is None or v.shape[:2] != k.shape[:2]:
+            raise GpclError(f"text-generation-with-past is not supported for {name}: a cache layer holds no 4-D key/value; "
+                            "export --task text-generation instead")
+        shapes.append(KVShape(int(k.shape[1]), int(k.shape[3])))
+        if int(v.shape[3]) != int(k.shape[3]):
+            raise GpclError(f"text-generation-with-past is not supported for {name}: keys and values differ in head size; "
+                            "export --task text-generation instead")
+    return shapes
 
 
-ARCHITECTURES: tuple[type[ArchConfig], ...] = (BertFamily, Llama, GPT2)
+# ----------------------------------------------------------------------------- resolving
+FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder)
+
+# Per-architecture classes, only where the generic path measurably fails (model_type -> class).
+OVERRIDES: dict[str, type[ArchConfig]] = {}
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for a in ARCHITECTURES for t in a.model_types)
-
-
-def arch_for_model_type(model_type: str) -> type[ArchConfig] | None:
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
-            return arch
+def _refusal(model_type: str, cls_name: str | None) -> str | None:
+    for mapping, what, task in REFUSED:
+        if (cls_name and _class_in_mapping(mapping, cls_name)) or (not cls_name and _in_mapping(mapping, model_type)):
+            return f"{model_type} is {what} (task {task}), which gpcl-trt does not export yet"
     return None
+
+
+def _is_decoder_type(model_type: str) -> bool:
+    # BERT-like encoders also have a causal LM head class (BertLMHeadModel); they have a masked LM one too.
+    return _in_mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", model_type) and not _in_mapping("MODEL_FOR_MASKED_LM_MAPPING_NAMES", model_type)
+
+
+def _family_of_task(task: str, model_type: str) -> type[ArchConfig] | None:
+    if task in (TEXT_GENERATION, TEXT_GENERATION_WITH_PAST):
+        return DecoderOnly
+    if task == IMAGE_CLASSIFICATION:
+        return VisionEncoder
+    if _is_decoder_type(model_type):
+        return DecoderOnly
+    cls = head_class(task, model_type)
+    params = forward_params(cls) if cls is not None else set()
+    if "pixel_values" in params and "input_ids" not in params:
+        return VisionEncoder
+    if "input_ids" in params and "pixel_values" not in params:
+        return TextEncoder
+    return None
+
+
+def _family_by_type(model_type: str) -> type[ArchConfig] | None:
+    if _is_decoder_type(model_type):
+        return DecoderOnly
+    for task in (FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, IMAGE_CLASSIFICATION, FEATURE_EXTRACTION):
+        if _in_mapping(TASK_HEADS[task][0], model_type):
+            family = _family_of_task(task, model_type)
+            if family is not None:
+                return family
+    return None
+
+
+def _family_by_names(raw: dict) -> type[ArchConfig] | None:
+    """Custom code (auto_map): the Auto classes it registers and its head class name."""
+    keys = set((raw.get("auto_map") or {}).keys())
+    head = ((raw.get("architectures") or [None])[0]) or ""
+    if "AutoModelForCausalLM" in keys or head.endswith(("ForCausalLM", "LMHeadModel")):
+        return DecoderOnly
+    if "AutoModelForImageClassification" in keys or head.endswith("ForImageClassification"):
+        return VisionEncoder
+    if keys & {"AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+               "AutoModelForQuestionAnswering"} or head.endswith(("ForMaskedLM", "ForSequenceClassification")):
+        return TextEncoder
+    return None
+
+
+def resolve_family(raw: dict, where: str, trust_remote_code: bool = False) -> type[ArchConfig]:
+    """The family class for a parsed config.json (``where`` names it in messages). Raises
+    GpclError with one line saying what the model is and what the user can do."""
+    from transformers import __version__ as tf_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise GpclError(f"{where} has no model_type; expected a Hugging Face config.json")
+    archs = raw.get("architectures") or []
+    head = archs[0] if archs and isinstance(archs[0], str) else None
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if raw.get("auto_map"):
+            if not trust_remote_code:
+                raise GpclError(
+                    f"model_type {model_type!r} in {where} is custom code shipped with the checkpoint (auto_map); "
+                    "pass --trust-remote-code if you trust it"
+                )
+            family = _family_by_names(raw)
+            if family is not None:
+                return family
+        raise GpclError(
+            f"unsupported architecture: transformers {tf_version} does not know model_type {model_type!r} ({where}); "
+            "upgrade transformers, or pass --trust-remote-code if the checkpoint ships its own code"
+        )
+    if model_type in OVERRIDES:
+        return OVERRIDES[model_type]
+    task = task_of_class(head) if head else None
+    refusal = _refusal(model_type, head if task is None else None)
+    if task is None and refusal is None and raw.get("is_encoder_decoder"):
+        refusal = f"{model_type} is an encoder-decoder model (task text2text-generation), which gpcl-trt does not export yet"
+    if refusal:
+        raise GpclError(f"unsupported architecture ({where}): {refusal}")
+    family = (_family_of_task(task, model_type) if task else None) or _family_by_type(model_type)
+    if family is None:
+        raise GpclError(
+            f"unsupported architecture ({where}): model_type {model_type!r}"
+            + (f" ({head})" if head else "")
+            + " is not a text encoder, decoder-only LM or ViT-like vision encoder in transformers' auto classes"
+        )
+    return family
+
+
+def supported_tasks() -> dict[str, tuple[str, ...]]:
+    return {f.family: f.tasks for f in FAMILIES}

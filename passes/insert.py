@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from gpcl_trt.common import GpclError, check_can_write, sha256_file
 from gpcl_trt.passes.graph import LoadedModel, load_graph
-from gpcl_trt.passes.sites import KINDS, Site, find_sites
+from gpcl_trt.passes.sites import KINDS, PRE_ATTENTION, PRE_MLP, SHARED, Site, find_sites
 from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES
 
 TauValue = float | Sequence[float] | np.ndarray
@@ -50,6 +50,15 @@ def parse_layers(layers: str | Iterable[int] | None) -> list[int] | None:
     return sorted(out)
 
 
+def _wanted(kind: str, kinds: tuple[str, ...]) -> bool:
+    """A shared site (one norm read by attention and MLP) is GPCL in front of both: chosen by
+    ``shared`` or by asking for both pre-attention and pre-mlp; never by one of them alone, which
+    would also change the other's input."""
+    if kind == SHARED:
+        return SHARED in kinds or {PRE_ATTENTION, PRE_MLP} <= set(kinds)
+    return kind in kinds
+
+
 def select_sites(found: list[Site], kinds: tuple[str, ...], layers: list[int] | None) -> list[Site]:
     if not found:
         raise GpclError("no GPCL sites found: no normalisation output feeds attention or MLP projections")
@@ -57,9 +66,11 @@ def select_sites(found: list[Site], kinds: tuple[str, ...], layers: list[int] | 
     unknown = sorted(set(layers or ()) - set(known))
     if unknown:
         raise GpclError(f"unknown --layers index {','.join(map(str, unknown))}; the model has layers {known[0]}-{known[-1]}")
-    chosen = [s for s in found if s.kind in kinds and (layers is None or s.layer in layers)]
+    chosen = [s for s in found if _wanted(s.kind, kinds) and (layers is None or s.layer in layers)]
     if not chosen:
-        raise GpclError(f"no {'/'.join(kinds)} sites in the chosen layers")
+        shared = any(s.kind == SHARED for s in found)
+        hint = "; this model's blocks read one norm for attention and MLP: pass --sites shared (or pre-attention,pre-mlp)" if shared else ""
+        raise GpclError(f"no {'/'.join(kinds)} sites in the chosen layers{hint}")
     for s in chosen:
         if s.hidden is None:
             raise GpclError(f"cannot tell the hidden size at {s.key} ({s.tensor})")

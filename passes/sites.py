@@ -1,16 +1,26 @@
 """Finding GPCL sites: the normalised hidden state that feeds a block's attention projections
-(pre-attention) or its MLP's first projection(s) (pre-MLP).
+(pre-attention), its MLP's first projection(s) (pre-MLP), or both at once (shared: GPT-J, Falcon,
+Phi-1/2 and CodeGen blocks read one norm for attention and MLP).
 
 Two ways, tried in order:
 1. metadata: the dynamo exporter records each node's module scopes. A projection whose scope is
-   ``...<N>.<submodule>...`` with ``submodule`` in :data:`SUBMODULE_KIND` belongs to layer N; the
-   block's *entry* projections are those whose input comes from outside that submodule (Q/K/V,
-   gate/up, BERT's intermediate.dense, GPT-2's c_attn/c_fc), never o_proj/down_proj.
+   ``...<N>.<submodule>...`` belongs to block N. With ``submodule`` in :data:`SUBMODULE_KIND` its
+   kind is known, and the block's *entry* projections are those whose input comes from outside
+   that submodule (Q/K/V, gate/up, BERT's intermediate.dense, GPT-2's c_attn/c_fc), never
+   o_proj/down_proj. A projection directly in the block (OPT's fc1/fc2) is an entry when it reads
+   a norm output, and its kind comes from the structure (below).
 2. structure (ONNX from elsewhere, metadata stripped): every norm output (LayerNormalization or
    a decomposed RMSNorm/LayerNorm) that feeds projections is a candidate; it is pre-attention if a
    Softmax is reachable from those projections before the next projection, pre-MLP if the path
-   reaches a second projection (the MLP's down projection), otherwise not a site (lm_head).
-   Layers are numbered in graph order by the pre-attention sites.
+   reaches a second projection (the MLP's down projection), otherwise not a site (lm_head). A
+   norm whose projections split into attention ones (Softmax, or joining the Softmax's path: V)
+   and MLP ones is shared. Layers are numbered in graph order by the pre-attention/shared sites.
+
+One norm output read by both attention and MLP entry projections is one site of kind ``shared``
+(its consumers are both sets); parallel-residual blocks with two norms (GPT-NeoX) get two sites.
+A block module called more than once (ALBERT shares one layer's weights across its depth) gives
+one site per call, numbered in graph order. The final norm (read only by the LM head) is never
+a site.
 """
 
 from __future__ import annotations
@@ -34,20 +44,22 @@ from gpcl_trt.passes.graph import (
     see_through,
 )
 
-KINDS = ("pre-attention", "pre-mlp")
+PRE_ATTENTION, PRE_MLP, SHARED = "pre-attention", "pre-mlp", "shared"
+KINDS = (PRE_ATTENTION, PRE_MLP, SHARED)
 
 # The one piece of architecture knowledge: which block submodule names are attention and which
 # are MLP, across the families we export (Llama/Mistral/Qwen, BERT, GPT-2, and common others).
+# Names not here still work: their kind is read from the graph structure.
 SUBMODULE_KIND = {
-    "self_attn": "pre-attention",
-    "attention": "pre-attention",
-    "attn": "pre-attention",
-    "self_attention": "pre-attention",
-    "mlp": "pre-mlp",
-    "intermediate": "pre-mlp",
-    "feed_forward": "pre-mlp",
-    "ffn": "pre-mlp",
-    "block_sparse_moe": "pre-mlp",
+    "self_attn": PRE_ATTENTION,
+    "attention": PRE_ATTENTION,
+    "attn": PRE_ATTENTION,
+    "self_attention": PRE_ATTENTION,
+    "mlp": PRE_MLP,
+    "intermediate": PRE_MLP,
+    "feed_forward": PRE_MLP,
+    "ffn": PRE_MLP,
+    "block_sparse_moe": PRE_MLP,
 }
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)\.([A-Za-z_]\w*)")
 _BFS_LIMIT = 200  # nodes; an attention block's Softmax is ~10-30 nodes past Q/K
@@ -185,21 +197,36 @@ def _norm_label(root: gs.Tensor, norms: dict[int, str]) -> str:
     return p.op if p is not None else "graph input"
 
 
-def _make_sites(groups: dict[tuple[int, str], list[tuple[gs.Tensor, gs.Node]]], norms, method) -> list[Site]:
+
+def _merge_kind(kinds: set[str]) -> str:
+    return SHARED if SHARED in kinds or {PRE_ATTENTION, PRE_MLP} <= kinds else next(iter(kinds))
+
+
+@dataclass
+class _Candidate:
+    layer: int
+    kind: str
+    root: gs.Tensor
+    projs: list[gs.Node]
+    order: int  # graph position of the root's producer
+
+
+def _make_sites(cands: list[_Candidate], norms, method) -> list[Site]:
+    """One site per root tensor: a root read by attention and MLP entries becomes one shared
+    site (at the earliest layer that reads it)."""
+    by_root: dict[int, list[_Candidate]] = {}
+    for c in cands:
+        by_root.setdefault(id(c.root), []).append(c)
     sites = []
-    claimed: set[int] = set()
-    for (layer, kind), entries in sorted(groups.items(), key=lambda kv: (kv[0][0], KINDS.index(kv[0][1]))):
-        counts = Counter(id(r) for r, _ in entries)
-        root = next(r for r, _ in entries if id(r) == counts.most_common(1)[0][0])
-        if id(root) in claimed:  # a parallel block reading one norm for both: one site only
-            continue
-        claimed.add(id(root))
-        projs = [p for r, p in entries if r is root]
+    for group in by_root.values():
+        root = group[0].root
+        kind = _merge_kind({c.kind for c in group})
+        projs = list({id(p): p for c in group for p in c.projs}.values())
         heads = list(dict.fromkeys(_head_consumer(p, root).name for p in projs))
         gp = _gpcl_on(root)
         sites.append(
             Site(
-                layer=layer,
+                layer=min(c.layer for c in group),
                 kind=kind,
                 tensor=root.name,
                 hidden=_hidden(root, projs[0]),
@@ -210,18 +237,52 @@ def _make_sites(groups: dict[tuple[int, str], list[tuple[gs.Tensor, gs.Node]]], 
                 gpcl=gp.name if gp is not None else None,
             )
         )
-    return sites
+    return sorted(sites, key=lambda s: (s.layer, KINDS.index(s.kind)))
+
+
+def _renumber_calls(cands: list[_Candidate]) -> list[_Candidate]:
+    """A block module called more than once (shared weights, one scope name for every call):
+    number the blocks by call, in graph order, as the structural pass does."""
+    per_group = Counter((c.layer, c.kind) for c in cands)
+    if all(n == 1 for n in per_group.values()):
+        return cands
+    layer = -1
+    for c in sorted(cands, key=lambda c: c.order):
+        layer += c.kind in (PRE_ATTENTION, SHARED)
+        c.layer = max(layer, 0)
+    return cands
+
+
+def _pick_roots(entries: list[tuple[gs.Tensor, gs.Node]], norms: dict[int, str],
+                scopes: dict[str, list[str]]) -> list[tuple[gs.Tensor, list[gs.Node]]]:
+    """The roots of one (layer, kind) group: one per call when the block module is called more
+    than once (the same projection module appears twice), else the norm output among them, else
+    the root most projections read."""
+    by_root: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+    for r, p in entries:
+        by_root.setdefault(id(r), (r, []))[1].append(p)
+    modules = Counter(tuple(scopes.get(p.name, ())[:-1]) for _, p in entries)
+    if len(by_root) > 1 and max(modules.values()) > 1:
+        return list(by_root.values())
+    normed = [v for k, v in by_root.items() if k in norms]
+    if normed:
+        return normed[:1]
+    return [max(by_root.values(), key=lambda v: len(v[1]))]
 
 
 # ----------------------------------------------------------------------------- metadata
-def _scope_site(scope_list: list[str]) -> tuple[int, str, str] | None:
-    """(layer, kind, submodule scope prefix) from a node's module scopes, innermost first."""
+def _scope_site(scope_list: list[str]) -> tuple[int, str | None, str] | None:
+    """(layer, kind, submodule scope prefix) from a node's module scopes, innermost first. The
+    kind is None for a projection directly in a numbered block under a name we do not know."""
+    unknown = None
     for s in reversed(scope_list):
         for m in reversed(list(_LAYER_RE.finditer(s))):
             kind = SUBMODULE_KIND.get(m.group(2))
             if kind:
                 return int(m.group(1)), kind, s[: m.end()]
-    return None
+            if unknown is None:
+                unknown = (int(m.group(1)), None, s[: m.end()])
+    return unknown
 
 
 def _inside(node: gs.Node | None, prefix: str, scopes: dict[str, list[str]]) -> bool:
@@ -231,7 +292,9 @@ def _inside(node: gs.Node | None, prefix: str, scopes: dict[str, list[str]]) -> 
 
 
 def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: dict[int, str]) -> list[Site]:
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     groups: dict[tuple[int, str], list] = defaultdict(list)
+    untyped: dict[int, dict[int, tuple[gs.Tensor, list[gs.Node]]]] = defaultdict(dict)
     for node in graph.nodes:
         if not is_projection(node) or node.name not in scopes:
             continue
@@ -240,9 +303,20 @@ def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: di
             continue
         layer, kind, prefix = where
         root = see_through(node.inputs[0])
-        if not _inside(producer(root), prefix, scopes):  # an entry projection of the block
+        if kind is None:  # a projection directly in the block (OPT's fc1): an entry if it reads a norm
+            if id(root) in norms:
+                untyped[layer].setdefault(id(root), (root, []))[1].append(node)
+        elif not _inside(producer(root), prefix, scopes):  # an entry projection of the block
             groups[(layer, kind)].append((root, node))
-    return _make_sites(groups, norms, "metadata")
+    cands = []
+    for (layer, kind), entries in groups.items():
+        for root, projs in _pick_roots(entries, norms, scopes):
+            cands.append(_Candidate(layer, kind, root, projs, order.get(id(producer(root)), -1)))
+    for layer, roots in untyped.items():
+        for root, projs in roots.values():
+            for kind, part in _split_kinds(projs, norms):
+                cands.append(_Candidate(layer, kind, root, part, order.get(id(producer(root)), -1)))
+    return _make_sites(_renumber_calls(cands), norms, "metadata")
 
 
 # ----------------------------------------------------------------------------- structure
@@ -259,27 +333,50 @@ def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
     return found
 
 
-def _classify(projs: list[gs.Node], norms: dict[int, str]) -> str | None:
-    """pre-attention if a Softmax follows before any further projection, pre-mlp if another
-    projection follows (the down projection), None otherwise (e.g. lm_head)."""
+def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool, bool]:
+    """Nodes reachable from ``projs`` before any further projection or a norm output that feeds
+    projections, and whether a Softmax / a further projection was reached."""
     queue = deque(o for p in projs for o in p.outputs)
     seen: set[int] = set()
-    reached_projection = False
+    softmax = projection = False
     while queue and len(seen) < _BFS_LIMIT:
         t = queue.popleft()
-        if id(t) in norms:
+        if id(t) in norms and _projection_heads(t):  # the next block's norm (q/k norms are passed)
             continue
         for c in t.outputs:
             if id(c) in seen:
                 continue
             seen.add(id(c))
             if c.op == "Softmax":
-                return "pre-attention"
+                softmax = True
             if is_projection(c):
-                reached_projection = True
+                projection = True
                 continue
             queue.extend(c.outputs)
-    return "pre-mlp" if reached_projection else None
+    return seen, softmax, projection
+
+
+def _classify(projs: list[gs.Node], norms: dict[int, str]) -> str | None:
+    """pre-attention if a Softmax follows before any further projection, pre-mlp if another
+    projection follows (the down projection), None otherwise (e.g. lm_head)."""
+    _, softmax, projection = _reach(projs, norms)
+    return PRE_ATTENTION if softmax else PRE_MLP if projection else None
+
+
+def _split_kinds(projs: list[gs.Node], norms: dict[int, str]) -> list[tuple[str, list[gs.Node]]]:
+    """The projections of one norm output split by kind: attention ones reach a Softmax or join
+    the path of one that does (V meets the attention probabilities); the others are MLP ones if
+    they reach a further projection. [] when it is not a site."""
+    reach = {id(p): _reach([p], norms) for p in projs}
+    attn = [p for p in projs if reach[id(p)][1]]
+    if not attn:
+        kind = _classify(projs, norms)
+        return [(kind, projs)] if kind else []
+    attn_nodes = set().union(*(reach[id(p)][0] for p in attn))
+    rest = [p for p in projs if p not in attn]
+    attn += [p for p in rest if reach[id(p)][0] & attn_nodes]
+    mlp = [p for p in rest if p not in attn and reach[id(p)][2]]
+    return [(PRE_ATTENTION, attn)] + ([(PRE_MLP, mlp)] if mlp else [])
 
 
 def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
@@ -291,15 +388,16 @@ def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
         if t is None:
             continue
         projs = _projection_heads(t)
-        kind = _classify(projs, norms) if projs else None
-        if kind:
-            found.append((order.get(id(producer(t)), -1), kind, t, projs))
-    groups: dict[tuple[int, str], list] = defaultdict(list)
+        parts = _split_kinds(projs, norms) if projs else []
+        if parts:
+            kind = _merge_kind({k for k, _ in parts})
+            found.append((order.get(id(producer(t)), -1), kind, t, [p for _, ps in parts for p in ps]))
+    cands = []
     layer = -1
-    for _, kind, t, projs in sorted(found, key=lambda f: f[0]):
-        layer += kind == "pre-attention"
-        groups[(max(layer, 0), kind)].extend((t, p) for p in projs)
-    return _make_sites(groups, norms, "structure")
+    for pos, kind, t, projs in sorted(found, key=lambda f: f[0]):
+        layer += kind in (PRE_ATTENTION, SHARED)
+        cands.append(_Candidate(max(layer, 0), kind, t, projs, pos))
+    return _make_sites(cands, norms, "structure")
 
 
 # ----------------------------------------------------------------------------- API
@@ -320,17 +418,24 @@ def find_sites_loaded(lm: LoadedModel) -> list[Site]:
     return find_sites(lm.graph, lm.scopes)
 
 
+def site_counts(sites: list[Site]) -> dict[str, int]:
+    """Sites per kind; ``shared`` is listed only for models that have shared sites."""
+    per_kind = Counter(s.kind for s in sites)
+    return {k: per_kind.get(k, 0) for k in KINDS if k != SHARED or per_kind.get(k)}
+
+
 def sites_file(path: str | Path) -> dict:
     """List the candidate GPCL sites of an ONNX model (layer, kind, tensor, hidden size,
-    consumers); changes nothing."""
+    consumers); changes nothing. A ``shared`` site is one norm output read by both attention
+    and MLP (its consumers are both); ``shared_sites`` counts them."""
     lm = load_graph(path)
     sites = find_sites_loaded(lm)
-    per_layer = Counter(s.kind for s in sites)
     return {
         "ok": True,
         "model": str(path),
         "method": sites[0].method if sites else None,
         "layers": len({s.layer for s in sites}),
-        "counts": {k: per_layer.get(k, 0) for k in KINDS},
+        "counts": site_counts(sites),
+        "shared_sites": sum(s.kind == SHARED for s in sites),
         "sites": [s.to_dict() for s in sites],
     }

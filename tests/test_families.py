@@ -1,0 +1,293 @@
+"""The family corpus: 25 architectures built here as tiny random-init checkpoints (2 layers,
+hidden 32-64, vocab 128), each exported once per module through the public API and run through
+export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch; decoders
+also decode greedily with past in ONNX Runtime and match PyTorch and HF ``generate``.
+
+Norm weights are perturbed away from their init (ones): the exporter's optimiser merges two
+LayerNorms with identical weights that read one tensor (GPT-NeoX's parallel block), which real
+checkpoints never have. Everything is tiny so that the module stays well under five minutes on
+a 2-core machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from gpcl_trt.common import GpclError
+
+TG, TGP = "text-generation", "text-generation-with-past"
+TINY_DEC = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128)
+TINY_ENC = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128)
+TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8)
+TWO = {"pre-attention": 2, "pre-mlp": 2}  # two norms per block, two blocks
+SHARED = {"pre-attention": 0, "pre-mlp": 0, "shared": 2}  # one norm read by attention and MLP
+
+# name -> (model_type, head class, config kwargs, task picked by --task auto, site counts)
+CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
+    # decoder-only: RoPE, GQA, sliding window (4 < prompt + decode), hybrid sliding/full caches,
+    # q/k norms, partial rotary, ALiBi, learned positions, parallel and shared-norm blocks
+    "mistral": ("mistral", "MistralForCausalLM", dict(TINY_DEC, num_key_value_heads=2, sliding_window=4), TGP, TWO),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", dict(TINY_DEC, num_key_value_heads=2), TGP, TWO),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, head_dim=16), TGP, TWO),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, head_dim=16, sliding_window=4), TGP, TWO),
+    "gemma3_text": ("gemma3_text", "Gemma3ForCausalLM",
+                    dict(TINY_DEC, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]), TGP, TWO),
+    "phi": ("phi", "PhiForCausalLM", dict(TINY_DEC), TGP, SHARED),
+    "phi3": ("phi3", "Phi3ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, pad_token_id=0), TGP, TWO),
+    "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", dict(TINY_DEC), TGP, TWO),
+    "gptj": ("gptj", "GPTJForCausalLM", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8), TGP, SHARED),
+    "falcon": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), TGP, SHARED),
+    "opt": ("opt", "OPTForCausalLM", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                          max_position_embeddings=128, word_embed_proj_dim=64), TGP, TWO),
+    "bloom": ("bloom", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), TGP, TWO),
+    "gpt_neo": ("gpt_neo", "GPTNeoForCausalLM", dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128,
+                                                     attention_types=[[["global", "local"], 1]], window_size=4), TGP, TWO),
+    "olmo": ("olmo", "OlmoForCausalLM", dict(TINY_DEC), TGP, TWO),
+    "starcoder2": ("starcoder2", "Starcoder2ForCausalLM", dict(TINY_DEC, num_key_value_heads=2), TGP, TWO),
+    # text encoders, one task each (post-LN BERT-likes, pre-LN ModernBERT, ALBERT's shared layer)
+    "bert": ("bert", "BertForMaskedLM", dict(TINY_ENC), "fill-mask", TWO),
+    "roberta": ("roberta", "RobertaForSequenceClassification", dict(TINY_ENC, num_labels=3), "text-classification", TWO),
+    "distilbert": ("distilbert", "DistilBertForTokenClassification",
+                   dict(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=128, num_labels=5),
+                   "token-classification", TWO),
+    "mpnet": ("mpnet", "MPNetForQuestionAnswering", dict(TINY_ENC), "question-answering", TWO),
+    "electra": ("electra", "ElectraModel", dict(TINY_ENC, embedding_size=64), "feature-extraction", TWO),
+    "modernbert": ("modernbert", "ModernBertForMaskedLM",
+                   dict(TINY_ENC, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, cls_token_id=1, sep_token_id=2), "fill-mask", TWO),
+    "albert": ("albert", "AlbertModel", dict(TINY_ENC, embedding_size=32), "feature-extraction", TWO),
+    "deberta-v2": ("deberta-v2", "DebertaV2Model", dict(TINY_ENC), "feature-extraction", TWO),
+    # vision encoders: pixel_values in
+    "vit": ("vit", "ViTForImageClassification", dict(TINY_VIT, num_labels=4), "image-classification", TWO),
+    "dinov2": ("dinov2", "Dinov2Model", dict(TINY_VIT), "feature-extraction", TWO),
+}
+DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
+# The structural fallback (metadata stripped) numbers blocks by norm outputs in graph order; it
+# cannot see ALBERT's first block (it reads a projection of the embedding norm, not a norm) or
+# DeBERTa's relative-position norm feeding the attention projections. Metadata finds both.
+STRUCTURE_DIFFERS = {"albert", "deberta-v2"}
+
+
+def _perturb_norms(model) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and any(k in name.lower() for k in ("norm", "ln", "layernorm")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build_tiny(name: str, out: Path) -> Path:
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    model_type, cls_name, kwargs, _, _ = CORPUS[name]
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    cfg.architectures = [cls_name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    _perturb_norms(model)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """``family(name) -> (model_dir, onnx path, export result)``, built and exported once."""
+    from gpcl_trt.exporter import export_model
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name.replace("-", "_"))
+            d = build_tiny(name, root / "model")
+            out = root / f"{name}.onnx"
+            cache[name] = (d, out, export_model(d, out))
+        return cache[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- the corpus
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_export_sites_insert_strip_diff(family, name, tmp_path):
+    from gpcl_trt.accuracy import diff
+    from gpcl_trt.feeds import complete_feed, ort_run, ort_session, specs_from_session
+    from gpcl_trt.passes import insert_file, sites_file, strip_file
+
+    model_dir, path, res = family(name)
+    _, _, _, task, counts = CORPUS[name]
+    assert res["ok"] and res["task"] == task and res["architecture"] == CORPUS[name][0], res
+    assert res["validation"]["max_abs_diff"] <= 1e-4, res["validation"]
+
+    s = sites_file(path)
+    assert s["method"] == "metadata" and s["counts"] == counts, (name, s["counts"])
+    assert [x["layer"] for x in s["sites"]] == sorted(x["layer"] for x in s["sites"])
+    assert {x["layer"] for x in s["sites"]} == {0, 1}
+    assert all(x["hidden"] % 4 == 0 and x["consumers"] for x in s["sites"])
+    if counts.get("shared"):  # one norm, both projection sets rewired
+        assert all(len(x["consumers"]) >= 2 for x in s["sites"])
+
+    # Huge tau: GPCL is the identity, so the graph computes exactly what it did.
+    g, tight, stripped = tmp_path / "g.onnx", tmp_path / "tight.onnx", tmp_path / "s.onnx"
+    ins = insert_file(path, g, tau=1e9)
+    assert len(ins["inserted"]) == sum(counts.values())
+    sess = ort_session(path)
+    feed = complete_feed(specs_from_session(sess), _sample(res, sess))
+    base = ort_run(sess, feed)
+    assert max(float(np.abs(base[k] - v).max()) for k, v in ort_run(ort_session(g), feed).items()) == 0.0
+    # A tight tau acts; strip gives the original wiring back.
+    insert_file(path, tight, tau=0.05)
+    moved = ort_run(ort_session(tight), feed)
+    assert max(float(np.abs(base[k] - v).max()) for k, v in moved.items()) > 1e-4
+    assert len(strip_file(tight, stripped)["removed"]) == sum(counts.values())
+    assert max(float(np.abs(base[k] - v).max()) for k, v in ort_run(ort_session(stripped), feed).items()) == 0.0
+
+    # diff: the PyTorch model directory against the GPCL model (huge tau: within tolerance).
+    d = diff(reference=model_dir, candidate=g, samples=1, seq=6, batch=2)
+    assert d["ok"], d
+
+
+def _sample(res: dict, sess) -> dict:
+    names = [i.name for i in sess.get_inputs()]
+    rng = np.random.default_rng(0)
+    if "pixel_values" in names:
+        shape = [2 if isinstance(d, str) else d for d in sess.get_inputs()[0].shape]
+        return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
+    return {"input_ids": rng.integers(0, 100, (2, 7), dtype=np.int64)}
+
+
+@pytest.mark.parametrize("name", sorted(set(CORPUS) - STRUCTURE_DIFFERS))
+def test_structural_sites_match_metadata(family, name, tmp_path):
+    """The same sites with the exporter's metadata stripped (ONNX from elsewhere)."""
+    from gpcl_trt.passes import sites_file
+
+    _, path, _ = family(name)
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        del n.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(m, str(bare))
+    key = lambda s: [(x["layer"], x["kind"], x["tensor"], tuple(x["consumers"])) for x in s["sites"]]  # noqa: E731
+    got = sites_file(bare)
+    assert got["method"] == "structure" and key(got) == key(sites_file(path))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_decode_with_past_matches_pytorch(family, name):
+    """4 greedy tokens from a 6-token prompt (past the sliding windows of 4): ORT with past ==
+    our PyTorch module == HF generate with its own cache classes."""
+    import torch
+
+    from gpcl_trt.exporter import load_model
+    from gpcl_trt.exporter.validate import greedy_decode, ort_runner, torch_runner
+
+    model_dir, path, res = family(name)
+    assert any(i.startswith("past_key_values.") for i in res["inputs"])
+    module, arch, task = load_model(model_dir, task=TGP)
+    prompt = np.random.default_rng(3).integers(3, 120, size=(2, 6), dtype=np.int64)
+    ort_tokens = greedy_decode(ort_runner(path), arch, task, prompt, steps=4)
+    np.testing.assert_array_equal(ort_tokens, greedy_decode(torch_runner(module), arch, task, prompt, steps=4))
+    hf = module.core.model
+    with torch.no_grad():
+        gen = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=4,
+                          min_new_tokens=4, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
+
+
+def test_per_layer_cache_shapes_come_from_the_model(family):
+    """Gemma 3's KV head count/size per layer are read from a real cache, and every decoder's
+    past/present axes name batch, past_sequence/total_sequence."""
+    _, path, res = family("gemma3_text")
+    m = onnx.load(str(path), load_external_data=False)
+    dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in m.graph.input}
+    assert dims["past_key_values.1.key"] == ["batch", 2, "past_sequence", 16]
+    outs = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in m.graph.output}
+    assert outs["present.0.value"] == ["batch", 2, "total_sequence", 16]
+    assert "position_ids" in dims  # rotary: positions are an input
+
+
+def test_vision_calibration_random_and_npz(family, tmp_path):
+    """Calibration and insert on a ViT: random pixel_values, or pixel_values from an .npz."""
+    from gpcl_trt.passes import calibrate_file, insert_file
+
+    _, path, res = family("vit")
+    assert res["inputs"] == ["pixel_values"]
+    rnd = calibrate_file(path, tmp_path / "r.json", samples=3)
+    assert len(rnd["sites"]) == 4
+    np.savez(tmp_path / "px.npz", pixel_values=np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32))
+    npz = calibrate_file(path, tmp_path / "n.json", data=tmp_path / "px.npz")
+    assert npz["data"]["kind"] == "npz" and npz["samples"] == 5
+    assert insert_file(path, tmp_path / "g.onnx", calibration=tmp_path / "n.json")["inserted"]
+
+
+# ----------------------------------------------------------------------------- shared sites
+def test_shared_sites_are_chosen_by_shared_or_both_kinds(family, tmp_path):
+    from gpcl_trt.passes import insert_file
+
+    _, path, _ = family("phi")
+    assert len(insert_file(path, tmp_path / "a.onnx", tau=1.0, sites="shared")["inserted"]) == 2
+    both = insert_file(path, tmp_path / "b.onnx", tau=1.0, sites="pre-attention,pre-mlp")
+    assert both["inserted"] == ["layer0/shared", "layer1/shared"]
+    with pytest.raises(GpclError, match="pass --sites shared"):
+        insert_file(path, tmp_path / "c.onnx", tau=1.0, sites="pre-attention")
+
+
+# ----------------------------------------------------------------------------- refusals
+def _config_dir(tmp_path: Path, cfg: dict) -> Path:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, r"encoder-decoder model \(task text2text-generation\)"),
+        ({"model_type": "bart"}, r"encoder-decoder model \(task text2text-generation\)"),
+        ({"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]}, r"audio .*automatic-speech-recognition"),
+        ({"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]}, r"audio model \(task automatic-speech-recognition\)"),
+        ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"multimodal"),
+        ({"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "m.M"}}, "pass --trust-remote-code"),
+        ({"model_type": "no_such_thing"}, "does not know model_type 'no_such_thing'"),
+    ],
+)
+def test_out_of_scope_models_are_refused_in_one_line(tmp_path, cfg, message):
+    from gpcl_trt.exporter import check_model_dir, load_model
+
+    d = _config_dir(tmp_path, cfg)
+    (d / "model.safetensors").write_bytes(b"")  # never read: refused first
+    with pytest.raises(GpclError, match=message) as exc:
+        check_model_dir(d)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(GpclError, match=message):
+        load_model(d)
+
+
+def test_family_and_task_come_from_the_checkpoint():
+    from transformers import AutoConfig
+
+    from gpcl_trt.exporter.configs import DecoderOnly, TextEncoder, VisionEncoder, resolve_family
+
+    assert resolve_family({"model_type": "llama"}, "c") is DecoderOnly
+    assert resolve_family({"model_type": "bert", "architectures": ["BertForTokenClassification"]}, "c") is TextEncoder
+    assert resolve_family({"model_type": "vit"}, "c") is VisionEncoder
+    cfg = AutoConfig.for_model("bert", architectures=["BertForQuestionAnswering"])
+    assert TextEncoder(cfg).default_task() == "question-answering"
+    cfg = AutoConfig.for_model("llama", architectures=["LlamaForSequenceClassification"])
+    with pytest.raises(GpclError, match="choose --task"):
+        DecoderOnly(cfg).default_task()
+    cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], use_cache=False)
+    assert DecoderOnly(cfg).default_task() == "text-generation"
