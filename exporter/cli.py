@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import click
 
-TASK_CHOICES = ("auto", "feature-extraction", "text-generation", "text-generation-with-past")
+# The exporter's tasks (gpcl_trt.exporter.configs.TASKS; spelled out so that the CLI imports nothing heavy).
+TASK_CHOICES = ("auto", "feature-extraction", "fill-mask", "text-classification", "token-classification",
+                "question-answering", "text-generation", "text-generation-with-past", "image-classification")
 
 
 def register(main: click.Group) -> None:
@@ -15,7 +17,7 @@ def register(main: click.Group) -> None:
     @result_command(main, "export", short_help="Export a local Hugging Face model directory to ONNX.")
     @click.argument("model_dir", type=click.Path(path_type=str))
     @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it).")
-    @click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True, help="What to export; auto picks from config.json (encoders: feature-extraction, decoders: text-generation-with-past unless use_cache is false).")
+    @click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True, help="What to export; auto picks from config.json: the task of the head class in architectures (BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification; a *ForCausalLM: text-generation-with-past unless use_cache is false), else the family's first task.")
     @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
     @click.option("--dtype", type=click.Choice(("fp32", "fp16")), default="fp32", show_default=True, help="Weight and activation precision of the exported model.")
     @click.option("--atol", type=float, default=None, help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].")
@@ -29,7 +31,9 @@ def register(main: click.Group) -> None:
         with ONNX Runtime, plus OUT.manifest.json.
 
         \b
-        Supported: BERT family (bert, roberta, xlm-roberta), Llama, GPT-2.
+        Supported: what transformers can run as a text encoder, a decoder-only LM or a ViT-like
+        vision encoder, found from config.json (architectures, model_type); encoder-decoder, audio
+        and multimodal models are refused.
         Example: gpcl-trt export ./all-MiniLM-L6-v2 -o minilm.onnx --json
         """
         from gpcl_trt.exporter.api import export_model

@@ -291,3 +291,10 @@ def test_family_and_task_come_from_the_checkpoint():
         DecoderOnly(cfg).default_task()
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], use_cache=False)
     assert DecoderOnly(cfg).default_task() == "text-generation"
+
+
+def test_cli_offers_every_task():
+    from gpcl_trt.exporter.cli import TASK_CHOICES
+    from gpcl_trt.exporter.configs import TASKS
+
+    assert TASK_CHOICES == ("auto", *TASKS)
