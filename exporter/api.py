@@ -11,8 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -192,6 +190,11 @@ def load_model(
             raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
         arch = arch_cls(hf_config, dtype)
         task = _resolve_task(arch, task)
+        if use_safetensors:
+            # The headers against config.json before anything is allocated: a config that cannot
+            # match its checkpoint (100000 layers next to a small file) would otherwise allocate
+            # until the kernel kills the process.
+            _lazy_model(d, hf_config, arch, task, dtype, trust_remote_code, precheck_only=True)
         try:
             model, info = arch.auto_class(task).from_pretrained(
                 d,
@@ -219,6 +222,33 @@ def load_model(
     return module, arch, task
 
 
+def _lazy_model(d: Path, hf_config: Any, arch: Any, task: str, dtype: str, trust_remote_code: bool, precheck_only: bool = False):
+    """The model built on ``meta`` and joined to the checkpoint's headers (exporter/lazy.py):
+    returns ``(model, checkpoint, binding)``, or None when the checkpoint needs transformers'
+    own loader (``NeedsEager``; the reason is in ``_lazy_model.why``). Raises GpclError naming
+    the file and tensor when the checkpoint cannot match config.json."""
+    import torch
+
+    from gpcl_trt.exporter import lazy
+    from gpcl_trt.exporter.checkpoint import Checkpoint, check_config_layers
+
+    ckpt = Checkpoint.open(d)
+    check_config_layers(hf_config, ckpt, d / "config.json")
+    try:
+        model = lazy.build_meta_model(arch, task, hf_config, torch.float16 if dtype == "fp16" else torch.float32, trust_remote_code, ckpt)
+        binding = lazy.bind_checkpoint(model, ckpt, d / "config.json")
+    except lazy.NeedsEager as exc:
+        _lazy_model.why = str(exc)
+        return None
+    except GpclError:
+        raise
+    except Exception as exc:
+        if precheck_only:  # the eager loader will say what is wrong in its own words
+            return None
+        raise GpclError(f"cannot build {arch.name} from {d / 'config.json'}: {_first_line(exc)}") from None
+    return model, ckpt, binding
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -226,38 +256,22 @@ def _first_line(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- dummy inputs
 def make_dummy_inputs(arch_config: Any, task: str, batch: int, seq: int, seed: int, past: int | None = None) -> dict[str, np.ndarray]:
-    """Random but valid inputs for ``arch_config``/``task`` as numpy arrays keyed by ONNX input
-    name: token ids in the vocabulary, an attention mask with the last row's tail padded (when
-    batch > 1, so masking is exercised), zero token types, positions after the past, and random
-    past keys/values of length ``past`` (default ``seq // 2 + 1``; 0 means a prefill)."""
-    rng = np.random.default_rng(seed)
+    """Random but valid inputs for ``arch_config``/``task`` (gpcl_trt.feeds, keyed by ONNX input
+    name), with the last row's mask tail padded (batch > 1) so masking is exercised, and
+    ``past`` cached tokens (default ``seq // 2 + 1``; 0 means a prefill)."""
+    from gpcl_trt import feeds
+
+    float_dtype = np.float16 if getattr(arch_config, "dtype", "fp32") == "fp16" else np.float32
+    specs = feeds.specs_from_axes(arch_config.inputs(task), float_dtype)
     past = seq // 2 + 1 if past is None else past
-    sizes = {"batch": batch, "sequence": seq, "past_sequence": past, "total_sequence": past + seq}
-    fdtype = np.float16 if getattr(arch_config, "dtype", "fp32") == "fp16" else np.float32
-    feeds: dict[str, np.ndarray] = {}
-    for spec in arch_config.inputs(task):
-        shape = tuple(sizes[a] if isinstance(a, str) else a for a in spec.axes)
-        if spec.name == "input_ids":
-            feeds[spec.name] = rng.integers(0, arch_config.vocab_size, size=shape, dtype=np.int64)
-        elif spec.name == "attention_mask":
-            mask = np.ones(shape, dtype=np.int64)
-            if batch > 1 and shape[1] > 2:
-                mask[-1, shape[1] - max(1, shape[1] // 4):] = 0
-            feeds[spec.name] = mask
-        elif spec.name == "token_type_ids":
-            feeds[spec.name] = np.zeros(shape, dtype=np.int64)
-        elif spec.name == "position_ids":
-            feeds[spec.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
-        elif spec.dtype == "float":
-            feeds[spec.name] = rng.standard_normal(shape).astype(fdtype)
-        else:  # pragma: no cover - a new config with an input this function does not know
-            raise ValueError(f"no dummy data rule for input {spec.name!r}")
-    return feeds
+    return dict(feeds.make_feeds(specs, batch, seq, past, seed=seed, vocab=arch_config.vocab_size, pad_last_row=True))
 
 
 # ----------------------------------------------------------------------------- tracing
-def _trace(module: Any, arch: Any, task: str, opset: int):
-    """Run the dynamo exporter on ``module.core`` and return the ONNX ModelProto."""
+def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None):
+    """Run the dynamo exporter on ``module.core`` and return the ONNX ModelProto. ``bind``
+    (lazy export) is called on the traced ``onnx_ir.Model`` before the exporter's optimizer runs,
+    to give the weight initializers (fake tensors at that point) their external data."""
     import torch
 
     from gpcl_trt.exporter.configs import TEXT_GENERATION_WITH_PAST
@@ -285,8 +299,34 @@ def _trace(module: Any, arch: Any, task: str, opset: int):
             output_names=module.output_names,
             dynamic_shapes=dynamic_shapes,
             verbose=False,
+            optimize=bind is None,
         )
+        if bind is not None:
+            keep = bind(program.model)
+            _optimize_keeping(program.model, keep)
     return _normalise(program.model_proto, arch, task)
+
+
+def _optimize_keeping(model: Any, weights: set[str]) -> None:
+    """What torch.onnx.export(optimize=True) runs (onnxscript's optimizer, then its fusions),
+    except that no node reading a large weight initializer (``weights``) is folded: an eager
+    export stores ``Transpose(W)`` of every projection as a new constant, i.e. a second copy of
+    the weights; here the graph keeps the Transpose node over the checkpoint's own bytes (ONNX
+    Runtime and TensorRT fold it when they load the model). Everything else folds exactly as on
+    an eager export."""
+    import onnxscript
+    from onnxscript.optimizer import _constant_folding
+
+    limit = _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
+
+    def should_fold(node: Any) -> bool | None:
+        for x in node.inputs:
+            if x is not None and x.name in weights and x.const_value is not None and x.const_value.size > limit:
+                return False
+        return None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 def _normalise(proto: Any, arch: Any, task: str) -> Any:
@@ -308,39 +348,123 @@ def _initializer_bytes(proto: Any) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
-def _save(proto: Any, output: Path, force: bool, external_data: bool | None) -> list[Path]:
-    """Write OUT.onnx (and OUT.onnx.data for big models) under temporary names, then rename, so
-    an interrupted save leaves nothing behind. Returns the files written."""
+def _write_eager(proto: Any, path: Path, external_data: bool | None) -> list[str]:
+    """The eager path's ONNX file into the staging directory; weights inline, or in
+    ``OUT.onnx.data`` when asked or above ~1.8 GB. Returns the data files written."""
     import onnx
 
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    data_name = output.name + ".data"
-    check_can_write(output, force)
-    if external:
-        check_can_write(output.parent / data_name, force)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    if not external:
+        onnx.save_model(proto, path)
+        return []
+    data_name = path.name + ".data"
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    return [data_name]
+
+
+INLINE_LIMIT = 256 << 20  # lazy export keeps weights up to this size inside the ONNX file by default
+LAYOUTS = ("auto", "link", "copy", "inline")
+
+
+def _layout(external_data: bool | str | None, nbytes: int) -> str:
+    """Where a lazy export puts the weights. ``auto`` (None): inside the ONNX file up to 256 MB
+    (one self-contained file, like an eager export; onnx's own loader refuses hard-linked data),
+    else ``link``. True = ``link``, False = ``inline``."""
+    layout = {None: "auto", True: "link", False: "inline"}.get(external_data, external_data)  # type: ignore[arg-type]
+    if layout not in LAYOUTS:
+        raise GpclError(f"unknown external data layout {external_data!r}; choose {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = "inline" if nbytes <= INLINE_LIMIT else "link"
+    if layout == "inline" and nbytes > EXTERNAL_DATA_THRESHOLD:
+        raise GpclError(f"the weights ({nbytes / 1e9:.1f} GB) cannot be stored inside one ONNX file (protobuf's 2 GB limit); use external data")
+    return layout
+
+
+def _external_locations(path: Path) -> set[str]:
+    """Data files an existing ONNX output refers to (to remove those a --force export replaces
+    and no longer uses). Never raises."""
     try:
-        tmp = tmpdir / output.name
-        if external:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(tmpdir / data_name, output.parent / data_name)
-        else:
-            onnx.save_model(proto, tmp)
-            if force:  # a stale data file from an earlier external-data export would mislead
-                (output.parent / data_name).unlink(missing_ok=True)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    files = [output] + ([output.parent / data_name] if external else [])
-    for f in files:  # files made inside a mkdtemp() directory can come out owner-only
-        os.chmod(f, 0o666 & ~_umask())
-    return files
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    locs = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return {loc for loc in locs if "/" not in loc and "\\" not in loc and loc not in ("", ".", "..")}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# ----------------------------------------------------------------------------- memory budget
+VALIDATE_MODES = ("auto", "full", "layers", "none")
+DEFAULT_BUDGET_FRACTION = 0.5  # of MemAvailable when the command starts
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory_budget(value: str | int | float | None) -> int:
+    """``"8G"``, ``"512M"``, ``"0.5G"``, a byte count, or None (the default: half of the memory
+    available now) -> bytes."""
+    if value is None:
+        return int(available_memory() * DEFAULT_BUDGET_FRACTION)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        try:
+            n = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            raise GpclError(f"memory budget {value!r} is not a size (e.g. 8G, 512M)") from None
+    if not n > 0 or n != n:
+        raise GpclError(f"memory budget must be > 0, got {value!r}")
+    return int(n)
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _validate_mode(validate: bool | str) -> str:
+    if validate is True:
+        return "auto"
+    if validate is False or validate is None:
+        return "none"
+    if validate not in VALIDATE_MODES:
+        raise GpclError(f"unknown validation mode {validate!r}; choose {', '.join(VALIDATE_MODES)}")
+    return validate
+
+
+# ----------------------------------------------------------------------------- input hash
+HASH_CONTENT_LIMIT = 2 << 30  # above this, hash names, sizes, mtimes and safetensors headers
+
+
+def _model_dir_hash(d: Path) -> tuple[str, str]:
+    """sha256 of the model directory: its full content up to 2 GiB; beyond that, of every file's
+    name, size and mtime plus the content of every non-weight file and every safetensors header
+    (reading 140 GB to hash it would cost more than the export). Returns (hex, kind)."""
+    import hashlib
+    import struct
+
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    if sum(p.stat().st_size for p in files) <= HASH_CONTENT_LIMIT:
+        return sha256_dir(d), "content"
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(d).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                h.update(head + f.read(min(n, 100 << 20)))
+        elif st.st_size <= 16 << 20:
+            h.update(p.read_bytes())
+    return h.hexdigest(), "names+sizes+mtimes+headers"
 
 
 # ----------------------------------------------------------------------------- export
@@ -351,17 +475,33 @@ def export_model(
     opset: int = 18,
     dtype: str = "fp32",
     atol: float | None = None,
-    validate: bool = True,
+    validate: bool | str = True,
     force: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     external_data: bool | None = None,
+    memory_budget: str | int | None = None,
+    lazy: bool | None = None,
 ) -> dict[str, Any]:
     """Export a local HF model directory to ONNX (dynamo exporter, dynamic batch/sequence axes,
     node metadata kept), validate it against PyTorch with ONNX Runtime and write
-    OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds ``atol``.
-    ``external_data``: None = only above ~1.8 GB, True/False to force."""
+    OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds ``atol``,
+    and then nothing is written: every output appears under its final name only after every
+    check has passed.
+
+    Safetensors checkpoints take the lazy path (exporter/lazy.py): traced on fake weights, the
+    ONNX external data pointing into hard links of the checkpoint files (dtype as stored) or into
+    ``OUT.onnx.data`` (converted one chunk at a time). Pickle checkpoints (``allow_pickle``), or
+    checkpoints that need transformers' weight conversion ops, take the eager path (the model
+    loaded in memory); ``lazy=False`` forces it, ``lazy=True`` refuses to fall back.
+
+    ``validate``: True/"auto" (full when ONNX Runtime's estimated memory fits ``memory_budget``,
+    else layers), "full", "layers", False/"none". ``memory_budget``: bytes or "8G"; default half of
+    the available memory. ``external_data``: None = lazy exports always, eager above ~1.8 GB;
+    True/False to force (False on the lazy path reads the weights back into one file)."""
     from gpcl_trt import progress
+    from gpcl_trt.exporter import validate as val
+    from gpcl_trt.exporter.staging import Staging
 
     out = Path(output)
     if out.suffix != ".onnx":
@@ -377,56 +517,147 @@ def export_model(
     atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     if not atol >= 0:
         raise GpclError(f"atol must be >= 0, got {atol}")
+    mode = _validate_mode(validate)
+    budget = parse_memory_budget(memory_budget)
 
-    with progress.step(f"load {Path(model_dir).name}"):
-        module, arch, task = load_model(model_dir, task, trust_remote_code, allow_pickle, dtype)
-    model_dir_abs = Path(model_dir).resolve()
-    with progress.step(f"trace {arch.name} ({task}, opset {opset}, {dtype})"):
-        try:
-            proto = _trace(module, arch, task, int(opset))
-        except Exception as exc:
-            raise GpclError(f"export failed for {model_dir_abs} ({arch.name}, {task}): {_first_line(exc)}") from None
-    with progress.step(f"save {out}"):
-        files = _save(proto, out, force, external_data)
-    validation: dict[str, Any] = {"skipped": True}
-    if validate:
-        from gpcl_trt.exporter.validate import validate_export
+    d, raw = _check_model_dir(model_dir)
+    arch_cls = _arch_class(raw, d / "config.json", trust_remote_code)
+    use_safetensors = any(d.glob("*.safetensors"))
+    if not use_safetensors:
+        _check_weights(d, allow_pickle)  # the pickle refusal, or "no weights"
+    eager_reason = None
+    built = None
+    if use_safetensors and lazy is not False:
+        import torch  # noqa: F401  (transformers wants it first)
+        from transformers import AutoConfig
 
-        with progress.step("validate against PyTorch (ONNX Runtime, CPU)"):
-            validation = validate_export(module, arch, task, out, atol)
-    ok = validation.get("passed", True)
-    results = {
-        "architecture": arch.name,
-        "model_type": arch.hf_config.model_type,
-        "hf_class": type(module.core.model).__name__,
-        "task": task,
-        "inputs": [s.as_dict() for s in arch.inputs(task)],
-        "outputs": [s.as_dict() for s in arch.outputs(task)],
-        "external_data": [str(f.name) for f in files[1:]],
-        "validation": validation,
-    }
-    options = {
-        "task": task,
-        "opset": int(opset),
-        "dtype": dtype,
-        "atol": atol,
-        "validate": validate,
-        "trust_remote_code": trust_remote_code,
-        "allow_pickle": allow_pickle,
-    }
-    inputs = {
-        "model_dir": str(model_dir_abs),
-        "model_dir_sha256": sha256_dir(model_dir_abs),
-        "config_sha256": sha256_file(model_dir_abs / "config.json"),
-    }
-    manifest = write_manifest(out, "export", inputs, options, results, packages=PACKAGES, force=force)
+        with progress.step(f"read {d.name} (config and safetensors headers)"), _quiet():
+            try:
+                hf_config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code, local_files_only=True)
+            except Exception as exc:
+                raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
+            arch = arch_cls(hf_config, dtype)
+            task = _resolve_task(arch, task)
+            built = _lazy_model(d, hf_config, arch, task, dtype, trust_remote_code)
+        if built is None:
+            eager_reason = getattr(_lazy_model, "why", "the checkpoint needs transformers' own loader")
+            if lazy is True:
+                raise GpclError(f"lazy export impossible for {d}: {eager_reason}")
+    elif lazy is True:
+        raise GpclError(f"lazy export needs safetensors weights; {d} has pickle weights")
+    else:
+        eager_reason = "pickle weights" if not use_safetensors else "lazy=False"
+
+    old_locations = _external_locations(out) if force and out.is_file() else set()
+    weights: dict[str, Any]
+    with Staging(out.parent, out.name) as stage:
+        staged = stage.file(out.name)
+        if built is not None:
+            from gpcl_trt.exporter import lazy as lz
+
+            model, ckpt, binding = built
+            lz.fake_parameters(model)
+            with _quiet():
+                module = _io_module_class()(arch.core(model, task), arch, task).eval()
+            layout = _layout(external_data, lz.nbytes_of(binding))
+            with progress.step(f"weights: {lz.nbytes_of(binding) / 1e9:.2f} GB in {len(binding.entries)} tensors"):
+                placement = lz.convert_weights(binding, ckpt, stage.path, out.name)
+            with progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"):
+                try:
+                    proto = _trace(module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement))
+                except GpclError:
+                    raise
+                except Exception as exc:
+                    raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+            with progress.step(f"write {out.name} ({layout})"):
+                data_files = lz.finalize_proto(proto, placement, stage.path, out.name, layout)
+                staged.write_bytes(proto.SerializeToString())
+                del proto
+            lz.real_parameters(model, binding, lz.reference_tensors(binding, ckpt, placement))
+            weights = {
+                "path": "lazy",
+                "layout": layout,
+                "links": placement.links,
+                "in_place_bytes": placement.in_place_bytes,
+                "converted_bytes": placement.converted_bytes,
+            }
+        else:
+            with progress.step(f"load {d.name} (eager: {eager_reason})"):
+                module, arch, task = load_model(d, task, trust_remote_code, allow_pickle, dtype)
+            with progress.step(f"trace {arch.name} ({task}, opset {opset}, {dtype})"):
+                try:
+                    proto = _trace(module, arch, task, int(opset))
+                except Exception as exc:
+                    raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+            data_files = _write_eager(proto, staged, {None: None, "auto": None, "inline": False}.get(external_data, external_data is not False))
+            del proto
+            weights = {"path": "eager", "eager_reason": eager_reason}
+        weights["data_files"] = data_files
+        weights["extra_disk_bytes"] = _extra_disk([staged] + [stage.file(f) for f in data_files])
+
+        validation: dict[str, Any] = {"mode": "none", "skipped": True}
+        if mode != "none":
+            plan = val.plan_validation(staged, mode, budget)
+            with progress.step(f"validate against PyTorch ({plan['mode']}: {plan['reason']})"):
+                validation = val.validate_export(module, arch, task, staged, atol, mode=plan["mode"])
+            validation.update({"requested": mode, "reason": plan["reason"], "memory_budget": budget, "estimate": plan["estimate"]})
+        ok = bool(validation.get("passed", True))
+        model_hash, hash_kind = _model_dir_hash(d)
+        results = {
+            "architecture": arch.name,
+            "model_type": arch.hf_config.model_type,
+            "hf_class": type(module.core.model).__name__,
+            "task": task,
+            "inputs": [s.as_dict() for s in arch.inputs(task)],
+            "outputs": [s.as_dict() for s in arch.outputs(task)],
+            "external_data": data_files,
+            "weights": weights,
+            "validation": validation,
+        }
+        options = {
+            "task": task,
+            "opset": int(opset),
+            "dtype": dtype,
+            "atol": atol,
+            "validate": mode,
+            "memory_budget": budget,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        }
+        inputs = {
+            "model_dir": str(d),
+            "model_dir_sha256": model_hash,
+            "model_dir_hash": hash_kind,
+            "config_sha256": sha256_file(d / "config.json"),
+        }
+        onnx_sha = sha256_file(staged)
+        if built is not None:
+            lz.drop_unused(placement, data_files)
+        if ok:
+            write_manifest(staged, "export", inputs, options, results, packages=PACKAGES, force=True)
+            stage.commit(data_files + [out.name, manifest_path(out).name], force)
+            for loc in old_locations - set(data_files):
+                with contextlib.suppress(OSError):
+                    (out.parent / loc).unlink()
     return {
-        "ok": bool(ok),
+        "ok": ok,
+        "written": ok,
         "output": str(out),
-        "manifest": str(manifest),
-        "onnx_sha256": sha256_file(out),
-        **{k: results[k] for k in ("architecture", "task", "validation")},
+        "manifest": str(manifest_path(out)),
+        "onnx_sha256": onnx_sha,
+        **{k: results[k] for k in ("architecture", "task", "validation", "weights", "external_data")},
         "inputs": module.input_names,
         "outputs": module.output_names,
         "options": options,
     }
+
+
+def _extra_disk(paths: list[Path]) -> int:
+    """Disk blocks of the outputs not shared with another hard link (a hard link to the
+    checkpoint costs nothing; reflinks cannot be told from copies by stat and count fully)."""
+    total = 0
+    for p in paths:
+        st = p.stat()
+        if st.st_nlink == 1:
+            total += st.st_blocks * 512
+    return total

@@ -21,14 +21,19 @@ def register(main: click.Group) -> None:
     @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
     @click.option("--dtype", type=click.Choice(("fp32", "fp16")), default="fp32", show_default=True, help="Weight and activation precision of the exported model.")
     @click.option("--atol", type=float, default=None, help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].")
-    @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare ONNX Runtime against PyTorch on fresh inputs of a different shape (exit 1 above --atol).")
+    @click.option("--validate", "validate", type=click.Choice(("auto", "full", "layers", "none")), default="auto", show_default=True, help="Compare ONNX Runtime against PyTorch (weights memory-mapped) on fresh inputs of other shapes; exit 1 above --atol, and then nothing is written. full: one ONNX Runtime session over the whole model; layers: the graph run block by block (name scopes), one block's weights in memory at a time; auto: full when its estimated memory fits --memory-budget, else layers; none: skip.")
+    @click.option("--no-validate", "no_validate", is_flag=True, help="Same as --validate none.")
+    @click.option("--memory-budget", default=None, metavar="SIZE", help="Memory validation may use, e.g. 8G or 512M  [default: half of the memory available at start].")
+    @click.option("--external-data", "external_data", type=click.Choice(("auto", "link", "copy", "inline")), default="auto", show_default=True, help="Where the weights go. link: the checkpoint files reflinked, else hard-linked, else copied next to OUT.onnx as OUT.onnx.<file> (offsets point into them; tensors whose dtype differs from --dtype are converted into OUT.onnx.data); copy: never a hard link (onnx.load refuses hard-linked data; ONNX Runtime reads it); inline: inside OUT.onnx (up to 1.8 GB); auto: inline up to 256 MB, else link.")
     @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
     @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped in the model directory to run (off by default).")
     @click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (.bin/.pt); loading them can run arbitrary code.")
-    def export(model_dir, output, task, opset, dtype, atol, validate, force, trust_remote_code, allow_pickle):
+    def export(model_dir, output, task, opset, dtype, atol, validate, no_validate, memory_budget, external_data, force, trust_remote_code, allow_pickle):
         """Export the Hugging Face model in MODEL_DIR (config.json + safetensors) to ONNX with the
         dynamo exporter: dynamic batch/sequence axes, node metadata kept, validated against PyTorch
-        with ONNX Runtime, plus OUT.manifest.json.
+        with ONNX Runtime, plus OUT.manifest.json. Safetensors checkpoints (single or sharded) are
+        exported lazily: traced without loading the weights, which go to ONNX external data
+        straight from the checkpoint; pickle weights (--allow-pickle) are loaded eagerly.
 
         \b
         Supported: what transformers can run as a text encoder, a decoder-only LM or a ViT-like
@@ -45,16 +50,19 @@ def register(main: click.Group) -> None:
             opset=opset,
             dtype=dtype,
             atol=atol,
-            validate=validate,
+            validate="none" if no_validate else validate,
+            memory_budget=memory_budget,
+            external_data=external_data,
             force=force,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
         v = result["validation"]
         if v.get("skipped"):
-            summary = "validation skipped"
+            summary = "validation skipped (--validate none)"
         else:
             verdict = "passed" if v["passed"] else "FAILED"
-            summary = f"validation {verdict}: max abs diff {v['max_abs_diff']:.3g} (atol {v['atol']:g})"
-        click.echo(f"wrote {result['output']} ({result['architecture']}, {result['task']}); {summary}", err=True)
+            summary = f"validation ({v['mode']}) {verdict}: max abs diff {v['max_abs_diff']:.3g} (atol {v['atol']:g})"
+        what = "wrote" if result.get("written", True) else "nothing written for"
+        click.echo(f"{what} {result['output']} ({result['architecture']}, {result['task']}); {summary}", err=True)
         return result

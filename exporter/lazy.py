@@ -1,0 +1,458 @@
+"""Lazy export: trace a model whose weights never exist in memory, and point the ONNX external
+data straight at the checkpoint.
+
+1. ``build_meta_model``: the HF model built from config.json on the ``meta`` device, the way
+   ``from_pretrained`` builds it before loading (so the same classes, dtypes and ties), then
+   non-persistent buffers (rotary ``inv_freq``, BERT's ``position_ids``...) computed for real by
+   transformers' own init code, persistent buffers read from the checkpoint.
+2. ``bind_checkpoint``: every parameter joined to one checkpoint tensor with transformers' own key
+   mapping (renames, base-model prefix, legacy ``gamma/beta``); shapes checked; tied parameters
+   share one tensor. Keys that need a transformers *conversion op* (fused experts...) are refused
+   here (``NeedsEager``).
+3. ``fake_parameters``: the meta parameters become FakeTensors on ``cpu`` so the dynamo exporter
+   traces with real inputs and real buffers but no weight data.
+4. ``place_weights``: per tensor, when the checkpoint dtype is the export dtype, the checkpoint
+   file is hard-linked (else reflinked, else copied, and the result says which) into the output
+   directory and the initializer points at the tensor's byte range inside it; otherwise the tensor
+   is converted one chunk at a time into ``OUT.onnx.data`` at 4 KiB-aligned offsets.
+5. ``bind_initializers``: the traced graph's weight initializers become ``ExternalTensor``s over
+   those files; the exporter's optimizer then runs exactly as on an eager export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from gpcl_trt.common import GpclError
+from gpcl_trt.exporter.checkpoint import DTYPES, TORCH_TO_ST, Checkpoint, TensorEntry
+
+CORE_PREFIX = "model."  # ArchConfig.core(...) keeps the HF model as ``.model``
+CHUNK = 64 << 20  # conversion chunk: 64 MiB of source bytes
+ALIGN_BIG = 4096  # page: ONNX Runtime can memory-map a tensor only at an aligned offset
+ALIGN_SMALL = 64
+BIG = 1 << 20
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+class NeedsEager(Exception):
+    """The checkpoint needs something only transformers' full loader does (a conversion op on
+    the weights); the caller falls back to the eager path and says why."""
+
+
+# ----------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Any]:
+    """A progress bar in bytes with the rate, on stderr; ``advance(n)`` after each chunk. Prints
+    the step's bytes, time and GB/s when it ends."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    from gpcl_trt.progress import console
+
+    t0 = time.perf_counter()
+    done = [0]
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=max(total, 1))
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.advance(task, n)
+
+        yield advance
+    dt = time.perf_counter() - t0
+    rate = done[0] / dt / 1e9 if dt > 0 else 0.0
+    console.print(f"[green]done[/green] {description}: {done[0] / 1e9:.2f} GB in {dt:.1f} s ({rate:.2f} GB/s)")
+
+
+# ----------------------------------------------------------------------------- the meta model
+def build_meta_model(arch: Any, task: str, hf_config: Any, torch_dtype: Any, trust_remote_code: bool, ckpt: Checkpoint) -> Any:
+    """The HF model for ``task`` with every parameter on ``meta`` and every buffer real."""
+    import torch
+    from transformers import initialization as hf_init
+
+    auto = arch.auto_class(task)
+    with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
+        model = auto.from_config(hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **arch.load_kwargs(task))
+    model.eval()
+    # Buffers the checkpoint holds are loaded from it (as from_pretrained would); the others,
+    # and the non-persistent ones, are recomputed by transformers' own init code, exactly as
+    # from_pretrained does after loading (params are flagged so none of them is touched).
+    by_model_key, _ = map_keys(model, ckpt)
+    persistent = {k for k, _ in model.named_buffers()} - {k for k, _ in model.named_non_persistent_buffers()}
+    from_ckpt = {k: by_model_key[k] for k in persistent if k in by_model_key}
+    model._move_missing_keys_from_meta_to_device(persistent - set(from_ckpt), None, None, None)
+    for p in model.parameters():
+        p._is_hf_initialized = True
+    model._initialize_missing_keys(False)
+    for k, e in from_ckpt.items():
+        mod_name, _, attr = k.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        old = mod._buffers[attr]
+        if tuple(old.shape) != e.shape:
+            raise GpclError(f"weights do not match config.json: {e.where()} is {list(e.shape)}, buffer {k} is {list(old.shape)}")
+        mod._buffers[attr] = ckpt.tensor(e).to(old.dtype).clone()
+    left = [k for k, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        raise NeedsEager(f"buffer {left[0]} could not be computed without loading the model")
+    return model
+
+
+def map_keys(model: Any, ckpt: Checkpoint) -> tuple[dict[str, TensorEntry], list[str]]:
+    """Checkpoint tensors by the model key transformers would load them into (its renames,
+    base-model prefix and legacy names), and the checkpoint keys that map to nothing."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, None, None) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_sd = {k: True for k in model.state_dict(keep_vars=True)}
+    prefix = getattr(model, "base_model_prefix", None) or None
+    by_model_key: dict[str, TensorEntry] = {}
+    unused = []
+    for ck in sorted(ckpt.tensors):
+        mk, conv = rename_source_key(ck, renamings, converters, prefix, meta_sd)
+        if mk not in meta_sd and ck in meta_sd:
+            mk, conv = rename_source_key(ck, [], [], prefix, meta_sd)
+        if mk in meta_sd and conv is not None:
+            raise NeedsEager(f"tensor {ck} in {ckpt.tensors[ck].file.name} needs transformers' weight conversion ({conv})")
+        if mk in meta_sd and mk not in by_model_key:
+            by_model_key[mk] = ckpt.tensors[ck]
+        else:
+            unused.append(ck)
+    return by_model_key, unused
+
+
+# ----------------------------------------------------------------------------- checkpoint binding
+@dataclass
+class Binding:
+    """Which checkpoint tensor each parameter reads. ``canonical``: one name per distinct
+    parameter tensor (the first under ``named_parameters``, as torch.export names it);
+    ``aliases``: every name of that tensor (tied weights)."""
+
+    entries: dict[str, TensorEntry]  # canonical param name -> checkpoint tensor
+    aliases: dict[str, list[str]]
+    target: dict[str, Any]  # canonical param name -> torch dtype of the export
+    unused: list[str] = field(default_factory=list)  # checkpoint tensors no parameter reads
+
+
+def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
+    """Join every parameter of ``model`` to a checkpoint tensor, by transformers' key mapping.
+    Raises GpclError naming the tensor and file for a missing tensor or a shape mismatch."""
+    by_model_key, unused = map_keys(model, ckpt)
+    groups: dict[int, list[str]] = {}
+    params: dict[int, Any] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    entries, aliases, target = {}, {}, {}
+    for pid, names in groups.items():
+        p = params[pid]
+        canonical = names[0]
+        found = next((by_model_key[n] for n in names if n in by_model_key), None)
+        if found is None:
+            where = ", ".join(f.name for f in ckpt.files[:3]) + (" ..." if len(ckpt.files) > 3 else "")
+            raise GpclError(
+                f"weights in {ckpt.root} do not match config.json: no tensor for parameter {canonical} "
+                f"{list(p.shape)} in {where}"
+            )
+        if tuple(p.shape) != found.shape:
+            raise GpclError(
+                f"weights do not match config.json: {found.where()} is {found.dtype}{list(found.shape)}, "
+                f"but {config_path} makes parameter {canonical} {list(p.shape)}"
+            )
+        if not DTYPES[found.dtype][1].startswith(("float", "bfloat")):
+            raise GpclError(f"unreadable weights: {found.where()} has dtype {found.dtype}, expected a float type")
+        entries[canonical], aliases[canonical], target[canonical] = found, names, p.dtype
+    return Binding(entries, aliases, target, unused)
+
+
+# ----------------------------------------------------------------------------- tracing on fake weights
+def fake_parameters(model: Any) -> None:
+    """Replace every meta parameter by a FakeTensor on ``cpu`` (tied parameters stay one object),
+    so torch.export traces with real inputs and buffers against weights that hold no data."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    seen: dict[int, Any] = {}
+    for mod in model.modules():
+        for k, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in seen:
+                with mode:
+                    fake = FakeTensor(mode, torch.empty(p.shape, dtype=p.dtype, device="meta"), torch.device("cpu"))
+                seen[id(p)] = torch.nn.Parameter(fake, requires_grad=False)
+            mod._parameters[k] = seen[id(p)]
+
+
+def real_parameters(model: Any, binding: Binding, tensor_for: Any) -> None:
+    """Give every parameter real data from ``tensor_for(canonical_name) -> torch.Tensor``
+    (memory-mapped), keeping ties: the PyTorch reference for validation."""
+    import torch
+
+    for canonical, names in binding.aliases.items():
+        t = torch.nn.Parameter(tensor_for(canonical), requires_grad=False)
+        for n in names:
+            mod_name, _, attr = n.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mod._parameters[attr] = t
+
+
+# ----------------------------------------------------------------------------- weights into the output dir
+@dataclass
+class Placement:
+    """Where each canonical parameter's bytes are while tracing: an absolute path (the checkpoint
+    file itself when the dtype matches, the staged OUT.onnx.data for converted tensors), offset
+    and length. ``finalize`` turns the paths into the output's own data files."""
+
+    where: dict[str, tuple[str, int, int]]  # canonical -> (absolute path, offset, length)
+    converted: str | None = None  # absolute path of the staged OUT.onnx.data
+    converted_bytes: int = 0
+    in_place_bytes: int = 0  # bytes of the parameters read from the checkpoint files as stored
+    links: dict[str, str] = field(default_factory=dict)  # data file name -> hardlink|reflink|copy
+
+
+def _clone_or_link(src: Path, dst: Path, allow_hardlink: bool) -> str:
+    """Reflink (FICLONE: a new file sharing the blocks), else a hard link (when allowed), else a
+    streamed copy. Returns which."""
+    with open(src, "rb") as fs:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fcntl.ioctl(fd, FICLONE, fs.fileno())
+            return "reflink"
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        if allow_hardlink:
+            os.unlink(dst)
+            try:
+                os.link(src, dst)
+                return "hardlink"
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        size = os.fstat(fs.fileno()).st_size
+        with open(dst, "wb") as fd2, byte_progress(f"copy {src.name} (no reflink{'' if not allow_hardlink else ' or hard link'} possible)", size) as advance:
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(fs.fileno(), fd2.fileno(), min(CHUNK, size - copied))
+                if n == 0:
+                    break
+                copied += n
+                advance(n)
+    return "copy"
+
+
+def data_file_name(out_name: str, ckpt_file: Path) -> str:
+    return f"{out_name}.{ckpt_file.name}"
+
+
+def convert_weights(binding: Binding, ckpt: Checkpoint, staging: Path, out_name: str) -> Placement:
+    """Parameters stored in the export dtype are referenced where they are (no byte moves);
+    the others are converted, one chunk of at most 64 MiB at a time, into OUT.onnx.data in the
+    staging directory at aligned offsets (4 KiB for tensors of 1 MiB and more, so ONNX Runtime
+    may memory-map them)."""
+    import torch
+
+    where: dict[str, tuple[str, int, int]] = {}
+    convert: list[tuple[str, TensorEntry, Any]] = []
+    in_place = 0
+    for canonical, e in binding.entries.items():
+        want = binding.target[canonical]
+        if e.torch_dtype == want:
+            where[canonical] = (str(e.file.resolve()), e.offset, e.nbytes)
+            in_place += e.nbytes
+        else:
+            convert.append((canonical, e, want))
+    placement = Placement(where, in_place_bytes=in_place)
+    if not convert:
+        return placement
+    path = staging / f"{out_name}.data"
+    total = sum(e.numel * torch.empty((), dtype=w).element_size() for _, e, w in convert)
+    kinds = sorted({f"{e.dtype}->{_dtype_name(w)}" for _, e, w in convert})
+    with open(path, "wb") as f, byte_progress(f"convert {len(convert)} tensors ({', '.join(kinds)})", total) as advance:
+        pos = 0
+        for canonical, e, want in convert:
+            out_item = torch.empty((), dtype=want).element_size()
+            length = e.numel * out_item
+            pad = (-pos) % (ALIGN_BIG if length >= BIG else ALIGN_SMALL)
+            if pad:
+                f.write(b"\0" * pad)
+                pos += pad
+            where[canonical] = (str(path.resolve()), pos, length)
+            step = max(1, CHUNK // e.itemsize)  # elements per chunk
+            for start in range(0, e.numel, step):
+                n = min(step, e.numel - start)
+                raw = ckpt.read(e, start * e.itemsize, n * e.itemsize)
+                if len(raw) != n * e.itemsize:
+                    raise GpclError(f"unreadable weights: {e.where()} is truncated (short read)")
+                src = torch.frombuffer(bytearray(raw), dtype=e.torch_dtype)
+                f.write(src.to(want).view(torch.uint8).numpy().tobytes())
+                advance(n * out_item)
+            pos += length
+    placement.converted = str(path.resolve())
+    placement.converted_bytes = pos
+    return placement
+
+
+def finalize_proto(proto: Any, placement: Placement, staging: Path, out_name: str, layout: str) -> list[str]:
+    """Turn the absolute external-data paths of the traced, optimized model into the output's
+    own files. ``layout``: ``inline`` (the bytes into the ONNX file; small models), ``link``
+    (each checkpoint file the model reads is reflinked, else hard-linked, else copied into the
+    output directory as OUT.onnx.<file name>; offsets stay the checkpoint's), ``copy`` (the
+    same, never a hard link). Returns the data file names (in the staging directory)."""
+    import onnx
+
+    converted_name = f"{out_name}.data"
+    names: dict[str, str] = {}
+    if placement.converted:
+        names[placement.converted] = converted_name
+    files: list[str] = []
+    for t in _all_tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        src = info.get("location", "")
+        if layout == "inline":
+            with open(src, "rb") as f:
+                t.raw_data = os.pread(f.fileno(), int(info["length"]), int(info.get("offset", 0)))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            continue
+        if src not in names:
+            if not os.path.isabs(src):
+                raise GpclError(f"internal: initializer {t.name} has external data {src!r} of unknown origin")
+            names[src] = data_file_name(out_name, Path(src))
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = names[src]
+        if names[src] not in files:
+            files.append(names[src])
+    if layout == "inline":
+        return []  # a converted OUT.onnx.data stays until validation has read it (see drop_unused)
+    # Constants the optimizer folded (all small: it folds inputs of at most 8192 elements) go
+    # with the weights when above 1 KiB, as onnx.save_model(size_threshold=1024) would put them.
+    small = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+    if small:
+        path = staging / converted_name
+        with open(path, "ab") as f:
+            pos = f.tell()
+            for t in small:
+                pad = (-pos) % ALIGN_SMALL
+                f.write(b"\0" * pad)
+                pos += pad
+                data = t.raw_data
+                f.write(data)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", converted_name), ("offset", str(pos)), ("length", str(len(data)))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+                pos += len(data)
+        if placement.converted is None:
+            placement.converted = str(path.resolve())
+        if converted_name not in files:
+            files.append(converted_name)
+    for src, name in names.items():
+        if src == placement.converted:
+            continue
+        if name in files:
+            placement.links[name] = _clone_or_link(Path(src), staging / name, allow_hardlink=layout == "link")
+    return files
+
+
+def drop_unused(placement: Placement, files: list[str]) -> None:
+    """Remove the staged OUT.onnx.data when the output does not use it (inline layout); called
+    after validation, which reads the converted weights from it."""
+    if placement.converted and Path(placement.converted).name not in files:
+        os.unlink(placement.converted)
+
+
+def _all_tensors(proto: Any) -> Iterator[Any]:
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- graph binding
+def onnx_type(torch_dtype: Any) -> int:
+    return DTYPES[TORCH_TO_ST[_dtype_name(torch_dtype)]][3]
+
+
+def bind_initializers(ir_model: Any, binding: Binding, placement: Placement) -> set[str]:
+    """Turn every weight initializer of the traced graph (fake data) into an ExternalTensor over
+    its bytes in ``placement`` (absolute paths, so the exporter's optimizer can read the few small
+    ones it folds). Returns the names bound; raises if a fake initializer has no tensor."""
+    import onnx_ir as ir
+
+    alias_to_canonical = {a: c for c, names in binding.aliases.items() for a in names}
+    bound: set[str] = set()
+    for name, value in ir_model.graph.initializers.items():
+        param = name[len(CORE_PREFIX):] if name.startswith(CORE_PREFIX) else name
+        canonical = alias_to_canonical.get(param)
+        if canonical is None:
+            if _is_fake(value.const_value):
+                raise GpclError(f"export: initializer {name} has no checkpoint tensor (internal error)")
+            continue
+        path, offset, length = placement.where[canonical]
+        value.const_value = ir.ExternalTensor(
+            path, offset, length, ir.DataType(onnx_type(binding.target[canonical])),
+            shape=ir.Shape(list(binding.entries[canonical].shape)), name=name,
+        )
+        bound.add(name)
+    return bound
+
+
+def _is_fake(t: Any) -> bool:
+    raw = getattr(t, "raw", None)
+    return type(raw).__name__ == "FakeTensor" or getattr(getattr(raw, "device", None), "type", None) == "meta"
+
+
+def reference_tensors(binding: Binding, ckpt: Checkpoint, placement: Placement) -> Any:
+    """``canonical -> torch.Tensor`` for the PyTorch reference, all memory-mapped (file-backed,
+    never anonymous memory): the checkpoint's own bytes where the dtype matched, the converted
+    bytes in OUT.onnx.data otherwise (the reference then runs on exactly the exported weights)."""
+    import mmap as _mmap
+
+    import torch
+
+    maps: dict[str, Any] = {}
+
+    def tensor_for(canonical: str) -> Any:
+        e = binding.entries[canonical]
+        want = binding.target[canonical]
+        if e.torch_dtype == want:
+            return ckpt.tensor(e)
+        location, offset, length = placement.where[canonical]
+        if location not in maps:
+            with open(location, "rb") as f:
+                maps[location] = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
+        count = length // torch.empty((), dtype=want).element_size()
+        return torch.frombuffer(maps[location], dtype=want, count=count, offset=offset).reshape(e.shape)
+
+    return tensor_for
+
+
+def nbytes_of(binding: Binding) -> int:
+    import torch
+
+    return sum(math.prod(e.shape) * torch.empty((), dtype=binding.target[c]).element_size() for c, e in binding.entries.items())
