@@ -274,6 +274,19 @@ class HeadCore(torch.nn.Module):
         self.model = model
         self.outputs = list(outputs)
         self.call_kwargs = call_kwargs
+        # (module, attribute, replacement) swapped in while the model runs (and is traced); for
+        # an architecture whose own code exports but cannot run in ONNX Runtime (see Falcon).
+        self.patches: list[tuple[Any, str, Any]] = []
+
+    def _run(self, **kwargs: Any) -> Any:
+        saved = [(m, a, getattr(m, a)) for m, a, _ in self.patches]
+        for m, a, v in self.patches:
+            setattr(m, a, v)
+        try:
+            return self.model(**kwargs, **self.call_kwargs)
+        finally:
+            for m, a, v in saved:
+                setattr(m, a, v)
 
     def _pick(self, out: Any) -> tuple:
         return tuple(out[n] for n in self.outputs)
@@ -285,7 +298,7 @@ class EncoderCore(HeadCore):
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask
-        return self._pick(self.model(input_ids=input_ids, **kw, **self.call_kwargs))
+        return self._pick(self._run(input_ids=input_ids, **kw))
 
 
 class TextEncoder(ArchConfig):
@@ -311,7 +324,7 @@ class TextEncoder(ArchConfig):
 # ----------------------------------------------------------------------------- vision encoders
 class VisionCore(HeadCore):
     def forward(self, pixel_values):
-        return self._pick(self.model(pixel_values=pixel_values, **self.call_kwargs))
+        return self._pick(self._run(pixel_values=pixel_values))
 
 
 class VisionEncoder(ArchConfig):
@@ -353,7 +366,7 @@ class CausalLMCore(HeadCore):
         kw = {} if position_ids is None else {"position_ids": position_ids}
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask
-        return self._pick(self.model(input_ids=input_ids, use_cache=False, **kw, **self.call_kwargs))
+        return self._pick(self._run(input_ids=input_ids, use_cache=False, **kw))
 
 
 class CausalLMWithPastCore(HeadCore):
@@ -378,7 +391,7 @@ class CausalLMWithPastCore(HeadCore):
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask
         kw[self.cache_arg] = cache
-        out = self.model(input_ids=input_ids, use_cache=True, return_dict=True, **kw)
+        out = self._run(input_ids=input_ids, use_cache=True, return_dict=True, **kw)
         present = []
         for layer in _out_cache(out).layers:
             present += [layer.keys, layer.values]
@@ -538,11 +551,49 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
     return shapes
 
 
+# ----------------------------------------------------------------------------- per architecture
+def _falcon_alibi_bf16_emulated(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' Falcon ``build_alibi_tensor`` with its bfloat16 product spelled as float32
+    arithmetic on bfloat16-rounded operands, rounded to bfloat16 once: the same numbers (a
+    product of two 8-bit mantissas is exact in float32), but ONNX Runtime's CPU provider has no
+    bfloat16 Mul, so the original exports and then cannot run (NOT_IMPLEMENTED: Mul(14))."""
+    import math
+
+    batch_size, seq_length = attention_mask.shape
+    closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))
+    base = torch.full((), 2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), device=attention_mask.device, dtype=torch.float32)
+    powers = torch.arange(1, 1 + closest_power_of_2, device=attention_mask.device, dtype=torch.int32)
+    slopes = torch.pow(base, powers)
+    if closest_power_of_2 != num_heads:
+        extra_base = torch.full((), 2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))), device=attention_mask.device, dtype=torch.float32)
+        num_remaining_heads = min(closest_power_of_2, num_heads - closest_power_of_2)
+        extra_powers = torch.arange(1, 1 + 2 * num_remaining_heads, 2, device=attention_mask.device, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)], dim=0)
+    arange_tensor = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+    rounded = lambda t: t.to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    alibi = (rounded(slopes[..., None]) * rounded(arange_tensor)).to(torch.bfloat16)
+    return alibi.reshape(batch_size * num_heads, 1, seq_length).to(dtype)
+
+
+class Falcon(DecoderOnly):
+    """Falcon with ``alibi=True`` (falcon-rw): its ALiBi bias is a bfloat16 product, which the
+    exporter writes as a bfloat16 Mul that ONNX Runtime's CPU provider cannot run; the generic
+    path exports but never validates. Rotary Falcon (7B/40B/180B style) is the generic path."""
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        core = super().core(model, task)
+        if getattr(self.hf_config, "alibi", False):
+            from transformers.models.falcon import modeling_falcon
+
+            core.patches.append((modeling_falcon, "build_alibi_tensor", _falcon_alibi_bf16_emulated))
+        return core
+
+
 # ----------------------------------------------------------------------------- resolving
 FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder)
 
 # Per-architecture classes, only where the generic path measurably fails (model_type -> class).
-OVERRIDES: dict[str, type[ArchConfig]] = {}
+OVERRIDES: dict[str, type[ArchConfig]] = {"falcon": Falcon}
 
 
 def _refusal(model_type: str, cls_name: str | None) -> str | None:

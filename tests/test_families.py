@@ -1,4 +1,4 @@
-"""The family corpus: 25 architectures built here as tiny random-init checkpoints (2 layers,
+"""The family corpus: 26 checkpoints of 25 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
 export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch; decoders
 also decode greedily with past in ONNX Runtime and match PyTorch and HF ``generate``.
@@ -45,6 +45,9 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", dict(TINY_DEC), TGP, TWO),
     "gptj": ("gptj", "GPTJForCausalLM", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8), TGP, SHARED),
     "falcon": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), TGP, SHARED),
+    # falcon-rw style: ALiBi (its bfloat16 product needs the Falcon override), sequential block
+    "falcon_alibi": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                         alibi=True, parallel_attn=False, multi_query=False), TGP, TWO),
     "opt": ("opt", "OPTForCausalLM", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                           max_position_embeddings=128, word_embed_proj_dim=64), TGP, TWO),
     "bloom": ("bloom", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), TGP, TWO),
