@@ -234,8 +234,8 @@ class SegmentedRunner:
         m.functions.extend(self.model.functions)
         return m.SerializeToString(), inputs, outputs
 
-    def run_many(self, feeds_list: list[dict[str, np.ndarray]], progress: Any = None) -> list[dict[str, np.ndarray]]:
-        import onnxruntime as ort
+    def run_many(self, feeds_list: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        from gpcl_trt.exporter.lazy import byte_progress
 
         graph_outputs = [o.name for o in self.model.graph.output]
         later: list[set[str]] = []
@@ -244,22 +244,35 @@ class SegmentedRunner:
             later.append(set(need))
             need |= {x for n in nodes for x in n.input if x}
         later.reverse()
+
+        inits = {t.name: t for t in self.model.graph.initializer}
+
+        def nbytes(nodes: list[Any]) -> int:
+            names = {x for n in nodes for x in n.input if x in inits}
+            return sum(int({e.key: e.value for e in inits[x].external_data}.get("length", len(inits[x].raw_data))) for x in names)
+
+        sizes = [nbytes(nodes) for nodes in self.segments]
         values = [dict(f) for f in feeds_list]
-        for i, nodes in enumerate(self.segments):
-            data, inputs, outputs = self._segment_bytes(nodes, later[i])
-            opts = ort_options(bounded=True)
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent.resolve()))
-            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-            for v in values:
-                res = sess.run(outputs, {x: v[x] for x in inputs})
-                v.update(zip(outputs, res))
-                for x in list(v):  # drop what no later segment reads
-                    if x not in later[i] and x not in feeds_list[0]:
-                        del v[x]
-            del sess
-            if progress is not None:
-                progress(i + 1, len(self.segments))
+        with byte_progress(f"ONNX Runtime block by block ({len(self.segments)} segments, {len(feeds_list)} inputs)", sum(sizes)) as advance:
+            for i, nodes in enumerate(self.segments):
+                self._run_segment(i, nodes, later, values, feeds_list)
+                advance(sizes[i])
         return [{o: v[o] for o in graph_outputs} for v in values]
+
+    def _run_segment(self, i: int, nodes: list[Any], later: list[set[str]], values: list[dict], feeds_list: list[dict]) -> None:
+        import onnxruntime as ort
+
+        data, inputs, outputs = self._segment_bytes(nodes, later[i])
+        opts = ort_options(bounded=True)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent.resolve()))
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        for v in values:
+            res = sess.run(outputs, {x: v[x] for x in inputs})
+            v.update(zip(outputs, res))
+            for x in list(v):  # drop what no later segment reads
+                if x not in later[i] and x not in feeds_list[0]:
+                    del v[x]
+        del sess
 
 
 # ----------------------------------------------------------------------------- validation
