@@ -294,14 +294,17 @@ def convert_weights(binding: Binding, ckpt: Checkpoint, staging: Path, out_name:
                 pos += pad
             where[canonical] = (str(path.resolve()), pos, length)
             step = max(1, CHUNK // e.itemsize)  # elements per chunk
-            for start in range(0, e.numel, step):
-                n = min(step, e.numel - start)
-                raw = ckpt.read(e, start * e.itemsize, n * e.itemsize)
-                if len(raw) != n * e.itemsize:
-                    raise GpclError(f"unreadable weights: {e.where()} is truncated (short read)")
-                src = torch.frombuffer(bytearray(raw), dtype=e.torch_dtype)
-                f.write(src.to(want).view(torch.uint8).numpy().tobytes())
-                advance(n * out_item)
+            buf = bytearray(min(step, e.numel) * e.itemsize)
+            with open(e.file, "rb") as src_f:
+                for start in range(0, e.numel, step):
+                    n = min(step, e.numel - start)
+                    view = memoryview(buf)[: n * e.itemsize]
+                    got = os.preadv(src_f.fileno(), [view], e.offset + start * e.itemsize)
+                    if got != n * e.itemsize:
+                        raise GpclError(f"unreadable weights: {e.where()} is truncated (short read)")
+                    converted = torch.frombuffer(view, dtype=e.torch_dtype).to(want)
+                    f.write(memoryview(converted.view(torch.uint8).numpy()))
+                    advance(n * out_item)
             pos += length
     placement.converted = str(path.resolve())
     placement.converted_bytes = pos

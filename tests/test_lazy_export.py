@@ -284,3 +284,13 @@ def test_cli_help_documents_the_new_options():
     assert res.exit_code == 0
     for opt in ("--validate", "[auto|full|layers|none]", "--no-validate", "--memory-budget", "--external-data"):
         assert opt in res.output, opt
+
+
+def test_bf16_checkpoint_exported_as_bf16_is_linked_not_converted(llama_dirs, tmp_path):
+    d = llama_dirs["bf16"]
+    with pytest.raises(GpclError, match="--validate none"):
+        export_model(d, tmp_path / "a.onnx", task=TG, dtype="bf16")
+    res = export_model(d, tmp_path / "b.onnx", task=TG, dtype="bf16", validate="none", external_data="link")
+    assert res["ok"] and res["weights"]["converted_bytes"] == 0 and res["weights"]["links"] == {"b.onnx.model.safetensors": "hardlink"}
+    model = onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16

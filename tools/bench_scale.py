@@ -239,6 +239,8 @@ def run_size(size: str, work: Path, args) -> dict:
             cmd += ["--validate", args.validate]
         if args.memory_budget:
             cmd += ["--memory-budget", args.memory_budget]
+        if args.external_data:
+            cmd += ["--external-data", args.external_data]
         r = measure(cmd)
         res = r.get("json") or {}
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
@@ -274,6 +276,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", help="export dtype (fp32, fp16)")
     ap.add_argument("--validate", default=None, help="full|layers|none (default: the exporter's default)")
     ap.add_argument("--memory-budget", default=None)
+    ap.add_argument("--external-data", default=None, help="auto|link|copy|inline (insert reads weights with onnx.load, which refuses hard links)")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     args = ap.parse_args()
