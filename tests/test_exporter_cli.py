@@ -56,11 +56,11 @@ def test_config_not_json(tmp_path, out_dir):
     _assert_bad_input(_invoke(str(d), "-o", str(out_dir / "m.onnx")), out_dir, set(), "not readable JSON")
 
 
-def test_unsupported_architecture_lists_supported(tmp_path, out_dir):
+def test_encoder_decoder_is_refused_naming_its_task(tmp_path, out_dir):
     d = _model_dir(tmp_path, config={"model_type": "t5", "architectures": ["T5Model"]})
     res = _invoke(str(d), "-o", str(out_dir / "m.onnx"))
-    _assert_bad_input(res, out_dir, set(), "unsupported architecture model_type='t5'")
-    assert "supported: bert, gpt2, llama, roberta, xlm-roberta" in res.stderr
+    _assert_bad_input(res, out_dir, set(), "unsupported architecture")
+    assert "encoder-decoder model (task text2text-generation)" in res.stderr
 
 
 def test_no_weights(tmp_path, out_dir, tiny_gpt2_dir):
@@ -109,7 +109,7 @@ def test_existing_manifest_needs_force(out_dir, tiny_gpt2_dir):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--task", "feature-extraction"], "not supported for gpt2"),
+        (["--task", "image-classification"], "not supported for gpt2"),
         (["--opset", "11"], "opset 11 is not supported"),
         (["--atol", "-1"], "atol must be >= 0"),
     ],
