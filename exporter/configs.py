@@ -189,8 +189,12 @@ class ArchConfig:
         ~11% of MiniLM's ONNX Runtime CPU time) that the plain matmul-softmax-matmul does not
         need; the numbers are the model's own either way. No pooler for feature extraction where
         the class has one (many sentence-embedding checkpoints ship without pooler weights, which
-        would otherwise count as missing; only last_hidden_state is exported)."""
-        kwargs: dict[str, Any] = {"attn_implementation": "eager"}
+        would otherwise count as missing; only last_hidden_state is exported). Mixture-of-experts
+        blocks run as ``batched_mm``: transformers' default grouped matmul is a custom op with no
+        ONNX translation, and its eager loop indexes tokens by data (torch.export cannot trace
+        it); batched_mm runs every expert on every token (top-k of E of it is used) with static
+        shapes. Models without experts ignore it."""
+        kwargs: dict[str, Any] = {"attn_implementation": "eager", "experts_implementation": "batched_mm"}
         cls = self.model_class(task)
         if task == FEATURE_EXTRACTION and cls is not None:
             try:

@@ -320,39 +320,47 @@ def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: di
 
 
 # ----------------------------------------------------------------------------- structure
+# View, cast and broadcast ops between a norm and its projections (a MoE block reshapes tokens
+# and broadcasts them to every expert's batched matmul).
+_HEAD_PATH_OPS = {"Reshape", "Flatten", "Cast", "Identity", "Squeeze", "Unsqueeze", "Expand"}
+
+
 def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
-    """Projections reading ``t`` directly or through view/cast ops and GPCL."""
+    """Projections reading ``t`` directly or through view/cast/broadcast ops and GPCL."""
     found, stack = [], [t]
     while stack:
         cur = stack.pop()
         for c in cur.outputs:
             if is_projection(c) and c.inputs[0] is cur:
                 found.append(c)
-            elif (c.op in ("Reshape", "Flatten", "Cast", "Identity") or is_gpcl(c)) and c.inputs[0] is cur:
+            elif (c.op in _HEAD_PATH_OPS or is_gpcl(c)) and c.inputs[0] is cur:
                 stack.extend(c.outputs)
     return found
 
 
 def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool, bool]:
     """Nodes reachable from ``projs`` before any further projection or a norm output that feeds
-    projections, and whether a Softmax / a further projection was reached."""
-    queue = deque(o for p in projs for o in p.outputs)
+    projections, and whether an attention Softmax (one that follows a MatMul of two activations,
+    Q x K^T; a MoE router's Softmax follows only its projection) / a further projection was
+    reached."""
+    queue = deque((o, False) for p in projs for o in p.outputs)
     seen: set[int] = set()
     softmax = projection = False
     while queue and len(seen) < _BFS_LIMIT:
-        t = queue.popleft()
+        t, scored = queue.popleft()
         if id(t) in norms and _projection_heads(t):  # the next block's norm (q/k norms are passed)
             continue
         for c in t.outputs:
             if id(c) in seen:
                 continue
             seen.add(id(c))
-            if c.op == "Softmax":
+            if c.op == "Softmax" and scored:
                 softmax = True
             if is_projection(c):
                 projection = True
                 continue
-            queue.extend(c.outputs)
+            pairwise = scored or (c.op in ("MatMul", "Einsum") and not any(is_const(i) for i in c.inputs))
+            queue.extend((o, pairwise) for o in c.outputs)
     return seen, softmax, projection
 
 

@@ -1,4 +1,4 @@
-"""The family corpus: 26 checkpoints of 25 architectures built here as tiny random-init checkpoints (2 layers,
+"""The family corpus: 27 checkpoints of 26 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
 export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch; decoders
 also decode greedily with past in ONNX Runtime and match PyTorch and HF ``generate``.
@@ -48,6 +48,8 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     # falcon-rw style: ALiBi (its bfloat16 product needs the Falcon override), sequential block
     "falcon_alibi": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                          alibi=True, parallel_attn=False, multi_query=False), TGP, TWO),
+    # mixture of experts: the router and every expert read the norm (exported as batched_mm)
+    "mixtral": ("mixtral", "MixtralForCausalLM", dict(TINY_DEC, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), TGP, TWO),
     "opt": ("opt", "OPTForCausalLM", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                           max_position_embeddings=128, word_embed_proj_dim=64), TGP, TWO),
     "bloom": ("bloom", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), TGP, TWO),
@@ -75,8 +77,10 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
 # The structural fallback (metadata stripped) numbers blocks by norm outputs in graph order; it
 # cannot see ALBERT's first block (it reads a projection of the embedding norm, not a norm) or
-# DeBERTa's relative-position norm feeding the attention projections. Metadata finds both.
-STRUCTURE_DIFFERS = {"albert", "deberta-v2"}
+# DeBERTa's relative-position norm feeding the attention projections, nor Mixtral's experts
+# (batched_mm multiplies by expert weights gathered per token, not by a constant weight, so only
+# the router reads like a projection). Metadata finds all three.
+STRUCTURE_DIFFERS = {"albert", "deberta-v2", "mixtral"}
 
 
 def _perturb_norms(model) -> None:
