@@ -254,7 +254,7 @@ def load_onnx_graph(path: str | os.PathLike) -> Any:
     them from there, see graph_beside). External tensors of at most SMALL_TENSOR_BYTES are read
     in (they become inline). A missing weight file is one clear error."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     p = Path(path)
     model = load_onnx(p, external_data=False)
@@ -262,13 +262,31 @@ def load_onnx_graph(path: str | os.PathLike) -> Any:
         if not uses_external_data(t):
             continue
         info = ExternalDataInfo(t)
-        if not (p.parent / info.location).is_file():
-            raise GpclError(f"{p.parent / info.location}: the model's external weight file is missing")
-        if info.length is not None and info.length <= SMALL_TENSOR_BYTES:
-            load_external_data_for_tensor(t, str(p.parent))
+        file = _external_file(p.parent, info.location, t.name)
+        offset = int(info.offset or 0)
+        length = file.stat().st_size - offset if info.length is None else int(info.length)
+        if length <= SMALL_TENSOR_BYTES:
+            # Read here rather than with onnx's helper, which refuses a hard-linked data file
+            # (and the exporter and the passes hard-link weights instead of copying them).
+            with open(file, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(length)
+            if len(t.raw_data) != length:
+                raise GpclError(f"{file}: truncated external data for tensor {t.name!r}")
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
     return model
+
+
+def _external_file(base: Path, location: str, tensor: str) -> Path:
+    """An external data file, which must lie inside the model's directory."""
+    loc = Path(location)
+    if loc.is_absolute() or ".." in loc.parts:
+        raise GpclError(f"tensor {tensor!r} points outside the model's directory ({location})")
+    file = base / loc
+    if not file.is_file():
+        raise GpclError(f"{file}: the model's external weight file is missing")
+    return file
 
 
 def external_locations(model: Any) -> list[str]:

@@ -28,15 +28,34 @@ def drop_gpcl_opset(model: onnx.ModelProto) -> None:
 ORT_CHECK_MAX_WEIGHT_BYTES = 512 * 2**20
 
 
-def check_model(data: bytes | str, what: str, ort_check: bool = True) -> None:
-    """The result (serialized bytes, or a path for a model with external data) must pass the full
-    ONNX checker (strict shape inference) and load in ONNX Runtime."""
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose external weights are typed graph inputs instead: what the ONNX
+    checker needs to check the graph (types, shapes, functions) without opening the weight files,
+    which it refuses when they are hard links (and the exporter and the passes link weights)."""
+    from onnx.external_data_helper import uses_external_data
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep, moved = [], []
+    for t in out.graph.initializer:
+        (moved if uses_external_data(t) else keep).append(t)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    return out
+
+
+def check_model(data: bytes | str | onnx.ModelProto, what: str, ort_path: str | None = None) -> None:
+    """The result must pass the full ONNX checker (strict shape inference) and load in ONNX
+    Runtime (``data`` itself, or ``ort_path`` for a model whose weights are external; None there
+    skips the session)."""
     import onnxruntime as ort
 
     try:
         onnx.checker.check_model(data, full_check=True)
-        if ort_check:
-            ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session_of = data if not isinstance(data, onnx.ModelProto) else ort_path
+        if session_of is not None:
+            ort.InferenceSession(session_of, providers=["CPUExecutionProvider"])
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
@@ -107,8 +126,8 @@ def save_model(
         src_dir = like.path.parent
         weight_bytes = sum((src_dir / loc).stat().st_size for loc in locations if (src_dir / loc).is_file())
         ort_check = weight_bytes <= ORT_CHECK_MAX_WEIGHT_BYTES
-        with graph_beside(model, src_dir, out.name) as beside:  # checked where its weights are
-            check_model(str(beside), stage, ort_check)
+        with graph_beside(model, src_dir, out.name) as beside:  # ORT reads the weights where they are
+            check_model(weights_as_inputs(model), stage, str(beside) if ort_check else None)
         check_can_write(out, force)
         results = {**results, "external_data": share_external_data(locations, src_dir, out.parent, force),
                    "ort_check": ort_check}
