@@ -17,7 +17,7 @@ import numpy as np
 
 from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.runners import make_side, with_outputs
-from gpcl_trt.common import GpclError, sha256_file
+from gpcl_trt.common import GpclError, inline_external, sha256_file
 from gpcl_trt.feeds import make_feeds, ort_session, specs_from_onnx, vocab_size
 from gpcl_trt.gpcl import quaternion_radii
 
@@ -222,9 +222,7 @@ def study(
         base = side.onnx_model
         # The study runs many variants of one model in memory (made for small models): read the
         # weights in once.
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(base, str(onnx.parent))
+        inline_external(base, onnx.parent)
         out_names = [o.name for o in base.graph.output]
         feeds = side.generate(samples, 1, seq, seed)
         ref_outs = _run(base, feeds, None)
@@ -239,11 +237,9 @@ def study(
         src_sha = sha256_file(onnx)
 
         def make_variant(mode: str, tau_value) -> Any:
-            from onnx.external_data_helper import load_external_data_for_model
-
             graph, _rep = insert_gpcl(lm.graph, sites=sites, mode=mode, tau=tau_value, scopes=lm.scopes)
             variant = attach_gpcl_functions(to_proto(graph, lm))
-            load_external_data_for_model(variant, str(onnx.parent))  # the study runs each variant in memory
+            inline_external(variant, onnx.parent)  # the study runs each variant in memory
             return variant
 
         plan = []  # (mode, tau kind, percentile or tau, tau value for insert_gpcl)

@@ -267,7 +267,7 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
         with graph_beside(rewritten, path.parent, path.name) as beside:
             yield beside
         return
-    full = onnx.load(str(path))  # lowering converts the weights: a self-contained rewritten copy
+    full = load_onnx(path)  # lowering converts the weights: a self-contained rewritten copy
     for change in changes:
         full = change(full)
     with tempfile.TemporaryDirectory(prefix="gpcl-build-") as tmp:

@@ -212,18 +212,22 @@ def to_json(obj: Any, indent: int | None = None) -> str:
 # ----------------------------------------------------------------------------- ONNX files
 def load_onnx(path: str | os.PathLike, external_data: bool = True) -> Any:
     """onnx.load, with one clear GpclError when the file is missing or not a readable ONNX model
-    (protobuf raises several unrelated exception types on garbage; a missing .data file is
-    onnx's own error). Every stage that reads a user's ONNX file goes through here."""
+    (protobuf raises several unrelated exception types on garbage) or its external data is
+    missing or truncated. Every stage that reads a user's ONNX file goes through here (or
+    load_onnx_graph, which leaves the weights on disk)."""
     import onnx
 
     p = Path(path)
     if not p.is_file():
         raise GpclError(f"{p}: no such ONNX file")
     try:
-        return onnx.load(str(p), load_external_data=external_data)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {detail})") from None
+    if external_data:
+        inline_external(model, p.parent)
+    return model
 
 
 # ----------------------------------------------------------------------------- package API
@@ -253,29 +257,35 @@ def load_onnx_graph(path: str | os.PathLike) -> Any:
     """An ONNX model without its external weights: they stay on disk, referenced (a runtime reads
     them from there, see graph_beside). External tensors of at most SMALL_TENSOR_BYTES are read
     in (they become inline). A missing weight file is one clear error."""
+    p = Path(path)
+    model = load_onnx(p, external_data=False)
+    inline_external(model, p.parent, SMALL_TENSOR_BYTES)
+    return model
+
+
+def inline_external(model: Any, base_dir: str | os.PathLike, max_bytes: int | None = None) -> None:
+    """Read the external tensors of ``model`` (those of at most ``max_bytes``, or all) into it,
+    with our own reader: onnx's refuses a hard-linked data file, and the exporter and the
+    passes hard-link weights instead of copying them."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    p = Path(path)
-    model = load_onnx(p, external_data=False)
     for t in model.graph.initializer:
         if not uses_external_data(t):
             continue
         info = ExternalDataInfo(t)
-        file = _external_file(p.parent, info.location, t.name)
+        file = _external_file(Path(base_dir), info.location, t.name)
         offset = int(info.offset or 0)
         length = file.stat().st_size - offset if info.length is None else int(info.length)
-        if length <= SMALL_TENSOR_BYTES:
-            # Read here rather than with onnx's helper, which refuses a hard-linked data file
-            # (and the exporter and the passes hard-link weights instead of copying them).
-            with open(file, "rb") as f:
-                f.seek(offset)
-                t.raw_data = f.read(length)
-            if len(t.raw_data) != length:
-                raise GpclError(f"{file}: truncated external data for tensor {t.name!r}")
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
-    return model
+        if max_bytes is not None and length > max_bytes:
+            continue
+        with open(file, "rb") as f:
+            f.seek(offset)
+            t.raw_data = f.read(length)
+        if len(t.raw_data) != length:
+            raise GpclError(f"{file}: truncated external data for tensor {t.name!r}")
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
 
 
 def _external_file(base: Path, location: str, tensor: str) -> Path:
