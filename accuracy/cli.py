@@ -10,6 +10,7 @@ import sys
 import click
 
 from gpcl_trt.cli import result_command
+from gpcl_trt.gpcl import MODES
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -63,7 +64,7 @@ def register(main: click.Group) -> None:
     @result_command(main, "study", short_help="Measure the effect of GPCL (modes x tau) on a model: the GPCL effect report.")
     @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
     @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Report directory to create.")
-    @click.option("--modes", default="clamp,soft,hopf", show_default=True, help="Comma-separated GPCL modes.")
+    @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated GPCL modes.")
     @click.option("--taus", default=None, help="Comma-separated fixed tau values (default: 1e9,8,4,2,1).")
     @click.option("--percentiles", default=None, help="Comma-separated calibration percentiles (default: 99.99,99,90).")
     @click.option("--sites", default="pre-attention,pre-mlp", show_default=True, help="Comma-separated GPCL sites.")

@@ -18,13 +18,13 @@ import json
 import math
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from gpcl_trt.common import GpclError
+from gpcl_trt.gpcl import LAYER_STACK_RE
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -239,15 +239,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- config vs checkpoint
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
 def checkpoint_layers(names: Iterable[str]) -> int | None:
     """Number of transformer blocks the tensor names cover (max index + 1), or None when the names
     follow no known block naming."""
     best = -1
     for n in names:
-        m = _LAYER_RE.search(n)
+        m = LAYER_STACK_RE.search(n)
         if m:
             best = max(best, int(m.group(1)))
     return best + 1 if best >= 0 else None
@@ -262,7 +259,7 @@ def check_config_layers(hf_config: Any, ckpt: Checkpoint, config_path: Path) -> 
     if not isinstance(want, int) or have is None or want == have:
         return
     if want > have:
-        example = next((n for n in sorted(ckpt.tensors) if _LAYER_RE.search(n) and int(_LAYER_RE.search(n).group(1)) == have - 1), None)
+        example = next((n for n in sorted(ckpt.tensors) if LAYER_STACK_RE.search(n) and int(LAYER_STACK_RE.search(n).group(1)) == have - 1), None)
         raise GpclError(
             f"weights do not match config.json: {config_path} says num_hidden_layers={want}, the checkpoint "
             f"{ckpt.files[0].parent} has tensors for {have} (last: {example}); no tensor for layer {have}"

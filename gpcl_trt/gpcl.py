@@ -29,6 +29,9 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # A block in a scope or tensor name: "<container>.<N>.<submodule>" (model.layers.3.mlp,
 # transformer.h.0.attn) or "/encoder/layer.2/attention/..." in node and tensor names.
 BLOCK_RE = re.compile(r"(?:^|[./])(\d+)[./]([A-Za-z_]\w*)")
+# A block in a checkpoint's tensor names: only the containers transformers uses for the layer
+# stack ("model.layers.3.mlp.up_proj.weight"), so that experts.7 or heads.2 never count as layers.
+LAYER_STACK_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _NODE_RE = re.compile(r"^gpcl/layer(\d+)/([\w-]+)$")
 
 

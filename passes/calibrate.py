@@ -192,9 +192,10 @@ def calibrate_file(
     calib.json (tau per site or per group, statistics, source_sha256) + its manifest."""
     import onnx
 
+    from gpcl_trt.gpcl import KINDS
     from gpcl_trt.passes.graph import load_graph
     from gpcl_trt.passes.insert import select_sites
-    from gpcl_trt.passes.sites import KINDS, find_sites_loaded
+    from gpcl_trt.passes.sites import find_sites_loaded
 
     _check_options(samples, percentile, margin)
     check_can_write(output, force)

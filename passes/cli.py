@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from gpcl_trt.cli import result_command
+from gpcl_trt.gpcl import MODES
 
 _ONNX = click.Path(dir_okay=False)
 
@@ -44,9 +45,10 @@ def register(main: click.Group) -> None:
     @click.argument("model", type=_ONNX)
     @click.option("-o", "--output", required=True, type=_ONNX, help="Where to write the GPCL model (.onnx).")
     @click.option("--sites", "kinds", default="pre-attention,pre-mlp", show_default=True,
-                  help="Comma list of site kinds: pre-attention, pre-mlp.")
+                  help="Comma list of site kinds: pre-attention, pre-mlp, shared (one norm feeding both, as in "
+                  "GPT-J or Falcon; chosen by shared or by naming both others).")
     @click.option("--layers", default=None, help="Layer indices and ranges, e.g. 0,2,5-7 (default: all layers).")
-    @click.option("--mode", type=click.Choice(["clamp", "soft", "hopf"]), default="clamp", show_default=True,
+    @click.option("--mode", type=click.Choice(MODES), default="clamp", show_default=True,
                   help="GPCL mode; soft and hopf change the function everywhere (for models trained with GPCL).")
     @click.option("--tau", type=float, default=None, help="One radius bound for every site (exclusive with --calibration).")
     @click.option("--calibration", type=click.Path(dir_okay=False), default=None,

@@ -13,8 +13,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from gpcl_trt.common import GpclError, check_can_write, sha256_file
+from gpcl_trt.gpcl import KINDS, PRE_ATTENTION, PRE_MLP, SHARED
 from gpcl_trt.passes.graph import LoadedModel, load_graph
-from gpcl_trt.passes.sites import KINDS, PRE_ATTENTION, PRE_MLP, SHARED, Site, find_sites
+from gpcl_trt.passes.sites import Site, find_sites
 from gpcl_trt.plugins.reference import DEFAULT_EPS, MODES
 
 TauValue = float | Sequence[float] | np.ndarray

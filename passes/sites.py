@@ -25,7 +25,6 @@ a site.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from gpcl_trt.gpcl import BLOCK_RE, KINDS, PRE_ATTENTION, PRE_MLP, SHARED, node_name, output_name
 from gpcl_trt.passes.graph import (
     NORM_OPS,
     LoadedModel,
@@ -43,9 +43,6 @@ from gpcl_trt.passes.graph import (
     producer,
     see_through,
 )
-
-PRE_ATTENTION, PRE_MLP, SHARED = "pre-attention", "pre-mlp", "shared"
-KINDS = (PRE_ATTENTION, PRE_MLP, SHARED)
 
 # The one piece of architecture knowledge: which block submodule names are attention and which
 # are MLP, across the families we export (Llama/Mistral/Qwen, BERT, GPT-2, and common others).
@@ -61,7 +58,6 @@ SUBMODULE_KIND = {
     "ffn": PRE_MLP,
     "block_sparse_moe": PRE_MLP,
 }
-_LAYER_RE = re.compile(r"(?:^|\.)(\d+)\.([A-Za-z_]\w*)")
 _BFS_LIMIT = 200  # nodes; an attention block's Softmax is ~10-30 nodes past Q/K
 
 
@@ -83,11 +79,11 @@ class Site:
 
     @property
     def node_name(self) -> str:
-        return f"gpcl/{self.key}"
+        return node_name(self.layer, self.kind)
 
     @property
     def output_name(self) -> str:
-        return f"{self.tensor}/gpcl"
+        return output_name(self.tensor)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -276,7 +272,7 @@ def _scope_site(scope_list: list[str]) -> tuple[int, str | None, str] | None:
     kind is None for a projection directly in a numbered block under a name we do not know."""
     unknown = None
     for s in reversed(scope_list):
-        for m in reversed(list(_LAYER_RE.finditer(s))):
+        for m in reversed(list(BLOCK_RE.finditer(s))):
             kind = SUBMODULE_KIND.get(m.group(2))
             if kind:
                 return int(m.group(1)), kind, s[: m.end()]
