@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gpcl_trt.feeds import max_abs_diff, ort_options
+
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 # (batch, sequence) pairs, both different from the trace shape; batch 1 catches a size-1
@@ -30,29 +32,6 @@ def torch_runner(module: Any) -> Runner:
     return run
 
 
-def ort_options(bounded: bool = False) -> Any:
-    """Session options. ``bounded``: no anonymous copies of the weights; ONNX Runtime reads
-    external initializers from their file mapping as they are (graph optimizations off, so no
-    constant folding writes transposed or cast copies; no MLAS pre-packing; no arena, so the
-    per-node temporaries of a Transpose/Cast over a weight are freed after each node; nodes in
-    priority order). Measured on a 4.4 GB Llama (fp32, external data hard-linked from the
-    checkpoint): a default session holds 4.3 GB RssAnon; bounded, 0.04 GB after the session and
-    0.33 GB peak during a run."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if bounded:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        opts.enable_cpu_mem_arena = False
-        # The default order runs the Transpose of every weight (inputs: initializers only) before
-        # the first block: 2.78 GB RssAnon peak on a 4.4 GB Llama; priority-based runs each next
-        # to its MatMul: 0.33 GB.
-        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    return opts
-
-
 def ort_runner(onnx_path: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",), bounded: bool = False) -> Runner:
     import onnxruntime as ort
 
@@ -63,17 +42,6 @@ def ort_runner(onnx_path: str | os.PathLike, providers: tuple[str, ...] = ("CPUE
         return dict(zip(names, sess.run(names, feeds)))
 
     return run
-
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """Max |a - b| in float64; inf when shapes differ or only one side is non-finite."""
-    if a.shape != b.shape:
-        return float("inf")
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
-        return float("inf")
-    fin = np.isfinite(a64)
-    return float(np.max(np.abs(a64[fin] - b64[fin]), initial=0.0))
 
 
 def _compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:

@@ -194,13 +194,12 @@ def vocab_size(model: Any, ids_name: str = INPUT_IDS) -> int | None:
     return None
 
 
-def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, threads: int | None = None,
-                prepacking: bool = True, profile: bool = False) -> Any:
-    """A CPU ONNX Runtime session of a path, serialized bytes or a ModelProto. A ModelProto
-    whose weights are external (loaded graph-only) reads them from ``base_dir``, where it came
-    from; one too big for a protobuf goes through a temporary file. ``prepacking=False`` keeps
-    ORT from making pre-packed copies of the MatMul weights. A model ORT cannot load is bad
-    input: one clear line."""
+def ort_options(bounded: bool = False, threads: int | None = None, profile: bool = False) -> Any:
+    """ONNX Runtime session options. ``bounded``: no anonymous copies of the weights; ORT reads
+    external initializers from their file mapping as they are (graph optimizations off, so no
+    constant folding writes transposed or cast copies; no MLAS pre-packing; no arena, so the
+    per-node temporaries of a Transpose/Cast over a weight are freed after each node). Measured
+    on a 0.98 GB Llama: 1.19 GB RssAnon after a default session, 0.05 GB bounded."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -208,9 +207,23 @@ def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, thread
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if not prepacking:
+    if bounded:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False
     opts.enable_profiling = profile
+    return opts
+
+
+def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, threads: int | None = None,
+                bounded: bool = False, profile: bool = False) -> Any:
+    """A CPU ONNX Runtime session of a path, serialized bytes or a ModelProto. A ModelProto
+    whose weights are external (loaded graph-only) reads them from ``base_dir``, where it came
+    from; one too big for a protobuf goes through a temporary file. ``bounded``: see ort_options.
+    A model ORT cannot load is bad input: one clear line."""
+    import onnxruntime as ort
+
+    opts = ort_options(bounded, threads, profile)
     try:
         if hasattr(model, "SerializeToString"):
             from gpcl_trt.common import external_locations, graph_beside
