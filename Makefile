@@ -9,7 +9,7 @@ EXTRAS := rtx,triton,demo,test
 
 help:
 	@echo "make demo   - set up if needed, then run the whole pipeline on the embedded MiniLM"
-	@echo "make test   - set up if needed, then run the tests"
+	@echo "make test   - set up if needed, then ruff (lint + format check) and the tests"
 	@echo "make kernel - build the GPCL CUDA kernel library (and the TensorRT plugin if TENSORRT_ROOT is set)"
 
 setup: $(STAMP)
@@ -24,6 +24,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra tests
 
 demo: $(STAMP)

@@ -11,7 +11,10 @@ if TYPE_CHECKING:
     from gpcl_trt.accuracy.comparison import diff as diff
     from gpcl_trt.accuracy.effect_study import study as study
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "diff": "comparison",
-    "study": "effect_study",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "diff": "comparison",
+        "study": "effect_study",
+    },
+)

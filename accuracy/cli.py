@@ -24,23 +24,81 @@ def _floats(text: str | None) -> list[float] | None:
 
 def register(main: click.Group) -> None:
     @result_command(main, "diff", short_help="Compare a candidate (ONNX / engine / PyTorch) against a reference.")
-    @click.option("--reference", "reference", type=click.Path(exists=True), help="Reference: Hugging Face model dir (PyTorch), .onnx (ONNX Runtime) or .engine (TensorRT).")
-    @click.option("--candidate", "candidate", type=click.Path(exists=True), help="Candidate: model dir, .onnx or .engine.")
-    @click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), help="Inputs from .npz or a polygraphy data-loader JSON instead of generated ones.")
+    @click.option(
+        "--reference",
+        "reference",
+        type=click.Path(exists=True),
+        help="Reference: Hugging Face model dir (PyTorch), .onnx (ONNX Runtime) or .engine (TensorRT).",
+    )
+    @click.option(
+        "--candidate", "candidate", type=click.Path(exists=True), help="Candidate: model dir, .onnx or .engine."
+    )
+    @click.option(
+        "--inputs",
+        "inputs",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Inputs from .npz or a polygraphy data-loader JSON instead of generated ones.",
+    )
     @click.option("--samples", default=4, show_default=True, help="Number of generated input samples.")
     @click.option("--seq", default=32, show_default=True, help="Sequence length of generated inputs.")
     @click.option("--batch", default=1, show_default=True, help="Batch size of generated inputs.")
     @click.option("--seed", default=0, show_default=True, help="Seed of the input generator.")
-    @click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance (an element fails only if it exceeds both tolerances).")
+    @click.option(
+        "--atol",
+        default=1e-4,
+        show_default=True,
+        help="Absolute tolerance (an element fails only if it exceeds both tolerances).",
+    )
     @click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance.")
-    @click.option("--save-golden", "save_golden", type=click.Path(dir_okay=False), help="Record the reference outputs (polygraphy RunResults JSON) and their inputs (FILE stem + .inputs.json).")
-    @click.option("--golden", "golden", type=click.Path(exists=True, dir_okay=False), help="Compare against recorded golden outputs instead of running --reference.")
-    @click.option("--per-layer", is_flag=True, help="Also compare the intermediate tensors both ONNX graphs share and name the first layer out of tolerance.")
-    @click.option("--report", "report", type=click.Path(file_okay=False), help="Write report.md, report.json and plots to this directory.")
-    @click.option("--task", default="auto", show_default=True, help="Task for a PyTorch model dir (feature-extraction, text-generation, auto).")
+    @click.option(
+        "--save-golden",
+        "save_golden",
+        type=click.Path(dir_okay=False),
+        help="Record the reference outputs (polygraphy RunResults JSON) and their inputs (FILE stem + .inputs.json).",
+    )
+    @click.option(
+        "--golden",
+        "golden",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Compare against recorded golden outputs instead of running --reference.",
+    )
+    @click.option(
+        "--per-layer",
+        is_flag=True,
+        help="Also compare the intermediate tensors both ONNX graphs share and name the first layer out of tolerance.",
+    )
+    @click.option(
+        "--report",
+        "report",
+        type=click.Path(file_okay=False),
+        help="Write report.md, report.json and plots to this directory.",
+    )
+    @click.option(
+        "--task",
+        default="auto",
+        show_default=True,
+        help="Task for a PyTorch model dir (feature-extraction, text-generation, auto).",
+    )
     @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice).")
     @click.option("--force", is_flag=True, help="Overwrite an existing golden file or report directory.")
-    def diff_cmd(reference, candidate, inputs, samples, seq, batch, seed, atol, rtol, save_golden, golden, per_layer, report, task, threads, force):
+    def diff_cmd(
+        reference,
+        candidate,
+        inputs,
+        samples,
+        seq,
+        batch,
+        seed,
+        atol,
+        rtol,
+        save_golden,
+        golden,
+        per_layer,
+        report,
+        task,
+        threads,
+        force,
+    ):
         """Run REF and CAND on the same inputs and compare every output: max/mean abs error, max
         rel error, cosine, and for logits top-1/top-5 agreement and KL divergence. Exit 1 when an
         output is out of tolerance, 2 on bad input (e.g. the two sides take different inputs).
@@ -55,15 +113,34 @@ def register(main: click.Group) -> None:
         from gpcl_trt.accuracy.comparison import diff
 
         with contextlib.redirect_stdout(sys.stderr):
-            result = diff(reference=reference, candidate=candidate, inputs=inputs, samples=samples, seq=seq,
-                          batch=batch, seed=seed, atol=atol, rtol=rtol, save_golden_path=save_golden, golden=golden,
-                          per_layer=per_layer, report=report, task=task, threads=threads, force=force)
+            result = diff(
+                reference=reference,
+                candidate=candidate,
+                inputs=inputs,
+                samples=samples,
+                seq=seq,
+                batch=batch,
+                seed=seed,
+                atol=atol,
+                rtol=rtol,
+                save_golden_path=save_golden,
+                golden=golden,
+                per_layer=per_layer,
+                report=report,
+                task=task,
+                threads=threads,
+                force=force,
+            )
         _print_diff(result)
         return result
 
-    @result_command(main, "study", short_help="Measure the effect of GPCL (modes x tau) on a model: the GPCL effect report.")
+    @result_command(
+        main, "study", short_help="Measure the effect of GPCL (modes x tau) on a model: the GPCL effect report."
+    )
     @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-    @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Report directory to create.")
+    @click.option(
+        "-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Report directory to create."
+    )
     @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated GPCL modes.")
     @click.option("--taus", default=None, help="Comma-separated fixed tau values (default: 1e9,8,4,2,1).")
     @click.option("--percentiles", default=None, help="Comma-separated calibration percentiles (default: 99.99,99,90).")
@@ -71,13 +148,40 @@ def register(main: click.Group) -> None:
     @click.option("--samples", default=8, show_default=True, help="Evaluation samples.")
     @click.option("--calib-samples", default=16, show_default=True, help="Calibration samples.")
     @click.option("--seq", default=32, show_default=True, help="Sequence length for the accuracy sweep.")
-    @click.option("--latency-seqs", default=None, help="Comma-separated sequence lengths for the latency sweep (default: 16,64,256).")
+    @click.option(
+        "--latency-seqs",
+        default=None,
+        help="Comma-separated sequence lengths for the latency sweep (default: 16,64,256).",
+    )
     @click.option("--latency-reps", default=20, show_default=True, help="Timed runs per point of the latency sweep.")
-    @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads for the latency sweep.")
-    @click.option("--onnx", "onnx", type=click.Path(exists=True, dir_okay=False), help="Reuse this export of MODEL_DIR (gpcl-trt export) instead of exporting again.")
+    @click.option(
+        "--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads for the latency sweep."
+    )
+    @click.option(
+        "--onnx",
+        "onnx",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Reuse this export of MODEL_DIR (gpcl-trt export) instead of exporting again.",
+    )
     @click.option("--seed", default=1234, show_default=True, help="Seed of the evaluation inputs.")
     @click.option("--force", is_flag=True, help="Overwrite an existing report directory.")
-    def study_cmd(model_dir, output, modes, taus, percentiles, sites, samples, calib_samples, seq, latency_seqs, latency_reps, threads, onnx, seed, force):
+    def study_cmd(
+        model_dir,
+        output,
+        modes,
+        taus,
+        percentiles,
+        sites,
+        samples,
+        calib_samples,
+        seq,
+        latency_seqs,
+        latency_reps,
+        threads,
+        onnx,
+        seed,
+        force,
+    ):
         """Measure the GPCL claims on MODEL_DIR instead of repeating them: for each mode and tau
         (calibrated percentiles and fixed values) the accuracy against the original model, the
         fraction of groups changed, the max radius after GPCL, and the ONNX Runtime CPU latency
@@ -93,10 +197,23 @@ def register(main: click.Group) -> None:
             return [int(v) for v in _floats(text)] if text else None
 
         with contextlib.redirect_stdout(sys.stderr):
-            result = study(model_dir, output, modes=tuple(m for m in modes.split(",") if m), taus=_floats(taus),
-                           percentiles=_floats(percentiles), sites=tuple(s for s in sites.split(",") if s),
-                           samples=samples, calib_samples=calib_samples, seq=seq, latency_seqs=ints(latency_seqs),
-                           latency_reps=latency_reps, threads=threads, onnx=onnx, seed=seed, force=force)
+            result = study(
+                model_dir,
+                output,
+                modes=tuple(m for m in modes.split(",") if m),
+                taus=_floats(taus),
+                percentiles=_floats(percentiles),
+                sites=tuple(s for s in sites.split(",") if s),
+                samples=samples,
+                calib_samples=calib_samples,
+                seq=seq,
+                latency_seqs=ints(latency_seqs),
+                latency_reps=latency_reps,
+                threads=threads,
+                onnx=onnx,
+                seed=seed,
+                force=force,
+            )
         click.echo(result.get("summary", ""), err=True)
         return result
 
@@ -108,5 +225,9 @@ def _print_diff(result: dict) -> None:
         if m.get("missing"):
             click.echo(f"  {status} {name}: missing in the candidate", err=True)
             continue
-        click.echo(f"  {status} {name}: max abs {m['max_abs']:.3g} mean abs {m['mean_abs']:.3g} max rel {m['max_rel']:.3g} cosine {m['cosine']:.6f}{extra}", err=True)
+        click.echo(
+            f"  {status} {name}: max abs {m['max_abs']:.3g} mean abs {m['mean_abs']:.3g} max rel {m['max_rel']:.3g} "
+            f"cosine {m['cosine']:.6f}{extra}",
+            err=True,
+        )
     click.echo(result.get("summary", ""), err=True)

@@ -56,7 +56,9 @@ def golden_inputs_path(golden: str | Path) -> Path:
     return p.with_name(p.stem + ".inputs.json")
 
 
-def save_golden(path: Path, outputs: list[dict[str, np.ndarray]], feeds: list, reference: str, options: dict, force: bool) -> dict:
+def save_golden(
+    path: Path, outputs: list[dict[str, np.ndarray]], feeds: list, reference: str, options: dict, force: bool
+) -> dict:
     from polygraphy.comparator import RunResults
 
     results = RunResults()
@@ -67,8 +69,14 @@ def save_golden(path: Path, outputs: list[dict[str, np.ndarray]], feeds: list, r
         results.save(str(tmp))
         inp.save_inputs_json(feeds, tmp_in)
     digest = inp.feeds_digest(feeds)
-    write_manifest(path, "golden", {"reference": str(reference), "inputs_file": inputs_path.name, "inputs_sha256": digest},
-                   options, {"outputs": list(outputs[0]), "samples": len(outputs)}, packages=("polygraphy", "torch", "onnxruntime"))
+    write_manifest(
+        path,
+        "golden",
+        {"reference": str(reference), "inputs_file": inputs_path.name, "inputs_sha256": digest},
+        options,
+        {"outputs": list(outputs[0]), "samples": len(outputs)},
+        packages=("polygraphy", "torch", "onnxruntime"),
+    )
     return {"golden": str(path), "golden_inputs": str(inputs_path), "inputs_sha256": digest}
 
 
@@ -81,9 +89,10 @@ def load_golden(path: str | Path) -> list[dict[str, np.ndarray]]:
     try:
         with quiet_polygraphy():
             results = RunResults.load(str(p))
-        (_name, iters), = list(results.items())
+        ((_name, iters),) = list(results.items())
     except Exception as exc:
-        raise GpclError(f"{p} is not a golden RunResults JSON with one runner: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GpclError(f"{p} is not a golden RunResults JSON with one runner: {detail}") from None
     return [OrderedDict(it.items()) for it in iters]
 
 
@@ -94,8 +103,11 @@ def shared_intermediates(ref_model, cand_model) -> list[str]:
     from onnx import TensorProto
 
     def produced(model) -> dict[str, Any]:
-        floats = {vi.name for vi in model.graph.value_info
-                  if vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+        floats = {
+            vi.name
+            for vi in model.graph.value_info
+            if vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+        }
         return {o: n for n in model.graph.node if n.op_type != "Constant" for o in n.output if o in floats}
 
     outs = {o.name for o in ref_model.graph.output} | {o.name for o in cand_model.graph.output}
@@ -119,7 +131,9 @@ def per_layer_summary(per_tensor: "OrderedDict[str, dict]", layers: "OrderedDict
     first = None
     for name, m in per_tensor.items():
         layer = layers[name]
-        g = groups.setdefault(layer, {"layer": layer, "tensors": 0, "failing": 0, "max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
+        g = groups.setdefault(
+            layer, {"layer": layer, "tensors": 0, "failing": 0, "max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0}
+        )
         g["tensors"] += 1
         g["failing"] += 0 if m["passed"] else 1
         g["max_abs"] = max(g["max_abs"], m["max_abs"])
@@ -131,11 +145,17 @@ def per_layer_summary(per_tensor: "OrderedDict[str, dict]", layers: "OrderedDict
 
 
 # ----------------------------------------------------------------------------- compare
-def tensor_metrics(ref_iters: list, cand_iters: list, names: list[str], atol: float, rtol: float) -> "OrderedDict[str, dict]":
+def tensor_metrics(
+    ref_iters: list, cand_iters: list, names: list[str], atol: float, rtol: float
+) -> "OrderedDict[str, dict]":
     """Metrics per name, aggregated over samples; ``passed`` is the elementwise tolerance rule."""
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name in names:
-        per = [mt.output_metrics(name, r[name], c[name], atol, rtol) for r, c in zip(ref_iters, cand_iters) if name in r and name in c]
+        per = [
+            mt.output_metrics(name, r[name], c[name], atol, rtol)
+            for r, c in zip(ref_iters, cand_iters)
+            if name in r and name in c
+        ]
         if len(per) != len(ref_iters):
             out[name] = {"passed": False, "missing": True}
             continue
@@ -145,7 +165,9 @@ def tensor_metrics(ref_iters: list, cand_iters: list, names: list[str], atol: fl
     return out
 
 
-def compare_outputs(ref_iters: list, cand_iters: list, names: list[str], atol: float, rtol: float) -> "OrderedDict[str, dict]":
+def compare_outputs(
+    ref_iters: list, cand_iters: list, names: list[str], atol: float, rtol: float
+) -> "OrderedDict[str, dict]":
     """``tensor_metrics`` for the model outputs, judged by polygraphy's Comparator (elementwise
     SimpleCompareFunc): an output passes only if polygraphy and our metrics both say so."""
     from polygraphy.comparator import Comparator, IterationResult, RunResults
@@ -212,7 +234,9 @@ def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, t
             continue
         sites = mt.gpcl_sites(models[role]) if want_sites and role in models else []
         extra = shared + _site_outputs(sites)
-        sides[role] = make_side(path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role))
+        sides[role] = make_side(
+            path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role)
+        )
     return sides.get("reference"), sides.get("candidate"), shared
 
 
@@ -222,7 +246,9 @@ def _feeds(ref_side, cand_side, golden, inputs, samples: int, batch: int, seq: i
     if golden is not None:
         source = str(inputs) if inputs is not None else str(golden_inputs_path(golden))
         if inputs is None and not golden_inputs_path(golden).exists():
-            raise GpclError(f"golden {golden} has no recorded inputs ({golden_inputs_path(golden).name}); pass --inputs")
+            raise GpclError(
+                f"golden {golden} has no recorded inputs ({golden_inputs_path(golden).name}); pass --inputs"
+            )
         feeds, spec_side = inp.load_inputs(source), cand_side
     else:
         if ref_side is not None and cand_side is not None:
@@ -299,8 +325,16 @@ def diff(
     ref_outputs = (_real_outputs(ref_side) if ref_side else None) or list(ref_iters[0])
     if save_golden_path is not None:
         opts = {"samples": len(feeds), "seq": seq, "batch": batch, "seed": seed, "inputs": source}
-        result.update(save_golden(Path(save_golden_path), [{n: it[n] for n in ref_outputs} for it in ref_iters],
-                                  feeds, str(reference), opts, force))
+        result.update(
+            save_golden(
+                Path(save_golden_path),
+                [{n: it[n] for n in ref_outputs} for it in ref_iters],
+                feeds,
+                str(reference),
+                opts,
+                force,
+            )
+        )
     if cand_side is None:
         result["ok"] = True
         result["summary"] = f"recorded golden outputs of {reference} on {len(feeds)} samples"
@@ -342,7 +376,11 @@ def _real_outputs(side: Side) -> list[str]:
 def _summary(result: dict) -> str:
     worst = max((o.get("max_abs", float("inf")) for o in result["outputs"].values()), default=0.0)
     verdict = "PASS" if result["ok"] else "FAIL"
-    line = f"{verdict}: {result['candidate']} vs {result['reference']}: max abs error {worst:.3g} (atol {result['tolerances']['atol']:g}, rtol {result['tolerances']['rtol']:g})"
+    tol = result["tolerances"]
+    line = (
+        f"{verdict}: {result['candidate']} vs {result['reference']}: max abs error {worst:.3g} "
+        f"(atol {tol['atol']:g}, rtol {tol['rtol']:g})"
+    )
     first = result.get("per_layer", {}).get("first_divergence")
     if first:
         line += f"; first divergence at layer {first['layer']} ({first['tensor']})"

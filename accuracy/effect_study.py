@@ -24,8 +24,8 @@ from gpcl_trt.gpcl import quaternion_radii
 DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
 DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
 DEFAULT_LATENCY_SEQS = (16, 64, 256)
-IDENTITY_TAU = 1e6
-ROUNDS = 5  # interleaved timing rounds per length; their spread is the noise estimate  # at or above this a fixed tau is "huge": clamp must be bit-exact identity
+IDENTITY_TAU = 1e6  # at or above this a fixed tau is "huge": clamp must be bit-exact identity
+ROUNDS = 5  # interleaved timing rounds per length; their spread is the noise estimate
 
 
 def _variant_metrics(ref_outs: list[dict], outs: list[dict], names: list[str]) -> dict[str, Any]:
@@ -52,8 +52,13 @@ def _site_metrics(sites: list[dict], outs: list[dict]) -> dict[str, Any]:
         ratio = max(ratio, st["max_radius_after"] / st["tau_min"])
         bounded &= st["bounded"]
         per_site.append({"node": s["node"], **st})
-    return {"frac_groups_changed": changed / max(groups, 1), "max_radius_after": max_after,
-            "max_radius_over_tau": ratio, "bounded": bounded, "sites": per_site}
+    return {
+        "frac_groups_changed": changed / max(groups, 1),
+        "max_radius_after": max_after,
+        "max_radius_over_tau": ratio,
+        "bounded": bounded,
+        "sites": per_site,
+    }
 
 
 def _run(model, feeds: list[dict], threads: int | None) -> list[dict]:
@@ -92,10 +97,19 @@ def latency_sweep(base_model, gpcl_models: dict[str, Any], make_feed, seqs, reps
         tokens = int(np.prod(next(iter(feed.values())).shape[:2]))
         for k in gpcl_models:
             over = t[k] - t["original"]
-            rows.append({"variant": k, "seq": seq, "tokens": tokens, "t_original_ms": t["original"] * 1e3,
-                         "t_gpcl_ms": t[k] * 1e3, "overhead_ms": over * 1e3, "overhead_pct": 100 * over / t["original"],
-                         "overhead_us_per_token": over * 1e6 / tokens,
-                         "noise_ms": max(spread["original"], spread[k]) * 1e3})
+            rows.append(
+                {
+                    "variant": k,
+                    "seq": seq,
+                    "tokens": tokens,
+                    "t_original_ms": t["original"] * 1e3,
+                    "t_gpcl_ms": t[k] * 1e3,
+                    "overhead_ms": over * 1e3,
+                    "overhead_pct": 100 * over / t["original"],
+                    "overhead_us_per_token": over * 1e6 / tokens,
+                    "noise_ms": max(spread["original"], spread[k]) * 1e3,
+                }
+            )
     return rows
 
 
@@ -111,7 +125,7 @@ def per_token_verdict(rows: list[dict]) -> dict[str, Any]:
         rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["tokens"])
         tokens = np.array([r["tokens"] for r in rs], dtype=np.float64)
         over = np.array([r["overhead_ms"] for r in rs])
-        fixed, per_token = (np.polyfit(tokens, over, 1)[::-1] if len(rs) > 1 else (0.0, over[0] / tokens[0]))
+        fixed, per_token = np.polyfit(tokens, over, 1)[::-1] if len(rs) > 1 else (0.0, over[0] / tokens[0])
         signal = [r for r in rs if r["overhead_ms"] > 3 * r["noise_ms"]]
         if len(signal) < 2:
             verdict = "inconclusive: fewer than two lengths with an overhead above the timing noise"
@@ -121,9 +135,14 @@ def per_token_verdict(rows: list[dict]) -> dict[str, Any]:
             allowed = min(2.0, max(1.0, b["tokens"] / a["tokens"] / 2))
             verdict = "held" if growth <= allowed else "not held"
             verdict += f" (per-token overhead x{growth:.2f} from seq {a['seq']} to {b['seq']})"
-        out[variant] = {"verdict": verdict, "us_per_token": [r["overhead_us_per_token"] for r in rs],
-                        "seqs": [r["seq"] for r in rs], "fit_fixed_ms": float(fixed), "fit_us_per_token": float(per_token) * 1e3,
-                        "overhead_pct_longest": rs[-1]["overhead_pct"]}
+        out[variant] = {
+            "verdict": verdict,
+            "us_per_token": [r["overhead_us_per_token"] for r in rs],
+            "seqs": [r["seq"] for r in rs],
+            "fit_fixed_ms": float(fixed),
+            "fit_us_per_token": float(per_token) * 1e3,
+            "overhead_pct_longest": rs[-1]["overhead_pct"],
+        }
     return out
 
 
@@ -139,30 +158,58 @@ def claims(variants: list[dict], latency: dict[str, dict]) -> list[dict]:
         out.append({"claim": claim, "held": held, "status": status, "evidence": evidence})
 
     cal = [v for v in variants if v["mode"] == "clamp" and v["tau_kind"] == "calibrated" and v["percentile"] >= 99.99]
-    add("clamp at calibrated tau (P99.99 x margin) changes nothing on ordinary inputs", cal,
+    add(
+        "clamp at calibrated tau (P99.99 x margin) changes nothing on ordinary inputs",
+        cal,
         all(v["frac_groups_changed"] == 0 and v["max_abs"] == 0 for v in cal),
-        "; ".join(f"P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, max abs {v['max_abs']:.3g}" for v in cal))
+        "; ".join(
+            f"P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, max abs {v['max_abs']:.3g}"
+            for v in cal
+        ),
+    )
     huge = [v for v in variants if v["mode"] == "clamp" and v["tau_kind"] == "fixed" and v["tau"] >= IDENTITY_TAU]
-    add("clamp with a huge tau is the exact identity", huge,
-        all(v["max_abs"] == 0 for v in huge), "; ".join(f"tau {v['tau']:g}: max abs {v['max_abs']:.3g}" for v in huge))
-    add("every group is bounded by tau after GPCL, in every mode", variants,
+    add(
+        "clamp with a huge tau is the exact identity",
+        huge,
+        all(v["max_abs"] == 0 for v in huge),
+        "; ".join(f"tau {v['tau']:g}: max abs {v['max_abs']:.3g}" for v in huge),
+    )
+    add(
+        "every group is bounded by tau after GPCL, in every mode",
+        variants,
         all(v["bounded"] for v in variants),
-        f"largest radius/tau over all variants: {max((v['max_radius_over_tau'] for v in variants), default=0):.6f}")
+        f"largest radius/tau over all variants: {max((v['max_radius_over_tau'] for v in variants), default=0):.6f}",
+    )
     small = [v for v in variants if v["mode"] == "clamp" and v["frac_groups_changed"] > 0]
-    add("clamp only changes the output when it clamps (max abs > 0 implies groups changed)",
+    add(
+        "clamp only changes the output when it clamps (max abs > 0 implies groups changed)",
         [v for v in variants if v["mode"] == "clamp"],
         all(v["frac_groups_changed"] > 0 or v["max_abs"] == 0 for v in variants if v["mode"] == "clamp"),
-        f"{len(small)} clamp variants clamped some groups")
+        f"{len(small)} clamp variants clamped some groups",
+    )
     other = [v for v in variants if v["mode"] in ("soft", "hopf") and v["tau_kind"] == "calibrated"]
-    add("soft and hopf change the function everywhere (they are for models trained with GPCL in place)", other,
+    add(
+        "soft and hopf change the function everywhere (they are for models trained with GPCL in place)",
+        other,
         all(v["frac_groups_changed"] > 0.5 for v in other),
-        "; ".join(f"{v['mode']} P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, cosine {v['cosine']:.4f}" for v in other))
+        "; ".join(
+            f"{v['mode']} P{v['percentile']}: groups changed {v['frac_groups_changed']:.3g}, cosine {v['cosine']:.4f}"
+            for v in other
+        ),
+    )
     lat_rows = list(latency.items())
-    add("GPCL costs O(D) per token: its overhead per token does not grow with the sequence length", lat_rows,
-        False if any(v["verdict"].startswith("not held") for _, v in lat_rows)
+    add(
+        "GPCL costs O(D) per token: its overhead per token does not grow with the sequence length",
+        lat_rows,
+        False
+        if any(v["verdict"].startswith("not held") for _, v in lat_rows)
         else (True if all(v["verdict"].startswith("held") for _, v in lat_rows) else None),
-        "; ".join(f"{k}: {v['verdict']} ({', '.join(f'{u:.3g}' for u in v['us_per_token'])} us/token at seq {v['seqs']}; "
-                  f"fit {v['fit_fixed_ms']:.3g} ms per call + {v['fit_us_per_token']:.3g} us/token)" for k, v in lat_rows))
+        "; ".join(
+            f"{k}: {v['verdict']} ({', '.join(f'{u:.3g}' for u in v['us_per_token'])} us/token at seq {v['seqs']}; "
+            f"fit {v['fit_fixed_ms']:.3g} ms per call + {v['fit_us_per_token']:.3g} us/token)"
+            for k, v in lat_rows
+        ),
+    )
     return out
 
 
@@ -260,17 +307,28 @@ def study(
             site_m = _site_metrics(gsites, outs)
             taus_used = np.concatenate([np.ravel(s["tau"]) for s in gsites])
             label = f"{mode} P{value:g}" if kind == "calibrated" else f"{mode} tau={value:g}"
-            variants.append({
-                "label": label, "mode": mode, "tau_kind": kind,
-                "percentile": value if kind == "calibrated" else None, "tau": value if kind == "fixed" else None,
-                "tau_mean": float(taus_used.mean()), "tau_min": float(taus_used.min()), "tau_max": float(taus_used.max()),
-                **_variant_metrics(ref_outs, outs, out_names),
-                **{k: v for k, v in site_m.items() if k != "sites"}, "sites": site_m["sites"],
-            })
+            variants.append(
+                {
+                    "label": label,
+                    "mode": mode,
+                    "tau_kind": kind,
+                    "percentile": value if kind == "calibrated" else None,
+                    "tau": value if kind == "fixed" else None,
+                    "tau_mean": float(taus_used.mean()),
+                    "tau_min": float(taus_used.min()),
+                    "tau_max": float(taus_used.max()),
+                    **_variant_metrics(ref_outs, outs, out_names),
+                    **{k: v for k, v in site_m.items() if k != "sites"},
+                    "sites": site_m["sites"],
+                }
+            )
             # Latency is timed on the first tau of the sweep for each mode.
             keep.setdefault(mode, (label, model))
             if not radii:  # radius distribution before GPCL, with this variant's tau marked
-                radii = {s["node"]: (np.concatenate([quaternion_radii(o[s["input"]]).ravel() for o in outs]), s["tau"]) for s in gsites}
+                radii = {
+                    s["node"]: (np.concatenate([quaternion_radii(o[s["input"]]).ravel() for o in outs]), s["tau"])
+                    for s in gsites
+                }
 
         specs, vocab = specs_from_onnx(base), vocab_size(base)
 
@@ -280,17 +338,31 @@ def study(
         lat_rows = latency_sweep(base, dict(keep.values()), make_feed, latency_seqs, latency_reps, threads)
         lat_verdict = per_token_verdict(lat_rows)
         result = {
-            "model_dir": str(model_dir), "onnx": str(onnx), "modes": list(modes), "sites": list(sites),
-            "taus": taus, "percentiles": percentiles, "samples": samples, "seq": seq, "calib_samples": calib_samples,
-            "outputs": out_names, "variants": variants, "latency": lat_rows, "latency_verdict": lat_verdict,
-            "latency_threads": threads, "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+            "model_dir": str(model_dir),
+            "onnx": str(onnx),
+            "modes": list(modes),
+            "sites": list(sites),
+            "taus": taus,
+            "percentiles": percentiles,
+            "samples": samples,
+            "seq": seq,
+            "calib_samples": calib_samples,
+            "outputs": out_names,
+            "variants": variants,
+            "latency": lat_rows,
+            "latency_verdict": lat_verdict,
+            "latency_threads": threads,
+            "load_average": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
         }
         result["claims"] = claims(variants, lat_verdict)
         result["ok"] = True
         result["elapsed_s"] = time.perf_counter() - t_start
         counts = {st: sum(c["status"] == st for c in result["claims"]) for st in ("held", "not held", "inconclusive")}
-        result["summary"] = (f"GPCL study of {model_dir.name}: {len(variants)} variants; claims: {counts['held']} held, "
-                             f"{counts['not held']} not held, {counts['inconclusive']} inconclusive; report in {out_dir}")
+        result["summary"] = (
+            f"GPCL study of {model_dir.name}: {len(variants)} variants; claims: {counts['held']} held, "
+            f"{counts['not held']} not held, {counts['inconclusive']} inconclusive; report in {out_dir}"
+        )
         write_study_report(result, radii, tmp_out)
     result["report"] = str(out_dir)
     return result

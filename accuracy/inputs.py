@@ -58,8 +58,10 @@ def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
             raise GpclError(f"cannot read {p} as polygraphy input JSON: {exc}") from None
         if isinstance(feeds, dict):
             feeds = [feeds]
-        if not isinstance(feeds, list) or not feeds or not all(
-            isinstance(f, dict) and all(isinstance(v, np.ndarray) for v in f.values()) for f in feeds
+        if (
+            not isinstance(feeds, list)
+            or not feeds
+            or not all(isinstance(f, dict) and all(isinstance(v, np.ndarray) for v in f.values()) for f in feeds)
         ):
             raise GpclError(f"{p} is not a polygraphy data-loader JSON (a list of name -> array dicts)")
         return [OrderedDict(f) for f in feeds]
@@ -112,8 +114,11 @@ def tokenize_samples(tokenizer_dir: Path, samples: int, batch: int, seq: int, se
 # ----------------------------------------------------------------------------- description
 def describe_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     first = feeds[0]
-    return {"samples": len(feeds), "shapes": {k: list(v.shape) for k, v in first.items()},
-            "dtypes": {k: str(v.dtype) for k, v in first.items()}}
+    return {
+        "samples": len(feeds),
+        "shapes": {k: list(v.shape) for k, v in first.items()},
+        "dtypes": {k: str(v.dtype) for k, v in first.items()},
+    }
 
 
 def feeds_digest(feeds: list[dict[str, np.ndarray]]) -> str:

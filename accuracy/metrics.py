@@ -13,14 +13,23 @@ LOGITS_NAMES = ("logits",)
 
 
 # ----------------------------------------------------------------------------- one output
-def array_metrics(ref: np.ndarray, cand: np.ndarray, atol: float | None = None, rtol: float | None = None) -> dict[str, Any]:
+def array_metrics(
+    ref: np.ndarray, cand: np.ndarray, atol: float | None = None, rtol: float | None = None
+) -> dict[str, Any]:
     """max/mean abs error, max rel error (relative to |ref|) and cosine similarity, in float64.
     With tolerances, also ``within_tol``: polygraphy's elementwise rule (an element fails only if
     it exceeds both atol and rtol * |ref|; NaN fails), vectorised for the hundreds of tensors of
     a per-layer diff, where polygraphy's comparator formats statistics for every tensor."""
     if ref.shape != cand.shape:
-        return {"shape_mismatch": [list(ref.shape), list(cand.shape)], "max_abs": float("inf"),
-                "mean_abs": float("inf"), "max_rel": float("inf"), "cosine": float("nan"), "size": 0, "within_tol": False}
+        return {
+            "shape_mismatch": [list(ref.shape), list(cand.shape)],
+            "max_abs": float("inf"),
+            "mean_abs": float("inf"),
+            "max_rel": float("inf"),
+            "cosine": float("nan"),
+            "size": 0,
+            "within_tol": False,
+        }
     r = ref.astype(np.float64).ravel()
     c = cand.astype(np.float64).ravel()
     if r.size == 0:
@@ -34,8 +43,13 @@ def array_metrics(ref: np.ndarray, cand: np.ndarray, atol: float | None = None, 
         cos = 0.0
     else:
         cos = float(np.dot(r, c) / (nr * nc))
-    out = {"max_abs": float(err.max()), "mean_abs": float(err.mean()), "max_rel": float(rel.max()),
-           "cosine": cos, "size": int(r.size)}
+    out = {
+        "max_abs": float(err.max()),
+        "mean_abs": float(err.mean()),
+        "max_rel": float(rel.max()),
+        "cosine": cos,
+        "size": int(r.size),
+    }
     if atol is not None and rtol is not None:
         out["within_tol"] = not bool(np.any(((err > atol) & (err > rtol * np.abs(r))) | np.isnan(err)))
     return out
@@ -65,7 +79,9 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None, rtol: float | None = None) -> dict[str, Any]:
+def output_metrics(
+    name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None, rtol: float | None = None
+) -> dict[str, Any]:
     m = array_metrics(ref, cand, atol, rtol)
     if name in LOGITS_NAMES:
         m.update(logits_metrics(ref, cand))
@@ -138,10 +154,17 @@ def gpcl_sites(model) -> list[dict[str, Any]]:
                 tau = numpy_helper.to_array(helper.get_attribute_value(consts[t].attribute[0])).astype(np.float64)
         tau_arr = np.asarray(tau if tau is not None else np.inf, dtype=np.float64)
         layer, kind = gpcl.parse_node_name(node.name)
-        sites.append({
-            "node": node.name, "input": node.input[0], "output": node.output[0], "mode": mode,
-            "layer": layer, "kind": kind, "tau": tau_arr,
-        })
+        sites.append(
+            {
+                "node": node.name,
+                "input": node.input[0],
+                "output": node.output[0],
+                "mode": mode,
+                "layer": layer,
+                "kind": kind,
+                "tau": tau_arr,
+            }
+        )
     return sites
 
 
@@ -151,10 +174,13 @@ def site_stats(x: np.ndarray, y: np.ndarray | None, tau: np.ndarray) -> dict[str
     t = np.broadcast_to(tau, r.shape[-1:]) if tau.ndim else tau
     stats: dict[str, Any] = {
         "groups": int(r.size),
-        "r_p50": float(np.percentile(r, 50)), "r_p99": float(np.percentile(r, 99)),
-        "r_p9999": float(np.percentile(r, 99.99)), "r_max": float(r.max()),
+        "r_p50": float(np.percentile(r, 50)),
+        "r_p99": float(np.percentile(r, 99)),
+        "r_p9999": float(np.percentile(r, 99.99)),
+        "r_max": float(r.max()),
         "frac_r_over_tau": float(np.mean(r > t)),
-        "tau_min": float(np.min(tau)), "tau_max": float(np.max(tau)),
+        "tau_min": float(np.min(tau)),
+        "tau_max": float(np.max(tau)),
     }
     if y is not None and y.shape == x.shape:
         changed = np.any(x.reshape(*x.shape[:-1], -1, 4) != y.reshape(*y.shape[:-1], -1, 4), axis=-1)

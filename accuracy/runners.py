@@ -71,7 +71,9 @@ class TorchRunner(BaseRunner):
             outs = tuple(outs.values())
         flat = [o for o in _flatten(outs)]
         names = self.output_names if len(self.output_names) == len(flat) else [f"output_{i}" for i in range(len(flat))]
-        return OrderedDict((n, o.detach().float().numpy() if o.is_floating_point() else o.numpy()) for n, o in zip(names, flat))
+        return OrderedDict(
+            (n, o.detach().float().numpy() if o.is_floating_point() else o.numpy()) for n, o in zip(names, flat)
+        )
 
     def deactivate_impl(self) -> None:
         # Keep the loaded module: deactivation is per Comparator.run, loading is per diff.
@@ -115,8 +117,15 @@ def kind_of(path: str | Path) -> str:
     raise GpclError(f"{p}: expected a model dir, an .onnx or an .engine file")
 
 
-def make_side(path: str | Path, role: str, task: str = "auto", extra_outputs=(), threads: int | None = None,
-              tokenizer_dir: str | Path | None = None, onnx_model=None) -> Side:
+def make_side(
+    path: str | Path,
+    role: str,
+    task: str = "auto",
+    extra_outputs=(),
+    threads: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    onnx_model=None,
+) -> Side:
     """``tokenizer_dir`` overrides the tokenizer found next to / recorded for ``path``;
     ``onnx_model`` is ``path`` already loaded (an .onnx is read once per diff)."""
     kind = kind_of(path)
@@ -136,7 +145,9 @@ def _torch_side(path: Path, role: str, task: str, tok) -> Side:
         raise
     except Exception as exc:
         raise GpclError(f"cannot load {path} with PyTorch: {type(exc).__name__}: {exc}") from None
-    specs = feeds.specs_from_axes(runner.arch.inputs(runner.task), np.float16 if runner.arch.dtype == "fp16" else np.float32)
+    specs = feeds.specs_from_axes(
+        runner.arch.inputs(runner.task), np.float16 if runner.arch.dtype == "fp16" else np.float32
+    )
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
     return Side("torch", path, runner, spec, generate=_generator(specs, runner.arch.vocab_size, tok))
 
@@ -167,8 +178,15 @@ def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -
     runner = OnnxrtRunner(lambda: feeds.ort_session(run_model, base_dir=path.parent, threads=threads), name=role)
     specs = feeds.specs_from_onnx(model)
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
-    return Side("onnx", path, runner, spec, onnx_model=model, extra_outputs=list(extra_outputs),
-                generate=_generator(specs, feeds.vocab_size(model), tok))
+    return Side(
+        "onnx",
+        path,
+        runner,
+        spec,
+        onnx_model=model,
+        extra_outputs=list(extra_outputs),
+        generate=_generator(specs, feeds.vocab_size(model), tok),
+    )
 
 
 def infer_types(model):
@@ -187,7 +205,9 @@ def _generator(specs: list, vocab: int | None, tok: Path | None) -> Callable[[in
     reads_text = any(s.name == feeds.INPUT_IDS for s in specs)
 
     def generate(samples: int, batch: int, seq: int, seed: int) -> list:
-        texts = inp.tokenize_samples(tok, samples, batch, seq, seed) if tok is not None and reads_text else [None] * samples
+        texts = (
+            inp.tokenize_samples(tok, samples, batch, seq, seed) if tok is not None and reads_text else [None] * samples
+        )
         return [feeds.make_feeds(specs, batch, seq, seed=seed + i, vocab=vocab, text=t) for i, t in enumerate(texts)]
 
     return generate
@@ -223,8 +243,12 @@ def _engine_side(path: Path, role: str, task: str, tok) -> Side:
     runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=role)
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
-    specs = [feeds.InputSpec(n, np.dtype(m.dtype.numpy()), tuple(d if isinstance(d, int) and d >= 0 else None for d in m.shape))
-             for n, m in meta.items()]
+    specs = [
+        feeds.InputSpec(
+            n, np.dtype(m.dtype.numpy()), tuple(d if isinstance(d, int) and d >= 0 else None for d in m.shape)
+        )
+        for n, m in meta.items()
+    ]
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
     return Side("engine", path, runner, spec, generate=_generator(specs, None, tok))
 

@@ -11,8 +11,11 @@ if TYPE_CHECKING:
     from gpcl_trt.deploy.pipeline import run_pipeline as run_pipeline
     from gpcl_trt.deploy.triton import write_triton_repo as write_triton_repo
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "write_triton_repo": "triton",
-    "check_served_model": "check",
-    "run_pipeline": "pipeline",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "write_triton_repo": "triton",
+        "check_served_model": "check",
+        "run_pipeline": "pipeline",
+    },
+)

@@ -13,7 +13,10 @@ from typing import Any, Iterable
 
 from gpcl_trt.common import GpclError
 
-def make_inputs(onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0, past: int = 4) -> dict[str, Any]:
+
+def make_inputs(
+    onnx_path: str | os.PathLike, batch: int = 1, seq: int = 16, seed: int = 0, past: int = 4
+) -> dict[str, Any]:
     """Inputs for the served model (``past`` cached tokens where it takes a KV cache, so the
     decode path is served too)."""
     from gpcl_trt import feeds
@@ -48,8 +51,13 @@ def _max_diff(got: dict[str, Any], want: dict[str, Any]) -> float:
 
 
 def run_load(
-    url: str, model: str, cases: list[tuple[dict, dict]], requests: int = 1000, concurrency: int = 16,
-    time_limit_s: float = 120.0, atol: float = 1e-5,
+    url: str,
+    model: str,
+    cases: list[tuple[dict, dict]],
+    requests: int = 1000,
+    concurrency: int = 16,
+    time_limit_s: float = 120.0,
+    atol: float = 1e-5,
 ) -> dict[str, Any]:
     """``requests`` gRPC inferences from ``concurrency`` threads (one client each), cycling
     through ``cases``; every answer is compared with its expected output. Stops submitting
@@ -86,8 +94,13 @@ def run_load(
         return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2) if latencies else None
 
     return {
-        "requests": requests, "concurrency": concurrency, "completed": len(latencies), "errors": len(errors),
-        "not_sent": skipped, "error_samples": sorted(set(errors))[:3], "wall_s": round(wall, 2),
+        "requests": requests,
+        "concurrency": concurrency,
+        "completed": len(latencies),
+        "errors": len(errors),
+        "not_sent": skipped,
+        "error_samples": sorted(set(errors))[:3],
+        "wall_s": round(wall, 2),
         "throughput_rps": round(len(latencies) / wall, 1) if wall else None,
         "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99)},
         "time_limit_s": time_limit_s,

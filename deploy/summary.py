@@ -44,7 +44,10 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
     # A skipped build may have left an older engine behind: it is not this run's.
     engine = ctx.path("model_gpcl.engine") if "build" in statuses and "build" not in ctx.skip else Path("/nonexistent")
     load = serve.get("load") or {}
-    checks = {"accuracy": r.get("diff", {}).get("ok") if "diff" in r else None, "served": serve.get("ok") if serve else None}
+    checks = {
+        "accuracy": r.get("diff", {}).get("ok") if "diff" in r else None,
+        "served": serve.get("ok") if serve else None,
+    }
     return {
         "ok": all(v is not False for v in checks.values()),
         "model_dir": str(ctx.model_dir),
@@ -52,25 +55,38 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
         "architecture": export.get("architecture"),
         "task": export.get("task"),
         "stages": {name: {"status": st, "seconds": timings.get(name)} for name, st in statuses.items()},
-        "sites": {"inserted": insert.get("inserted"), "mode": insert.get("mode"), "tau_min": tau_min, "tau_max": tau_max,
-                  "names": [s.get("gpcl") or s.get("key") for s in sites]},
+        "sites": {
+            "inserted": insert.get("inserted"),
+            "mode": insert.get("mode"),
+            "tau_min": tau_min,
+            "tau_max": tau_max,
+            "names": [s.get("gpcl") or s.get("key") for s in sites],
+        },
         "engine": {
             "path": str(engine) if engine.is_file() else None,
             "size_bytes": engine.stat().st_size if engine.is_file() else None,
             "build_s": build.get("build_seconds", timings.get("build")),
             "backend": build.get("backend"),
             "precision": build.get("precision"),
-            "gpcl": (build.get("gpcl") or {}).get("implementation") if isinstance(build.get("gpcl"), dict) else build.get("gpcl"),
+            "gpcl": (build.get("gpcl") or {}).get("implementation")
+            if isinstance(build.get("gpcl"), dict)
+            else build.get("gpcl"),
         },
         "accuracy": _accuracy(r.get("diff", {})),
         "triton": {"repo": triton.get("repo"), "entries": triton.get("entries")},
         "served": {
-            "ok": serve.get("ok"), "http_max_abs_diff": serve.get("http_max_abs_diff"),
-            "grpc_max_abs_diff": serve.get("grpc_max_abs_diff"), "requests": load.get("requests"),
-            "completed": load.get("completed"), "errors": load.get("errors"),
-            "throughput_rps": load.get("throughput_rps"), "latency_ms": load.get("latency_ms"),
+            "ok": serve.get("ok"),
+            "http_max_abs_diff": serve.get("http_max_abs_diff"),
+            "grpc_max_abs_diff": serve.get("grpc_max_abs_diff"),
+            "requests": load.get("requests"),
+            "completed": load.get("completed"),
+            "errors": load.get("errors"),
+            "throughput_rps": load.get("throughput_rps"),
+            "latency_ms": load.get("latency_ms"),
             "error": serve.get("error"),
-        } if serve else {},
+        }
+        if serve
+        else {},
         "checks": checks,
         "total_s": total_s,
     }
@@ -91,15 +107,31 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("model", f"{summary['model_dir']} ({_fmt(summary['architecture'])}, {_fmt(summary['task'])})"),
         ("GPCL sites", f"{len(s['inserted'] or [])} ({_fmt(s['mode'])})"),
         ("tau", f"{_fmt(s['tau_min'])} .. {_fmt(s['tau_max'])}"),
-        ("engine", f"{mb}, built in {_fmt(e['build_s'])} s ({_fmt(e['backend'])}, {_fmt(e['precision'])}, GPCL {_fmt(e['gpcl'])})"
-                   if e.get("size_bytes") else "- (not built)"),
-        ("accuracy", f"{'PASS' if a.get('passed') else 'FAIL' if a else '-'}: max abs {_fmt(a.get('max_abs'))}, "
-                     f"min cosine {_fmt(a.get('min_cosine'))} (atol {_fmt(a.get('atol'))})" if a else "-"),
-        ("served (python backend)",
-         (f"{'ok' if v.get('ok') else 'FAILED'}: HTTP/gRPC max diff {_fmt(v.get('http_max_abs_diff'))}/"
-          f"{_fmt(v.get('grpc_max_abs_diff'))}, {_fmt(v.get('completed'))}/{_fmt(v.get('requests'))} requests, "
-          f"{_fmt(v.get('errors'))} errors, {_fmt(v.get('throughput_rps'))} req/s"
-          + (f" ({v['error']})" if v.get("error") else "")) if v else "-"),
+        (
+            "engine",
+            f"{mb}, built in {_fmt(e['build_s'])} s ({_fmt(e['backend'])}, {_fmt(e['precision'])}, GPCL "
+            f"{_fmt(e['gpcl'])})"
+            if e.get("size_bytes")
+            else "- (not built)",
+        ),
+        (
+            "accuracy",
+            f"{'PASS' if a.get('passed') else 'FAIL' if a else '-'}: max abs {_fmt(a.get('max_abs'))}, "
+            f"min cosine {_fmt(a.get('min_cosine'))} (atol {_fmt(a.get('atol'))})"
+            if a
+            else "-",
+        ),
+        (
+            "served (python backend)",
+            (
+                f"{'ok' if v.get('ok') else 'FAILED'}: HTTP/gRPC max diff {_fmt(v.get('http_max_abs_diff'))}/"
+                f"{_fmt(v.get('grpc_max_abs_diff'))}, {_fmt(v.get('completed'))}/{_fmt(v.get('requests'))} requests, "
+                f"{_fmt(v.get('errors'))} errors, {_fmt(v.get('throughput_rps'))} req/s"
+                + (f" ({v['error']})" if v.get("error") else "")
+            )
+            if v
+            else "-",
+        ),
         ("stages", ", ".join(f"{k} {d['status']}" for k, d in summary["stages"].items())),
         ("total", f"{summary['total_s']:.1f} s"),
     ]
@@ -107,19 +139,34 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def report_md(summary: dict[str, Any]) -> str:
-    lines = ["# gpcl-trt pipeline report", "", f"**{'OK' if summary['ok'] else 'CHECK FAILED'}**", "",
-             "| | |", "| --- | --- |"]
+    lines = [
+        "# gpcl-trt pipeline report",
+        "",
+        f"**{'OK' if summary['ok'] else 'CHECK FAILED'}**",
+        "",
+        "| | |",
+        "| --- | --- |",
+    ]
     lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows(summary)]
     lines += ["", "## Stages", "", "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {k} | {d['status']} | {_fmt(d['seconds'])} |" for k, d in summary["stages"].items()]
     if summary["accuracy"].get("summary"):
-        lines += ["", "## Accuracy", "", summary["accuracy"]["summary"], "",
-                  "Reference: the Hugging Face model in PyTorch; candidate: the GPCL ONNX model in ONNX Runtime. "
-                  "Details and site statistics: `accuracy/report.md`."]
+        lines += [
+            "",
+            "## Accuracy",
+            "",
+            summary["accuracy"]["summary"],
+            "",
+            "Reference: the Hugging Face model in PyTorch; candidate: the GPCL ONNX model in ONNX Runtime. "
+            "Details and site statistics: `accuracy/report.md`.",
+        ]
     if summary["sites"]["names"]:
         lines += ["", "## GPCL sites", ""] + [f"- `{n}`" for n in summary["sites"]["names"]]
-    lines += ["", "The engine itself is not run here (no GPU); the served model is the GPCL ONNX model behind "
-              "Triton's python backend, compared with ONNX Runtime over HTTP and gRPC."]
+    lines += [
+        "",
+        "The engine itself is not run here (no GPU); the served model is the GPCL ONNX model behind "
+        "Triton's python backend, compared with ONNX Runtime over HTTP and gRPC.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -31,9 +31,20 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # ONNX TensorProto element type -> Triton DataType name.
 _ONNX_TO_TRITON = {
-    1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16",
-    6: "TYPE_INT32", 7: "TYPE_INT64", 8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16",
-    11: "TYPE_FP64", 12: "TYPE_UINT32", 13: "TYPE_UINT64", 16: "TYPE_BF16",
+    1: "TYPE_FP32",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    4: "TYPE_UINT16",
+    5: "TYPE_INT16",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    8: "TYPE_STRING",
+    9: "TYPE_BOOL",
+    10: "TYPE_FP16",
+    11: "TYPE_FP64",
+    12: "TYPE_UINT32",
+    13: "TYPE_UINT64",
+    16: "TYPE_BF16",
 }
 # Protobuf refuses a single message over 2 GiB; bigger ONNX models keep their weights outside.
 _INLINE_LIMIT = 1800 * 1024 * 1024
@@ -62,7 +73,9 @@ def onnx_io(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
             tt = v.type.tensor_type
             dtype = _ONNX_TO_TRITON.get(tt.elem_type)
             if dtype is None:
-                raise GpclError(f"{onnx_path}: tensor {v.name!r} has an element type Triton cannot serve ({tt.elem_type})")
+                raise GpclError(
+                    f"{onnx_path}: tensor {v.name!r} has an element type Triton cannot serve ({tt.elem_type})"
+                )
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
             out.append({"name": v.name, "data_type": dtype, "dims": dims})
         return out
@@ -92,7 +105,9 @@ def _engine_max_batch(engine: Path) -> int:
     profiles: {input: {"max": [batch, ...]}}); Triton must not ask for more."""
     manifest = Manifest.read(engine)
     profiles = manifest.profiles if manifest is not None else []
-    limits = [shapes["max"][0] for p in profiles for shapes in p.values() if isinstance(shapes, dict) and shapes.get("max")]
+    limits = [
+        shapes["max"][0] for p in profiles for shapes in p.values() if isinstance(shapes, dict) and shapes.get("max")
+    ]
     return max(1, min(limits)) if limits else 8
 
 
@@ -207,7 +222,7 @@ def _readme(name: str, backend: str, plugin: str | None) -> str:
             "The engine (`1/model.plan`) uses the GPCL TensorRT plugin; the server must load the plugin",
             "library before it deserialises the engine. Either:",
             "",
-            f"    tritonserver --model-repository REPO --backend-config=tensorrt,plugins=\"$PWD/REPO/{name}/1/{plugin}\"",
+            f'    tritonserver --model-repository REPO --backend-config=tensorrt,plugins="$PWD/REPO/{name}/1/{plugin}"',
             "",
             "or preload it:",
             "",
@@ -232,9 +247,7 @@ def _readme(name: str, backend: str, plugin: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _populate(
-    tmp: Path, artifact: Path, backend: str, plugin_lib: Path | None
-) -> tuple[dict[str, str], str | None]:
+def _populate(tmp: Path, artifact: Path, backend: str, plugin_lib: Path | None) -> tuple[dict[str, str], str | None]:
     vdir = tmp / VERSION
     vdir.mkdir()
     model_file = vdir / BACKEND_SPEC[backend]["file"]
@@ -294,8 +307,10 @@ def write_triton_repo(
         manifest = Manifest.read(artifact)
         if manifest is not None and manifest.weights_stripped:
             # Triton's TensorRT backend deserialises model.plan as it is: it has no refit step.
-            raise GpclError(f"{artifact.name} is a weight-stripped plan (built with --strip-weights): Triton's "
-                            "TensorRT backend cannot refit it; build the served engine without --strip-weights")
+            raise GpclError(
+                f"{artifact.name} is a weight-stripped plan (built with --strip-weights): Triton's "
+                "TensorRT backend cannot refit it; build the served engine without --strip-weights"
+            )
     if backend == "tensorrt" and plugin_lib is None:
         plugin_lib = _engine_plugin_lib(artifact)
     repo = Path(repo)
@@ -326,8 +341,11 @@ def write_triton_repo(
             stage="triton",
             inputs={"artifact": {"path": str(artifact), "sha256": sha256_file(artifact)}},
             options={
-                "backend": backend, "max_batch_size": max_batch_size, "instances": instances,
-                "dynamic_batching": dynamic_batching, "plugin_lib": str(plugin_lib) if plugin_lib else None,
+                "backend": backend,
+                "max_batch_size": max_batch_size,
+                "instances": instances,
+                "dynamic_batching": dynamic_batching,
+                "plugin_lib": str(plugin_lib) if plugin_lib else None,
                 "kind": kind,
             },
             results={"io": io},

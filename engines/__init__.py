@@ -10,7 +10,10 @@ if TYPE_CHECKING:
     from gpcl_trt.engines.build import build_engine as build_engine
     from gpcl_trt.engines.inspection import inspect_engine as inspect_engine
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "build_engine": "build",
-    "inspect_engine": "inspection",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "build_engine": "build",
+        "inspect_engine": "inspection",
+    },
+)

@@ -32,9 +32,7 @@ class Capabilities:
 
 
 CAPABILITIES = {
-    "tensorrt": Capabilities(
-        module="tensorrt", extra="trt", plugins=True, precision_flags=True, timing_cache=True
-    ),
+    "tensorrt": Capabilities(module="tensorrt", extra="trt", plugins=True, precision_flags=True, timing_cache=True),
     "tensorrt-rtx": Capabilities(
         module="tensorrt_rtx", extra="rtx", plugins=False, precision_flags=False, timing_cache=False
     ),

@@ -65,8 +65,10 @@ def build_engine(
         if not gpu_present():
             # Measured with TensorRT-RTX 1.7: a refittable build JIT-compiles with CUDA and fails
             # without a device, unlike a plain CPU-only AOT build.
-            raise GpclError("--strip-weights needs a CUDA GPU at build time (a refittable plan is compiled on the "
-                            "device); build without it here")
+            raise GpclError(
+                "--strip-weights needs a CUDA GPU at build time (a refittable plan is compiled on the "
+                "device); build without it here"
+            )
     if gpcl == "plugin" and not be.caps.plugins:
         raise GpclError(
             f"{be.name} cannot load the GPCL plugin library; build with --gpcl native "
@@ -102,8 +104,11 @@ def build_engine(
         "precision_mode": _precision_mode(be, precision, lowered),
         "profiles": [profile],
         "io": network_io(network),
-        "gpcl": {"implementation": gpcl_impl, **({"function_body": "flat"} if gpcl_impl == "native" else {}),
-                 **layers["gpcl"]},
+        "gpcl": {
+            "implementation": gpcl_impl,
+            **({"function_body": "flat"} if gpcl_impl == "native" else {}),
+            **layers["gpcl"],
+        },
         "build_seconds": round(build_seconds, 3),
         "build_phases": phases,
         "engine_bytes": len(data),
@@ -118,8 +123,10 @@ def build_engine(
     if engine_info is not None:
         results["engine_layers"] = engine_info
 
-    inputs = engine_inputs(file_ref(onnx_path, sha256_file(onnx_path), **_external_data(onnx_path, model)),
-                           file_ref(plugin_lib, plugin_sha) if plugin_lib else None)
+    inputs = engine_inputs(
+        file_ref(onnx_path, sha256_file(onnx_path), **_external_data(onnx_path, model)),
+        file_ref(plugin_lib, plugin_sha) if plugin_lib else None,
+    )
     options = {
         "backend": backend,
         "gpcl": gpcl,

@@ -15,7 +15,13 @@ _PATH = click.Path(dir_okay=False)
 def register(main: click.Group) -> None:
     @result_command(main, "build", short_help="Build a TensorRT / TensorRT-RTX engine from an ONNX model.")
     @click.argument("onnx_path", metavar="IN.onnx", type=_PATH)
-    @click.option("-o", "--output", required=True, type=_PATH, help="Engine file to write (OUT.engine); its manifest goes next to it.")
+    @click.option(
+        "-o",
+        "--output",
+        required=True,
+        type=_PATH,
+        help="Engine file to write (OUT.engine); its manifest goes next to it.",
+    )
     @click.option(
         "--backend",
         type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]),
@@ -31,7 +37,9 @@ def register(main: click.Group) -> None:
         help="GPCL implementation: native (the parser inlines the ONNX function, any backend; the build "
         "uses its flat, If-free body) or plugin (the CUDA plugin from --plugin-lib; full TensorRT only).",
     )
-    @click.option("--plugin-lib", type=_PATH, default=None, help="GPCL TensorRT plugin library (.so), for --gpcl plugin.")
+    @click.option(
+        "--plugin-lib", type=_PATH, default=None, help="GPCL TensorRT plugin library (.so), for --gpcl plugin."
+    )
     @click.option(
         "--precision",
         type=click.Choice(["fp32", "fp16", "bf16"]),
@@ -47,12 +55,20 @@ def register(main: click.Group) -> None:
         help="Profile shapes for one input, e.g. input_ids:1x1,4x128,8x512 (repeatable). Defaults: batch 1,4,8; "
         "sequence and past_sequence 1,128,512.",
     )
-    @click.option("--timing-cache", type=_PATH, default=None, help="Timing cache file to load and update (where the backend uses one).")
+    @click.option(
+        "--timing-cache",
+        type=_PATH,
+        default=None,
+        help="Timing cache file to load and update (where the backend uses one).",
+    )
     @click.option("--workspace", type=int, default=None, metavar="MiB", help="Workspace memory pool limit in MiB.")
     @click.option("--opt-level", type=int, default=None, metavar="N", help="Builder optimisation level, 0..5.")
-    @click.option("--strip-weights", is_flag=True,
-                  help="Write a weightless plan (STRIP_PLAN + REFIT), refitted from IN.onnx when it is loaded; "
-                  "the manifest records the model it needs.")
+    @click.option(
+        "--strip-weights",
+        is_flag=True,
+        help="Write a weightless plan (STRIP_PLAN + REFIT), refitted from IN.onnx when it is loaded; "
+        "the manifest records the model it needs.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite OUT.engine if it exists.")
     def build(onnx_path: str, output: str, **kw: Any) -> dict:
         """Build an engine from IN.onnx and write OUT.engine plus OUT.engine.manifest.json

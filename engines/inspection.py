@@ -56,11 +56,21 @@ def check_engine_bytes(be: Any, data: bytes, expected_sha256: str | None = None)
         out.update(validity=status, diagnostics=flags)
         bad = [f for f in flags if f in _FILE_PROBLEMS]
         if bad:
-            return {**out, "ok": False, "level": "header", "detail": f"{be.name} rejects the engine header: {', '.join(bad)}"}
+            return {
+                **out,
+                "ok": False,
+                "level": "header",
+                "detail": f"{be.name} rejects the engine header: {', '.join(bad)}",
+            }
         if status in ("VALID", "SUBOPTIMAL"):
             return {**out, "level": "device", "detail": f"{status.lower()} for this GPU"}
         if out["gpu"]:
-            return {**out, "ok": False, "level": "device", "detail": f"invalid for this GPU: {', '.join(flags) or 'no reason given'}"}
+            return {
+                **out,
+                "ok": False,
+                "level": "device",
+                "detail": f"invalid for this GPU: {', '.join(flags) or 'no reason given'}",
+            }
         return {**out, "level": "header", "detail": "header is a valid engine header; device checks need a GPU"}
     if not out["gpu"]:
         return {**out, "level": "bytes", "detail": f"{be.name} cannot check an engine without a GPU"}
@@ -159,7 +169,9 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"network  {n['num_layers']} layers ({kinds}, ...)")
     if "plan" in result:
         p = result["plan"]
-        lines.append(f"plan     {p['onnx_layer_records']} ONNX layer records, GPCL calls present: {len(p['gpcl_nodes'])}")
+        lines.append(
+            f"plan     {p['onnx_layer_records']} ONNX layer records, GPCL calls present: {len(p['gpcl_nodes'])}"
+        )
     if "engine_layers" in result:
         e = result["engine_layers"]
         lines.append(f"engine   {e['num_layers']} built layers, {len(e['gpcl_layers'])} named after GPCL")

@@ -56,7 +56,11 @@ def _lower_graph(graph: onnx.GraphProto, precision: str, low: int, keep: set[str
             elif attr.type == onnx.AttributeProto.TENSOR and _is_float(attr.t) and node.output[0] not in keep:
                 # Constant(value=...), ConstantOfShape(value=...)
                 attr.t.CopyFrom(_lower_tensor(attr.t, precision))
-            elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats") and node.output[0] not in keep:
+            elif (
+                node.op_type == "Constant"
+                and attr.name in ("value_float", "value_floats")
+                and node.output[0] not in keep
+            ):
                 value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
                 attr.CopyFrom(helper.make_attribute("value", _lower_array(value, precision)))
             elif attr.type == onnx.AttributeProto.GRAPH:
@@ -84,7 +88,11 @@ def _retype_io(graph: onnx.GraphProto, low: int, keep: set[str]) -> None:
     for out in (o for o in graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT):
         # The producer writes the low-precision tensor (which may also feed other nodes).
         _rename(graph, out.name, f"{out.name}/lowp", ("input", "output"))
-        tail.append(helper.make_node("Cast", [f"{out.name}/lowp"], [out.name], to=TensorProto.FLOAT, name=f"{out.name}/cast_fp32"))
+        tail.append(
+            helper.make_node(
+                "Cast", [f"{out.name}/lowp"], [out.name], to=TensorProto.FLOAT, name=f"{out.name}/cast_fp32"
+            )
+        )
     nodes = head + list(graph.node) + tail
     del graph.node[:]
     graph.node.extend(nodes)

@@ -75,7 +75,9 @@ def make_profiles(
     names = {n for n, _ in inputs}
     unknown = sorted(set(shapes) - names)
     if unknown:
-        raise GpclError(f"--shapes names unknown input(s) {', '.join(unknown)}; the model's inputs are {', '.join(sorted(names))}")
+        raise GpclError(
+            f"--shapes names unknown input(s) {', '.join(unknown)}; the model's inputs are {', '.join(sorted(names))}"
+        )
     axes: dict[str, Range] = dict(AXIS_DEFAULTS)
     # Axes fixed by an override apply to every input that shares the axis name.
     overridden: dict[str, tuple[str, Range]] = {}
@@ -91,8 +93,10 @@ def make_profiles(
             if isinstance(d, str) and d:
                 given = (lo[axis], opt[axis], hi[axis])
                 if d in overridden and overridden[d][1] != given:
-                    raise GpclError(f"--shapes {name}: axis {d!r} is {_fmt_range(given)} here but "
-                                    f"{_fmt_range(overridden[d][1])} for {overridden[d][0]}")
+                    raise GpclError(
+                        f"--shapes {name}: axis {d!r} is {_fmt_range(given)} here but "
+                        f"{_fmt_range(overridden[d][1])} for {overridden[d][0]}"
+                    )
                 overridden[d] = (name, given)
                 axes[d] = given
     out: dict[str, dict[str, list[int]]] = {}

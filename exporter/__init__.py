@@ -13,9 +13,12 @@ if TYPE_CHECKING:
     from gpcl_trt.exporter.api import load_model as load_model
     from gpcl_trt.exporter.api import make_dummy_inputs as make_dummy_inputs
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "export_model": "api",
-    "load_model": "api",
-    "make_dummy_inputs": "api",
-    "check_model_dir": "api",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "export_model": "api",
+        "load_model": "api",
+        "make_dummy_inputs": "api",
+        "check_model_dir": "api",
+    },
+)

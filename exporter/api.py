@@ -53,7 +53,9 @@ def _io_module_class():
             missing = set(self.input_names) - set(feeds)
             extra = set(feeds) - set(self.input_names)
             if missing or extra:
-                raise ValueError(f"inputs must be exactly {self.input_names}; missing {sorted(missing)}, extra {sorted(extra)}")
+                raise ValueError(
+                    f"inputs must be exactly {self.input_names}; missing {sorted(missing)}, extra {sorted(extra)}"
+                )
             as_t = lambda v: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v  # noqa: E731
             kw = {n: as_t(feeds[n]) for n in self.input_names if n not in self._past}
             if self._past:
@@ -114,7 +116,9 @@ def _check_weights(d: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
                 with safe_open(str(f), framework="pt") as h:
                     h.keys()
             except Exception as exc:  # safetensors raises its own SafetensorError and OSError
-                raise GpclError(f"unreadable weights {f}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                raise GpclError(
+                    f"unreadable weights {f}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
         return safe, True
     pickled = sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
@@ -215,14 +219,17 @@ def load_model(
     if missing or mismatched:
         what = missing[:3] if missing else [m[0] if isinstance(m, tuple) else m for m in mismatched[:3]]
         raise GpclError(
-            f"weights in {d} do not match config.json ({len(missing)} missing, {len(mismatched)} mismatched, e.g. {what})"
+            f"weights in {d} do not match config.json ({len(missing)} missing, {len(mismatched)} mismatched, e.g. "
+            f"{what})"
         )
     model.eval()
     module = _io_module_class()(arch.core(model, task), arch, task).eval()
     return module, arch, task
 
 
-def _lazy_model(d: Path, hf_config: Any, arch: Any, task: str, dtype: str, trust_remote_code: bool, precheck_only: bool = False):
+def _lazy_model(
+    d: Path, hf_config: Any, arch: Any, task: str, dtype: str, trust_remote_code: bool, precheck_only: bool = False
+):
     """The model built on ``meta`` and joined to the checkpoint's headers (exporter/lazy.py):
     returns ``(model, checkpoint, binding)``, or None when the checkpoint needs transformers'
     own loader (``NeedsEager``; the reason is in ``_lazy_model.why``). Raises GpclError naming
@@ -235,7 +242,9 @@ def _lazy_model(d: Path, hf_config: Any, arch: Any, task: str, dtype: str, trust
     ckpt = Checkpoint.open(d)
     check_config_layers(hf_config, ckpt, d / "config.json")
     try:
-        model = lazy.build_meta_model(arch, task, hf_config, getattr(torch, TORCH_DTYPES[dtype]), trust_remote_code, ckpt)
+        model = lazy.build_meta_model(
+            arch, task, hf_config, getattr(torch, TORCH_DTYPES[dtype]), trust_remote_code, ckpt
+        )
         binding = lazy.bind_checkpoint(model, ckpt, d / "config.json")
     except lazy.NeedsEager as exc:
         _lazy_model.why = str(exc)
@@ -255,7 +264,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- dummy inputs
-def make_dummy_inputs(arch_config: Any, task: str, batch: int, seq: int, seed: int, past: int | None = None) -> dict[str, np.ndarray]:
+def make_dummy_inputs(
+    arch_config: Any, task: str, batch: int, seq: int, seed: int, past: int | None = None
+) -> dict[str, np.ndarray]:
     """Random but valid inputs for ``arch_config``/``task`` (gpcl_trt.feeds, keyed by ONNX input
     name), with the last row's mask tail padded (batch > 1) so masking is exercised, and
     ``past`` cached tokens (default ``seq // 2 + 1``; 0 means a prefill)."""
@@ -361,7 +372,9 @@ def _write_eager(proto: Any, path: Path, external_data: bool | None) -> list[str
         onnx.save_model(proto, path)
         return []
     data_name = path.name + ".data"
-    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    onnx.save_model(
+        proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+    )
     return [data_name]
 
 
@@ -379,7 +392,10 @@ def _layout(external_data: bool | str | None, nbytes: int) -> str:
     if layout == "auto":
         layout = "inline" if nbytes <= INLINE_LIMIT else "link"
     if layout == "inline" and nbytes > EXTERNAL_DATA_BYTES:
-        raise GpclError(f"the weights ({nbytes / 1e9:.1f} GB) cannot be stored inside one ONNX file (protobuf's 2 GB limit); use external data")
+        raise GpclError(
+            f"the weights ({nbytes / 1e9:.1f} GB) cannot be stored inside one ONNX file (protobuf's 2 GB limit); use "
+            "external data"
+        )
     return layout
 
 
@@ -523,7 +539,10 @@ def export_model(
     mode = _validate_mode(validate)
     budget = parse_memory_budget(memory_budget)
     if dtype == "bf16" and mode != "none":
-        raise GpclError("--dtype bf16 cannot be validated here (ONNX Runtime's CPU provider has no bf16 MatMul); pass --validate none")
+        raise GpclError(
+            "--dtype bf16 cannot be validated here (ONNX Runtime's CPU provider has no bf16 MatMul); pass --validate "
+            "none"
+        )
     if dtype == "bf16" and lazy is False:
         raise GpclError("--dtype bf16 is exported lazily only (safetensors checkpoints)")
 
@@ -571,7 +590,9 @@ def export_model(
                 placement = lz.convert_weights(binding, ckpt, stage.path, out.name)
             with progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"):
                 try:
-                    proto = _trace(module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement))
+                    proto = _trace(
+                        module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement)
+                    )
                 except GpclError:
                     raise
                 except Exception as exc:
@@ -596,7 +617,11 @@ def export_model(
                     proto = _trace(module, arch, task, int(opset))
                 except Exception as exc:
                     raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
-            data_files = _write_eager(proto, staged, {None: None, "auto": None, "inline": False}.get(external_data, external_data is not False))
+            data_files = _write_eager(
+                proto,
+                staged,
+                {None: None, "auto": None, "inline": False}.get(external_data, external_data is not False),
+            )
             del proto
             weights = {"path": "eager", "eager_reason": eager_reason}
         weights["data_files"] = data_files
@@ -607,7 +632,9 @@ def export_model(
             plan = val.plan_validation(staged, mode, budget)
             with progress.step(f"validate against PyTorch ({plan['mode']}: {plan['reason']})"):
                 validation = val.validate_export(module, arch, task, staged, atol, mode=plan["mode"])
-            validation.update({"requested": mode, "reason": plan["reason"], "memory_budget": budget, "estimate": plan["estimate"]})
+            validation.update(
+                {"requested": mode, "reason": plan["reason"], "memory_budget": budget, "estimate": plan["estimate"]}
+            )
         ok = bool(validation.get("passed", True))
         model_hash, hash_kind = _model_dir_hash(d)
         results = {

@@ -108,7 +108,9 @@ class Checkpoint:
             if len(others) == 1:
                 entries, meta = read_header(others[0])
                 return cls(root, others, entries, meta)
-            raise GpclError(f"{root} has {len(others)} safetensors files but no {INDEX} saying which tensor is in which")
+            raise GpclError(
+                f"{root} has {len(others)} safetensors files but no {INDEX} saying which tensor is in which"
+            )
         raise GpclError(f"{root} has no weights (*.safetensors)")
 
     @classmethod
@@ -123,7 +125,10 @@ class Checkpoint:
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
-                raise GpclError(f"unreadable weights {index}: tensor {name} names shard {shard!r}, which is not a file name in {root}")
+                raise GpclError(
+                    f"unreadable weights {index}: tensor {name} names shard {shard!r}, which is not a file name in "
+                    f"{root}"
+                )
             shards.setdefault(shard, []).append(name)
         tensors: dict[str, TensorEntry] = {}
         files: list[Path] = []
@@ -131,12 +136,17 @@ class Checkpoint:
         for shard in sorted(shards):
             path = root / shard
             if not path.is_file():
-                raise GpclError(f"missing shard {path} (listed in {index.name} for tensor {shards[shard][0]} and {len(shards[shard]) - 1} more)")
+                raise GpclError(
+                    f"missing shard {path} (listed in {index.name} for tensor {shards[shard][0]} and "
+                    f"{len(shards[shard]) - 1} more)"
+                )
             entries, meta = read_header(path)
             metadata.update(meta)
             for name in shards[shard]:
                 if name not in entries:
-                    raise GpclError(f"unreadable weights {path}: has no tensor {name}, which {index.name} says is there")
+                    raise GpclError(
+                        f"unreadable weights {path}: has no tensor {name}, which {index.name} says is there"
+                    )
             for name, e in entries.items():
                 if name in tensors:
                     raise GpclError(f"unreadable weights {path}: tensor {name} is also in {tensors[name].file}")
@@ -202,7 +212,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
                 raise GpclError(f"unreadable weights {path}: {size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise GpclError(f"unreadable weights {path}: header length {n} does not fit a {size}-byte file (truncated or not safetensors)")
+                raise GpclError(
+                    f"unreadable weights {path}: header length {n} does not fit a {size}-byte file (truncated or not "
+                    "safetensors)"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise GpclError(f"unreadable weights {path}: {exc.strerror or exc}") from None
@@ -224,15 +237,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             raise GpclError(f"unreadable weights {path}: bad header entry for tensor {name}") from None
         if dtype not in DTYPES:
-            raise GpclError(f"unreadable weights {path}: tensor {name} has dtype {dtype}, which the exporter does not read")
+            raise GpclError(
+                f"unreadable weights {path}: tensor {name} has dtype {dtype}, which the exporter does not read"
+            )
         if any(d < 0 for d in shape) or not 0 <= begin <= end:
             raise GpclError(f"unreadable weights {path}: tensor {name} has a negative shape or offset")
         want = math.prod(shape) * DTYPES[dtype][0]
         if end - begin != want:
-            raise GpclError(f"unreadable weights {path}: tensor {name} has {end - begin} bytes for {dtype}{list(shape)} ({want} expected)")
+            raise GpclError(
+                f"unreadable weights {path}: tensor {name} has {end - begin} bytes for {dtype}{list(shape)} ({want} "
+                "expected)"
+            )
         if end > data_len:
             raise GpclError(
-                f"unreadable weights {path}: truncated: tensor {name} ends at byte {data_start + end}, the file has {size}"
+                f"unreadable weights {path}: truncated: tensor {name} ends at byte {data_start + end}, the file has "
+                f"{size}"
             )
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, end - begin)
     return entries, meta if isinstance(meta, dict) else {}
@@ -259,7 +278,14 @@ def check_config_layers(hf_config: Any, ckpt: Checkpoint, config_path: Path) -> 
     if not isinstance(want, int) or have is None or want == have:
         return
     if want > have:
-        example = next((n for n in sorted(ckpt.tensors) if LAYER_STACK_RE.search(n) and int(LAYER_STACK_RE.search(n).group(1)) == have - 1), None)
+        example = next(
+            (
+                n
+                for n in sorted(ckpt.tensors)
+                if LAYER_STACK_RE.search(n) and int(LAYER_STACK_RE.search(n).group(1)) == have - 1
+            ),
+            None,
+        )
         raise GpclError(
             f"weights do not match config.json: {config_path} says num_hidden_layers={want}, the checkpoint "
             f"{ckpt.files[0].parent} has tensors for {have} (last: {example}); no tensor for layer {have}"

@@ -6,8 +6,17 @@ from __future__ import annotations
 import click
 
 # The exporter's tasks (gpcl_trt.exporter.configs.TASKS; spelled out so that the CLI imports nothing heavy).
-TASK_CHOICES = ("auto", "feature-extraction", "fill-mask", "text-classification", "token-classification",
-                "question-answering", "text-generation", "text-generation-with-past", "image-classification")
+TASK_CHOICES = (
+    "auto",
+    "feature-extraction",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "text-generation",
+    "text-generation-with-past",
+    "image-classification",
+)
 
 
 def register(main: click.Group) -> None:
@@ -16,19 +25,90 @@ def register(main: click.Group) -> None:
 
     @result_command(main, "export", short_help="Export a local Hugging Face model directory to ONNX.")
     @click.argument("model_dir", type=click.Path(path_type=str))
-    @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it).")
-    @click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True, help="What to export; auto picks from config.json: the task of the head class in architectures (BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification; a *ForCausalLM: text-generation-with-past unless use_cache is false), else the family's first task.")
+    @click.option(
+        "-o",
+        "--output",
+        required=True,
+        type=click.Path(path_type=str),
+        help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it).",
+    )
+    @click.option(
+        "--task",
+        type=click.Choice(TASK_CHOICES),
+        default="auto",
+        show_default=True,
+        help="What to export; auto picks from config.json: the task of the head class in architectures "
+        "(BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification; a *ForCausalLM: "
+        "text-generation-with-past unless use_cache is false), else the family's first task.",
+    )
     @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
-    @click.option("--dtype", type=click.Choice(("fp32", "fp16", "bf16")), default="fp32", show_default=True, help="Weight and activation precision of the exported model (bf16: safetensors only, with --validate none; a bf16 checkpoint is then linked, not converted).")
-    @click.option("--atol", type=float, default=None, help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].")
-    @click.option("--validate", "validate", type=click.Choice(("auto", "full", "layers", "none")), default="auto", show_default=True, help="Compare ONNX Runtime against PyTorch (weights memory-mapped) on fresh inputs of other shapes; exit 1 above --atol, and then nothing is written. full: one ONNX Runtime session over the whole model; layers: the graph run block by block (name scopes), one block's weights in memory at a time; auto: full when its estimated memory fits --memory-budget, else layers; none: skip.")
+    @click.option(
+        "--dtype",
+        type=click.Choice(("fp32", "fp16", "bf16")),
+        default="fp32",
+        show_default=True,
+        help="Weight and activation precision of the exported model (bf16: safetensors only, with --validate none; a "
+        "bf16 checkpoint is then linked, not converted).",
+    )
+    @click.option(
+        "--atol",
+        type=float,
+        default=None,
+        help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].",
+    )
+    @click.option(
+        "--validate",
+        "validate",
+        type=click.Choice(("auto", "full", "layers", "none")),
+        default="auto",
+        show_default=True,
+        help="Compare ONNX Runtime against PyTorch (weights memory-mapped) on fresh inputs of other shapes; exit 1 "
+        "above --atol, and then nothing is written. full: one ONNX Runtime session over the whole model; layers: the "
+        "graph run block by block (name scopes), one block's weights in memory at a time; auto: full when its "
+        "estimated memory fits --memory-budget, else layers; none: skip.",
+    )
     @click.option("--no-validate", "no_validate", is_flag=True, help="Same as --validate none.")
-    @click.option("--memory-budget", default=None, metavar="SIZE", help="Memory validation may use, e.g. 8G or 512M  [default: half of the memory available at start].")
-    @click.option("--external-data", "external_data", type=click.Choice(("auto", "link", "copy", "inline")), default="auto", show_default=True, help="Where the weights go. link: the checkpoint files reflinked, else hard-linked, else copied next to OUT.onnx as OUT.onnx.<file> (offsets point into them; tensors whose dtype differs from --dtype are converted into OUT.onnx.data); copy: never a hard link (onnx.load refuses hard-linked data; ONNX Runtime reads it); inline: inside OUT.onnx (up to 1.8 GB); auto: inline up to 256 MB, else link.")
+    @click.option(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="Memory validation may use, e.g. 8G or 512M  [default: half of the memory available at start].",
+    )
+    @click.option(
+        "--external-data",
+        "external_data",
+        type=click.Choice(("auto", "link", "copy", "inline")),
+        default="auto",
+        show_default=True,
+        help="Where the weights go. link: the checkpoint files reflinked, else hard-linked, else copied next to "
+        "OUT.onnx as OUT.onnx.<file> (offsets point into them; tensors whose dtype differs from --dtype are "
+        "converted into OUT.onnx.data); copy: never a hard link (onnx.load refuses hard-linked data; ONNX Runtime "
+        "reads it); inline: inside OUT.onnx (up to 1.8 GB); auto: inline up to 256 MB, else link.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
-    @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped in the model directory to run (off by default).")
-    @click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (.bin/.pt); loading them can run arbitrary code.")
-    def export(model_dir, output, task, opset, dtype, atol, validate, no_validate, memory_budget, external_data, force, trust_remote_code, allow_pickle):
+    @click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="Allow Python code shipped in the model directory to run (off by default).",
+    )
+    @click.option(
+        "--allow-pickle", is_flag=True, help="Allow pickle weights (.bin/.pt); loading them can run arbitrary code."
+    )
+    def export(
+        model_dir,
+        output,
+        task,
+        opset,
+        dtype,
+        atol,
+        validate,
+        no_validate,
+        memory_budget,
+        external_data,
+        force,
+        trust_remote_code,
+        allow_pickle,
+    ):
         """Export the Hugging Face model in MODEL_DIR (config.json + safetensors) to ONNX with the
         dynamo exporter: dynamic batch/sequence axes, node metadata kept, validated against PyTorch
         with ONNX Runtime, plus OUT.manifest.json. Safetensors checkpoints (single or sharded) are

@@ -59,7 +59,11 @@ TASK_HEADS: dict[str, tuple[str, str]] = {
 # Families that are out of scope for now: mapping -> (what the model is, the task it would need).
 REFUSED: tuple[tuple[str, str, str], ...] = (
     ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder model", "text2text-generation"),
-    ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "an audio (speech encoder-decoder) model", "automatic-speech-recognition"),
+    (
+        "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+        "an audio (speech encoder-decoder) model",
+        "automatic-speech-recognition",
+    ),
     ("MODEL_FOR_CTC_MAPPING_NAMES", "an audio model", "automatic-speech-recognition"),
     ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-classification"),
     ("MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-frame-classification"),
@@ -68,7 +72,11 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
     ("MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "a multimodal (image + text) model", "image-text-to-text"),
     ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "a multimodal model", "any-to-any"),
-    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "a multimodal (image + text) model", "zero-shot-image-classification"),
+    (
+        "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "a multimodal (image + text) model",
+        "zero-shot-image-classification",
+    ),
 )
 
 # Cache layer classes that hold plain key/value tensors (the with-past export's flat I/O).
@@ -207,7 +215,9 @@ class ArchConfig:
     def check_task(self, task: str) -> None:
         """Refuse a task the family or this model type cannot serve, with a clear line."""
         if task not in self.tasks:
-            raise GpclError(f"task {task!r} is not supported for {self.name} ({self.family}); supported: {', '.join(self.tasks)}")
+            raise GpclError(
+                f"task {task!r} is not supported for {self.name} ({self.family}); supported: {', '.join(self.tasks)}"
+            )
         if not getattr(self.hf_config, "auto_map", None) and self.model_class(task) is None:
             raise GpclError(f"transformers has no {task} head for model_type {self.name!r}; choose another --task")
 
@@ -582,12 +592,16 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
     for layer in layers:
         k, v = layer.keys, layer.values
         if k is None or k.dim() != 4 or v is None or v.shape[:2] != k.shape[:2]:
-            raise GpclError(f"text-generation-with-past is not supported for {name}: a cache layer holds no 4-D key/value; "
-                            "export --task text-generation instead")
+            raise GpclError(
+                f"text-generation-with-past is not supported for {name}: a cache layer holds no 4-D key/value; "
+                "export --task text-generation instead"
+            )
         shapes.append(KVShape(int(k.shape[1]), int(k.shape[3])))
         if int(v.shape[3]) != int(k.shape[3]):
-            raise GpclError(f"text-generation-with-past is not supported for {name}: keys and values differ in head size; "
-                            "export --task text-generation instead")
+            raise GpclError(
+                f"text-generation-with-past is not supported for {name}: keys and values differ in head size; "
+                "export --task text-generation instead"
+            )
     return shapes
 
 
@@ -601,11 +615,18 @@ def _falcon_alibi_bf16_emulated(attention_mask: torch.Tensor, num_heads: int, dt
 
     batch_size, seq_length = attention_mask.shape
     closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))
-    base = torch.full((), 2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), device=attention_mask.device, dtype=torch.float32)
+    base = torch.full(
+        (), 2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), device=attention_mask.device, dtype=torch.float32
+    )
     powers = torch.arange(1, 1 + closest_power_of_2, device=attention_mask.device, dtype=torch.int32)
     slopes = torch.pow(base, powers)
     if closest_power_of_2 != num_heads:
-        extra_base = torch.full((), 2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))), device=attention_mask.device, dtype=torch.float32)
+        extra_base = torch.full(
+            (),
+            2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))),
+            device=attention_mask.device,
+            dtype=torch.float32,
+        )
         num_remaining_heads = min(closest_power_of_2, num_heads - closest_power_of_2)
         extra_powers = torch.arange(1, 1 + 2 * num_remaining_heads, 2, device=attention_mask.device, dtype=torch.int32)
         slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)], dim=0)
@@ -645,7 +666,9 @@ def _refusal(model_type: str, cls_name: str | None) -> str | None:
 
 def _is_decoder_type(model_type: str) -> bool:
     # BERT-like encoders also have a causal LM head class (BertLMHeadModel); they have a masked LM one too.
-    return _in_mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", model_type) and not _in_mapping("MODEL_FOR_MASKED_LM_MAPPING_NAMES", model_type)
+    return _in_mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", model_type) and not _in_mapping(
+        "MODEL_FOR_MASKED_LM_MAPPING_NAMES", model_type
+    )
 
 
 def _family_of_task(task: str, model_type: str) -> type[ArchConfig] | None:
@@ -667,7 +690,14 @@ def _family_of_task(task: str, model_type: str) -> type[ArchConfig] | None:
 def _family_by_type(model_type: str) -> type[ArchConfig] | None:
     if _is_decoder_type(model_type):
         return DecoderOnly
-    for task in (FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, IMAGE_CLASSIFICATION, FEATURE_EXTRACTION):
+    for task in (
+        FILL_MASK,
+        TEXT_CLASSIFICATION,
+        TOKEN_CLASSIFICATION,
+        QUESTION_ANSWERING,
+        IMAGE_CLASSIFICATION,
+        FEATURE_EXTRACTION,
+    ):
         if _in_mapping(TASK_HEADS[task][0], model_type):
             family = _family_of_task(task, model_type)
             if family is not None:
@@ -683,8 +713,12 @@ def _family_by_names(raw: dict) -> type[ArchConfig] | None:
         return DecoderOnly
     if "AutoModelForImageClassification" in keys or head.endswith("ForImageClassification"):
         return VisionEncoder
-    if keys & {"AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
-               "AutoModelForQuestionAnswering"} or head.endswith(("ForMaskedLM", "ForSequenceClassification")):
+    if keys & {
+        "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForQuestionAnswering",
+    } or head.endswith(("ForMaskedLM", "ForSequenceClassification")):
         return TextEncoder
     return None
 
@@ -719,7 +753,9 @@ def resolve_family(raw: dict, where: str, trust_remote_code: bool = False) -> ty
     task = task_of_class(head) if head else None
     refusal = _refusal(model_type, head if task is None else None)
     if task is None and refusal is None and raw.get("is_encoder_decoder"):
-        refusal = f"{model_type} is an encoder-decoder model (task text2text-generation), which gpcl-trt does not export yet"
+        refusal = (
+            f"{model_type} is an encoder-decoder model (task text2text-generation), which gpcl-trt does not export yet"
+        )
     if refusal:
         raise GpclError(f"unsupported architecture ({where}): {refusal}")
     family = (_family_of_task(task, model_type) if task else None) or _family_by_type(model_type)

@@ -59,8 +59,14 @@ def byte_progress(description: str, total: int) -> Iterator[Any]:
     t0 = time.perf_counter()
     done = [0]
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
     ) as bar:
         task = bar.add_task(description, total=max(total, 1))
 
@@ -75,14 +81,18 @@ def byte_progress(description: str, total: int) -> Iterator[Any]:
 
 
 # ----------------------------------------------------------------------------- the meta model
-def build_meta_model(arch: Any, task: str, hf_config: Any, torch_dtype: Any, trust_remote_code: bool, ckpt: Checkpoint) -> Any:
+def build_meta_model(
+    arch: Any, task: str, hf_config: Any, torch_dtype: Any, trust_remote_code: bool, ckpt: Checkpoint
+) -> Any:
     """The HF model for ``task`` with every parameter on ``meta`` and every buffer real."""
     import torch
     from transformers import initialization as hf_init
 
     auto = arch.auto_class(task)
     with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
-        model = auto.from_config(hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **arch.load_kwargs(task))
+        model = auto.from_config(
+            hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **arch.load_kwargs(task)
+        )
     model.eval()
     # Buffers the checkpoint holds are loaded from it (as from_pretrained would); the others,
     # and the non-persistent ones, are recomputed by transformers' own init code, exactly as
@@ -99,7 +109,9 @@ def build_meta_model(arch: Any, task: str, hf_config: Any, torch_dtype: Any, tru
         mod = model.get_submodule(mod_name) if mod_name else model
         old = mod._buffers[attr]
         if tuple(old.shape) != e.shape:
-            raise GpclError(f"weights do not match config.json: {e.where()} is {list(e.shape)}, buffer {k} is {list(old.shape)}")
+            raise GpclError(
+                f"weights do not match config.json: {e.where()} is {list(e.shape)}, buffer {k} is {list(old.shape)}"
+            )
         mod._buffers[attr] = ckpt.tensor(e).to(old.dtype).clone()
     left = [k for k, b in model.named_buffers() if b.device.type == "meta"]
     if left:
@@ -125,7 +137,9 @@ def map_keys(model: Any, ckpt: Checkpoint) -> tuple[dict[str, TensorEntry], list
         if mk not in meta_sd and ck in meta_sd:
             mk, conv = rename_source_key(ck, [], [], prefix, meta_sd)
         if mk in meta_sd and conv is not None:
-            raise NeedsEager(f"tensor {ck} in {ckpt.tensors[ck].file.name} needs transformers' weight conversion ({conv})")
+            raise NeedsEager(
+                f"tensor {ck} in {ckpt.tensors[ck].file.name} needs transformers' weight conversion ({conv})"
+            )
         if mk in meta_sd and mk not in by_model_key:
             by_model_key[mk] = ckpt.tensors[ck]
         else:
@@ -242,10 +256,22 @@ def _clone_or_link(src: Path, dst: Path, allow_hardlink: bool) -> str:
                 os.link(src, dst)
                 return "hardlink"
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+                if exc.errno not in (
+                    errno.EXDEV,
+                    errno.EPERM,
+                    errno.EMLINK,
+                    errno.EACCES,
+                    errno.ENOTSUP,
+                    errno.EOPNOTSUPP,
+                ):
                     raise
         size = os.fstat(fs.fileno()).st_size
-        with open(dst, "wb") as fd2, byte_progress(f"copy {src.name} (no reflink{'' if not allow_hardlink else ' or hard link'} possible)", size) as advance:
+        with (
+            open(dst, "wb") as fd2,
+            byte_progress(
+                f"copy {src.name} (no reflink{'' if not allow_hardlink else ' or hard link'} possible)", size
+            ) as advance,
+        ):
             copied = 0
             while copied < size:
                 n = os.copy_file_range(fs.fileno(), fd2.fileno(), min(CHUNK, size - copied))
@@ -348,7 +374,9 @@ def finalize_proto(proto: Any, placement: Placement, staging: Path, out_name: st
         return []  # a converted OUT.onnx.data stays until validation has read it (see drop_unused)
     # Constants the optimizer folded (all small: it folds inputs of at most 8192 elements) go
     # with the weights when above 1 KiB, as onnx.save_model(size_threshold=1024) would put them.
-    small = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+    small = [
+        t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024
+    ]
     if small:
         path = staging / converted_name
         with open(path, "ab") as f:
@@ -410,7 +438,7 @@ def bind_initializers(ir_model: Any, binding: Binding, placement: Placement) -> 
     alias_to_canonical = {a: c for c, names in binding.aliases.items() for a in names}
     bound: set[str] = set()
     for name, value in ir_model.graph.initializers.items():
-        param = name[len(CORE_PREFIX):] if name.startswith(CORE_PREFIX) else name
+        param = name[len(CORE_PREFIX) :] if name.startswith(CORE_PREFIX) else name
         canonical = alias_to_canonical.get(param)
         if canonical is None:
             if _is_fake(value.const_value):
@@ -418,8 +446,12 @@ def bind_initializers(ir_model: Any, binding: Binding, placement: Placement) -> 
             continue
         path, offset, length = placement.where[canonical]
         value.const_value = ir.ExternalTensor(
-            path, offset, length, ir.DataType(onnx_type(binding.target[canonical])),
-            shape=ir.Shape(list(binding.entries[canonical].shape)), name=name,
+            path,
+            offset,
+            length,
+            ir.DataType(onnx_type(binding.target[canonical])),
+            shape=ir.Shape(list(binding.entries[canonical].shape)),
+            name=name,
         )
         bound.add(name)
     return bound
@@ -458,4 +490,6 @@ def reference_tensors(binding: Binding, ckpt: Checkpoint, placement: Placement) 
 def nbytes_of(binding: Binding) -> int:
     import torch
 
-    return sum(math.prod(e.shape) * torch.empty((), dtype=binding.target[c]).element_size() for c, e in binding.entries.items())
+    return sum(
+        math.prod(e.shape) * torch.empty((), dtype=binding.target[c]).element_size() for c, e in binding.entries.items()
+    )

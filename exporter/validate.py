@@ -32,7 +32,9 @@ def torch_runner(module: Any) -> Runner:
     return run
 
 
-def ort_runner(onnx_path: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",), bounded: bool = False) -> Runner:
+def ort_runner(
+    onnx_path: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",), bounded: bool = False
+) -> Runner:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), ort_options(bounded), providers=list(providers))
@@ -52,7 +54,9 @@ def _past_names(arch: Any, task: str) -> list[str]:
     return [s.name for s in arch.inputs(task) if s.name.startswith("past_key_values.")]
 
 
-def next_step_feeds(arch: Any, task: str, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], next_ids: np.ndarray) -> dict[str, np.ndarray]:
+def next_step_feeds(
+    arch: Any, task: str, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], next_ids: np.ndarray
+) -> dict[str, np.ndarray]:
     """Feeds for the next decode step: ``next_ids`` (batch, 1) appended. With past, the step
     sees only the new token and the presents; without, the whole sequence is run again."""
     batch = next_ids.shape[0]
@@ -141,8 +145,16 @@ def plan_validation(onnx_path: str | os.PathLike, mode: str, budget: int) -> dic
     if mode != "auto":
         return {"mode": mode, "reason": "requested", "estimate": estimate}
     if estimate["full"] <= budget:
-        return {"mode": "full", "reason": f"estimate {estimate['full'] / 1e9:.2f} GB fits the {budget / 1e9:.2f} GB budget", "estimate": estimate}
-    return {"mode": "layers", "reason": f"full needs ~{estimate['full'] / 1e9:.2f} GB, over the {budget / 1e9:.2f} GB budget", "estimate": estimate}
+        return {
+            "mode": "full",
+            "reason": f"estimate {estimate['full'] / 1e9:.2f} GB fits the {budget / 1e9:.2f} GB budget",
+            "estimate": estimate,
+        }
+    return {
+        "mode": "layers",
+        "reason": f"full needs ~{estimate['full'] / 1e9:.2f} GB, over the {budget / 1e9:.2f} GB budget",
+        "estimate": estimate,
+    }
 
 
 # ----------------------------------------------------------------------------- block by block
@@ -174,7 +186,9 @@ class SegmentedRunner:
             if layer is not None:
                 key = layer + 1
                 if any(d > key for d in deps):
-                    raise ValueError(f"node {node.name} of block {layer} reads a later block; the graph is not sequential")
+                    raise ValueError(
+                        f"node {node.name} of block {layer} reads a later block; the graph is not sequential"
+                    )
             else:  # with its latest producer: masks and rotary tables first, final norm and head with the last block
                 key = max(deps, default=0)
             for o in node.output:
@@ -201,7 +215,10 @@ class SegmentedRunner:
             return helper.make_value_info(name, onnx.TypeProto())
 
         seg = helper.make_graph(
-            nodes, "segment", [info(x) for x in inputs], [info(o) for o in outputs],
+            nodes,
+            "segment",
+            [info(x) for x in inputs],
+            [info(o) for o in outputs],
             [inits[x] for x in dict.fromkeys(consumed) if x in inits],
         )
         m = helper.make_model(seg, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
@@ -223,22 +240,31 @@ class SegmentedRunner:
 
         def nbytes(nodes: list[Any]) -> int:
             names = {x for n in nodes for x in n.input if x in inits}
-            return sum(int({e.key: e.value for e in inits[x].external_data}.get("length", len(inits[x].raw_data))) for x in names)
+            return sum(
+                int({e.key: e.value for e in inits[x].external_data}.get("length", len(inits[x].raw_data)))
+                for x in names
+            )
 
         sizes = [nbytes(nodes) for nodes in self.segments]
         values = [dict(f) for f in feeds_list]
-        with byte_progress(f"ONNX Runtime block by block ({len(self.segments)} segments, {len(feeds_list)} inputs)", sum(sizes)) as advance:
+        with byte_progress(
+            f"ONNX Runtime block by block ({len(self.segments)} segments, {len(feeds_list)} inputs)", sum(sizes)
+        ) as advance:
             for i, nodes in enumerate(self.segments):
                 self._run_segment(i, nodes, later, values, feeds_list)
                 advance(sizes[i])
         return [{o: v[o] for o in graph_outputs} for v in values]
 
-    def _run_segment(self, i: int, nodes: list[Any], later: list[set[str]], values: list[dict], feeds_list: list[dict]) -> None:
+    def _run_segment(
+        self, i: int, nodes: list[Any], later: list[set[str]], values: list[dict], feeds_list: list[dict]
+    ) -> None:
         import onnxruntime as ort
 
         data, inputs, outputs = self._segment_bytes(nodes, later[i])
         opts = ort_options(bounded=True)
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent.resolve()))
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(self.path.parent.resolve())
+        )
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         for v in values:
             res = sess.run(outputs, {x: v[x] for x in inputs})
@@ -250,7 +276,9 @@ class SegmentedRunner:
 
 
 # ----------------------------------------------------------------------------- validation
-def validate_export(module: Any, arch: Any, task: str, onnx_path: str | os.PathLike, atol: float, seed: int = 1, mode: str = "full") -> dict[str, Any]:
+def validate_export(
+    module: Any, arch: Any, task: str, onnx_path: str | os.PathLike, atol: float, seed: int = 1, mode: str = "full"
+) -> dict[str, Any]:
     """PyTorch vs ONNX Runtime on fresh inputs of shapes other than the trace shape. With past,
     a two-step decode (prefill from an empty cache, then one token fed each side's own presents).
     PyTorch runs first and its outputs are kept as the golden reference, so the two never hold
@@ -284,12 +312,24 @@ def validate_export(module: Any, arch: Any, task: str, onnx_path: str | os.PathL
         seg = SegmentedRunner(onnx_path)
         many = seg.run_many
     got1 = many([feeds for _, feeds, _ in cases])
-    got2 = many([next_step_feeds(arch, task, feeds, g, nid) for (_, feeds, nid), g in zip(cases, got1)]) if with_past else [None] * len(cases)
+    got2 = (
+        many([next_step_feeds(arch, task, feeds, g, nid) for (_, feeds, nid), g in zip(cases, got1)])
+        if with_past
+        else [None] * len(cases)
+    )
     checks: list[dict[str, Any]] = []
     for (meta, _, _), (ref, ref2), g1, g2 in zip(cases, golden, got1, got2):
         checks.append({**meta, "step": "prefill" if with_past else "full", "max_abs_diff": _compare(ref, g1)})
         if with_past:
-            checks.append({"batch": meta["batch"], "sequence": 1, "past_sequence": meta["sequence"], "step": "decode", "max_abs_diff": _compare(ref2, g2)})
+            checks.append(
+                {
+                    "batch": meta["batch"],
+                    "sequence": 1,
+                    "past_sequence": meta["sequence"],
+                    "step": "decode",
+                    "max_abs_diff": _compare(ref2, g2),
+                }
+            )
     per_output = {n: max(c["max_abs_diff"][n] for c in checks) for n in module.output_names}
     worst = max(per_output.values())
     result = {

@@ -38,8 +38,13 @@ DEFAULT_VOCAB = 100  # ids drawn when the vocabulary size is unknown: valid for 
 
 _VIEW_OPS = {"Reshape", "Flatten", "Cast", "Identity", "Squeeze", "Unsqueeze", "View"}
 _ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
 
@@ -80,8 +85,9 @@ def specs_from_onnx(model: Any) -> list[InputSpec]:
 def specs_from_axes(tensor_specs: Iterable[Any], float_dtype: Any = np.float32) -> list[InputSpec]:
     """From the exporter's I/O description (``.name``, ``.dtype`` "float" or a numpy name,
     ``.axes``): "float" is the model's float type."""
-    return [InputSpec(t.name, np.dtype(float_dtype if t.dtype == "float" else t.dtype), tuple(t.axes))
-            for t in tensor_specs]
+    return [
+        InputSpec(t.name, np.dtype(float_dtype if t.dtype == "float" else t.dtype), tuple(t.axes)) for t in tensor_specs
+    ]
 
 
 def specs_from_session(session: Any) -> list[InputSpec]:
@@ -137,7 +143,7 @@ def make_feeds(
         elif name == ATTENTION_MASK:
             mask = np.ones(shape, dtype)
             if pad_last_row and shape[0] > 1 and shape[-1] > 2:
-                mask[-1, shape[-1] - max(1, shape[-1] // 4):] = 0
+                mask[-1, shape[-1] - max(1, shape[-1] // 4) :] = 0
             feed[name] = mask
         elif name == TOKEN_TYPE_IDS:
             feed[name] = np.zeros(shape, dtype)
@@ -215,8 +221,14 @@ def ort_options(bounded: bool = False, threads: int | None = None, profile: bool
     return opts
 
 
-def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, threads: int | None = None,
-                bounded: bool = False, profile: bool = False) -> Any:
+def ort_session(
+    model: Any,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    bounded: bool = False,
+    profile: bool = False,
+) -> Any:
     """A CPU ONNX Runtime session of a path, serialized bytes or a ModelProto. A ModelProto
     whose weights are external (loaded graph-only) reads them from ``base_dir``, where it came
     from; one too big for a protobuf goes through a temporary file. ``bounded``: see ort_options.
@@ -242,13 +254,18 @@ def ort_session(model: Any, *, base_dir: str | os.PathLike | None = None, thread
 
             with tempfile.TemporaryDirectory(prefix="gpcl-session-") as d:
                 path = os.path.join(d, "model.onnx")
-                onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+                onnx.save(
+                    model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
+                )
                 return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
         text = str(exc).strip()
-        raise GpclError(f"ONNX Runtime cannot load the model ({text.splitlines()[0] if text else type(exc).__name__})") from None
+        raise GpclError(
+            f"ONNX Runtime cannot load the model ({text.splitlines()[0] if text else type(exc).__name__})"
+        ) from None
 
 
 def ort_run(session: Any, feed: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -9,7 +9,14 @@ from typing import Callable
 
 import numpy as np
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 _KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 Encoder = Callable[[list[str]], dict[str, np.ndarray]]
@@ -53,16 +60,24 @@ def _fast_encoder(model_dir: Path, length: int | None, max_tokens: int) -> Encod
         tok.no_padding()
         tok.enable_truncation(max_tokens)
     else:
-        pad = next((t for t in (_special_token(model_dir, k) for k in ("pad_token", "eos_token", "unk_token"))
-                    if t is not None and tok.token_to_id(t) is not None), None)
+        pad = next(
+            (
+                t
+                for t in (_special_token(model_dir, k) for k in ("pad_token", "eos_token", "unk_token"))
+                if t is not None and tok.token_to_id(t) is not None
+            ),
+            None,
+        )
         tok.enable_truncation(length)
         tok.enable_padding(length=length, pad_id=tok.token_to_id(pad) if pad else 0, pad_token=pad or "[PAD]")
 
     def encode(texts: list[str]) -> dict[str, np.ndarray]:
         enc = tok.encode_batch(texts)
-        return {"input_ids": np.array([e.ids for e in enc], np.int64),
-                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-                "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+        return {
+            "input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
+        }
 
     return encode
 

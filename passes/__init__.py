@@ -18,14 +18,17 @@ if TYPE_CHECKING:
     from gpcl_trt.passes.strip import strip_file as strip_file
     from gpcl_trt.passes.strip import strip_gpcl as strip_gpcl
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "find_sites": "sites",
-    "sites_file": "sites",
-    "Site": "sites",
-    "insert_gpcl": "insert",
-    "insert_file": "insert",
-    "strip_gpcl": "strip",
-    "strip_file": "strip",
-    "calibrate_file": "calibrate",
-    "load_graph": "graph",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "find_sites": "sites",
+        "sites_file": "sites",
+        "Site": "sites",
+        "insert_gpcl": "insert",
+        "insert_file": "insert",
+        "strip_gpcl": "strip",
+        "strip_file": "strip",
+        "calibrate_file": "calibrate",
+        "load_graph": "graph",
+    },
+)

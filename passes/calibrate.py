@@ -64,7 +64,9 @@ def _read_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise GpclError(f"{path}: not UTF-8 text (byte {exc.start}); pass UTF-8 text, one sentence a line, or an .npz") from None
+        raise GpclError(
+            f"{path}: not UTF-8 text (byte {exc.start}); pass UTF-8 text, one sentence a line, or an .npz"
+        ) from None
     except OSError as exc:
         raise GpclError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
     lines = [ln.strip() for ln in text.splitlines()]
@@ -82,7 +84,10 @@ def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tupl
         if not p.is_file():
             raise GpclError(f"{p}: no such data file")
         if tok is None:
-            raise GpclError(f"--data {p.name}: text needs the model's tokenizer, and none was found via the export manifest; pass an .npz")
+            raise GpclError(
+                f"--data {p.name}: text needs the model's tokenizer, and none was found via the export manifest; "
+                "pass an .npz"
+            )
         sentences, desc = _read_lines(p), {"kind": "text", "path": str(p)}
     elif tok is not None:
         sentences, desc = _read_lines(CORPUS), {"kind": "corpus", "path": CORPUS.name}
@@ -96,7 +101,9 @@ def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tupl
     if any(e["input_ids"].size == 0 for e in encoded):
         raise GpclError(f"the tokenizer of {model_dir} produced no tokens for a sample sentence; pass --data FILE.npz")
     if vocab is not None and max(int(e["input_ids"].max()) for e in encoded) >= vocab:
-        raise GpclError(f"the tokenizer of {model_dir} produces ids beyond the model's vocabulary of {vocab}; pass --data FILE.npz")
+        raise GpclError(
+            f"the tokenizer of {model_dir} produces ids beyond the model's vocabulary of {vocab}; pass --data FILE.npz"
+        )
     batches = _pad_batches(encoded)
     return batches, {**desc, "tokenizer": model_dir, "sentences": len(sentences)}
 
@@ -110,7 +117,9 @@ def _npz_batches(path: Path, samples: int) -> tuple[list[dict], dict]:
     except Exception as exc:
         raise GpclError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
     if not arrays or any(v.ndim < 1 for v in arrays.values()) or len({v.shape[0] for v in arrays.values()}) != 1:
-        raise GpclError(f"{path}: needs model inputs by name (input_ids, pixel_values, ...) with one leading sample axis")
+        raise GpclError(
+            f"{path}: needs model inputs by name (input_ids, pixel_values, ...) with one leading sample axis"
+        )
     n = min(samples, next(iter(arrays.values())).shape[0])
     batches = [{k: v[i : min(i + _NPZ_BATCH, n)] for k, v in arrays.items()} for i in range(0, n, _NPZ_BATCH)]
     return batches, {"kind": "npz", "path": str(path), "sequences": n}
@@ -122,7 +131,9 @@ def _random_batches(lm, samples: int) -> tuple[list[dict], dict]:
     specs = specs_from_onnx(lm.model)
     vocab = vocab_size(lm.model)
     if vocab is None and any(s.name == INPUT_IDS for s in specs):
-        raise GpclError("no tokenizer found via the export manifest and no embedding table to draw ids from; pass --data")
+        raise GpclError(
+            "no tokenizer found via the export manifest and no embedding table to draw ids from; pass --data"
+        )
     rng = np.random.default_rng(0)
     batches = [make_feeds(specs, 1, int(rng.integers(8, 33)), seed=i, vocab=vocab) for i in range(samples)]
     kind = "random-token-ids" if vocab is not None else "random-inputs"
@@ -141,13 +152,14 @@ def site_stats(r: np.ndarray, percentile: float, margin: float, per_group: bool,
     finite = np.isfinite(r)
     flat = r[finite]
     if flat.size == 0:
-        raise GpclError(f"calibration of {site}: no finite activation radii in the sample data "
-                        f"({r.size} radii, {int((~finite).sum())} non-finite)")
+        raise GpclError(
+            f"calibration of {site}: no finite activation radii in the sample data "
+            f"({r.size} radii, {int((~finite).sum())} non-finite)"
+        )
     ps = sorted(set(STAT_PERCENTILES) | {percentile})
     values = np.percentile(flat, ps)
     stats = {_pkey(p): float(v) for p, v in zip(ps, values)}
-    stats.update(max=float(flat.max()), count=int(flat.size), tokens=int(r.shape[0]),
-                 non_finite=int((~finite).sum()))
+    stats.update(max=float(flat.max()), count=int(flat.size), tokens=int(r.shape[0]), non_finite=int((~finite).sum()))
     if per_group:
         if not finite.any(axis=0).all():
             bad = [int(g) for g in np.flatnonzero(~finite.any(axis=0))][:5]
@@ -227,8 +239,13 @@ def calibrate_file(
     result_sites = {}
     for s in sites:
         r = np.concatenate(radii[s.tensor], axis=0)
-        result_sites[s.key] = {"layer": s.layer, "kind": s.kind, "tensor": s.tensor, "hidden": s.hidden,
-                               **site_stats(r, percentile, margin, per_group, s.key)}
+        result_sites[s.key] = {
+            "layer": s.layer,
+            "kind": s.kind,
+            "tensor": s.tensor,
+            "hidden": s.hidden,
+            **site_stats(r, percentile, margin, per_group, s.key),
+        }
     src_sha = sha256_file(input)
     doc = {
         "format": CALIB_FORMAT,
@@ -243,11 +260,26 @@ def calibrate_file(
     }
     write_json_atomic(output, doc, force=force)
     model_dir = model_dir_of(input)
-    write_manifest(output, "calibrate", inputs=pass_inputs(input, src_sha, str(model_dir) if model_dir else None, data=data_desc),
-                   options={"samples": samples, "percentile": percentile, "margin": margin, "per_group": per_group},
-                   packages=("onnxruntime",))
-    summary = {k: {"tau": v["tau"] if not per_group else {"min": min(v["tau"]), "max": max(v["tau"])},
-                   _pkey(percentile): v["stats"][_pkey(percentile)], "max": v["stats"]["max"]}
-               for k, v in result_sites.items()}
-    return {"ok": True, "output": str(output), "samples": doc["samples"], "data": data_desc,
-            "tokens": next(iter(result_sites.values()))["stats"]["tokens"], "sites": summary}
+    write_manifest(
+        output,
+        "calibrate",
+        inputs=pass_inputs(input, src_sha, str(model_dir) if model_dir else None, data=data_desc),
+        options={"samples": samples, "percentile": percentile, "margin": margin, "per_group": per_group},
+        packages=("onnxruntime",),
+    )
+    summary = {
+        k: {
+            "tau": v["tau"] if not per_group else {"min": min(v["tau"]), "max": max(v["tau"])},
+            _pkey(percentile): v["stats"][_pkey(percentile)],
+            "max": v["stats"]["max"],
+        }
+        for k, v in result_sites.items()
+    }
+    return {
+        "ok": True,
+        "output": str(output),
+        "samples": doc["samples"],
+        "data": data_desc,
+        "tokens": next(iter(result_sites.values()))["stats"]["tokens"],
+        "sites": summary,
+    }

@@ -51,7 +51,12 @@ def is_const(t: gs.Tensor, depth: int = 4) -> bool:
 
 def is_projection(node: gs.Node) -> bool:
     """A linear layer: MatMul/Gemm of an activation by a constant weight."""
-    return node.op in PROJECTION_OPS and len(node.inputs) >= 2 and is_const(node.inputs[1]) and not is_const(node.inputs[0])
+    return (
+        node.op in PROJECTION_OPS
+        and len(node.inputs) >= 2
+        and is_const(node.inputs[1])
+        and not is_const(node.inputs[0])
+    )
 
 
 def see_through(t: gs.Tensor) -> gs.Tensor:
@@ -115,4 +120,3 @@ def to_proto(graph: gs.Graph, like: LoadedModel) -> onnx.ModelProto:
     have = {o.domain for o in out.opset_import}
     out.opset_import.extend(o for o in src.opset_import if o.domain not in have)
     return out
-

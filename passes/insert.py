@@ -66,17 +66,26 @@ def select_sites(found: list[Site], kinds: tuple[str, ...], layers: list[int] | 
     known = sorted({s.layer for s in found})
     unknown = sorted(set(layers or ()) - set(known))
     if unknown:
-        raise GpclError(f"unknown --layers index {','.join(map(str, unknown))}; the model has layers {known[0]}-{known[-1]}")
+        raise GpclError(
+            f"unknown --layers index {','.join(map(str, unknown))}; the model has layers {known[0]}-{known[-1]}"
+        )
     chosen = [s for s in found if _wanted(s.kind, kinds) and (layers is None or s.layer in layers)]
     if not chosen:
         shared = any(s.kind == SHARED for s in found)
-        hint = "; this model's blocks read one norm for attention and MLP: pass --sites shared (or pre-attention,pre-mlp)" if shared else ""
+        hint = (
+            "; this model's blocks read one norm for attention and MLP: pass --sites shared (or pre-attention,pre-mlp)"
+            if shared
+            else ""
+        )
         raise GpclError(f"no {'/'.join(kinds)} sites in the chosen layers{hint}")
     for s in chosen:
         if s.hidden is None:
             raise GpclError(f"cannot tell the hidden size at {s.key} ({s.tensor})")
         if s.hidden % 4:
-            raise GpclError(f"hidden size {s.hidden} at {s.key} ({s.tensor}) is not divisible by 4; GPCL reads channels in groups of 4")
+            raise GpclError(
+                f"hidden size {s.hidden} at {s.key} ({s.tensor}) is not divisible by 4; GPCL reads channels in "
+                "groups of 4"
+            )
     return chosen
 
 
@@ -142,7 +151,9 @@ def insert_gpcl(
         node = nodes.get(s.gpcl) if s.gpcl else None
         if node is None:
             y = gs.Variable(s.output_name, dtype=x.dtype, shape=x.shape)
-            node = gs.Node("GPCL", s.node_name, attrs={"mode": mode, "eps": DEFAULT_EPS}, inputs=[x], outputs=[y], domain="gpcl")
+            node = gs.Node(
+                "GPCL", s.node_name, attrs={"mode": mode, "eps": DEFAULT_EPS}, inputs=[x], outputs=[y], domain="gpcl"
+            )
             graph.nodes.append(node)
             report["inserted"].append(s.key)
         else:
@@ -155,7 +166,9 @@ def insert_gpcl(
             for i, inp in enumerate(c.inputs):
                 if inp is x:
                     c.inputs[i] = y
-        report["sites"].append({**s.to_dict(), "gpcl": node.name, "output": y.name, "mode": mode, "tau": _describe_tau(taus[s.key])})
+        report["sites"].append(
+            {**s.to_dict(), "gpcl": node.name, "output": y.name, "mode": mode, "tau": _describe_tau(taus[s.key])}
+        )
     graph.toposort()
     return graph, report
 
@@ -187,7 +200,10 @@ def load_calibration(path: str | Path, source: str | Path, source_sha256: str) -
     except (ValueError, KeyError, TypeError, AttributeError):
         raise GpclError(f"{p}: not a GPCL calibration file (calib.json from gpcl-trt calibrate)") from None
     if made_from not in {source_sha256, origin_sha256(source, source_sha256)}:
-        raise GpclError(f"{p} was calibrated on another model (source_sha256 {made_from[:12]}..., {Path(source).name} is {source_sha256[:12]}...)")
+        raise GpclError(
+            f"{p} was calibrated on another model (source_sha256 {made_from[:12]}..., {Path(source).name} is "
+            f"{source_sha256[:12]}...)"
+        )
     return site_taus, sha256_file(p)
 
 
@@ -220,12 +236,27 @@ def insert_file(
         tau_value, tau_source = float(tau), {"tau": float(tau)}
     graph, report = insert_gpcl(lm.graph, sites=sites, layers=layers, mode=mode, tau=tau_value, scopes=lm.scopes)
     model_dir = model_dir_of(input)
-    inputs = pass_inputs(input, src_sha, str(model_dir) if model_dir else None,
-                         origin_sha256=origin_sha256(input, src_sha), **tau_source)
-    options = {"sites": list(parse_kinds(sites)), "layers": parse_layers(layers), "mode": mode, "tau_source": tau_source}
+    inputs = pass_inputs(
+        input, src_sha, str(model_dir) if model_dir else None, origin_sha256=origin_sha256(input, src_sha), **tau_source
+    )
+    options = {
+        "sites": list(parse_kinds(sites)),
+        "layers": parse_layers(layers),
+        "mode": mode,
+        "tau_source": tau_source,
+    }
     summary = [{k: s[k] for k in ("key", "layer", "kind", "tensor", "gpcl", "output", "tau")} for s in report["sites"]]
-    save_model(graph, lm, output, force=force, gpcl=True, stage="insert", inputs=inputs, options=options,
-               results={"inserted": report["inserted"], "updated": report["updated"], "sites": summary})
+    save_model(
+        graph,
+        lm,
+        output,
+        force=force,
+        gpcl=True,
+        stage="insert",
+        inputs=inputs,
+        options=options,
+        results={"inserted": report["inserted"], "updated": report["updated"], "sites": summary},
+    )
     return {
         "ok": True,
         "output": str(output),

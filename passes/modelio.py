@@ -94,7 +94,9 @@ def write_external(model: onnx.ModelProto, out: Path, force: bool, check=None) -
         raise GpclError(f"{data_file} exists; pass --force to overwrite it")
     try:
         with atomic_path(out, force=force) as tmp:
-            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name)
+            onnx.save(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name
+            )
             if check is not None:
                 check(tmp)
     except BaseException:
@@ -129,8 +131,11 @@ def save_model(
         with graph_beside(model, src_dir, out.name) as beside:  # ORT reads the weights where they are
             check_model(weights_as_inputs(model), stage, str(beside) if ort_check else None)
         check_can_write(out, force)
-        results = {**results, "external_data": share_external_data(locations, src_dir, out.parent, force),
-                   "ort_check": ort_check}
+        results = {
+            **results,
+            "external_data": share_external_data(locations, src_dir, out.parent, force),
+            "ort_check": ort_check,
+        }
         with atomic_path(out, force=force) as tmp:
             tmp.write_bytes(model.SerializeToString())
     elif model.ByteSize() < EXTERNAL_DATA_BYTES:
@@ -141,6 +146,12 @@ def save_model(
             tmp.write_bytes(data)
     else:
         write_external(model, out, force, lambda tmp: check_model(str(tmp), stage))
-    write_manifest(out, stage, inputs=inputs, options=options, results=results, packages=("onnx", "onnx-graphsurgeon", "onnxruntime"))
+    write_manifest(
+        out,
+        stage,
+        inputs=inputs,
+        options=options,
+        results=results,
+        packages=("onnx", "onnx-graphsurgeon", "onnxruntime"),
+    )
     return model
-

@@ -155,7 +155,11 @@ def norm_outputs(graph: gs.Graph) -> dict[int, str]:
             for c in xv.outputs:
                 if c.op in ("Mul", "Div") and any(id(i) in scale for i in c.inputs):
                     x_prod = producer(x)
-                    label = "LayerNorm (decomposed)" if x_prod is not None and x_prod.op == "Sub" else "RMSNorm (decomposed)"
+                    label = (
+                        "LayerNorm (decomposed)"
+                        if x_prod is not None and x_prod.op == "Sub"
+                        else "RMSNorm (decomposed)"
+                    )
                     out[id(_affine_tail(c.outputs[0]))] = label
     return out
 
@@ -191,7 +195,6 @@ def _norm_label(root: gs.Tensor, norms: dict[int, str]) -> str:
         return norms[id(root)]
     p = producer(root)
     return p.op if p is not None else "graph input"
-
 
 
 def _merge_kind(kinds: set[str]) -> str:
@@ -249,8 +252,9 @@ def _renumber_calls(cands: list[_Candidate]) -> list[_Candidate]:
     return cands
 
 
-def _pick_roots(entries: list[tuple[gs.Tensor, gs.Node]], norms: dict[int, str],
-                scopes: dict[str, list[str]]) -> list[tuple[gs.Tensor, list[gs.Node]]]:
+def _pick_roots(
+    entries: list[tuple[gs.Tensor, gs.Node]], norms: dict[int, str], scopes: dict[str, list[str]]
+) -> list[tuple[gs.Tensor, list[gs.Node]]]:
     """The roots of one (layer, kind) group: one per call when the block module is called more
     than once (the same projection module appears twice), else the norm output among them, else
     the root most projections read."""

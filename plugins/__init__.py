@@ -17,13 +17,16 @@ if TYPE_CHECKING:
     from gpcl_trt.plugins.reference import gpcl_numpy as gpcl_numpy
     from gpcl_trt.plugins.reference import gpcl_torch as gpcl_torch
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "gpcl_numpy": "reference",
-    "gpcl_torch": "reference",
-    "make_gpcl_node": "onnx_function",
-    "attach_gpcl_functions": "onnx_function",
-    "inline_gpcl_functions": "onnx_function",
-    "gpcl_model": "onnx_function",
-    "KernelLibrary": "native",
-    "build_kernel_library": "native",
-})
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "gpcl_numpy": "reference",
+        "gpcl_torch": "reference",
+        "make_gpcl_node": "onnx_function",
+        "attach_gpcl_functions": "onnx_function",
+        "inline_gpcl_functions": "onnx_function",
+        "gpcl_model": "onnx_function",
+        "KernelLibrary": "native",
+        "build_kernel_library": "native",
+    },
+)

@@ -42,14 +42,26 @@ def nvcc_path() -> str:
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise GpclError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise GpclError(
+            f"{Path(cmd[0]).name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
 
 
 def build_host_check(out_dir: str | os.PathLike, cxx: str = "g++") -> Path:
     """Compile gpcl_host_check.cpp (the kernel's per-group code, for the CPU)."""
     exe = Path(out_dir) / "gpcl_host_check"
-    _run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", f"-I{cuda_home() / 'include'}",
-          str(SRC / "gpcl_host_check.cpp"), "-o", str(exe)])
+    _run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O2",
+            "-ffp-contract=off",
+            f"-I{cuda_home() / 'include'}",
+            str(SRC / "gpcl_host_check.cpp"),
+            "-o",
+            str(exe),
+        ]
+    )
     return exe
 
 
@@ -57,8 +69,19 @@ def kernel_compile_cmd(output: Path, archs=DEFAULT_ARCHS, shared: bool = True) -
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     kind = ["-shared"] if shared else ["-c"]
     # --fmad=false: no FMA contraction, so the math rounds like the reference.
-    return [nvcc_path(), "-O3", "--fmad=false", "-std=c++17", "-Xcompiler", "-fPIC", *kind, *gencode,
-            str(SRC / "gpcl_kernel.cu"), "-o", str(output)]
+    return [
+        nvcc_path(),
+        "-O3",
+        "--fmad=false",
+        "-std=c++17",
+        "-Xcompiler",
+        "-fPIC",
+        *kind,
+        *gencode,
+        str(SRC / "gpcl_kernel.cu"),
+        "-o",
+        str(output),
+    ]
 
 
 def build_kernel_library(out_dir: str | os.PathLike, archs=DEFAULT_ARCHS) -> Path:
@@ -74,9 +97,25 @@ def _plugin_objects(out: Path, tensorrt_include, archs, cxx: str) -> tuple[Path,
         _run(kernel_compile_cmd(kernel_o, archs, shared=False))
     plugin_o = out / "gpcl_plugin.o"
     if not plugin_o.exists():
-        _run([cxx, "-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
-              "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}", "-c",
-              str(SRC / "gpcl_plugin.cpp"), "-o", str(plugin_o)])
+        _run(
+            [
+                cxx,
+                "-std=c++17",
+                "-O2",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-deprecated-declarations",
+                "-isystem",
+                str(tensorrt_include),
+                f"-I{cuda_home() / 'include'}",
+                "-c",
+                str(SRC / "gpcl_plugin.cpp"),
+                "-o",
+                str(plugin_o),
+            ]
+        )
     return kernel_o, plugin_o
 
 
@@ -85,8 +124,9 @@ def _link_cudart() -> list[str]:
     return [f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"]
 
 
-def build_plugin(out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",),
-                 cxx: str = "g++") -> Path:
+def build_plugin(
+    out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",), cxx: str = "g++"
+) -> Path:
     """Compile the IPluginV3 plugin + kernel into ``libgpcl_trt_plugin.so`` against TensorRT headers.
     libnvinfer is not linked: TensorRT resolves getPluginRegistry when it loads the library."""
     out = Path(out_dir)
@@ -96,15 +136,33 @@ def build_plugin(out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike
     return lib
 
 
-def build_plugin_check(out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",),
-                       cxx: str = "g++") -> Path:
+def build_plugin_check(
+    out_dir: str | os.PathLike, tensorrt_include: str | os.PathLike, archs=("90",), cxx: str = "g++"
+) -> Path:
     """Compile gpcl_plugin_check.cpp (the plugin's build-time logic, exercised on the host)."""
     out = Path(out_dir)
     kernel_o, plugin_o = _plugin_objects(out, tensorrt_include, archs, cxx)
     exe = out / "gpcl_plugin_check"
-    _run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
-          "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}", str(SRC / "gpcl_plugin_check.cpp"),
-          str(plugin_o), str(kernel_o), "-o", str(exe), *_link_cudart()])
+    _run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wno-deprecated-declarations",
+            "-isystem",
+            str(tensorrt_include),
+            f"-I{cuda_home() / 'include'}",
+            str(SRC / "gpcl_plugin_check.cpp"),
+            str(plugin_o),
+            str(kernel_o),
+            "-o",
+            str(exe),
+            *_link_cudart(),
+        ]
+    )
     return exe
 
 
@@ -128,8 +186,18 @@ class KernelLibrary:
         self.path = Path(path)
         self.lib = ctypes.CDLL(str(self.path))
         f = self.lib.gpcl_forward
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                      ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_float,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         f.restype = ctypes.c_int
         self.lib.gpcl_error_string.restype = ctypes.c_char_p
         self.lib.gpcl_abi_version.restype = ctypes.c_int
@@ -147,7 +215,9 @@ class KernelLibrary:
         out = torch.empty_like(x) if out is None else out
         # The kernel trusts its pointers: a mismatched out or tau would be an out-of-bounds access.
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-            raise GpclError(f"GPCL kernel: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+            raise GpclError(
+                f"GPCL kernel: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+            )
         tau_ptr, gpr, tau_scalar = None, 1, 0.0
         if tau_t is not None:
             if tau_t.dtype != torch.float32 or tau_t.device != x.device or not tau_t.is_contiguous():
@@ -155,8 +225,18 @@ class KernelLibrary:
             tau_ptr, gpr = tau_t.data_ptr(), tau_t.numel()
         else:
             tau_scalar = float(tau)
-        rc = self.lib.gpcl_forward(x.data_ptr(), out.data_ptr(), x.numel() // 4, gpr, tau_ptr, tau_scalar, eps,
-                                   MODE_IDS[mode], DTYPE_IDS[dtype], torch.cuda.current_stream().cuda_stream)
+        rc = self.lib.gpcl_forward(
+            x.data_ptr(),
+            out.data_ptr(),
+            x.numel() // 4,
+            gpr,
+            tau_ptr,
+            tau_scalar,
+            eps,
+            MODE_IDS[mode],
+            DTYPE_IDS[dtype],
+            torch.cuda.current_stream().cuda_stream,
+        )
         if rc != 0:
             raise GpclError(f"gpcl_forward: {self.lib.gpcl_error_string(rc).decode()}")
         return out

@@ -12,9 +12,9 @@ the *branching* body that models carry, tuned for ONNX Runtime's CPU hot path (m
 op, see tools/bench_gpcl_ort.py): channel planes, and an If whose fast branch (every radius
 finite) skips the NaN rule and the overflow-safe radius; and the *flat* body that engine builds
 swap in (no If: in an engine a conditional is a run-time branch on a device value, a likely
-host synchronisation, and it multiplies the layers), which applies the full rule to every group. Casts to float32 and back vanish for float32 models (ORT removes
-same-type casts). The `tau` and `eps` attributes reach the body through ``ref_attr_name``
-Constants.
+host synchronisation, and it multiplies the layers), which applies the full rule to every group.
+Casts to float32 and back vanish for float32 models (ORT removes same-type casts). The `tau` and
+`eps` attributes reach the body through ``ref_attr_name`` Constants.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from onnx import helper as oh
 from gpcl_trt.common import GpclError
 from gpcl_trt.gpcl import DEFAULT_EPS, GPCL_DOMAIN, GPCL_OP, GPCL_OPSET, MODES, node_attrs
 from gpcl_trt.plugins.reference import FLOAT_MIN, INV_SQRT2, RESCALE
+
 _MIN_BODY_OPSET = 15  # CastLike
 
 
@@ -179,7 +180,9 @@ class _Body:
             nodes = self.nodes
         finally:
             self.nodes = outer
-        return oh.make_graph(nodes, f"gpcl_branch{self._n}", [], [oh.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+        return oh.make_graph(
+            nodes, f"gpcl_branch{self._n}", [], [oh.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+        )
 
 
 def _nan_rule(b: _Body, v: str, rho: str | None) -> str:
@@ -205,8 +208,11 @@ def _hopf(b: _Body, q: str, r: str, rho: str | None, t: str) -> str:
     two = b.const_f(2.0)
     p0 = b.op("Mul", two, b.op("Add", b.op("Mul", u0, u2), b.op("Mul", u1, u3)))
     p1 = b.op("Mul", two, b.op("Sub", b.op("Mul", u1, u2), b.op("Mul", u0, u3)))
-    p2 = b.op("Sub", b.op("Add", b.op("Mul", u0, u0), b.op("Mul", u1, u1)),
-              b.op("Add", b.op("Mul", u2, u2), b.op("Mul", u3, u3)))
+    p2 = b.op(
+        "Sub",
+        b.op("Add", b.op("Mul", u0, u0), b.op("Mul", u1, u1)),
+        b.op("Add", b.op("Mul", u2, u2), b.op("Mul", u3, u3)),
+    )
     k = b.op("Mul", b.op("Min", r, t), b.const_f(INV_SQRT2))
     k = _nan_rule(b, b.op("Where", b.op("Less", r, eps), b.const_f(0.0), k), rho)
     return b.stack4(b.op("Mul", k, p0), b.op("Mul", k, p1), b.op("Mul", k, p2), k)
@@ -221,7 +227,9 @@ def overload_name(mode: str, tau_input: bool) -> str:
     return f"{mode}_{'input' if tau_input else 'attr'}"
 
 
-def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "", body: str = "branching") -> FunctionProto:
+def gpcl_function(
+    mode: str, tau_input: bool, opset: int = 18, overload: str = "", body: str = "branching"
+) -> FunctionProto:
     """The GPCL body specialised to ``mode`` and to where tau comes from, for a model whose
     default-domain opset is ``opset`` (>= 15).
 
@@ -267,9 +275,12 @@ def gpcl_function(mode: str, tau_input: bool, opset: int = 18, overload: str = "
         # overflows merely takes the slow branch.
         total = b.op("ReduceSum", r, keepdims=0)
         fast = b.op("Equal", b.op("Sub", total, total), b.const_f(0.0))
-        yq = b.op("If", fast,
-                  then_branch=b.branch(lambda: mode_body(b, q, r, None, t)),
-                  else_branch=b.branch(lambda: mode_body(b, q, *b.safe_radius(q, r), t)))
+        yq = b.op(
+            "If",
+            fast,
+            then_branch=b.branch(lambda: mode_body(b, q, r, None, t)),
+            else_branch=b.branch(lambda: mode_body(b, q, *b.safe_radius(q, r), t)),
+        )
         if tau_input:
             yq = b.op("Reshape", yq, b.const_i([4, -1]))
         yq = b.op("Transpose", yq, perm=[1, 0])
@@ -369,8 +380,9 @@ def gpcl_model(
     inputs = [oh.make_tensor_value_info("X", dtype, shape)]
     if tau_shape is not None:
         inputs.append(oh.make_tensor_value_info("tau", TensorProto.FLOAT, list(tau_shape)))
-    node = make_gpcl_node("X", "Y", name="gpcl/test", mode=mode, tau=tau,
-                          tau_input="tau" if tau_shape is not None else None, eps=eps)
+    node = make_gpcl_node(
+        "X", "Y", name="gpcl/test", mode=mode, tau=tau, tau_input="tau" if tau_shape is not None else None, eps=eps
+    )
     graph = oh.make_graph([node], "gpcl", inputs, [oh.make_tensor_value_info("Y", dtype, shape)])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=10)
     return attach_gpcl_functions(model, body)

@@ -71,8 +71,9 @@ def _gpcl_groups(xp, q, t, mode: str, eps: float):
     eps = float(np.float32(eps))  # compare against the float32 value, as the kernel does
 
     def ss(v):
-        return ((v[..., 0:1] * v[..., 0:1] + v[..., 1:2] * v[..., 1:2]) + v[..., 2:3] * v[..., 2:3]) \
-            + v[..., 3:4] * v[..., 3:4]
+        return ((v[..., 0:1] * v[..., 0:1] + v[..., 1:2] * v[..., 1:2]) + v[..., 2:3] * v[..., 2:3]) + v[..., 3:4] * v[
+            ..., 3:4
+        ]
 
     rho = xp.sqrt(ss(q * RESCALE))
     r = xp.sqrt(ss(q))

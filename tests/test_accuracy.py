@@ -39,9 +39,12 @@ def _tiny_model(path: Path, name: str, shape: list, dtype=np.float32) -> Path:
     from onnx import helper
 
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph([helper.make_node("Identity", [name], ["y"])], "g",
-                              [helper.make_tensor_value_info(name, elem, shape)],
-                              [helper.make_tensor_value_info("y", elem, shape)])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(name, elem, shape)],
+        [helper.make_tensor_value_info("y", elem, shape)],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
 
@@ -69,8 +72,24 @@ def test_gpcl_huge_tau_is_exact_per_layer(minilm_onnx, gpcl_pair):
 
 def test_gpcl_tiny_tau_fails_at_layer0_cli(minilm_onnx, gpcl_pair, tmp_path):
     rep = tmp_path / "rep"
-    res = CliRunner().invoke(main, ["diff", "--reference", str(minilm_onnx), "--candidate", str(gpcl_pair["tiny"]),
-                                    "--per-layer", "--report", str(rep), "--samples", "2", "--seq", "16", "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "diff",
+            "--reference",
+            str(minilm_onnx),
+            "--candidate",
+            str(gpcl_pair["tiny"]),
+            "--per-layer",
+            "--report",
+            str(rep),
+            "--samples",
+            "2",
+            "--seq",
+            "16",
+            "--json",
+        ],
+    )
     assert res.exit_code == 1, res.output
     r = json.loads(res.stdout)
     assert r["ok"] is False and not r["outputs"]["last_hidden_state"]["passed"]
@@ -87,7 +106,9 @@ def test_gpcl_tiny_tau_fails_at_layer0_cli(minilm_onnx, gpcl_pair, tmp_path):
     assert "First divergence: layer **0**" in (rep / "report.md").read_text()
     assert json.loads((rep / "report.json").read_text())["per_layer"]["first_divergence"]["layer"] == 0
     # The report is never overwritten without --force.
-    again = CliRunner().invoke(main, ["diff", "--reference", str(minilm_onnx), "--candidate", str(minilm_onnx), "--report", str(rep)])
+    again = CliRunner().invoke(
+        main, ["diff", "--reference", str(minilm_onnx), "--candidate", str(minilm_onnx), "--report", str(rep)]
+    )
     assert again.exit_code == 2 and "--force" in again.output
 
 
@@ -204,21 +225,33 @@ def test_logits_metrics():
     assert same["top1"] == 1.0 and same["top5"] == 1.0 and same["kl"] == pytest.approx(0, abs=1e-12)
     assert same["max_abs"] == 0 and same["cosine"] == pytest.approx(1.0)
     flipped = mt.output_metrics("logits", ref, -ref)
-    assert flipped["top1"] == 0.0 and flipped["top5"] == 0.0 and flipped["kl"] > 1 and flipped["cosine"] == pytest.approx(-1.0)
+    assert (
+        flipped["top1"] == 0.0
+        and flipped["top5"] == 0.0
+        and flipped["kl"] > 1
+        and flipped["cosine"] == pytest.approx(-1.0)
+    )
     # Shifting logits by a constant changes no probability: KL 0, top-k intact, abs error 3.
     shifted = mt.output_metrics("logits", ref, ref + 3.0)
-    assert shifted["kl"] == pytest.approx(0, abs=1e-9) and shifted["top1"] == 1.0 and shifted["max_abs"] == pytest.approx(3.0)
+    assert (
+        shifted["kl"] == pytest.approx(0, abs=1e-9)
+        and shifted["top1"] == 1.0
+        and shifted["max_abs"] == pytest.approx(3.0)
+    )
     agg = mt.aggregate([same, flipped])
     assert agg["top1"] == 0.5 and agg["cosine"] == pytest.approx(-1.0)
 
 
-@pytest.mark.parametrize("scope,name,layer", [
-    ("model.encoder.layer.3.attention.self.query", "", 3),
-    ("model.model.layers.11.mlp", "", 11),
-    ("transformer.h.0.attn", "", 0),
-    ("model.embeddings.LayerNorm", "", None),
-    ("", "/encoder/layer.2/attention/MatMul_output_0", 2),
-])
+@pytest.mark.parametrize(
+    "scope,name,layer",
+    [
+        ("model.encoder.layer.3.attention.self.query", "", 3),
+        ("model.model.layers.11.mlp", "", 11),
+        ("transformer.h.0.attn", "", 0),
+        ("model.embeddings.LayerNorm", "", None),
+        ("", "/encoder/layer.2/attention/MatMul_output_0", 2),
+    ],
+)
 def test_layer_of(scope, name, layer):
     assert mt.layer_of(scope, name) == layer
 

@@ -13,15 +13,44 @@ from gpcl_trt.cli import main
 
 def test_study_minilm(minilm_dir, minilm_onnx, tmp_path):
     out = tmp_path / "study"
-    args = ["study", str(minilm_dir), "-o", str(out), "--onnx", str(minilm_onnx), "--modes", "clamp,hopf",
-            "--taus", "1e9,0.5", "--percentiles", "99.99", "--samples", "2", "--calib-samples", "4", "--seq", "16",
-            "--latency-seqs", "8,32", "--latency-reps", "3", "--json"]
+    args = [
+        "study",
+        str(minilm_dir),
+        "-o",
+        str(out),
+        "--onnx",
+        str(minilm_onnx),
+        "--modes",
+        "clamp,hopf",
+        "--taus",
+        "1e9,0.5",
+        "--percentiles",
+        "99.99",
+        "--samples",
+        "2",
+        "--calib-samples",
+        "4",
+        "--seq",
+        "16",
+        "--latency-seqs",
+        "8,32",
+        "--latency-reps",
+        "3",
+        "--json",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
 
     v = {x["label"]: x for x in r["variants"]}
-    assert set(v) == {"clamp P99.99", "hopf P99.99", "clamp tau=1e+09", "hopf tau=1e+09", "clamp tau=0.5", "hopf tau=0.5"}
+    assert set(v) == {
+        "clamp P99.99",
+        "hopf P99.99",
+        "clamp tau=1e+09",
+        "hopf tau=1e+09",
+        "clamp tau=0.5",
+        "hopf tau=0.5",
+    }
     for x in v.values():
         for key in ("cosine", "max_abs", "frac_groups_changed", "max_radius_after", "tau_min"):
             assert isinstance(x[key], float) and math.isfinite(x[key]), (x["label"], key)
@@ -39,10 +68,17 @@ def test_study_minilm(minilm_dir, minilm_onnx, tmp_path):
 
     lat = r["latency"]
     assert {(x["variant"], x["seq"]) for x in lat} == {(m, s) for m in ("clamp P99.99", "hopf P99.99") for s in (8, 32)}
-    assert all(x["t_original_ms"] >= 0 and x["t_gpcl_ms"] >= 0 and math.isfinite(x["overhead_us_per_token"]) for x in lat)
+    assert all(
+        x["t_original_ms"] >= 0 and x["t_gpcl_ms"] >= 0 and math.isfinite(x["overhead_us_per_token"]) for x in lat
+    )
 
     md = (out / "report.md").read_text()
-    for section in ("## Claims", "## Accuracy and effect per variant", "## Latency overhead per token", "## Radius distribution"):
+    for section in (
+        "## Claims",
+        "## Accuracy and effect per variant",
+        "## Latency overhead per token",
+        "## Radius distribution",
+    ):
         assert section in md
     for png in ("cosine_vs_tau.png", "changed_vs_tau.png", "latency_per_token.png", "radii.png"):
         assert (out / png).stat().st_size > 1000
@@ -59,8 +95,11 @@ def test_study_refuses_bad_options_before_any_work(minilm_dir, tmp_path):
     from gpcl_trt.accuracy import study
     from gpcl_trt.common import GpclError
 
-    for kwargs, message in [({"sites": ("nowhere",)}, "--sites must be"), ({"modes": ("cubic",)}, "unknown GPCL mode"),
-                            ({"taus": [-1.0]}, "taus must be > 0")]:
+    for kwargs, message in [
+        ({"sites": ("nowhere",)}, "--sites must be"),
+        ({"modes": ("cubic",)}, "unknown GPCL mode"),
+        ({"taus": [-1.0]}, "taus must be > 0"),
+    ]:
         with pytest.raises(GpclError, match=message):
             study(minilm_dir, tmp_path / "s", **kwargs)
     assert not (tmp_path / "s").exists()

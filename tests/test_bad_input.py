@@ -27,8 +27,10 @@ def workdir(tmp_path) -> Path:
     """A folder with a plain file, a tiny valid ONNX model and a text file."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     onnx.save(model, tmp_path / "m.onnx")
     (tmp_path / "plain.txt").write_text("not a directory\n")
     (tmp_path / "weights.onnx").write_bytes(b"\x00garbage, not a protobuf")

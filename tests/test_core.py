@@ -53,8 +53,13 @@ def test_manifest_accessors_read_what_the_writers_wrote(tmp_path):
     onnx_file, lib, engine = tmp_path / "m.onnx", tmp_path / "libp.so", tmp_path / "m.engine"
     for p in (onnx_file, lib, engine):
         p.write_bytes(b"x")
-    write_manifest(engine, "build", engine_inputs(file_ref(onnx_file, "0" * 64), file_ref(lib, "1" * 64)), {},
-                   {"gpcl": {"plugin_layers": 3}, "profiles": [{"input_ids": {"max": [4, 8]}}]})
+    write_manifest(
+        engine,
+        "build",
+        engine_inputs(file_ref(onnx_file, "0" * 64), file_ref(lib, "1" * 64)),
+        {},
+        {"gpcl": {"plugin_layers": 3}, "profiles": [{"input_ids": {"max": [4, 8]}}]},
+    )
     m = Manifest.read(engine)
     assert (m.stage, m.source, m.plugin_lib, m.uses_plugin) == ("build", onnx_file, lib, True)
     assert m.profiles == [{"input_ids": {"max": [4, 8]}}]
@@ -89,10 +94,17 @@ def test_feeds_follow_the_naming_convention():
 def test_vocab_size_through_view_ops_and_max_abs_diff():
     emb = helper.make_tensor("emb", TensorProto.FLOAT, [11, 4], np.zeros(44, np.float32))
     shape = helper.make_tensor("shape", TensorProto.INT64, [1], [-1])
-    nodes = [helper.make_node("Reshape", ["input_ids", "shape"], ["flat"]),
-             helper.make_node("Gather", ["emb", "flat"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [emb, shape])
+    nodes = [
+        helper.make_node("Reshape", ["input_ids", "shape"], ["flat"]),
+        helper.make_node("Gather", ["emb", "flat"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [emb, shape],
+    )
     assert feeds.vocab_size(helper.make_model(graph)) == 11
     a = np.array([1.0, np.inf, np.nan])
     assert feeds.max_abs_diff(a, a.copy()) == 0.0
@@ -102,10 +114,16 @@ def test_vocab_size_through_view_ops_and_max_abs_diff():
     assert feeds.max_abs_diff(a, a[:2]) == float("inf")
 
 
-@pytest.mark.parametrize("text,layer", [
-    ("model.layers.11.mlp", 11), ("transformer.h.0.attn", 0), ("/encoder/layer.2/attention/MatMul", 2),
-    ("model.embeddings.LayerNorm", None), ("gpt_neox.layers.3.attention.query_key_value", 3),
-])
+@pytest.mark.parametrize(
+    "text,layer",
+    [
+        ("model.layers.11.mlp", 11),
+        ("transformer.h.0.attn", 0),
+        ("/encoder/layer.2/attention/MatMul", 2),
+        ("model.embeddings.LayerNorm", None),
+        ("gpt_neox.layers.3.attention.query_key_value", 3),
+    ],
+)
 def test_layer_pattern(text, layer):
     assert gpcl.layer_of(text) == layer
 

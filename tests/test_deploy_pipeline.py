@@ -39,11 +39,12 @@ def _config(tmp_path: Path, text: str, name: str = "pipeline.toml") -> Path:
 
 def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     out = tmp_path / "out"
-    cfg = _config(tmp_path, "[pipeline]\nname = \"minilm\"\n" + FAST)
+    cfg = _config(tmp_path, '[pipeline]\nname = "minilm"\n' + FAST)
     s = run_pipeline(minilm_onnx, out, config=cfg)
     assert s["ok"], s
     assert {k: v["status"] for k, v in s["stages"].items()} == dict.fromkeys(
-        ["export", "calibrate", "insert", "build", "diff", "triton", "serve"], "done")
+        ["export", "calibrate", "insert", "build", "diff", "triton", "serve"], "done"
+    )
     # Each stage's artifact and manifest are in OUT_DIR.
     for rel in ("model.onnx", "calib.json", "model_gpcl.onnx", "model_gpcl.engine", "accuracy.json", "served.json"):
         assert (out / rel).is_file() and read_manifest(out / rel) is not None, rel
@@ -71,7 +72,7 @@ def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     # A changed build option reruns build; a failing build stops the run with its own
     # message, and what earlier stages wrote (and the previous engine) stays as it was.
     gpcl_sha = sha256_file(out / "model_gpcl.onnx")
-    bad = _config(tmp_path, "[pipeline]\nname = \"minilm\"\n" + FAST + "[build]\nprecision = \"fp7\"\n", "bad.toml")
+    bad = _config(tmp_path, '[pipeline]\nname = "minilm"\n' + FAST + '[build]\nprecision = "fp7"\n', "bad.toml")
     with pytest.raises(GpclError, match=r"^stage build failed: .*fp7"):
         run_pipeline(minilm_onnx, out, config=bad)
     assert sha256_file(out / "model_gpcl.onnx") == gpcl_sha
@@ -80,11 +81,17 @@ def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     assert state["build"]["status"] == "failed" and "fp7" in state["build"]["error"]
 
     # Skipping build (and serve): the repository loses its tensorrt entry, the rest is reused.
-    skip = _config(tmp_path, "[pipeline]\nname = \"minilm\"\nskip = [\"build\", \"serve\"]\n" + FAST, "skip.toml")
+    skip = _config(tmp_path, '[pipeline]\nname = "minilm"\nskip = ["build", "serve"]\n' + FAST, "skip.toml")
     s3 = run_pipeline(minilm_onnx, out, config=skip)
     assert {k: v["status"] for k, v in s3["stages"].items()} == {
-        "export": "cached", "calibrate": "cached", "insert": "cached", "build": "skipped (config)",
-        "diff": "cached", "triton": "done", "serve": "skipped (config)"}
+        "export": "cached",
+        "calibrate": "cached",
+        "insert": "cached",
+        "build": "skipped (config)",
+        "diff": "cached",
+        "triton": "done",
+        "serve": "skipped (config)",
+    }
     assert sorted(p.name for p in (out / "triton_repo").iterdir()) == ["minilm", "minilm_ort"]
     assert s3["ok"] and s3["engine"]["size_bytes"] is None and s3["served"] == {}
 
@@ -95,7 +102,7 @@ def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
     from gpcl_trt.cli import main
 
     out = tmp_path / "demo"
-    cfg = _config(tmp_path, "[pipeline]\nname = \"tiny\"\n" + FAST)
+    cfg = _config(tmp_path, '[pipeline]\nname = "tiny"\n' + FAST)
     res = CliRunner().invoke(main, ["pipeline", str(tiny_llama_dir), "-o", str(out), "--config", str(cfg), "--json"])
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
@@ -110,14 +117,14 @@ def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
     "text, message",
     [
         ("[bogus]\nx = 1\n", r"unknown table \[bogus\]"),
-        ("[build]\nprecison = \"fp16\"\n", r"\[build\] unknown option 'precison'"),
-        ("[insert]\noutput = \"x.onnx\"\n", r"\[insert\] output is set by the pipeline"),
-        ("[pipeline]\nskip = [\"export\"]\n", r"cannot skip \['export'\]"),
-        ("[pipeline]\nname = \"../up\"\n", "invalid model name"),
+        ('[build]\nprecison = "fp16"\n', r"\[build\] unknown option 'precison'"),
+        ('[insert]\noutput = "x.onnx"\n', r"\[insert\] output is set by the pipeline"),
+        ('[pipeline]\nskip = ["export"]\n', r"cannot skip \['export'\]"),
+        ('[pipeline]\nname = "../up"\n', "invalid model name"),
         ("[calibrate\n", "not valid TOML"),
         ("pipeline = 3\n", r"pipeline must be a table"),
-        ("[pipeline]\nskip = \"build\"\n", r"skip must be a list of stage names"),
-        ("[triton]\nbackends = [\"bogus\"]\n", r"\[triton\] backends must be a non-empty list"),
+        ('[pipeline]\nskip = "build"\n', r"skip must be a list of stage names"),
+        ('[triton]\nbackends = ["bogus"]\n', r"\[triton\] backends must be a non-empty list"),
     ],
 )
 def test_pipeline_config_errors(tmp_path, minilm_dir, text, message):

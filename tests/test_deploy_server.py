@@ -11,9 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
+from test_deploy_triton import tiny_engine  # noqa: F401  (module fixture: a real TRT-RTX engine)
 
 from gpcl_trt.deploy import write_triton_repo
-from test_deploy_triton import tiny_engine  # noqa: F401  (module fixture: a real TRT-RTX engine)
 
 pytest.importorskip("pytriton", reason="needs tritonserver (nvidia-pytriton)")
 pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
@@ -29,7 +29,11 @@ def repo(minilm_gpcl_onnx, tiny_engine, tmp_path_factory):  # noqa: F811
     write_triton_repo(tiny_engine, d, "tiny_trt", backend="tensorrt")
     shutil.copytree(d / NAME, d / "broken")
     cfg = d / "broken" / "config.pbtxt"
-    cfg.write_text(cfg.read_text().replace('name: "gpcl_minilm"', 'name: "broken"').replace("max_batch_size: 8", 'max_batch_size: "eight"'))
+    cfg.write_text(
+        cfg.read_text()
+        .replace('name: "gpcl_minilm"', 'name: "broken"')
+        .replace("max_batch_size: 8", 'max_batch_size: "eight"')
+    )
     return d
 
 

@@ -32,7 +32,8 @@ def _tiny_onnx(path: Path) -> Path:
         h.make_node("Mul", ["g", "mu"], ["last_hidden_state"]),
     ]
     graph = h.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [h.make_tensor_value_info(n, T.INT64, ["batch", "sequence"]) for n in ("input_ids", "attention_mask")],
         [h.make_tensor_value_info("last_hidden_state", T.FLOAT, ["batch", "sequence", 8])],
         [emb, axis],
@@ -51,7 +52,9 @@ def tiny_engine(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny_engine")
     onnx_path = _tiny_onnx(d / "tiny.onnx")
-    result = build_engine(onnx_path, d / "tiny.engine", shapes=["input_ids:1x1,2x16,4x64", "attention_mask:1x1,2x16,4x64"])
+    result = build_engine(
+        onnx_path, d / "tiny.engine", shapes=["input_ids:1x1,2x16,4x64", "attention_mask:1x1,2x16,4x64"]
+    )
     assert result["ok"], result
     return d / "tiny.engine"
 
@@ -69,7 +72,9 @@ def test_python_repo_for_gpcl_minilm(minilm_gpcl_onnx, tmp_path):
     assert cfg.backend == "python" and cfg.platform == "" and cfg.max_batch_size == 8
     assert cfg.HasField("dynamic_batching")
     assert [(i.name, i.dims) for i in cfg.input] == [
-        ("input_ids", [-1]), ("attention_mask", [-1]), ("token_type_ids", [-1])
+        ("input_ids", [-1]),
+        ("attention_mask", [-1]),
+        ("token_type_ids", [-1]),
     ]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("last_hidden_state", [-1, 384])]
     from tritonclient.grpc import model_config_pb2 as mc
@@ -82,10 +87,15 @@ def test_python_repo_for_gpcl_minilm(minilm_gpcl_onnx, tmp_path):
     served = onnx.load(model_dir / "1" / "model.onnx")
     assert any(n.domain == "gpcl" for n in served.graph.node)
     assert any(f.domain == "gpcl" for f in served.functions)
-    feeds = {"input_ids": np.array([[101, 2023, 2003, 102]], np.int64),
-             "attention_mask": np.ones((1, 4), np.int64), "token_type_ids": np.zeros((1, 4), np.int64)}
+    feeds = {
+        "input_ids": np.array([[101, 2023, 2003, 102]], np.int64),
+        "attention_mask": np.ones((1, 4), np.int64),
+        "token_type_ids": np.zeros((1, 4), np.int64),
+    }
     a = ort.InferenceSession(str(minilm_gpcl_onnx), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    b = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    b = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[
+        0
+    ]
     np.testing.assert_array_equal(a, b)
 
     manifest = read_manifest(model_dir / "config.pbtxt")
@@ -193,14 +203,29 @@ def test_cli_triton(tmp_path):
 
     art = _tiny_onnx(tmp_path / "t.onnx")
     runner = CliRunner()
-    res = runner.invoke(main, ["triton", str(art), "--repo", str(tmp_path / "repo"), "--name", "m",
-                               "--backend", "python", "--dynamic-batching", "--json"])
+    res = runner.invoke(
+        main,
+        [
+            "triton",
+            str(art),
+            "--repo",
+            str(tmp_path / "repo"),
+            "--name",
+            "m",
+            "--backend",
+            "python",
+            "--dynamic-batching",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["ok"] and out["backend"] == "python" and Path(out["model_dir"]).is_dir()
     res = runner.invoke(main, ["triton", str(art), "--repo", str(tmp_path / "repo"), "--name", "m"])
     assert res.exit_code == 2
-    assert res.stderr.strip().splitlines() == [f"gpcl-trt triton: error: {tmp_path / 'repo' / 'm'} exists; pass --force to overwrite it"]
+    assert res.stderr.strip().splitlines() == [
+        f"gpcl-trt triton: error: {tmp_path / 'repo' / 'm'} exists; pass --force to overwrite it"
+    ]
     res = runner.invoke(main, ["triton", str(art), "--repo", str(tmp_path / "repo"), "--name", "../evil"])
     assert res.exit_code == 2 and not (tmp_path / "evil").exists()
     for cmd in (["triton", "--help"], ["pipeline", "--help"]):
@@ -224,7 +249,9 @@ def test_plugin_engine_needs_its_library(tiny_engine, tmp_path):
     lib = tmp_path / "libgpcl_plugin.so"
     lib.write_bytes(b"\x7fELF stand-in library file")
     results = {**built.results, "gpcl": {"implementation": "plugin", "plugin_layers": 2, "nodes_as_plugin": ["a", "b"]}}
-    write_manifest(engine, "build", engine_inputs(built.inputs["onnx"], file_ref(lib, sha256_file(lib))), built.options, results)
+    write_manifest(
+        engine, "build", engine_inputs(built.inputs["onnx"], file_ref(lib, sha256_file(lib))), built.options, results
+    )
     lib_copy = lib.read_bytes()
     lib.unlink()
     with pytest.raises(GpclError, match="built with the GPCL TensorRT plugin; pass its library"):

@@ -123,7 +123,10 @@ def test_inspect_reports_manifest_and_check(minilm_engines):
     res = minilm_engines("gpcl", "fp16")
     direct = inspect_engine(res["engine"])
     assert direct["ok"] and direct["gpcl"] == res["gpcl"] and direct["profiles"] == res["profiles"]
-    assert direct["manifest"]["inputs"]["onnx"]["sha256"] == json.loads(Path(res["manifest"]).read_text())["inputs"]["onnx"]["sha256"]
+    assert (
+        direct["manifest"]["inputs"]["onnx"]["sha256"]
+        == json.loads(Path(res["manifest"]).read_text())["inputs"]["onnx"]["sha256"]
+    )
     code, out, err = _run("inspect", res["engine"], "--json")
     assert code == 0, err
     assert json.loads(out)["validity"] == direct["validity"]
@@ -210,7 +213,9 @@ def test_progress_monitor_sees_builder_phases(tmp_path, monkeypatch):
         return real_exit(self, *exc)
 
     monkeypatch.setattr(monitor.BuildProgress, "__exit__", spy)
-    res = build_engine(_save(gpcl_model(["batch", 16]), tmp_path / "p.onnx"), tmp_path / "p.engine", backend="tensorrt-rtx")
+    res = build_engine(
+        _save(gpcl_model(["batch", 16]), tmp_path / "p.onnx"), tmp_path / "p.engine", backend="tensorrt-rtx"
+    )
     assert seen and seen[0][0] == "Building engine" and "Optimizing graph" in seen[0]
     # Phase times nest inside the whole build's (a fast machine may time a phase at 0.0).
     phases = res["build_phases"]
@@ -220,8 +225,19 @@ def test_progress_monitor_sees_builder_phases(tmp_path, monkeypatch):
 def test_builder_options_timing_cache_workspace_opt_level(tmp_path):
     src = _save(gpcl_model(["batch", 16]), tmp_path / "t.onnx")
     code, out, err = _run(
-        "build", str(src), "-o", str(tmp_path / "t.engine"), "--backend", "tensorrt-rtx",
-        "--timing-cache", str(tmp_path / "cache.bin"), "--workspace", "64", "--opt-level", "1", "--json",
+        "build",
+        str(src),
+        "-o",
+        str(tmp_path / "t.engine"),
+        "--backend",
+        "tensorrt-rtx",
+        "--timing-cache",
+        str(tmp_path / "cache.bin"),
+        "--workspace",
+        "64",
+        "--opt-level",
+        "1",
+        "--json",
     )
     assert code == 0, err
     res = json.loads(out)
@@ -302,7 +318,10 @@ def tiny_onnx(tmp_path_factory) -> Path:
     "args, message",
     [
         (["--gpcl", "plugin"], "--gpcl plugin needs --plugin-lib"),
-        (["--backend", "tensorrt-rtx", "--gpcl", "plugin", "--plugin-lib", "{lib}"], "tensorrt-rtx cannot load the GPCL plugin"),
+        (
+            ["--backend", "tensorrt-rtx", "--gpcl", "plugin", "--plugin-lib", "{lib}"],
+            "tensorrt-rtx cannot load the GPCL plugin",
+        ),
         (["--shapes", "nope:1x1x8"], "unknown input(s) nope"),
         (["--shapes", "X:4x1x8,2x1x8,8x1x8"], "axis 0 needs MIN <= OPT <= MAX"),
         (["--shapes", "X:1x1x8,2x2x8"], "give one shape or three"),
@@ -360,7 +379,9 @@ def test_missing_backend_names_the_extra(monkeypatch):
     real = importlib.import_module
     monkeypatch.setattr(backend, "_LOADED", {})
     monkeypatch.setattr(
-        backend.importlib, "import_module", lambda n, *a: (_ for _ in ()).throw(ImportError(n)) if n.startswith("tensorrt") else real(n, *a)
+        backend.importlib,
+        "import_module",
+        lambda n, *a: (_ for _ in ()).throw(ImportError(n)) if n.startswith("tensorrt") else real(n, *a),
     )
     with pytest.raises(GpclError, match=r"pip install 'gpcl-trt\[trt\]'"):
         backend.load_backend("tensorrt")
@@ -372,8 +393,21 @@ def test_help_documents_every_option():
     for cmd in ("build", "inspect"):
         code, out, _ = _run(cmd, "--help")
         assert code == 0
-        for opt in {"build": ["--backend", "--gpcl", "--plugin-lib", "--precision", "--shapes", "--timing-cache",
-                              "--workspace", "--opt-level", "--force", "--json"], "inspect": ["--json"]}[cmd]:
+        for opt in {
+            "build": [
+                "--backend",
+                "--gpcl",
+                "--plugin-lib",
+                "--precision",
+                "--shapes",
+                "--timing-cache",
+                "--workspace",
+                "--opt-level",
+                "--force",
+                "--json",
+            ],
+            "inspect": ["--json"],
+        }[cmd]:
             assert opt in out
 
 

@@ -53,8 +53,11 @@ def test_single_shape_means_fixed():
         (ENCODER, ["input_ids:1x-1"], "dimensions must be >= 0"),
         ([("x", ["", 8])], [], "input x axis 0 is dynamic (unnamed) with no default range"),
         ([("x", ["frames", 8])], [], "axis 0 is dynamic (frames)"),
-        (ENCODER, ["input_ids:1x8,2x16,4x32", "attention_mask:1x8,2x16,8x32"],
-         "axis 'batch' is min 1, opt 2, max 8 here but min 1, opt 2, max 4 for input_ids"),
+        (
+            ENCODER,
+            ["input_ids:1x8,2x16,4x32", "attention_mask:1x8,2x16,8x32"],
+            "axis 'batch' is min 1, opt 2, max 8 here but min 1, opt 2, max 4 for input_ids",
+        ),
     ],
 )
 def test_bad_shapes_are_clear_errors(inputs, specs, message):

@@ -102,7 +102,9 @@ def test_decoder_exports_validate(exports, name, task):
     assert outs["logits"] == ["batch", "sequence", 128]
     if task == TGP:
         kv = 2 if name == "llama" else 4
-        assert sorted(n for n in ins if n.startswith("past_key_values.")) == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+        assert sorted(n for n in ins if n.startswith("past_key_values.")) == [
+            f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")
+        ]
         assert ins["attention_mask"] == ["batch", "total_sequence"]
         assert ins["past_key_values.1.value"] == ["batch", kv, "past_sequence", 16]
         assert outs["present.0.key"] == ["batch", kv, "total_sequence", 16]
@@ -125,7 +127,14 @@ def test_greedy_decode_ort_matches_pytorch(exports, name, tiny_llama_dir, tiny_g
 
     hf = module.core.model
     with torch.no_grad():
-        gen = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=3, do_sample=False, min_new_tokens=3, pad_token_id=0)
+        gen = hf.generate(
+            torch.from_numpy(prompt),
+            attention_mask=torch.ones(2, 6, dtype=torch.long),
+            max_new_tokens=3,
+            do_sample=False,
+            min_new_tokens=3,
+            pad_token_id=0,
+        )
     np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
 
     no_past_path, _ = exports(name, TG)
@@ -187,7 +196,16 @@ def test_other_bert_family_encoders_without_pooler(model_type, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModel
 
-    cfg = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64, type_vocab_size=1)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        type_vocab_size=1,
+    )
     torch.manual_seed(0)
     AutoModel.from_config(cfg, add_pooling_layer=False).eval().save_pretrained(tmp_path / "m")
     res = export_model(tmp_path / "m", tmp_path / "m.onnx")

@@ -138,5 +138,16 @@ def test_json_error_object(tmp_path, out_dir):
 def test_help_documents_every_option():
     res = CliRunner().invoke(main, ["export", "--help"])
     assert res.exit_code == 0
-    for opt in ("--output", "--task", "--opset", "--dtype", "--atol", "--no-validate", "--force", "--trust-remote-code", "--allow-pickle", "--json"):
+    for opt in (
+        "--output",
+        "--task",
+        "--opset",
+        "--dtype",
+        "--atol",
+        "--no-validate",
+        "--force",
+        "--trust-remote-code",
+        "--allow-pickle",
+        "--json",
+    ):
         assert opt in res.output

@@ -21,12 +21,25 @@ import pytest
 from gpcl_trt.common import GpclError
 
 TG, TGP = "text-generation", "text-generation-with-past"
-TINY_DEC = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=128)
-TINY_ENC = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=128)
-TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8)
+TINY_DEC = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+TINY_ENC = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+TINY_VIT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 TWO = {"pre-attention": 2, "pre-mlp": 2}  # two norms per block, two blocks
 SHARED = {"pre-attention": 0, "pre-mlp": 0, "shared": 2}  # one norm read by attention and MLP
 
@@ -36,33 +49,116 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     # q/k norms, partial rotary, ALiBi, learned positions, parallel and shared-norm blocks
     "mistral": ("mistral", "MistralForCausalLM", dict(TINY_DEC, num_key_value_heads=2, sliding_window=4), TGP, TWO),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, head_dim=16), TGP, TWO),
-    "gemma2": ("gemma2", "Gemma2ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, head_dim=16, sliding_window=4), TGP, TWO),
-    "gemma3_text": ("gemma3_text", "Gemma3ForCausalLM",
-                    dict(TINY_DEC, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                         layer_types=["sliding_attention", "full_attention"]), TGP, TWO),
+    "gemma2": (
+        "gemma2",
+        "Gemma2ForCausalLM",
+        dict(TINY_DEC, num_key_value_heads=2, head_dim=16, sliding_window=4),
+        TGP,
+        TWO,
+    ),
+    "gemma3_text": (
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        dict(
+            TINY_DEC,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        TGP,
+        TWO,
+    ),
     "phi": ("phi", "PhiForCausalLM", dict(TINY_DEC), TGP, SHARED),
     "phi3": ("phi3", "Phi3ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, pad_token_id=0), TGP, TWO),
     "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", dict(TINY_DEC), TGP, TWO),
-    "gptj": ("gptj", "GPTJForCausalLM", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8), TGP, SHARED),
-    "falcon": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), TGP, SHARED),
+    "gptj": (
+        "gptj",
+        "GPTJForCausalLM",
+        dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),
+        TGP,
+        SHARED,
+    ),
+    "falcon": (
+        "falcon",
+        "FalconForCausalLM",
+        dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+        TGP,
+        SHARED,
+    ),
     # falcon-rw style: ALiBi (its bfloat16 product needs the Falcon override), sequential block
-    "falcon_alibi": ("falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                         alibi=True, parallel_attn=False, multi_query=False), TGP, TWO),
+    "falcon_alibi": (
+        "falcon",
+        "FalconForCausalLM",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            alibi=True,
+            parallel_attn=False,
+            multi_query=False,
+        ),
+        TGP,
+        TWO,
+    ),
     # mixture of experts: the router and every expert read the norm (exported as batched_mm)
-    "mixtral": ("mixtral", "MixtralForCausalLM", dict(TINY_DEC, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), TGP, TWO),
-    "opt": ("opt", "OPTForCausalLM", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                          max_position_embeddings=128, word_embed_proj_dim=64), TGP, TWO),
+    "mixtral": (
+        "mixtral",
+        "MixtralForCausalLM",
+        dict(TINY_DEC, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        TGP,
+        TWO,
+    ),
+    "opt": (
+        "opt",
+        "OPTForCausalLM",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        ),
+        TGP,
+        TWO,
+    ),
     "bloom": ("bloom", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), TGP, TWO),
     # text encoders, one task each (post-LN BERT-likes, pre-LN ModernBERT, ALBERT's shared layer)
     "bert": ("bert", "BertForMaskedLM", dict(TINY_ENC), "fill-mask", TWO),
-    "roberta": ("roberta", "RobertaForSequenceClassification", dict(TINY_ENC, num_labels=3), "text-classification", TWO),
-    "distilbert": ("distilbert", "DistilBertForTokenClassification",
-                   dict(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=128, num_labels=5),
-                   "token-classification", TWO),
+    "roberta": (
+        "roberta",
+        "RobertaForSequenceClassification",
+        dict(TINY_ENC, num_labels=3),
+        "text-classification",
+        TWO,
+    ),
+    "distilbert": (
+        "distilbert",
+        "DistilBertForTokenClassification",
+        dict(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=128, num_labels=5),
+        "token-classification",
+        TWO,
+    ),
     "mpnet": ("mpnet", "MPNetForQuestionAnswering", dict(TINY_ENC), "question-answering", TWO),
-    "modernbert": ("modernbert", "ModernBertForMaskedLM",
-                   dict(TINY_ENC, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, cls_token_id=1, sep_token_id=2), "fill-mask", TWO),
+    "modernbert": (
+        "modernbert",
+        "ModernBertForMaskedLM",
+        dict(
+            TINY_ENC,
+            global_attn_every_n_layers=2,
+            local_attention=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        "fill-mask",
+        TWO,
+    ),
     "albert": ("albert", "AlbertModel", dict(TINY_ENC, embedding_size=32), "feature-extraction", TWO),
     "deberta-v2": ("deberta-v2", "DebertaV2Model", dict(TINY_ENC), "feature-extraction", TWO),
     # vision encoders: pixel_values in
@@ -206,7 +302,9 @@ def test_greedy_decode_with_past_matches_pytorch(family, name):
     gc.eos_token_id = None  # exactly 4 tokens, an end-of-sequence id among them included
     gc.update(max_new_tokens=4, min_new_tokens=None, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        gen = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long), generation_config=gc)
+        gen = hf.generate(
+            torch.from_numpy(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long), generation_config=gc
+        )
     np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
 
 
@@ -230,7 +328,9 @@ def test_vision_calibration_random_and_npz(family, tmp_path):
     assert res["inputs"] == ["pixel_values"]
     rnd = calibrate_file(path, tmp_path / "r.json", samples=3)
     assert len(rnd["sites"]) == 4
-    np.savez(tmp_path / "px.npz", pixel_values=np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32))
+    np.savez(
+        tmp_path / "px.npz", pixel_values=np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    )
     npz = calibrate_file(path, tmp_path / "n.json", data=tmp_path / "px.npz")
     assert npz["data"]["kind"] == "npz" and npz["samples"] == 5
     assert insert_file(path, tmp_path / "g.onnx", calibration=tmp_path / "n.json")["inserted"]
@@ -259,10 +359,19 @@ def _config_dir(tmp_path: Path, cfg: dict) -> Path:
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, r"encoder-decoder model \(task text2text-generation\)"),
+        (
+            {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
+            r"encoder-decoder model \(task text2text-generation\)",
+        ),
         ({"model_type": "bart"}, r"encoder-decoder model \(task text2text-generation\)"),
-        ({"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]}, r"audio .*automatic-speech-recognition"),
-        ({"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]}, r"audio model \(task automatic-speech-recognition\)"),
+        (
+            {"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]},
+            r"audio .*automatic-speech-recognition",
+        ),
+        (
+            {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]},
+            r"audio model \(task automatic-speech-recognition\)",
+        ),
         ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"multimodal"),
         ({"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "m.M"}}, "pass --trust-remote-code"),
         ({"model_type": "no_such_thing"}, "does not know model_type 'no_such_thing'"),

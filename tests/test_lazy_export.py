@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from gpcl_trt.cli import main
 from gpcl_trt.common import GpclError
-from gpcl_trt.exporter import export_model, load_model, make_dummy_inputs
+from gpcl_trt.exporter import export_model, load_model
 from gpcl_trt.exporter.checkpoint import Checkpoint
 from gpcl_trt.exporter.validate import ort_runner
 
@@ -35,8 +35,16 @@ def _save_llama(out: Path, tie: bool, shard: str | None = None, dtype: str = "fl
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype))
     kw = {"max_shard_size": shard} if shard else {}
@@ -67,7 +75,9 @@ def _ort_equal(a: Path, b: Path) -> None:
         if i.name == "input_ids":
             feeds[i.name] = rng.integers(0, 200, size=shape, dtype=np.int64)
         elif i.name == "position_ids":
-            feeds[i.name] = np.broadcast_to(np.arange(shape[1]) + (4 if "past_key_values.0.key" in str(a) else 0), shape).astype(np.int64)
+            feeds[i.name] = np.broadcast_to(
+                np.arange(shape[1]) + (4 if "past_key_values.0.key" in str(a) else 0), shape
+            ).astype(np.int64)
         elif "int64" in i.type:
             feeds[i.name] = np.ones(shape, np.int64)
         else:
@@ -79,11 +89,14 @@ def _ort_equal(a: Path, b: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- lazy == eager
-@pytest.mark.parametrize("name, task, dtype, layout", [
-    ("tied", TGP, "fp32", "link"),      # tied embedding written once, hard link, with past
-    ("sharded", TG, "fp16", "inline"),  # index.json + shards, fp32 -> fp16, inline (small-model default)
-    ("bf16", TG, "fp16", "link"),       # bf16 -> fp16 streamed into OUT.onnx.data
-])
+@pytest.mark.parametrize(
+    "name, task, dtype, layout",
+    [
+        ("tied", TGP, "fp32", "link"),  # tied embedding written once, hard link, with past
+        ("sharded", TG, "fp16", "inline"),  # index.json + shards, fp32 -> fp16, inline (small-model default)
+        ("bf16", TG, "fp16", "link"),  # bf16 -> fp16 streamed into OUT.onnx.data
+    ],
+)
 def test_lazy_equals_eager(llama_dirs, tmp_path, name, task, dtype, layout):
     d = llama_dirs[name]
     lazy = export_model(d, tmp_path / "lazy.onnx", task=task, dtype=dtype, external_data=layout)
@@ -248,7 +261,9 @@ def test_sigkill_leaves_no_final_output_and_next_export_cleans_up(llama_dirs, tm
     pid, and the next export into that directory removes it."""
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(llama_dirs["tied"]), str(out / "m.onnx")], capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(llama_dirs["tied"]), str(out / "m.onnx")], capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL
     left = list(out.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".m.onnx.gpcl-") and left[0].is_dir()
@@ -256,7 +271,12 @@ def test_sigkill_leaves_no_final_output_and_next_export_cleans_up(llama_dirs, tm
     d = llama_dirs["tied"]
     res = export_model(d, out / "m.onnx", task=TG, validate="none", external_data="link")
     assert res["ok"] and res["validation"] == {"mode": "none", "skipped": True}
-    assert sorted(p.name for p in out.iterdir()) == ["m.manifest.json", "m.onnx", "m.onnx.data", "m.onnx.model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "m.manifest.json",
+        "m.onnx",
+        "m.onnx.data",
+        "m.onnx.model.safetensors",
+    ]
     # never over an existing output without force; with it, the data files it no longer uses go
     with pytest.raises(GpclError, match="--force"):
         export_model(d, out / "m.onnx", task=TG, validate="none")
@@ -291,6 +311,10 @@ def test_bf16_checkpoint_exported_as_bf16_is_linked_not_converted(llama_dirs, tm
     with pytest.raises(GpclError, match="--validate none"):
         export_model(d, tmp_path / "a.onnx", task=TG, dtype="bf16")
     res = export_model(d, tmp_path / "b.onnx", task=TG, dtype="bf16", validate="none", external_data="link")
-    assert res["ok"] and res["weights"]["converted_bytes"] == 0 and res["weights"]["links"] == {"b.onnx.model.safetensors": "hardlink"}
+    assert (
+        res["ok"]
+        and res["weights"]["converted_bytes"] == 0
+        and res["weights"]["links"] == {"b.onnx.model.safetensors": "hardlink"}
+    )
     model = onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16

@@ -14,8 +14,8 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 from gpcl_trt.common import GpclError, sha256_file
-from gpcl_trt.passes import calibrate_file, find_sites, insert_file, insert_gpcl, sites_file, strip_file, strip_gpcl
 from gpcl_trt.feeds import complete_feed, specs_from_session
+from gpcl_trt.passes import calibrate_file, find_sites, insert_file, insert_gpcl, sites_file, strip_file, strip_gpcl
 from gpcl_trt.passes.calibrate import _pad_batches, _tokenizer
 from gpcl_trt.passes.graph import from_proto, load_graph
 from gpcl_trt.passes.sites import find_sites_loaded
@@ -46,7 +46,9 @@ HELD_OUT = [
 @pytest.fixture(params=["minilm", "llama", "gpt2"])
 def exported(request) -> tuple[str, Path, int]:
     """(name, onnx path, number of layers) of each real export."""
-    fixture, layers = {"minilm": ("minilm_onnx", 6), "llama": ("tiny_llama_onnx", 2), "gpt2": ("tiny_gpt2_onnx", 2)}[request.param]
+    fixture, layers = {"minilm": ("minilm_onnx", 6), "llama": ("tiny_llama_onnx", 2), "gpt2": ("tiny_gpt2_onnx", 2)}[
+        request.param
+    ]
     return request.param, request.getfixturevalue(fixture), layers
 
 
@@ -79,7 +81,9 @@ def toy_transformer(d: int = 32, layers: int = 2, norm: str = "layer", vocab: in
             x = node("Sub", [x, node("ReduceMean", [x, "axes"], f"{tag}.mu")], f"{tag}.d")
         ms = node("ReduceMean", [node("Pow", [x, "two"], f"{tag}.sq"), "axes"], f"{tag}.ms")
         den = node("Sqrt", [node("Add", [ms, "eps"], f"{tag}.mse")], f"{tag}.rms")
-        y = node("Mul", [node("Div", [x, den], f"{tag}.xn"), w(f"{tag}.g", d)], f"{tag}.out" if norm == "rms" else f"{tag}.y")
+        y = node(
+            "Mul", [node("Div", [x, den], f"{tag}.xn"), w(f"{tag}.g", d)], f"{tag}.out" if norm == "rms" else f"{tag}.y"
+        )
         return y if norm == "rms" else node("Add", [y, w(f"{tag}.b", d)], f"{tag}.out")
 
     h = node("Gather", [w("emb", vocab, d, scale=1.0), "input_ids"], "h0")
@@ -94,7 +98,8 @@ def toy_transformer(d: int = 32, layers: int = 2, norm: str = "layer", vocab: in
         h = node("Add", [h, node("MatMul", [f, w(f"l{i}.w2", 2 * d, d)], f"l{i}.f2")], f"l{i}.h2")
     node("MatMul", [normalise(h, "lnf"), w("lm_head", d, vocab)], "logits")
     graph = oh.make_graph(
-        nodes, "toy",
+        nodes,
+        "toy",
         [oh.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
         [oh.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
         inits,
@@ -198,10 +203,16 @@ def test_minilm_sites_are_post_ln_norm_outputs(minilm_onnx):
 
 
 def test_structural_sites_on_hand_built_models():
-    for norm, label in (("layer", "LayerNormalization"), ("rms", "RMSNorm (decomposed)"), ("ln", "LayerNorm (decomposed)")):
+    for norm, label in (
+        ("layer", "LayerNormalization"),
+        ("rms", "RMSNorm (decomposed)"),
+        ("ln", "LayerNorm (decomposed)"),
+    ):
         sites = find_sites(from_proto(toy_transformer(norm=norm)).graph)
         assert [(s.layer, s.kind, s.tensor, s.norm) for s in sites] == [
-            (i, k, f"l{i}.{ln}.out", label) for i in range(2) for k, ln in (("pre-attention", "ln1"), ("pre-mlp", "ln2"))
+            (i, k, f"l{i}.{ln}.out", label)
+            for i in range(2)
+            for k, ln in (("pre-attention", "ln1"), ("pre-mlp", "ln2"))
         ]  # the final norm feeding only lm_head is not a site
         assert all(s.method == "structure" for s in sites)
 
@@ -221,7 +232,9 @@ def test_clamp_with_huge_tau_is_exactly_the_original(exported, tmp_path):
     assert len(manifest["results"]["sites"]) == 2 * layers
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
-    assert {n.name for n in gpcl_nodes(model)} == {f"gpcl/layer{i}/{k}" for i in range(layers) for k in ("pre-attention", "pre-mlp")}
+    assert {n.name for n in gpcl_nodes(model)} == {
+        f"gpcl/layer{i}/{k}" for i in range(layers) for k in ("pre-attention", "pre-mlp")
+    }
     # Node metadata survives the graphsurgeon round trip, so sites are still found from it.
     assert sites_file(out)["method"] == "metadata"
 
@@ -241,7 +254,10 @@ def test_calibrated_clamp_on_minilm_held_out_sentences(minilm_onnx, minilm_gpcl_
         worst_diff = max(worst_diff, float(np.abs(a - b).max()))
         cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
         worst_cos = min(worst_cos, float(cos.min()))
-    print(f"\nMiniLM calibrated clamp, {len(HELD_OUT)} held-out sentences: max abs diff {worst_diff:.3g}, min cosine {worst_cos:.9f}")
+    print(
+        f"\nMiniLM calibrated clamp, {len(HELD_OUT)} held-out sentences: max abs diff {worst_diff:.3g}, min cosine "
+        f"{worst_cos:.9f}"
+    )
     assert worst_diff <= 1e-4 and worst_cos >= 0.9999
 
 
@@ -335,7 +351,9 @@ def test_calibration_ignores_non_finite_radii_and_refuses_a_site_without_any():
     np.testing.assert_allclose(got["tau"], expect, rtol=1e-6)
     assert got["stats"]["non_finite"] == 2 and clean["stats"]["non_finite"] == 0
     site = site_stats(r_bad, 90.0, 1.25, per_group=False)
-    assert np.isfinite(site["tau"]) and site["tau"] == pytest.approx(1.25 * np.percentile(r_bad[np.isfinite(r_bad)], 90.0))
+    assert np.isfinite(site["tau"]) and site["tau"] == pytest.approx(
+        1.25 * np.percentile(r_bad[np.isfinite(r_bad)], 90.0)
+    )
     r_dead = r.copy()
     r_dead[:, 2] = np.nan
     with pytest.raises(GpclError, match="groups \\[2\\]"):
@@ -402,10 +420,13 @@ def test_insert_bad_models(tmp_path, tiny_gpt2_onnx, tiny_llama_onnx):
     with pytest.raises(GpclError, match="hidden size 30 .* not divisible by 4"):
         insert_file(odd, out / "g.onnx", tau=1.0)
     mlp_only = tmp_path / "mlp.onnx"
-    g = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "mlp",
-                      [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
-                      [onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")])
+    g = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"])],
+        "mlp",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")],
+    )
     onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)]), mlp_only)
     with pytest.raises(GpclError, match="no GPCL sites found"):
         insert_file(mlp_only, out / "g.onnx", tau=1.0)
@@ -489,7 +510,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(toy_onnx, tmp_path, args, message)
     fill = {"toy": toy_onnx, "out": tmp_path / "o.onnx", "missing": tmp_path / "none.onnx"}
     res = _cli(*(a.format(**fill) for a in args), "--json")
     assert res.exit_code == 2
-    assert res.stderr.count("\n") == 1 and message in res.stderr and res.stderr.startswith(f"gpcl-trt {args[0]}: error:")
+    assert (
+        res.stderr.count("\n") == 1 and message in res.stderr and res.stderr.startswith(f"gpcl-trt {args[0]}: error:")
+    )
     assert json.loads(res.stdout)["ok"] is False
     assert not (tmp_path / "o.onnx").exists()
 
@@ -505,9 +528,11 @@ def test_cli_help_and_light_imports():
     import subprocess
     import sys
 
-    code = ("import sys, gpcl_trt.cli, gpcl_trt.passes, gpcl_trt.exporter, gpcl_trt.engines, gpcl_trt.accuracy, "
-            "gpcl_trt.deploy, gpcl_trt.plugins, gpcl_trt.gpcl; "
-            "print(sorted(m for m in ('numpy', 'onnx', 'onnx_graphsurgeon', 'torch', 'onnxruntime') if m in sys.modules))")
+    code = (
+        "import sys, gpcl_trt.cli, gpcl_trt.passes, gpcl_trt.exporter, gpcl_trt.engines, gpcl_trt.accuracy, "
+        "gpcl_trt.deploy, gpcl_trt.plugins, gpcl_trt.gpcl; "
+        "print(sorted(m for m in ('numpy', 'onnx', 'onnx_graphsurgeon', 'torch', 'onnxruntime') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 
@@ -553,7 +578,11 @@ def test_calibration_matches_radii_recomputed_from_ort_site_tensors(minilm_onnx,
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     radii: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for i in range(ids.shape[0]):
-        feeds = {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1], "token_type_ids": np.zeros_like(ids[i:i + 1])}
+        feeds = {
+            "input_ids": ids[i : i + 1],
+            "attention_mask": mask[i : i + 1],
+            "token_type_ids": np.zeros_like(ids[i : i + 1]),
+        }
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for t in tensors:
             q = outs[t][0][mask[i] == 1].astype(np.float32).reshape(-1, 4)

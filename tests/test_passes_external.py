@@ -11,11 +11,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_passes import toy_transformer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from gpcl_trt.feeds import complete_feed, specs_from_session
 from gpcl_trt.passes import calibrate_file, insert_file, sites_file, strip_file
-
-from test_passes import toy_transformer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _outputs(path, ids):
@@ -29,8 +28,9 @@ def models(tmp_path):
     model = toy_transformer(d=192, norm="rms")  # weights above the small-constant size, so they stay external
     inline, ext = tmp_path / "inline.onnx", tmp_path / "ext.onnx"
     onnx.save(model, inline)
-    onnx.save(model, ext, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
-              size_threshold=0)
+    onnx.save(
+        model, ext, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0
+    )
     return inline, ext
 
 
@@ -63,7 +63,9 @@ def test_passes_reference_the_weights_and_match_the_inline_model(models, tmp_pat
     strip_file(ge, other / "s.onnx")
     linked = other / "ext.onnx.data"
     assert os.path.samefile(linked, data) and data.stat().st_nlink == 2
-    assert json.loads((other / "s.manifest.json").read_text())["results"]["external_data"] == {"ext.onnx.data": "hardlink"}
+    assert json.loads((other / "s.manifest.json").read_text())["results"]["external_data"] == {
+        "ext.onnx.data": "hardlink"
+    }
     for a, b in zip(_outputs(inline, ids), _outputs(other / "s.onnx", ids)):
         np.testing.assert_array_equal(a, b)
     # Passes on a model whose weights are a hard link (onnx's own loader and checker refuse
@@ -136,8 +138,13 @@ def test_triton_refuses_a_weight_stripped_plan(tmp_path):
 
     engine = tmp_path / "w.engine"
     engine.write_bytes(b"plan")
-    write_manifest(engine, "build", engine_inputs(file_ref(tmp_path / "m.onnx", None)), {"strip_weights": True},
-                   {"weights": engine_weights(True, tmp_path / "m.onnx")})
+    write_manifest(
+        engine,
+        "build",
+        engine_inputs(file_ref(tmp_path / "m.onnx", None)),
+        {"strip_weights": True},
+        {"weights": engine_weights(True, tmp_path / "m.onnx")},
+    )
     with pytest.raises(GpclError, match="weight-stripped plan"):
         write_triton_repo(engine, tmp_path / "repo", "w", backend="tensorrt")
     assert not (tmp_path / "repo").exists()

@@ -62,8 +62,21 @@ def run_host(exe: Path, x: np.ndarray, tau, mode: str, eps: float, tmp: Path) ->
         np.asarray(tau, np.float32).tofile(tmp / "tau.bin")
         tau_arg = str(tmp / "tau.bin")
     scalar = float(tau) if not np.ndim(tau) else 1.0
-    subprocess.run([str(exe), str(MODE_IDS[mode]), str(DTYPES[str(x.dtype)]), repr(eps), repr(scalar),
-                    str(x.size // 4), str(g), str(tmp / "x.bin"), tau_arg, str(tmp / "y.bin")], check=True)
+    subprocess.run(
+        [
+            str(exe),
+            str(MODE_IDS[mode]),
+            str(DTYPES[str(x.dtype)]),
+            repr(eps),
+            repr(scalar),
+            str(x.size // 4),
+            str(g),
+            str(tmp / "x.bin"),
+            tau_arg,
+            str(tmp / "y.bin"),
+        ],
+        check=True,
+    )
     return np.fromfile(tmp / "y.bin", dtype=x.dtype).reshape(x.shape)
 
 
@@ -93,8 +106,11 @@ def test_host_math_matches_reference(host_check, tmp_path, mode, dtype, per_grou
 
 def test_host_check_refuses_bad_files(host_check, tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\0" * 12)  # 3 floats, not one group
-    proc = subprocess.run([str(host_check), "0", "0", "1e-6", "1", "1", "1", str(tmp_path / "x.bin"), "-",
-                           str(tmp_path / "y.bin")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(host_check), "0", "0", "1e-6", "1", "1", "1", str(tmp_path / "x.bin"), "-", str(tmp_path / "y.bin")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "do not match" in proc.stderr
     assert not (tmp_path / "y.bin").exists()
 
@@ -153,10 +169,12 @@ def test_plugin_loads_into_tensorrt_rtx_registry(plugin_lib):
         assert [f.name for f in creator.field_names] == ["mode", "tau", "eps"]
 
         def make(mode: str, tau: float):
-            fields = trt.PluginFieldCollection([
-                trt.PluginField("mode", np.frombuffer(mode.encode(), np.int8), trt.PluginFieldType.CHAR),
-                trt.PluginField("tau", np.array([tau], np.float32), trt.PluginFieldType.FLOAT32),
-            ])
+            fields = trt.PluginFieldCollection(
+                [
+                    trt.PluginField("mode", np.frombuffer(mode.encode(), np.int8), trt.PluginFieldType.CHAR),
+                    trt.PluginField("tau", np.array([tau], np.float32), trt.PluginFieldType.FLOAT32),
+                ]
+            )
             return creator.create_plugin("gpcl/test", fields, trt.TensorRTPhase.BUILD)
 
         for mode in MODES:
@@ -185,8 +203,10 @@ def test_plugin_registers_on_load_only_when_asked(plugin_lib, register):
 
     libs = Path(importlib.util.find_spec("tensorrt_rtx_libs").submodule_search_locations[0])
     runtime = next(libs.glob("libtensorrt_rtx.so*"))
-    code = ("import tensorrt_rtx as trt; c = trt.get_plugin_registry().get_creator('GPCL', '1', 'gpcl'); "
-            "print(c is not None)")
+    code = (
+        "import tensorrt_rtx as trt; c = trt.get_plugin_registry().get_creator('GPCL', '1', 'gpcl'); "
+        "print(c is not None)"
+    )
     env = dict(os.environ, GPCL_TRT_REGISTER_ON_LOAD=register, LD_PRELOAD=f"{runtime}:{plugin_lib}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

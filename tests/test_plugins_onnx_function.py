@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnx import numpy_helper
 
 from gpcl_trt.common import GpclError
 from gpcl_trt.plugins.onnx_function import (
@@ -85,7 +84,8 @@ def test_ort_matches_reference(mode, dtype, tau_kind, body):
         assert_matches(y, ref, np_dtype)
         if mode == "clamp":  # bit-exact identity inside the ball, through ORT too
             inside = np.linalg.norm(x.astype(np.float64).reshape(-1, 4), axis=1) <= np.broadcast_to(
-                np.asarray(tau, np.float32).reshape(-1), (x.size // (4 * G), G)).reshape(-1)
+                np.asarray(tau, np.float32).reshape(-1), (x.size // (4 * G), G)
+            ).reshape(-1)
             assert np.array_equal(y.reshape(-1, 4)[inside], x.reshape(-1, 4)[inside])
 
 
@@ -93,8 +93,13 @@ def test_initializer_tau_and_eps_default():
     """tau as an initializer (the calibrated case); eps falls back to the declared default."""
     tau = numpy_helper.from_array(np.full(2, 0.5, np.float32), "tau")
     no_eps = oh.make_node(GPCL_OP, ["X", "tau"], ["Y"], domain=GPCL_DOMAIN, mode="hopf")
-    graph = oh.make_graph([no_eps], "g", [oh.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8])],
-                          [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 8])], initializer=[tau])
+    graph = oh.make_graph(
+        [no_eps],
+        "g",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8])],
+        [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 8])],
+        initializer=[tau],
+    )
     model = attach_gpcl_functions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
     x = np.array([[5e-7, 0, 0, 0, 1, 2, 3, 4], [1e-3, 0, 0, 0, 0, 0, 0, 0]], np.float32)
     (y,) = session(model).run(None, {"X": x})
@@ -104,8 +109,12 @@ def test_initializer_tau_and_eps_default():
 
 def test_omitted_optional_tau_input_uses_the_attribute():
     node = oh.make_node(GPCL_OP, ["X", ""], ["Y"], domain=GPCL_DOMAIN, tau=0.5)
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", TensorProto.FLOAT, [3, 8])],
-                          [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 8])])
+    graph = oh.make_graph(
+        [node],
+        "g",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, [3, 8])],
+        [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 8])],
+    )
     model = attach_gpcl_functions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
     x = sample((3, 8), np.float32)
     (y,) = session(model).run(None, {"X": x})
@@ -127,9 +136,12 @@ def chain_model(opset=18, ir=9):
         make_gpcl_node("B", "Y", name="gpcl/layer1/pre-attention", mode="hopf", tau=0.7, eps=1e-3),
     ]
     graph = oh.make_graph(
-        nodes, "chain", [oh.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 8])],
+        nodes,
+        "chain",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 8])],
         [oh.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", 8])],
-        initializer=[numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "tau")])
+        initializer=[numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "tau")],
+    )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir)
 
 
@@ -177,9 +189,12 @@ def test_remove_keeps_nodes_and_domain():
 
 
 def test_model_without_gpcl_is_unchanged():
-    graph = oh.make_graph([oh.make_node("Relu", ["X"], ["Y"])], "g",
-                          [oh.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
-                          [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [2])])
+    graph = oh.make_graph(
+        [oh.make_node("Relu", ["X"], ["Y"])],
+        "g",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [2])],
+    )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
     before = model.SerializeToString()
     assert attach_gpcl_functions(model).SerializeToString() == before
@@ -195,8 +210,12 @@ def test_model_without_gpcl_is_unchanged():
     ],
 )
 def test_bad_nodes_are_refused(node, match):
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", TensorProto.FLOAT, [8])],
-                          [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [8])])
+    graph = oh.make_graph(
+        [node],
+        "g",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, [8])],
+        [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [8])],
+    )
     with pytest.raises(GpclError, match=match):
         attach_gpcl_functions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
 
@@ -262,7 +281,8 @@ def test_inlining_applies_attribute_defaults(mode):
     not fill in a function's attribute defaults by itself (soft and hopf read eps)."""
     node = oh.make_node("GPCL", ["X"], ["Y"], domain=GPCL_DOMAIN, tau=0.5, mode=mode)
     graph = oh.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [oh.make_tensor_value_info("X", TensorProto.FLOAT, [None, 8])],
         [oh.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 8])],
     )

@@ -135,8 +135,10 @@ def test_non_finite_groups_are_nan(xt, mode, data):
 
 
 @SETTINGS
-@given(tensors(st.floats(2.0**63, 2.0**122, width=32) | st.floats(-(2.0**122), -(2.0**63), width=32)),
-       st.sampled_from(MODES))
+@given(
+    tensors(st.floats(2.0**63, 2.0**122, width=32) | st.floats(-(2.0**122), -(2.0**63), width=32)),
+    st.sampled_from(MODES),
+)
 def test_groups_whose_sum_of_squares_overflows_stay_exact(xt, mode):
     """Invariants 1 and 4 hold where the float32 sum of squares overflows (|q| > ~1.8e19):
     finite, ||Y|| = t (clamp, soft: the ball's radius; hopf: rho), clamp and soft keep q's

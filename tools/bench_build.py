@@ -52,7 +52,9 @@ def stand_in_model(gpcl: Path, out: Path, kind: str) -> Path:
     from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, is_gpcl_node, remove_gpcl_functions
 
     model = onnx.load(str(gpcl))
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(model).graph.value_info
+    }
     consts = {"standin/one": np.array(1.0, np.float32), "standin/axis": np.array([-1], np.int64)}
     nodes = []
     for node in model.graph.node:
@@ -69,7 +71,9 @@ def stand_in_model(gpcl: Path, out: Path, kind: str) -> Path:
         nodes.append(oh.make_node("Reshape", [x, grouped], [p + "q"], name=p + "group"))
         mid = p + "q"
         if kind == "reduce":
-            nodes.append(oh.make_node("ReduceSumSquare", [mid, "standin/axis"], [p + "ss"], keepdims=1, name=p + "reduce"))
+            nodes.append(
+                oh.make_node("ReduceSumSquare", [mid, "standin/axis"], [p + "ss"], keepdims=1, name=p + "reduce")
+            )
             nodes.append(oh.make_node("Mul", [mid, p + "ss"], [p + "m"], name=p + "mul"))
             mid = p + "m"
         nodes.append(oh.make_node("Reshape", [mid, flat], [y], name=p + "ungroup"))
@@ -145,8 +149,10 @@ def table(rows: list[dict]) -> str:
         w, b, s, n = r["wall_s"], r["builder_s"], r["engine_bytes"], r["layers"]
         lines.append(
             f"| {r['precision']} | {r['backend']} | {n['base']} / {n['gpcl']} | {w['base']:.1f} ({b['base']:.1f}) "
-            f"| {w['gpcl']:.1f} ({b['gpcl']:.1f}) | {r['wall_ratio']:.2f}x / {r['builder_ratio']:.2f}x / {r['cpu_ratio']:.2f}x "
-            f"| {r['builder_min_ratio']:.2f}x | {s['base'] / 2**20:.1f} | {s['gpcl'] / 2**20:.1f} | {r['size_ratio']:.3f}x |"
+            f"| {w['gpcl']:.1f} ({b['gpcl']:.1f}) | {r['wall_ratio']:.2f}x / {r['builder_ratio']:.2f}x / "
+            f"{r['cpu_ratio']:.2f}x "
+            f"| {r['builder_min_ratio']:.2f}x | {s['base'] / 2**20:.1f} | {s['gpcl'] / 2**20:.1f} | "
+            f"{r['size_ratio']:.3f}x |"
         )
     return "\n".join(lines)
 
@@ -156,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="plain ONNX model (default: export MiniLM here)")
     ap.add_argument("--gpcl", type=Path, help="the same model with GPCL (default: insert into the baseline here)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--repeats", type=int, default=3, help="builds per model and precision (median and fastest reported)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="builds per model and precision (median and fastest reported)"
+    )
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"])
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--site-stand-in", choices=STAND_INS, help="build a stand-in at each GPCL site instead of GPCL")
@@ -168,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         base, gpcl = (args.baseline, args.gpcl) if args.baseline else make_models(work)
         if args.site_stand_in:
             gpcl = stand_in_model(gpcl, work / f"stand_in_{args.site_stand_in}.onnx", args.site_stand_in)
-            print(f"the GPCL column is the '{args.site_stand_in}' stand-in at each GPCL site, not GPCL", file=sys.stderr)
+            print(
+                f"the GPCL column is the '{args.site_stand_in}' stand-in at each GPCL site, not GPCL", file=sys.stderr
+            )
         rows = bench({"base": base, "gpcl": gpcl}, work, args.precision, args.repeats, args.backend)
     print(table(rows))
     worst = max(r["builder_min_ratio"] for r in rows)
-    print(f"\nGPCL / baseline builder time (fastest of {args.repeats}): worst {worst:.2f}x (target <= 1.10x)", file=sys.stderr)
+    print(
+        f"\nGPCL / baseline builder time (fastest of {args.repeats}): worst {worst:.2f}x (target <= 1.10x)",
+        file=sys.stderr,
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -75,7 +75,9 @@ def child_torch(model_dir: str, out: Path, task: str) -> float:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dyn = {k: ({0: batch, 1: seq} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
     with torch.no_grad():
-        prog = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, opset_version=18, dynamic_shapes=dyn, verbose=False)
+        prog = torch.onnx.export(
+            model, (), kwargs=kwargs, dynamo=True, opset_version=18, dynamic_shapes=dyn, verbose=False
+        )
     prog.save(str(out))
     return time.perf_counter() - t0
 
@@ -111,8 +113,13 @@ def measure(cmd: list[str], env: dict) -> dict:
     for line in out.splitlines():
         if line.startswith("{"):
             info.update(json.loads(line))
-    return {"wall_s": wall, "work_s": info.get("work_s"), "task": info.get("task"),
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {
+        "wall_s": wall,
+        "work_s": info.get("work_s"),
+        "task": info.get("task"),
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+    }
 
 
 def optimum_cmd(venv: Path, model_dir: str, out_dir: Path, task: str) -> list[str]:
@@ -145,8 +152,10 @@ def latency(paths: dict[str, Path], batch: int, seq: int, threads: int, runs: in
     shared = None
     for name, path in paths.items():
         sess = feeds.ort_session(path, threads=threads)
-        specs = [feeds.InputSpec(s.name, s.dtype, tuple(OPTIMUM_AXES.get(d, d) if isinstance(d, str) else d for d in s.dims))
-                 for s in feeds.specs_from_session(sess)]
+        specs = [
+            feeds.InputSpec(s.name, s.dtype, tuple(OPTIMUM_AXES.get(d, d) if isinstance(d, str) else d for d in s.dims))
+            for s in feeds.specs_from_session(sess)
+        ]
         feed = feeds.make_feeds(specs, batch, seq, 0, seed=0, vocab=feeds.vocab_size(_load(path)))
         if shared is None:
             shared = dict(feed)
@@ -162,7 +171,10 @@ def latency(paths: dict[str, Path], batch: int, seq: int, threads: int, runs: in
             t0 = time.perf_counter()
             sess.run(None, dict(feed_of[name]))
             times[name].append(time.perf_counter() - t0)
-    return {n: {"median_ms": round(1000 * statistics.median(t), 2), "min_ms": round(1000 * min(t), 2)} for n, t in times.items()}
+    return {
+        n: {"median_ms": round(1000 * statistics.median(t), 2), "min_ms": round(1000 * min(t), 2)}
+        for n, t in times.items()
+    }
 
 
 def _load(path: Path):
@@ -176,9 +188,19 @@ def main() -> None:
         return run_child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="HF model directory (default: the embedded MiniLM)")
-    ap.add_argument("--task", default="auto", help="gpcl-trt export task (auto: from config.json); Optimum gets the task ours resolved to")
-    ap.add_argument("--optimum-venv", type=Path, help="virtual environment with optimum-onnx (optimum-cli); the baseline when given")
-    ap.add_argument("--with-torch", action="store_true", help="also time torch.onnx.export called directly (the baseline without --optimum-venv)")
+    ap.add_argument(
+        "--task",
+        default="auto",
+        help="gpcl-trt export task (auto: from config.json); Optimum gets the task ours resolved to",
+    )
+    ap.add_argument(
+        "--optimum-venv", type=Path, help="virtual environment with optimum-onnx (optimum-cli); the baseline when given"
+    )
+    ap.add_argument(
+        "--with-torch",
+        action="store_true",
+        help="also time torch.onnx.export called directly (the baseline without --optimum-venv)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved export rounds per variant (median reported)")
     ap.add_argument("--batch", type=int, default=8, help="latency: batch size")
     ap.add_argument("--seq", type=int, default=128, help="latency: sequence length")
@@ -205,7 +227,7 @@ def main() -> None:
         # Ours first in round 1, so that Optimum is asked for the task ours resolved to.
         order = [v for v in variants if v != "optimum-cli"] + (["optimum-cli"] if args.optimum_venv else [])
         for r in range(args.rounds):
-            for v in (order if r == 0 else variants):
+            for v in order if r == 0 else variants:
                 out = Path(work) / f"{v.split()[0].replace('.', '_')}_{r}"
                 if v == "optimum-cli":
                     cmd = optimum_cmd(args.optimum_venv, args.model_dir, out, task)
@@ -216,13 +238,20 @@ def main() -> None:
                 samples[v].append(measure(cmd, env))
                 if samples[v][-1].get("task"):
                     task = samples[v][-1]["task"]
-                print(f"round {r + 1}/{args.rounds} {v}: {samples[v][-1]['wall_s']:.1f} s, {samples[v][-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+                print(
+                    f"round {r + 1}/{args.rounds} {v}: {samples[v][-1]['wall_s']:.1f} s, "
+                    f"{samples[v][-1]['peak_rss_mib']:.0f} MiB",
+                    file=sys.stderr,
+                )
 
         lat, graphs = {}, {}
         if args.optimum_venv:
             pair = {"gpcl-trt": outputs["gpcl-trt"], "optimum-cli": outputs["optimum-cli"]}
-            print(f"latency: ONNX Runtime CPU, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
-                  f"{args.latency_runs} interleaved runs", file=sys.stderr)
+            print(
+                f"latency: ONNX Runtime CPU, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
+                f"{args.latency_runs} interleaved runs",
+                file=sys.stderr,
+            )
             lat = latency(pair, args.batch, args.seq, args.threads, args.latency_runs)
             graphs = {n: graph_stats(p, args.threads) for n, p in pair.items()}
 
@@ -244,12 +273,21 @@ def main() -> None:
             "cpu_ratio": round(cpu / base_cpu, 3),
             "rss_ratio": round(rss / base_rss, 3),
         }
-    result = {"model_dir": args.model_dir, "task": task, "rounds": args.rounds, "cpus": os.cpu_count(),
-              "baseline": base_name, "variants": rows}
+    result = {
+        "model_dir": args.model_dir,
+        "task": task,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "baseline": base_name,
+        "variants": rows,
+    }
     if lat:
         ours, theirs = lat["gpcl-trt"], lat["optimum-cli"]
         result["latency"] = {
-            "batch": args.batch, "seq": args.seq, "threads": args.threads, "runs": args.latency_runs,
+            "batch": args.batch,
+            "seq": args.seq,
+            "threads": args.threads,
+            "runs": args.latency_runs,
             "graphs": {n: {**lat[n], **graphs[n]} for n in lat},
             "ratio_median": round(ours["median_ms"] / theirs["median_ms"], 3),
             "ratio_min": round(ours["min_ms"] / theirs["min_ms"], 3),
@@ -260,12 +298,20 @@ def main() -> None:
     print(f"export of {args.model_dir} ({task}), {args.rounds} round(s), median; ratios vs {base_name}")
     print(f"{'variant':<26}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>14}{'wall x':>8}{'CPU x':>7}{'RSS x':>7}")
     for v, row in rows.items():
-        print(f"{v:<26}{row['wall_s']:>9.2f}{row['cpu_s']:>8.1f}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['cpu_ratio']:>7.2f}{row['rss_ratio']:>7.2f}")
+        print(
+            f"{v:<26}{row['wall_s']:>9.2f}{row['cpu_s']:>8.1f}{row['peak_rss_mib']:>14}{row['wall_ratio']:>8.2f}{row['cpu_ratio']:>7.2f}{row['rss_ratio']:>7.2f}"
+        )
     if lat:
         L = result["latency"]
-        print(f"ONNX Runtime CPU latency, batch {L['batch']}, seq {L['seq']}, {L['threads']} threads, {L['runs']} runs each:")
+        print(
+            f"ONNX Runtime CPU latency, batch {L['batch']}, seq {L['seq']}, {L['threads']} threads, {L['runs']} runs "
+            "each:"
+        )
         for n, g in L["graphs"].items():
-            print(f"  {n:<14} median {g['median_ms']:8.2f} ms  min {g['min_ms']:8.2f} ms  nodes {g['nodes']} ({g['nodes_after_ort']} after ORT's fusions)")
+            print(
+                f"  {n:<14} median {g['median_ms']:8.2f} ms  min {g['min_ms']:8.2f} ms  nodes {g['nodes']} "
+                f"({g['nodes_after_ort']} after ORT's fusions)"
+            )
         print(f"  gpcl-trt / optimum: {L['ratio_median']:.3f}x (median), {L['ratio_min']:.3f}x (min)")
 
 

@@ -83,21 +83,30 @@ def bench_one(kernel, compiled, tokens: int, hidden: int, dtype: str, mode: str,
 
 
 def markdown(results: list[dict], device: str) -> str:
-    lines = [f"GPCL CUDA kernel on {device} (median of CUDA-event times; bandwidth = read + write)", "",
-             "| tokens x hidden | dtype | mode | copy GB/s | kernel GB/s | kernel / copy | vs torch.compile | vs eager |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"GPCL CUDA kernel on {device} (median of CUDA-event times; bandwidth = read + write)",
+        "",
+        "| tokens x hidden | dtype | mode | copy GB/s | kernel GB/s | kernel / copy | vs torch.compile | vs eager |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         comp = f"{r['kernel_speedup_vs_compile']:.2f}x" if "kernel_speedup_vs_compile" in r else "n/a"
-        lines.append(f"| {r['tokens']}x{r['hidden']} | {r['dtype']} | {r['mode']} | {r.get('copy_GBps', 0):.0f} | "
-                     f"{r.get('kernel_GBps', 0):.0f} | {r.get('kernel_fraction_of_copy', 0):.3f} | {comp} | "
-                     f"{r.get('kernel_speedup_vs_eager', 0):.2f}x |")
+        lines.append(
+            f"| {r['tokens']}x{r['hidden']} | {r['dtype']} | {r['mode']} | {r.get('copy_GBps', 0):.0f} | "
+            f"{r.get('kernel_GBps', 0):.0f} | {r.get('kernel_fraction_of_copy', 0):.3f} | {comp} | "
+            f"{r.get('kernel_speedup_vs_eager', 0):.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", type=Path, default=os.environ.get("GPCL_KERNEL_LIB"),
-                    help="libgpcl_kernel.so (default: $GPCL_KERNEL_LIB, else build it with nvcc now)")
+    ap.add_argument(
+        "--lib",
+        type=Path,
+        default=os.environ.get("GPCL_KERNEL_LIB"),
+        help="libgpcl_kernel.so (default: $GPCL_KERNEL_LIB, else build it with nvcc now)",
+    )
     ap.add_argument("--modes", default="clamp", help="comma-separated modes (clamp,soft,hopf)")
     ap.add_argument("--tau", type=float, default=1.0, help="scalar tau")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per measurement")
@@ -138,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             for tokens, hidden in shapes:
                 r = bench_one(kernel, compiled, tokens, hidden, dtype, mode, args.tau, args.reps)
                 results.append(r)
-                print(f"{tokens:>6}x{hidden:<5} {dtype:9} {mode}: kernel {r.get('kernel_GBps', 0):7.0f} GB/s "
-                      f"= {r.get('kernel_fraction_of_copy', 0):.3f} of copy; vs compile "
-                      f"{r.get('kernel_speedup_vs_compile', float('nan')):.2f}x", file=sys.stderr, flush=True)
+                print(
+                    f"{tokens:>6}x{hidden:<5} {dtype:9} {mode}: kernel {r.get('kernel_GBps', 0):7.0f} GB/s "
+                    f"= {r.get('kernel_fraction_of_copy', 0):.3f} of copy; vs compile "
+                    f"{r.get('kernel_speedup_vs_compile', float('nan')):.2f}x",
+                    file=sys.stderr,
+                    flush=True,
+                )
     doc = {"bench": "gpcl_kernel", "device": device, "torch": torch.__version__, "results": results}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2))

@@ -39,12 +39,17 @@ def per_group_tau(src: Path, dst: Path, tau: float) -> None:
 
     model = onnx.load(str(src))
     model = onnx.shape_inference.infer_shapes(model)
-    dims = {vi.name: vi.type.tensor_type.shape.dim[-1].dim_value
-            for vi in model.graph.value_info if vi.type.tensor_type.shape.dim}
+    dims = {
+        vi.name: vi.type.tensor_type.shape.dim[-1].dim_value
+        for vi in model.graph.value_info
+        if vi.type.tensor_type.shape.dim
+    }
     for node in model.graph.node:
         if is_gpcl_node(node):
             name = f"{node.name}/tau"
-            model.graph.initializer.append(numpy_helper.from_array(np.full(dims[node.input[0]] // 4, tau, np.float32), name))
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.full(dims[node.input[0]] // 4, tau, np.float32), name)
+            )
             node.input.append(name)
     onnx.save(attach_gpcl_functions(model), str(dst))
 
@@ -149,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     for r in results:
-        ratios = ", ".join(f"{k} {v:.3f}x (paired {r['paired_ratio'][k]:.3f}x, IQR {r['paired_ratio_iqr'][k][0]:.3f}-"
-                           f"{r['paired_ratio_iqr'][k][1]:.3f})" for k, v in r["ratio"].items())
+        ratios = ", ".join(
+            f"{k} {v:.3f}x (paired {r['paired_ratio'][k]:.3f}x, IQR {r['paired_ratio_iqr'][k][0]:.3f}-"
+            f"{r['paired_ratio_iqr'][k][1]:.3f})"
+            for k, v in r["ratio"].items()
+        )
         if "cpu_ratio" in r:
             ratios += "; thread CPU time: " + ", ".join(f"{k} {v:.3f}x" for k, v in r["cpu_ratio"].items())
-        print(f"batch {r['batch']} x seq {r['seq']}, {r['threads']} thread(s): baseline "
-              f"{r['median_ms']['baseline']:.2f} ms; GPCL at every site: {ratios}", file=sys.stderr)
+        print(
+            f"batch {r['batch']} x seq {r['seq']}, {r['threads']} thread(s): baseline "
+            f"{r['median_ms']['baseline']:.2f} ms; GPCL at every site: {ratios}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -39,10 +39,39 @@ SHARD_BYTES = 5 * 10**9
 CHUNK = 16 << 20  # elements
 
 SIZES = {  # Llama-shaped configs (TinyLlama 1.1B, Llama-2 7B/70B; 0.25B a small sibling)
-    "0.25b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, dtype="float32"),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, dtype="float32"),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, dtype="bfloat16"),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, dtype="bfloat16", sparse=True),
+    "0.25b": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        dtype="float32",
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        dtype="float32",
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        dtype="bfloat16",
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        dtype="bfloat16",
+        sparse=True,
+    ),
 }
 ST = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
@@ -53,10 +82,18 @@ def _config(size: str) -> dict:
     spec.pop("sparse", None)
     dtype = spec.pop("dtype")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "use_cache": True, "torch_dtype": dtype,
-        "bos_token_id": 1, "eos_token_id": 2, **spec,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **spec,
     }
 
 
@@ -139,7 +176,9 @@ def generate(size: str, out: Path) -> Path:
         print(f"  {fname}: {pos / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     (d / "config.json").write_text(json.dumps(config, indent=2))
     if len(shards) > 1:
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     (d / ".complete").write_text(str(total))
     return d
 
@@ -175,7 +214,9 @@ def _status(pid: int) -> tuple[int, int]:
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd``; sample the summed VmRSS / RssAnon of its process tree every 0.1 s."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     peak = {"rss": 0, "anon": 0}
     stop = threading.Event()
 
@@ -196,8 +237,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     stop.set()
     th.join()
     wall = time.perf_counter() - t0
-    result = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 1),
-              "peak_rss_gb": round(peak["rss"] / 1e9, 2), "peak_anon_gb": round(peak["anon"] / 1e9, 2)}
+    result = {
+        "cmd": " ".join(cmd),
+        "rc": proc.returncode,
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak["rss"] / 1e9, 2),
+        "peak_anon_gb": round(peak["anon"] / 1e9, 2),
+    }
     try:
         result["json"] = json.loads(stdout)
     except json.JSONDecodeError:
@@ -231,10 +277,26 @@ def run_size(size: str, work: Path, args) -> dict:
     out = work / f"out-{size}"
     out.mkdir(parents=True, exist_ok=True)
     gpcl = [str(Path(sys.executable).parent / "gpcl-trt")]
-    row = {"size": size, "weights_gb": round(weights / 1e9, 2), "checkpoint_dtype": SIZES[size]["dtype"], "generate_s": round(gen_s, 1)}
+    row = {
+        "size": size,
+        "weights_gb": round(weights / 1e9, 2),
+        "checkpoint_dtype": SIZES[size]["dtype"],
+        "generate_s": round(gen_s, 1),
+    }
     onnx_path = out / "model.onnx"
     if "export" in args.steps:
-        cmd = gpcl + ["export", str(model_dir), "-o", str(onnx_path), "--task", args.task, "--dtype", args.dtype, "--force", "--json"]
+        cmd = gpcl + [
+            "export",
+            str(model_dir),
+            "-o",
+            str(onnx_path),
+            "--task",
+            args.task,
+            "--dtype",
+            args.dtype,
+            "--force",
+            "--json",
+        ]
         if args.validate:
             cmd += ["--validate", args.validate]
         if args.memory_budget:
@@ -246,7 +308,9 @@ def run_size(size: str, work: Path, args) -> dict:
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
         row["export"]["validation"] = (res.get("validation") or {}).get("mode")
         row["export"]["max_abs_diff"] = (res.get("validation") or {}).get("max_abs_diff")
-        row["export"]["weights"] = {k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes")}
+        row["export"]["weights"] = {
+            k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes")
+        }
         row["export"]["extra_disk_gb"] = round(extra_disk(outputs_of(onnx_path)) / 1e9, 3)
         if r["rc"] not in (0,):
             row["export"]["error"] = (r.get("stderr_tail") or "")[-600:]
@@ -276,7 +340,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", help="export dtype (fp32, fp16)")
     ap.add_argument("--validate", default=None, help="full|layers|none (default: the exporter's default)")
     ap.add_argument("--memory-budget", default=None)
-    ap.add_argument("--external-data", default=None, help="auto|link|copy|inline (insert reads weights with onnx.load, which refuses hard links)")
+    ap.add_argument(
+        "--external-data",
+        default=None,
+        help="auto|link|copy|inline (insert reads weights with onnx.load, which refuses hard links)",
+    )
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     args = ap.parse_args()

@@ -46,7 +46,9 @@ def main() -> None:
             run_load(server.grpc_url, "m", cases, requests=16, concurrency=4)  # warm-up
             served = {c: run_load(server.grpc_url, "m", cases, requests=args.requests, concurrency=c) for c in (1, 16)}
     out = {
-        "model": str(args.onnx), "seq": args.seq, "requests": args.requests,
+        "model": str(args.onnx),
+        "seq": args.seq,
+        "requests": args.requests,
         "ort_in_process_rps": round(ort_rps, 1),
         **{f"triton_grpc_c{c}_rps": r["throughput_rps"] for c, r in served.items()},
         **{f"triton_grpc_c{c}_errors": r["errors"] for c, r in served.items()},
