@@ -185,15 +185,9 @@ def load_model(
     _, use_safetensors = _check_weights(d, allow_pickle)
 
     import torch
-    from transformers import AutoConfig
 
     with _quiet():
-        try:
-            hf_config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code, local_files_only=True)
-        except Exception as exc:
-            raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
-        arch = arch_cls(hf_config, dtype)
-        task = _resolve_task(arch, task)
+        hf_config, arch, task = _bind_config(d, arch_cls, dtype, task, trust_remote_code)
         if use_safetensors:
             # The headers against config.json before anything is allocated: a config that cannot
             # match its checkpoint (100000 layers next to a small file) would otherwise allocate
@@ -256,6 +250,19 @@ def _lazy_model(
             return None
         raise GpclError(f"cannot build {arch.name} from {d / 'config.json'}: {_first_line(exc)}") from None
     return model, ckpt, binding
+
+
+def _bind_config(d: Path, arch_cls: Any, dtype: str, task: str, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    """(HF config, the architecture config bound to it, the resolved task); one clear line for a
+    config transformers cannot read."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
+    arch = arch_cls(hf_config, dtype)
+    return hf_config, arch, _resolve_task(arch, task)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -555,15 +562,9 @@ def export_model(
     built = None
     if use_safetensors and lazy is not False:
         import torch  # noqa: F401  (transformers wants it first)
-        from transformers import AutoConfig
 
         with progress.step(f"read {d.name} (config and safetensors headers)"), _quiet():
-            try:
-                hf_config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code, local_files_only=True)
-            except Exception as exc:
-                raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
-            arch = arch_cls(hf_config, dtype)
-            task = _resolve_task(arch, task)
+            hf_config, arch, task = _bind_config(d, arch_cls, dtype, task, trust_remote_code)
             built = _lazy_model(d, hf_config, arch, task, dtype, trust_remote_code)
         if built is None:
             eager_reason = getattr(_lazy_model, "why", "the checkpoint needs transformers' own loader")

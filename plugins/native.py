@@ -91,6 +91,13 @@ def build_kernel_library(out_dir: str | os.PathLike, archs=DEFAULT_ARCHS) -> Pat
     return lib
 
 
+def _strict_cxx(cxx: str, tensorrt_include, optimize: str) -> list[str]:
+    """The C++ compile of the plugin code: warnings are errors; TensorRT's headers are system
+    headers (their own warnings are not ours)."""
+    return [cxx, "-std=c++17", optimize, "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
+            "-isystem", str(tensorrt_include), f"-I{cuda_home() / 'include'}"]  # fmt: skip
+
+
 def _plugin_objects(out: Path, tensorrt_include, archs, cxx: str) -> tuple[Path, Path]:
     kernel_o = out / "gpcl_kernel.o"
     if not kernel_o.exists():
@@ -99,17 +106,8 @@ def _plugin_objects(out: Path, tensorrt_include, archs, cxx: str) -> tuple[Path,
     if not plugin_o.exists():
         _run(
             [
-                cxx,
-                "-std=c++17",
-                "-O2",
+                *_strict_cxx(cxx, tensorrt_include, "-O2"),
                 "-fPIC",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-Wno-deprecated-declarations",
-                "-isystem",
-                str(tensorrt_include),
-                f"-I{cuda_home() / 'include'}",
                 "-c",
                 str(SRC / "gpcl_plugin.cpp"),
                 "-o",
@@ -143,26 +141,8 @@ def build_plugin_check(
     out = Path(out_dir)
     kernel_o, plugin_o = _plugin_objects(out, tensorrt_include, archs, cxx)
     exe = out / "gpcl_plugin_check"
-    _run(
-        [
-            cxx,
-            "-std=c++17",
-            "-O1",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wno-deprecated-declarations",
-            "-isystem",
-            str(tensorrt_include),
-            f"-I{cuda_home() / 'include'}",
-            str(SRC / "gpcl_plugin_check.cpp"),
-            str(plugin_o),
-            str(kernel_o),
-            "-o",
-            str(exe),
-            *_link_cudart(),
-        ]
-    )
+    sources = [str(SRC / "gpcl_plugin_check.cpp"), str(plugin_o), str(kernel_o)]
+    _run([*_strict_cxx(cxx, tensorrt_include, "-O1"), *sources, "-o", str(exe), *_link_cudart()])
     return exe
 
 
