@@ -21,7 +21,7 @@ from polygraphy.backend.base import BaseRunner
 
 from gpcl_trt import feeds
 from gpcl_trt.accuracy import inputs as inp
-from gpcl_trt.common import GpclError, load_onnx_graph
+from gpcl_trt.common import GpclError, has_large_weights, load_onnx_graph
 
 
 # Outputs by task, when the exporter's module does not name them itself (architecture.md names).
@@ -175,7 +175,11 @@ def _onnx_side(path: Path, role: str, extra_outputs, threads, tok, model=None) -
     model = model if model is not None else load_onnx_graph(path)
     run_model = with_outputs(model, extra_outputs) if extra_outputs else model
     # External weights are read by ORT where they are (the graph is written beside them).
-    runner = OnnxrtRunner(lambda: feeds.ort_session(run_model, base_dir=path.parent, threads=threads), name=role)
+    # External weights: a bounded session reads them from their file mapping, no anonymous copies.
+    bounded = has_large_weights(run_model, path.parent)
+    runner = OnnxrtRunner(
+        lambda: feeds.ort_session(run_model, base_dir=path.parent, threads=threads, bounded=bounded), name=role
+    )
     specs = feeds.specs_from_onnx(model)
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
     return Side(

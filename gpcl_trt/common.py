@@ -304,6 +304,14 @@ def external_locations(model: Any) -> list[str]:
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
 
 
+def has_large_weights(model: Any, base_dir: str | os.PathLike) -> bool:
+    """Its external weight files together exceed gpcl.LARGE_WEIGHT_BYTES."""
+    from gpcl_trt.gpcl import LARGE_WEIGHT_BYTES
+
+    files = [Path(base_dir) / loc for loc in external_locations(model)]
+    return sum(f.stat().st_size for f in files if f.is_file()) > LARGE_WEIGHT_BYTES
+
+
 @contextlib.contextmanager
 def graph_beside(model: Any, directory: str | os.PathLike, name: str = "model.onnx") -> Iterator[Path]:
     """A graph-only ModelProto whose weights stay in external data (relative to ``directory``)

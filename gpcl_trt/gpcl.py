@@ -24,6 +24,12 @@ KINDS = (PRE_ATTENTION, PRE_MLP, SHARED)
 # go to external data (OUT.onnx.data), with a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
+# Above this many bytes of external weights a model counts as large: ONNX Runtime sessions run
+# bounded (weights read from their file mapping, no optimized copies) and the passes check the
+# graph with the ONNX checker alone. Below it, sessions are the default ones (fastest, and bit
+# for bit what a self-contained copy of the model gives).
+LARGE_WEIGHT_BYTES = 512 * 2**20
+
 # The dynamo exporter's node metadata: the module scopes a node was traced in, outermost first.
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # A block in a scope or tensor name: "<container>.<N>.<submodule>" (model.layers.3.mlp,

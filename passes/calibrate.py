@@ -15,7 +15,14 @@ from typing import Iterator
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, check_can_write, sha256_file, write_json_atomic, write_manifest
+from gpcl_trt.common import (
+    GpclError,
+    check_can_write,
+    has_large_weights,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+)
 from gpcl_trt.feeds import (
     INPUT_IDS,
     complete_feed,
@@ -223,7 +230,8 @@ def calibrate_file(
         if s.tensor not in have:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[s.tensor].dtype or np.float32))
             model.graph.output.append(onnx.helper.make_tensor_value_info(s.tensor, elem, None))
-    session = ort_session(model, base_dir=lm.path.parent)
+    # External weights: a bounded session reads them from their file mapping, no anonymous copies.
+    session = ort_session(model, base_dir=lm.path.parent, bounded=has_large_weights(model, lm.path.parent))
     specs = specs_from_session(session)
     names = [s.tensor for s in sites]
     radii: dict[str, list[np.ndarray]] = {s.tensor: [] for s in sites}

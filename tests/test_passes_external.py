@@ -159,3 +159,18 @@ def test_diff_runs_external_weights_where_they_are(models, tmp_path):
     res = diff(reference=inline, candidate=ext, samples=2, seq=8, atol=0.0, rtol=0.0)
     assert res["ok"], res
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_large_weights_take_the_bounded_paths(models, tmp_path, monkeypatch):
+    """Above gpcl.LARGE_WEIGHT_BYTES a pass checks the graph with the ONNX checker alone (an ORT
+    session would read every weight) and calibrate runs a bounded ORT session; both still work."""
+    import gpcl_trt.gpcl
+
+    _, ext = models
+    monkeypatch.setattr(gpcl_trt.gpcl, "LARGE_WEIGHT_BYTES", 0)
+    res = calibrate_file(ext, tmp_path / "c.json", samples=2)
+    assert all(v["tau"] > 0 for v in res["sites"].values())
+    insert_file(ext, tmp_path / "g.onnx", calibration=tmp_path / "c.json")
+    assert json.loads((tmp_path / "g.manifest.json").read_text())["results"]["ort_check"] is False
+    ids = np.random.default_rng(1).integers(1, 50, (1, 6), dtype=np.int64)
+    assert all(np.isfinite(o).all() for o in _outputs(tmp_path / "g.onnx", ids))
