@@ -16,6 +16,7 @@ message that names the task they would need.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def task_of_class(cls_name: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- family base
-class ArchConfig:
+class ArchConfig(abc.ABC):
     """Base of the family configs. An instance binds the family's description to one HF config
     (and, once :meth:`core` has seen the loaded model, to what a tiny forward of it showed)."""
 
@@ -253,15 +254,17 @@ class ArchConfig:
             self._logits = int(out.out_features)
 
     # --- what each family says
+    @abc.abstractmethod
     def inputs(self, task: str) -> list[TensorSpec]:
-        raise NotImplementedError
+        """The ONNX graph inputs for ``task``."""
 
+    @abc.abstractmethod
     def outputs(self, task: str) -> list[TensorSpec]:
-        raise NotImplementedError
+        """The ONNX graph outputs for ``task``."""
 
+    @abc.abstractmethod
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         """The module that is traced: plain tensors in (ONNX input order), a tuple out."""
-        raise NotImplementedError
 
     def _head_outputs(self, task: str, seq_axes: tuple) -> list[TensorSpec]:
         """The outputs of an encoder head; ``seq_axes`` are the axes of one token position."""
