@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_dir, sha256_file, write_manifest
+from gpcl_trt.feeds import is_past
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
 DTYPES = ("fp32", "fp16", "bf16")  # bf16: lazy export only (a bf16 checkpoint linked as is), no ORT validation on CPU
@@ -47,7 +48,7 @@ def _io_module_class():
             self.task = task
             self.input_names = [s.name for s in arch.inputs(task)]
             self.output_names = [s.name for s in arch.outputs(task)]
-            self._past = [n for n in self.input_names if n.startswith("past_key_values.")]
+            self._past = [n for n in self.input_names if is_past(n)]
 
         def core_kwargs(self, feeds: dict[str, Any]) -> dict[str, Any]:
             missing = set(self.input_names) - set(feeds)

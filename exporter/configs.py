@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gpcl_trt import feeds
 from gpcl_trt.common import GpclError
 
 FEATURE_EXTRACTION = "feature-extraction"
@@ -403,7 +404,7 @@ class VisionEncoder(ArchConfig):
 
     def inputs(self, task: str) -> list[TensorSpec]:
         channels = int(getattr(self.hf_config, "num_channels", 3))
-        return [TensorSpec("pixel_values", "float", ("batch", channels, *self.image_size))]
+        return [TensorSpec(feeds.PIXEL_VALUES, "float", ("batch", channels, *self.image_size))]
 
     def outputs(self, task: str) -> list[TensorSpec]:
         return self._head_outputs(task, ("batch", None))  # the token count is fixed by the image size
@@ -533,15 +534,15 @@ class DecoderOnly(ArchConfig):
     def inputs(self, task: str) -> list[TensorSpec]:
         past = task == TEXT_GENERATION_WITH_PAST
         params = self.params(task)
-        specs = [TensorSpec("input_ids", "int64", ("batch", "sequence"))]
+        specs = [TensorSpec(feeds.INPUT_IDS, "int64", ("batch", "sequence"))]
         if "attention_mask" in params or not params:
-            specs.append(TensorSpec("attention_mask", "int64", ("batch", "total_sequence" if past else "sequence")))
+            specs.append(TensorSpec(feeds.ATTENTION_MASK, "int64", ("batch", "total_sequence" if past else "sequence")))
         if self.rotary and "position_ids" in params:
-            specs.append(TensorSpec("position_ids", "int64", ("batch", "sequence")))
+            specs.append(TensorSpec(feeds.POSITION_IDS, "int64", ("batch", "sequence")))
         if past:
             for i, kv in enumerate(self.kv_shapes()):
                 axes = ("batch", kv.heads, "past_sequence", kv.head_dim)
-                specs += [TensorSpec(f"past_key_values.{i}.{n}", "float", axes) for n in ("key", "value")]
+                specs += [TensorSpec(f"{feeds.PAST_PREFIX}{i}.{n}", "float", axes) for n in ("key", "value")]
         return specs
 
     def outputs(self, task: str) -> list[TensorSpec]:
@@ -551,7 +552,7 @@ class DecoderOnly(ArchConfig):
         if task == TEXT_GENERATION_WITH_PAST:
             for i, kv in enumerate(self.kv_shapes()):
                 axes = ("batch", kv.heads, "total_sequence", kv.head_dim)
-                specs += [TensorSpec(f"present.{i}.{n}", "float", axes) for n in ("key", "value")]
+                specs += [TensorSpec(f"{feeds.PRESENT_PREFIX}{i}.{n}", "float", axes) for n in ("key", "value")]
         return specs
 
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:

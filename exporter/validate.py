@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gpcl_trt.feeds import max_abs_diff, ort_options
+from gpcl_trt.feeds import is_past, max_abs_diff, ort_options
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -51,7 +51,7 @@ def _compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str
 
 
 def _past_names(arch: Any, task: str) -> list[str]:
-    return [s.name for s in arch.inputs(task) if s.name.startswith("past_key_values.")]
+    return [s.name for s in arch.inputs(task) if is_past(s.name)]
 
 
 def next_step_feeds(
