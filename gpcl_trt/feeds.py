@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -238,15 +239,16 @@ def ort_session(
     opts = ort_options(bounded, threads, profile)
     try:
         if hasattr(model, "SerializeToString"):
-            from gpcl_trt.common import external_locations, graph_beside
+            from gpcl_trt.common import external_locations
             from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
             if external_locations(model):
                 if base_dir is None:
                     raise GpclError("a model with external weights needs the directory they are in")
-                with graph_beside(model, base_dir) as path:
-                    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            if model.ByteSize() < EXTERNAL_DATA_BYTES:
+                # ORT reads them from their folder; nothing is written there (it may be read-only).
+                folder = str(Path(base_dir).resolve())
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            if external_locations(model) or model.ByteSize() < EXTERNAL_DATA_BYTES:
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             import tempfile
 

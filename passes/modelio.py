@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -16,10 +17,10 @@ from gpcl_trt.common import (
     atomic_path,
     check_can_write,
     external_locations,
-    graph_beside,
     has_large_weights,
     write_manifest,
 )
+from gpcl_trt.feeds import ort_session
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 from gpcl_trt.passes.graph import LoadedModel, to_proto
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
@@ -48,17 +49,18 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def check_model(data: bytes | str | onnx.ModelProto, what: str, ort_path: str | None = None) -> None:
+def check_model(data: bytes | str | onnx.ModelProto, what: str, load_in_ort: Callable[[], Any] | None = None) -> None:
     """The result must pass the full ONNX checker (strict shape inference) and load in ONNX
-    Runtime (``data`` itself, or ``ort_path`` for a model whose weights are external; None there
-    skips the session)."""
+    Runtime: ``data`` itself (bytes or a path), or what ``load_in_ort`` loads (a model whose
+    weights are external; None skips the session)."""
     import onnxruntime as ort
 
     try:
         onnx.checker.check_model(data, full_check=True)
-        session_of = data if not isinstance(data, onnx.ModelProto) else ort_path
-        if session_of is not None:
-            ort.InferenceSession(session_of, providers=["CPUExecutionProvider"])
+        if not isinstance(data, onnx.ModelProto):
+            ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        elif load_in_ort is not None:
+            load_in_ort()
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
@@ -132,8 +134,8 @@ def save_model(
         # An ORT session would read every weight into memory: a large model is checked by the ONNX
         # checker alone, so that a pass stays small at any model size.
         ort_check = not has_large_weights(model, src_dir)
-        with graph_beside(model, src_dir, out.name) as beside:  # ORT reads the weights where they are
-            check_model(weights_as_inputs(model), stage, str(beside) if ort_check else None)
+        load = (lambda: ort_session(model, base_dir=src_dir)) if ort_check else None  # weights read where they are
+        check_model(weights_as_inputs(model), stage, load)
         check_can_write(out, force)
         results = {
             **results,
