@@ -29,14 +29,7 @@ TINY_DEC = dict(
     num_attention_heads=4,
     max_position_embeddings=128,
 )
-TINY_ENC = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-)
+TINY_ENC = dict(TINY_DEC)  # the same tiny sizes; kept apart so either can change alone
 TINY_VIT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
 )
