@@ -8,9 +8,11 @@ written engine, write the manifest."""
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,12 +21,11 @@ from gpcl_trt.common import (
     GpclError,
     check_can_write,
     external_locations,
-    graph_beside,
     load_onnx,
-    sha256_bytes,
     sha256_file,
     write_manifest,
 )
+from gpcl_trt.engines.inspection import check_engine_bytes, engine_layers, plan_layer_records
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
 GPCL_CHOICES = ("native", "plugin")
@@ -79,22 +80,35 @@ def build_engine(
     model = _read_model(onnx_path)
     gpcl_nodes = _gpcl_node_names(model)
     lowered = precision != "fp32" and not _precision_flags(be)
-    builder, network, plugin_sha = _parse(be, onnx_path, model, gpcl, plugin_lib, lowered and precision)
 
+    from gpcl_trt.common import atomic_path
     from gpcl_trt.engines.network import layer_summary, network_io
 
-    layers = layer_summary(network, gpcl_nodes)
-    gpcl_impl = _check_gpcl(layers["gpcl"], gpcl)
-    profile = prof.make_profiles(_network_inputs(network, model), shape_overrides)
+    # The weights stay memory-mapped (file-backed pages) from parse to the end of the build,
+    # and the plan streams into the output's temporary file: no copy of either in our memory.
+    with _prepared_model(onnx_path, model, gpcl, lowered and precision) as prepared:
+        builder, network, parser, plugin_sha = _parse(be, onnx_path, prepared, gpcl, plugin_lib)
+        layers = layer_summary(network, gpcl_nodes)
+        gpcl_impl = _check_gpcl(layers["gpcl"], gpcl)
+        profile = prof.make_profiles(_network_inputs(network, model), shape_overrides)
+        io = network_io(network)
 
-    config = builder.create_builder_config()
-    _configure(be, builder, config, profile, precision, workspace, opt_level, strip_weights)
-    cache_note = _load_timing_cache(be, config, timing_cache)
-    data, build_seconds, phases = _build(be, builder, network, config, onnx_path)
-    validity = _write_engine(be, output, data, force)
-    cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
+        config = builder.create_builder_config()
+        _configure(be, builder, config, profile, precision, workspace, opt_level, strip_weights)
+        cache_note = _load_timing_cache(be, config, timing_cache)
+        with atomic_path(output, force=force) as tmp:
+            build_seconds, phases = _build(be, builder, network, config, onnx_path, tmp)
+            cache_note = _save_timing_cache(be, config, timing_cache) or cache_note
+            del builder, network, parser, config
+            _chmod_default(tmp)
+            with open(tmp, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                validity = check_engine_bytes(be, data)
+                if not validity["ok"]:
+                    raise CheckFailed(f"the built engine failed its check: {validity['detail']}")
+                engine_bytes = len(data)
+                plan = plan_layer_records(data)
+                engine_info = engine_layers(be, data)  # None without a GPU
 
-    from gpcl_trt.engines.inspection import engine_layers, plan_layer_records
     from gpcl_trt.manifest import engine_inputs, engine_weights, file_ref
 
     results = {
@@ -103,7 +117,7 @@ def build_engine(
         "precision": precision,
         "precision_mode": _precision_mode(be, precision, lowered),
         "profiles": [profile],
-        "io": network_io(network),
+        "io": io,
         "gpcl": {
             "implementation": gpcl_impl,
             **({"function_body": "flat"} if gpcl_impl == "native" else {}),
@@ -111,15 +125,14 @@ def build_engine(
         },
         "build_seconds": round(build_seconds, 3),
         "build_phases": phases,
-        "engine_bytes": len(data),
+        "engine_bytes": engine_bytes,
         "network": {k: layers[k] for k in ("num_layers", "by_type")},
-        "plan": plan_layer_records(data),
+        "plan": plan,
         "validity": validity,
         "timing_cache": cache_note,
         # A weightless plan must be refitted (OnnxParserRefitter) from this very ONNX model.
         "weights": engine_weights(strip_weights, onnx_path),
     }
-    engine_info = engine_layers(be, data)  # None without a GPU
     if engine_info is not None:
         results["engine_layers"] = engine_info
 
@@ -141,44 +154,57 @@ def build_engine(
     return {"ok": True, "engine": str(output), "manifest": str(manifest), **results}
 
 
-def _parse(be: Any, onnx_path: Path, model: Any, gpcl: str, plugin_lib: Any, lower_to: str | bool) -> tuple:
-    """(builder, network, plugin sha256 or None) for the prepared model."""
+def _parse(be: Any, onnx_path: Path, prepared: "Prepared", gpcl: str, plugin_lib: Any) -> tuple:
+    """(builder, network, parser, plugin sha256 or None). The parser gets the graph from
+    ``prepared.graph`` and every external weight as a pointer into its memory-mapped file
+    (``load_initializer``), so it neither reads nor copies them; the parser must outlive the
+    network, hence it is returned too."""
     trt = be.trt
-    with _prepared_model(onnx_path, model, gpcl, lower_to) as parse_path:
-        builder = trt.Builder(be.logger.impl)
-        network = builder.create_network(0)  # explicit batch (TensorRT 10), strongly typed (RTX)
-        parser = trt.OnnxParser(network, be.logger.impl)
-        plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
-        if not parser.parse_from_file(str(parse_path)):
-            raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
-    return builder, network, plugin_sha
+    builder = trt.Builder(be.logger.impl)
+    network = builder.create_network(0)  # explicit batch (TensorRT 10), strongly typed (RTX)
+    parser = trt.OnnxParser(network, be.logger.impl)
+    plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
+    ok = parser.load_model_proto(prepared.graph, str(prepared.path))
+    for name, array in prepared.weights.items():
+        ok = ok and parser.load_initializer(name, array.ctypes.data, array.nbytes)
+    if not ok or not parser.parse_model_proto():
+        raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
+    return builder, network, parser, plugin_sha
 
 
-def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path) -> tuple[bytes, float, dict]:
-    """(plan bytes, build seconds, seconds per builder phase)."""
+class _FileWriter:
+    """The builder's plan, streamed into ``path`` as it is serialized (IStreamWriter)."""
+
+    def __init__(self, trt: Any, path: Path):
+        class Writer(trt.IStreamWriter):
+            def __init__(self, f: Any):
+                trt.IStreamWriter.__init__(self)
+                self.f = f
+
+            def write(self, data: Any) -> int:
+                return self.f.write(data)
+
+        self.path, self.cls = path, Writer
+
+    def __enter__(self) -> Any:
+        self.f = open(self.path, "wb")
+        return self.cls(self.f)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, out: Path) -> tuple[float, dict]:
+    """Build and stream the plan into ``out``; (build seconds, seconds per builder phase)."""
     from gpcl_trt.engines.monitor import BuildProgress
 
     t0 = time.perf_counter()
-    with BuildProgress(be.trt, config) as progress:
-        serialized = builder.build_serialized_network(network, config)
+    with BuildProgress(be.trt, config) as progress, _FileWriter(be.trt, out) as writer:
+        ok = builder.build_serialized_network_to_stream(network, config, writer)
     seconds = time.perf_counter() - t0
-    if serialized is None:
+    if not ok or out.stat().st_size == 0:
         raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
-    return memoryview(serialized).tobytes(), seconds, progress.seconds
-
-
-def _write_engine(be: Any, output: Path, data: bytes, force: bool) -> dict[str, Any]:
-    """Write atomically and check what was written, before it takes the final name."""
-    from gpcl_trt.common import atomic_path
-    from gpcl_trt.engines.inspection import check_engine_bytes
-
-    with atomic_path(output, force=force) as tmp:
-        tmp.write_bytes(data)
-        _chmod_default(tmp)
-        validity = check_engine_bytes(be, tmp.read_bytes(), expected_sha256=sha256_bytes(data))
-        if not validity["ok"]:
-            raise CheckFailed(f"the built engine failed its check: {validity['detail']}")
-    return validity
+    return seconds, progress.seconds
 
 
 # ----------------------------------------------------------------------------- options
@@ -236,10 +262,23 @@ def _gpcl_node_names(model: Any) -> list[str]:
     return [parser_node_name(n) for n in iter_gpcl_nodes(model.graph)]
 
 
+@dataclass
+class Prepared:
+    """What the parser reads: the serialized graph (weights referenced, not included), the path
+    its external data is relative to, and each external initializer as a read-only array over
+    its memory-mapped file."""
+
+    graph: bytes
+    path: Path
+    weights: dict[str, Any]
+
+
 @contextlib.contextmanager
-def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> Iterator[Path]:
-    """The file the parser reads: ``path`` itself when nothing changes, else a rewritten copy
-    in a temporary directory (weights as external data, so any size parses)."""
+def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> Iterator[Prepared]:
+    """The model as the parser gets it: rewritten for the GPCL implementation (graph only;
+    the weights stay where they are), or, when the precision is lowered (which converts the
+    weights), a self-contained converted copy in a temporary directory. The maps are closed on
+    exit, so the build must happen inside."""
     import onnx
 
     from gpcl_trt.plugins import onnx_function as of
@@ -257,31 +296,58 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
         # flat one, which computes the same function without an If (see
         # plugins/onnx_function.py).
         changes.append(lambda m: _split_overloads(of.attach_gpcl_functions(m, body="flat")))
-    if lower_to:
-        from gpcl_trt.engines.precision import lower_precision
-
-        changes.append(lambda m: lower_precision(m, lower_to))
-    if not changes:
-        yield path
-        return
-    if not lower_to and external_locations(model):
-        # Graph-only rewrite: the parser reads the rewritten graph beside the source, so its
-        # weights are read where they are, never copied or held by us.
+    if not lower_to:
         rewritten = onnx.ModelProto()
         rewritten.CopyFrom(model)
         for change in changes:
             rewritten = change(rewritten)
-        with graph_beside(rewritten, path.parent, path.name) as beside:
-            yield beside
+        with _mapped_weights(rewritten, path.parent) as weights:
+            yield Prepared(rewritten.SerializeToString(), path, weights)
         return
+    from gpcl_trt.engines.precision import lower_precision
+
     full = load_onnx(path)  # lowering converts the weights: a self-contained rewritten copy
-    for change in changes:
+    for change in changes + [lambda m: lower_precision(m, lower_to)]:
         full = change(full)
     with tempfile.TemporaryDirectory(prefix="gpcl-build-") as tmp:
         out = Path(tmp) / path.name
         big = full.ByteSize() > EXTERNAL_DATA_BYTES
         onnx.save(full, str(out), save_as_external_data=big, location=f"{path.name}.data" if big else None)
-        yield out
+        del full
+        graph = load_onnx(out, external_data=False)
+        with _mapped_weights(graph, out.parent) as weights:
+            yield Prepared(graph.SerializeToString(), out, weights)
+
+
+@contextlib.contextmanager
+def _mapped_weights(model: Any, base: Path) -> Iterator[dict[str, Any]]:
+    """{initializer name: read-only uint8 array over its bytes} for every external initializer,
+    each file memory-mapped once."""
+    import numpy as np
+    import onnx
+
+    maps: dict[str, mmap.mmap] = {}
+    weights: dict[str, Any] = {}
+    try:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            location = info["location"]
+            if location not in maps:
+                with open(base / location, "rb") as f:
+                    maps[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else len(maps[location]) - offset
+            if offset + length > len(maps[location]):
+                raise GpclError(f"{base / location} is shorter than initializer {t.name} needs (truncated?)")
+            weights[t.name] = np.frombuffer(maps[location], dtype=np.uint8, count=length, offset=offset)
+        yield weights
+    finally:
+        weights.clear()
+        for m in maps.values():
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 def _external_data(path: Path, model: Any) -> dict[str, Any]:

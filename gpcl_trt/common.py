@@ -255,7 +255,7 @@ SMALL_TENSOR_BYTES = 64 * 1024
 
 def load_onnx_graph(path: str | os.PathLike) -> Any:
     """An ONNX model without its external weights: they stay on disk, referenced (a runtime reads
-    them from there, see graph_beside). External tensors of at most SMALL_TENSOR_BYTES are read
+    them from there). External tensors of at most SMALL_TENSOR_BYTES are read
     in (they become inline). A missing weight file is one clear error."""
     p = Path(path)
     model = load_onnx(p, external_data=False)
@@ -310,20 +310,6 @@ def has_large_weights(model: Any, base_dir: str | os.PathLike) -> bool:
 
     files = [Path(base_dir) / loc for loc in external_locations(model)]
     return sum(f.stat().st_size for f in files if f.is_file()) > LARGE_WEIGHT_BYTES
-
-
-@contextlib.contextmanager
-def graph_beside(model: Any, directory: str | os.PathLike, name: str = "model.onnx") -> Iterator[Path]:
-    """A graph-only ModelProto whose weights stay in external data (relative to ``directory``)
-    written as a hidden temporary file in ``directory``, for a runtime or parser that reads a
-    path; removed afterwards. Nothing is copied: the weights are read where they are."""
-    tmp = temp_sibling(Path(directory) / name)
-    try:
-        tmp.write_bytes(model.SerializeToString())
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- manifests
