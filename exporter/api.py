@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_dir, sha256_file, write_manifest
+from gpcl_trt.exporter import replicate as rep
 from gpcl_trt.feeds import is_past
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 
@@ -27,6 +28,9 @@ MIN_OPSET, MAX_OPSET = 18, 23
 # Default validation tolerances: fp32 1e-4; fp16 accumulates ~1e-3 relative error per
 # layer and the two runtimes round differently, so the bar is two orders of magnitude looser.
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-1}
+# Relative part of the tolerance (|onnx - torch| <= atol + rtol * |torch|): none for fp32; for 16-bit
+# weights the error grows with the output's magnitude (fp16 keeps ~3 significant digits).
+DEFAULT_RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 # Shapes: the trace uses one, validation a different one, so a shape baked in by mistake shows.
 EXPORT_SHAPE = {"batch": 2, "sequence": 8, "past": 5}
 VALIDATE_SHAPE = {"batch": 3, "sequence": 11, "past": 0}
@@ -287,10 +291,12 @@ def make_dummy_inputs(
 
 
 # ----------------------------------------------------------------------------- tracing
-def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None):
+def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold_weights: bool = True):
     """Run the dynamo exporter on ``module.core`` and return the ONNX ModelProto. ``bind``
     (lazy export) is called on the traced ``onnx_ir.Model`` before the exporter's optimizer runs,
-    to give the weight initializers (fake tensors at that point) their external data."""
+    to give the weight initializers (fake tensors at that point) their external data.
+    ``fold_weights=False``: no node reading a weight is folded, so that each layer's nodes read
+    their own weights (exporter/replicate.py copies them)."""
     import torch
 
     from gpcl_trt.exporter.configs import TEXT_GENERATION_WITH_PAST
@@ -325,17 +331,44 @@ def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None):
         )
         if bind is not None:
             keep = bind(program.model)
-            _optimize_keeping(program.model, keep)
-    return _normalise(program.model_proto, arch, task)
+            _optimize_keeping(program.model, keep, fold_small=fold_weights)
+    proto = _normalise(program.model_proto, arch, task)
+    _residual_adds_as_sum(proto)
+    return proto
 
 
-def _optimize_keeping(model: Any, weights: set[str]) -> None:
+def _trace_replicated(model: Any, arch: Any, task: str, opset: int, stack: Any, binding: Any, placement: Any):
+    """Trace the first ``TRACED_LAYERS`` layers on fake weights, then grow the graph to every
+    layer (exporter/replicate.py). Returns the proto and the module of the whole model (the
+    PyTorch reference for validation)."""
+    from gpcl_trt.exporter import lazy as lz
+
+    io = _io_module_class()
+    prefix = lz.CORE_PREFIX + stack.path
+
+    with rep.truncated(stack, rep.TRACED_LAYERS):
+        with _quiet():
+            few = io(arch.core(model, task), arch, task).eval()
+        proto = _trace(
+            few, arch, task, opset, bind=lambda m: lz.bind_initializers(m, binding, placement), fold_weights=False
+        )
+    with _quiet():
+        module = io(arch.core(model, task), arch, task).eval()  # every layer again: the arch's I/O too
+    rep.replicate(proto, prefix, stack.count, lambda name: lz.weight_initializer(name, binding, placement))
+    rep.order_io(proto, module.input_names, module.output_names)
+    return _normalise(proto, arch, task), module
+
+
+def _optimize_keeping(model: Any, weights: set[str], fold_small: bool = True) -> None:
     """What torch.onnx.export(optimize=True) runs (onnxscript's optimizer, then its fusions),
     except that no node reading a large weight initializer (``weights``) is folded: an eager
     export stores ``Transpose(W)`` of every projection as a new constant, i.e. a second copy of
     the weights; here the graph keeps the Transpose node over the checkpoint's own bytes (ONNX
     Runtime and TensorRT fold it when they load the model). Everything else folds exactly as on
-    an eager export."""
+    an eager export. ``fold_small=False``: every weight keeps its own name and nodes: none is
+    folded, and none is merged with an equal one (the optimizer keeps one of several equal small
+    initializers, e.g. norms that are all ones); for that, the weights are graph inputs while the
+    optimizer runs, which it neither folds nor deduplicates."""
     import onnxscript
     from onnxscript.optimizer import _constant_folding
 
@@ -347,8 +380,14 @@ def _optimize_keeping(model: Any, weights: set[str]) -> None:
                 return False
         return None
 
-    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    pinned = [] if fold_small else [v for n, v in model.graph.initializers.items() if n in weights]
+    model.graph.inputs.extend(pinned)
+    try:
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+        onnxscript.rewriter.onnx_fusions.fuse(model)
+    finally:
+        for v in pinned:
+            model.graph.inputs.remove(v)
 
 
 def _normalise(proto: Any, arch: Any, task: str) -> Any:
@@ -363,6 +402,27 @@ def _normalise(proto: Any, arch: Any, task: str) -> Any:
             if isinstance(axis, str):
                 dim.dim_param = axis
     return proto
+
+
+def _residual_adds_as_sum(proto: Any) -> int:
+    """Spell each residual Add that feeds a LayerNormalization as a two-input Sum (the same
+    numbers, standard ONNX). Why: our graph carries full shapes, so ONNX Runtime fuses Add +
+    LayerNormalization into SkipLayerNormalization, whose CPU kernel is slower than the two ops it
+    replaces (BENCHMARKS.md, Export); TensorRT fuses either spelling. Adds with a constant input
+    (a bias) are left alone. Returns how many were rewritten."""
+    constants = {t.name for t in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "LayerNormalization" or not node.input:
+            continue
+        add = producers.get(node.input[0])
+        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+            if not any(i in constants for i in add.input):
+                add.op_type = "Sum"
+                count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------- saving
@@ -502,6 +562,7 @@ def export_model(
     opset: int = 18,
     dtype: str = "fp32",
     atol: float | None = None,
+    rtol: float | None = None,
     validate: bool | str = True,
     force: bool = False,
     trust_remote_code: bool = False,
@@ -509,10 +570,12 @@ def export_model(
     external_data: bool | None = None,
     memory_budget: str | int | None = None,
     lazy: bool | None = None,
+    replicate: bool | None = None,
 ) -> dict[str, Any]:
     """Export a local HF model directory to ONNX (dynamo exporter, dynamic batch/sequence axes,
     node metadata kept), validate it against PyTorch with ONNX Runtime and write
-    OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds ``atol``,
+    OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds the
+    tolerance (``|onnx - torch| <= atol + rtol * |torch|``, defaults by dtype),
     and then nothing is written: every output appears under its final name only after every
     check has passed.
 
@@ -525,7 +588,11 @@ def export_model(
     ``validate``: True/"auto" (full when ONNX Runtime's estimated memory fits ``memory_budget``,
     else layers), "full", "layers", False/"none". ``memory_budget``: bytes or "8G"; default half of
     the available memory. ``external_data``: None = lazy exports always, eager above ~1.8 GB;
-    True/False to force (False on the lazy path reads the weights back into one file)."""
+    True/False to force (False on the lazy path reads the weights back into one file).
+    ``replicate`` (lazy path): None = a decoder of 8 or more layers that are one module is traced
+    with 4 layers and grown to all of them (exporter/replicate.py), else every layer is traced and
+    ``weights.layers.why_every_layer`` says why; True insists (an error if impossible); False
+    traces every layer."""
     from gpcl_trt import progress
     from gpcl_trt.exporter import validate as val
     from gpcl_trt.exporter.staging import Staging
@@ -544,6 +611,9 @@ def export_model(
     atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     if not atol >= 0:
         raise GpclError(f"atol must be >= 0, got {atol}")
+    rtol = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
+    if not rtol >= 0:
+        raise GpclError(f"rtol must be >= 0, got {rtol}")
     mode = _validate_mode(validate)
     budget = parse_memory_budget(memory_budget)
     if dtype == "bf16" and mode != "none":
@@ -585,20 +655,43 @@ def export_model(
 
             model, ckpt, binding = built
             lz.fake_parameters(model)
-            with _quiet():
-                module = _io_module_class()(arch.core(model, task), arch, task).eval()
             layout = _layout(external_data, lz.nbytes_of(binding))
             with progress.step(f"weights: {lz.nbytes_of(binding) / 1e9:.2f} GB in {len(binding.entries)} tensors"):
                 placement = lz.convert_weights(binding, ckpt, stage.path, out.name)
-            with progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"):
+            stack = rep.find_stack(model, hf_config.get_text_config())
+            layers = {"traced": stack.count if stack else None, "replicated": 0}
+            why = "not asked (replicate=False)"
+            if replicate is not False:
+                why = rep.why_not(stack, rep.TRACED_LAYERS + 1 if replicate else 2 * rep.TRACED_LAYERS)
+            if why is None:
                 try:
-                    proto = _trace(
-                        module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement)
-                    )
+                    with progress.step(
+                        f"trace {arch.name} on fake weights, {rep.TRACED_LAYERS} of {stack.count} layers "
+                        f"({task}, opset {opset}, {dtype})"
+                    ):
+                        proto, module = _trace_replicated(model, arch, task, int(opset), stack, binding, placement)
+                    layers = {"traced": rep.TRACED_LAYERS, "replicated": stack.count - rep.TRACED_LAYERS}
+                except rep.NotReplicable as exc:
+                    why = f"layers do not line up ({exc})"
                 except GpclError:
                     raise
                 except Exception as exc:
                     raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+            if why is not None and replicate:
+                raise GpclError(f"cannot replicate the layers of {d}: {why}")
+            if why is not None:
+                layers["why_every_layer"] = why
+                with _quiet():
+                    module = _io_module_class()(arch.core(model, task), arch, task).eval()
+                with progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"):
+                    try:
+                        proto = _trace(
+                            module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement)
+                        )
+                    except GpclError:
+                        raise
+                    except Exception as exc:
+                        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
             with progress.step(f"write {out.name} ({layout})"):
                 data_files = lz.finalize_proto(proto, placement, stage.path, out.name, layout)
                 staged.write_bytes(proto.SerializeToString())
@@ -606,6 +699,7 @@ def export_model(
             lz.real_parameters(model, binding, lz.reference_tensors(binding, ckpt, placement))
             weights = {
                 "path": "lazy",
+                "layers": layers,
                 "layout": layout,
                 "links": placement.links,
                 "in_place_bytes": placement.in_place_bytes,
@@ -633,7 +727,7 @@ def export_model(
         if mode != "none":
             plan = val.plan_validation(staged, mode, budget)
             with progress.step(f"validate against PyTorch ({plan['mode']}: {plan['reason']})"):
-                validation = val.validate_export(module, arch, task, staged, atol, mode=plan["mode"])
+                validation = val.validate_export(module, arch, task, staged, atol, mode=plan["mode"], rtol=rtol)
             validation.update(
                 {"requested": mode, "reason": plan["reason"], "memory_budget": budget, "estimate": plan["estimate"]}
             )
@@ -655,6 +749,7 @@ def export_model(
             "opset": int(opset),
             "dtype": dtype,
             "atol": atol,
+            "rtol": rtol,
             "validate": mode,
             "memory_budget": budget,
             "trust_remote_code": trust_remote_code,

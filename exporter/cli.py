@@ -54,7 +54,15 @@ def register(main: click.Group) -> None:
         "--atol",
         type=float,
         default=None,
-        help="Max abs difference PyTorch vs ONNX Runtime allowed in validation [default: 1e-4 fp32, 1e-2 fp16].",
+        help="Absolute part of the validation tolerance: each element must have |onnx - torch| <= atol + rtol * "
+        "|torch| [default: 1e-4 fp32, 1e-2 fp16].",
+    )
+    @click.option(
+        "--rtol",
+        type=float,
+        default=None,
+        help="Relative part of the validation tolerance [default: 0 fp32, 1e-2 fp16 (fp16 keeps ~3 significant "
+        "digits, so large logits carry large absolute rounding)].",
     )
     @click.option(
         "--validate",
@@ -63,7 +71,8 @@ def register(main: click.Group) -> None:
         default="auto",
         show_default=True,
         help="Compare ONNX Runtime against PyTorch (weights memory-mapped) on fresh inputs of other shapes; exit 1 "
-        "above --atol, and then nothing is written. full: one ONNX Runtime session over the whole model; layers: the "
+        "above the tolerance (--atol, --rtol), and then nothing is written. full: one ONNX Runtime session over "
+        "the whole model; layers: the "
         "graph run block by block (name scopes), one block's weights in memory at a time; auto: full when its "
         "estimated memory fits --memory-budget, else layers; none: skip.",
     )
@@ -85,6 +94,16 @@ def register(main: click.Group) -> None:
         "converted into OUT.onnx.data); copy: never a hard link (onnx.load refuses hard-linked data; ONNX Runtime "
         "reads it); inline: inside OUT.onnx (up to 1.8 GB); auto: inline up to 256 MB, else link.",
     )
+    @click.option(
+        "--layers",
+        "layers",
+        type=click.Choice(("auto", "replicate", "trace-all")),
+        default="auto",
+        show_default=True,
+        help="Decoders whose layers are one module traced with 4 layers and the others written as copies of the "
+        "4th with their own weights (replicate; auto does it from 8 layers when every layer is the same module and "
+        "the copies line up, else traces all and the result says why); trace-all traces every layer.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
     @click.option(
         "--trust-remote-code",
@@ -101,10 +120,12 @@ def register(main: click.Group) -> None:
         opset,
         dtype,
         atol,
+        rtol,
         validate,
         no_validate,
         memory_budget,
         external_data,
+        layers,
         force,
         trust_remote_code,
         allow_pickle,
@@ -130,19 +151,24 @@ def register(main: click.Group) -> None:
             opset=opset,
             dtype=dtype,
             atol=atol,
+            rtol=rtol,
             validate="none" if no_validate else validate,
             memory_budget=memory_budget,
             external_data=external_data,
             force=force,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
+            replicate={"auto": None, "replicate": True, "trace-all": False}[layers],
         )
         v = result["validation"]
         if v.get("skipped"):
             summary = "validation skipped (--validate none)"
         else:
             verdict = "passed" if v["passed"] else "FAILED"
-            summary = f"validation ({v['mode']}) {verdict}: max abs diff {v['max_abs_diff']:.3g} (atol {v['atol']:g})"
+            summary = (
+                f"validation ({v['mode']}) {verdict}: max abs diff {v['max_abs_diff']:.3g} "
+                f"(atol {v['atol']:g}, rtol {v['rtol']:g}: {v['tolerance_used']:.2f} of the tolerance used)"
+            )
         what = "wrote" if result.get("written", True) else "nothing written for"
         click.echo(f"{what} {result['output']} ({result['architecture']}, {result['task']}); {summary}", err=True)
         return result

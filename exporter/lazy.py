@@ -457,6 +457,25 @@ def bind_initializers(ir_model: Any, binding: Binding, placement: Placement) -> 
     return bound
 
 
+def weight_initializer(name: str, binding: Binding, placement: Placement) -> Any | None:
+    """The initializer ``name`` (CORE_PREFIX + a parameter name) over its bytes in ``placement``,
+    as ``bind_initializers`` makes it once serialized; None if no parameter has that name."""
+    import onnx
+
+    param = name[len(CORE_PREFIX) :] if name.startswith(CORE_PREFIX) else name
+    canonical = next((c for c, names in binding.aliases.items() if param in names), None)
+    if canonical is None:
+        return None
+    path, offset, length = placement.where[canonical]
+    t = onnx.TensorProto(name=name, data_type=onnx_type(binding.target[canonical]))
+    t.dims.extend(binding.entries[canonical].shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", path), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
 def _is_fake(t: Any) -> bool:
     raw = getattr(t, "raw", None)
     return type(raw).__name__ == "FakeTensor" or getattr(getattr(raw, "device", None), "type", None) == "meta"
