@@ -17,9 +17,10 @@ all variants alike. Both exporters validate against PyTorch as they do by defaul
 median wall time of the whole child (imports + load + export + save + validation), its CPU time
 (user + sys: steadier than wall time on a busy machine), max peak RSS, and ratios to the baseline
 (Optimum when given). Latency: one ONNX Runtime CPU session per graph (default optimisation
-level, ``--threads`` intra-op threads), the same random feeds (batch x seq, no past), runs
-interleaved between the two graphs, median and minimum per run; graph node counts before and
-after ONNX Runtime's own optimisation (which kernels it picks is where the time goes).
+level, ``--threads`` intra-op threads) in each of ``--latency-processes`` fresh processes per
+graph, alternating between the graphs, the same random feeds (batch x seq, no past); the median
+of the per-process medians and the minimum; graph node counts before and after ONNX Runtime's
+own optimisation (which kernels it picks is where the time goes).
 """
 
 from __future__ import annotations
@@ -144,36 +145,47 @@ def graph_stats(path: Path, threads: int) -> dict:
     return {"nodes": len(model.graph.node), "nodes_after_ort": len(optimized.graph.node)}
 
 
-def latency(paths: dict[str, Path], batch: int, seq: int, threads: int, runs: int) -> dict:
-    """ONNX Runtime CPU latency of each graph on the same feeds, runs interleaved."""
+def latency_child(path: str, batch: int, seq: int, threads: int, runs: int) -> None:
+    """One ONNX Runtime CPU session of one graph in this fresh process: timed runs after warm-up."""
     from gpcl_trt import feeds
 
-    sessions, feed_of = {}, {}
-    shared = None
-    for name, path in paths.items():
-        sess = feeds.ort_session(path, threads=threads)
-        specs = [
-            feeds.InputSpec(s.name, s.dtype, tuple(OPTIMUM_AXES.get(d, d) if isinstance(d, str) else d for d in s.dims))
-            for s in feeds.specs_from_session(sess)
-        ]
-        feed = feeds.make_feeds(specs, batch, seq, 0, seed=0, vocab=feeds.vocab_size(_load(path)))
-        if shared is None:
-            shared = dict(feed)
-        for k in feed:  # the very same arrays where the input names agree
-            if k in shared and shared[k].shape == feed[k].shape:
-                feed[k] = shared[k]
-        sessions[name], feed_of[name] = sess, feed
-        for _ in range(2):
-            sess.run(None, dict(feed))
-    times: dict[str, list[float]] = {n: [] for n in paths}
+    sess = feeds.ort_session(path, threads=threads)
+    specs = [
+        feeds.InputSpec(s.name, s.dtype, tuple(OPTIMUM_AXES.get(d, d) if isinstance(d, str) else d for d in s.dims))
+        for s in feeds.specs_from_session(sess)
+    ]
+    # seed 0 and the same vocabulary bound: both graphs see the same token ids
+    feed = feeds.make_feeds(specs, batch, seq, 0, seed=0, vocab=feeds.vocab_size(_load(Path(path))))
+    for _ in range(3):
+        sess.run(None, dict(feed))
+    times = []
     for _ in range(runs):
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, dict(feed_of[name]))
-            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sess.run(None, dict(feed))
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"median_s": statistics.median(times), "min_s": min(times)}))
+
+
+def latency(paths: dict[str, Path], batch: int, seq: int, threads: int, runs: int, processes: int) -> dict:
+    """ONNX Runtime CPU latency of each graph: ``processes`` fresh processes per graph, alternating
+    between the graphs, ``runs`` timed runs each. Fresh processes because two sessions in one
+    process measured each other's memory placement: the same pair swapped from 0.83x to 1.10x
+    between runs of one script. Reported: the median of the per-process medians, and the minimum."""
+    per: dict[str, list[dict]] = {n: [] for n in paths}
+    names = list(paths)
+    for p in range(processes):
+        for name in names if p % 2 == 0 else names[::-1]:
+            cmd = [sys.executable, __file__, "--latency-child", str(paths[name]), str(batch), str(seq)]
+            cmd += [str(threads), str(runs)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            per[name].append(json.loads(out.strip().splitlines()[-1]))
     return {
-        n: {"median_ms": round(1000 * statistics.median(t), 2), "min_ms": round(1000 * min(t), 2)}
-        for n, t in times.items()
+        n: {
+            "median_ms": round(1000 * statistics.median(r["median_s"] for r in rs), 2),
+            "min_ms": round(1000 * min(r["min_s"] for r in rs), 2),
+            "process_medians_ms": [round(1000 * r["median_s"], 1) for r in rs],
+        }
+        for n, rs in per.items()
     }
 
 
@@ -186,6 +198,9 @@ def _load(path: Path):
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return run_child(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--latency-child":
+        path, *nums = sys.argv[2:]
+        return latency_child(path, *map(int, nums))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="HF model directory (default: the embedded MiniLM)")
     ap.add_argument(
@@ -205,7 +220,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="latency: batch size")
     ap.add_argument("--seq", type=int, default=128, help="latency: sequence length")
     ap.add_argument("--threads", type=int, default=2, help="latency: ONNX Runtime intra-op threads")
-    ap.add_argument("--latency-runs", type=int, default=20, help="latency: timed runs per graph (interleaved)")
+    ap.add_argument("--latency-runs", type=int, default=20, help="latency: timed runs per process")
+    ap.add_argument("--latency-processes", type=int, default=8, help="latency: fresh processes per graph (alternating)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
     if args.model_dir is None:
@@ -249,10 +265,10 @@ def main() -> None:
             pair = {"gpcl-trt": outputs["gpcl-trt"], "optimum-cli": outputs["optimum-cli"]}
             print(
                 f"latency: ONNX Runtime CPU, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
-                f"{args.latency_runs} interleaved runs",
+                f"{args.latency_processes} processes x {args.latency_runs} runs per graph",
                 file=sys.stderr,
             )
-            lat = latency(pair, args.batch, args.seq, args.threads, args.latency_runs)
+            lat = latency(pair, args.batch, args.seq, args.threads, args.latency_runs, args.latency_processes)
             graphs = {n: graph_stats(p, args.threads) for n, p in pair.items()}
 
     def med(ss, k):
@@ -288,6 +304,7 @@ def main() -> None:
             "seq": args.seq,
             "threads": args.threads,
             "runs": args.latency_runs,
+            "processes": args.latency_processes,
             "graphs": {n: {**lat[n], **graphs[n]} for n in lat},
             "ratio_median": round(ours["median_ms"] / theirs["median_ms"], 3),
             "ratio_min": round(ours["min_ms"] / theirs["min_ms"], 3),
@@ -304,8 +321,8 @@ def main() -> None:
     if lat:
         L = result["latency"]
         print(
-            f"ONNX Runtime CPU latency, batch {L['batch']}, seq {L['seq']}, {L['threads']} threads, {L['runs']} runs "
-            "each:"
+            f"ONNX Runtime CPU latency, batch {L['batch']}, seq {L['seq']}, {L['threads']} threads, "
+            f"{L['processes']} processes x {L['runs']} runs each (median of process medians):"
         )
         for n, g in L["graphs"].items():
             print(

@@ -8,6 +8,7 @@ of the outputs.
     python tools/bench_scale.py --sizes 7b --work /tmp/scale --dtype fp16     # bf16 checkpoint, fp16 export
     python tools/bench_scale.py --sizes 70b --work /tmp/scale --validate none --steps export
     python tools/bench_scale.py --generate-only --sizes 0.25b --work /tmp/scale
+    python tools/bench_scale.py --sizes 0.25b,1.1b --steps export --optimum-venv /tmp/optimum-venv  # side by side
 
 Checkpoints (``generate``): the model is built on the ``meta`` device only for its parameter
 names and shapes; the safetensors shards (``model-0000i-of-0000n.safetensors`` +
@@ -284,6 +285,17 @@ def run_size(size: str, work: Path, args) -> dict:
         "generate_s": round(gen_s, 1),
     }
     onnx_path = out / "model.onnx"
+    if args.optimum_venv and "export" in args.steps:
+        # Optimum first: its export reads the checkpoint cold or warm just as ours does next.
+        cli = args.optimum_venv / "bin" / "optimum-cli"
+        if not cli.is_file():
+            raise SystemExit(
+                f"{cli} not found; install optimum-onnx in {args.optimum_venv} (see tools/bench_export.py)"
+            )
+        r = measure([str(cli), "export", "onnx", "--model", str(model_dir), "--task", args.task, str(out / "optimum")])
+        row["optimum"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
+        if r["rc"]:
+            row["optimum"]["error"] = (r.get("stderr_tail") or "")[-600:]
     if "export" in args.steps:
         cmd = gpcl + [
             "export",
@@ -303,14 +315,20 @@ def run_size(size: str, work: Path, args) -> dict:
             cmd += ["--memory-budget", args.memory_budget]
         if args.external_data:
             cmd += ["--external-data", args.external_data]
+        if args.layers:
+            cmd += ["--layers", args.layers]
         r = measure(cmd)
         res = r.get("json") or {}
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
         row["export"]["validation"] = (res.get("validation") or {}).get("mode")
         row["export"]["max_abs_diff"] = (res.get("validation") or {}).get("max_abs_diff")
         row["export"]["weights"] = {
-            k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes")
+            k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes", "layers")
         }
+        if row.get("optimum", {}).get("rc") == 0 and r["rc"] == 0:
+            row["export"]["vs_optimum"] = {
+                k: round(r[k] / row["optimum"][k], 3) for k in ("wall_s", "peak_rss_gb", "peak_anon_gb")
+            }
         row["export"]["extra_disk_gb"] = round(extra_disk(outputs_of(onnx_path)) / 1e9, 3)
         if r["rc"] not in (0,):
             row["export"]["error"] = (r.get("stderr_tail") or "")[-600:]
@@ -340,6 +358,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", help="export dtype (fp32, fp16)")
     ap.add_argument("--validate", default=None, help="full|layers|none (default: the exporter's default)")
     ap.add_argument("--memory-budget", default=None)
+    ap.add_argument("--layers", default=None, help="export --layers (auto|replicate|trace-all)")
+    ap.add_argument(
+        "--optimum-venv",
+        type=Path,
+        default=None,
+        help="also run optimum-cli export onnx from this venv (transformers<4.58) on each checkpoint, before ours",
+    )
     ap.add_argument(
         "--external-data",
         default=None,
