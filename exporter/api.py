@@ -155,9 +155,11 @@ def _quiet() -> Iterator[None]:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    old = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
+    # onnx_ir warns for each initializer it does not deduplicate (weights pinned as inputs: wanted)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    old = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -165,7 +167,8 @@ def _quiet() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
-        torch_onnx_log.setLevel(old)
+        for log, lvl in zip(loggers, old):
+            log.setLevel(lvl)
 
 
 def load_model(

@@ -218,6 +218,10 @@ def ort_options(bounded: bool = False, threads: int | None = None, profile: bool
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.enable_cpu_mem_arena = False
+        # The default order runs the Transpose of every weight (inputs: initializers only) before
+        # the first block: 2.7 GB RssAnon peak on a 4.4 GB Llama; priority-based runs each next
+        # to its MatMul: 0.1 GB.
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     opts.enable_profiling = profile
     return opts
 
