@@ -28,8 +28,8 @@ MIN_OPSET, MAX_OPSET = 18, 23
 # Default validation tolerances: fp32 1e-4; fp16 accumulates ~1e-3 relative error per
 # layer and the two runtimes round differently, so the bar is two orders of magnitude looser.
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-1}
-# Relative part of the tolerance (|onnx - torch| <= atol + rtol * |torch|): none for fp32; for 16-bit
-# weights the error grows with the output's magnitude (fp16 keeps ~3 significant digits).
+# Relative part of the tolerance (max|onnx - torch| <= atol + rtol * max|torch|, per output): none
+# for fp32; in 16-bit arithmetic the error grows with the size of the numbers summed.
 DEFAULT_RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 # Shapes: the trace uses one, validation a different one, so a shape baked in by mistake shows.
 EXPORT_SHAPE = {"batch": 2, "sequence": 8, "past": 5}
@@ -578,7 +578,7 @@ def export_model(
     """Export a local HF model directory to ONNX (dynamo exporter, dynamic batch/sequence axes,
     node metadata kept), validate it against PyTorch with ONNX Runtime and write
     OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds the
-    tolerance (``|onnx - torch| <= atol + rtol * |torch|``, defaults by dtype),
+    tolerance (``max|onnx - torch| <= atol + rtol * max|torch|`` per output, defaults by dtype),
     and then nothing is written: every output appears under its final name only after every
     check has passed.
 

@@ -252,14 +252,15 @@ def test_residual_adds_are_sums_so_ort_keeps_add_and_layernorm_apart(minilm_onnx
     assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
 
 
-def test_tolerance_is_atol_plus_rtol_times_the_reference():
-    """numpy's allclose rule per element: rtol widens the bound for large outputs only."""
+def test_tolerance_is_atol_plus_rtol_times_the_outputs_scale():
+    """rtol is read against each output's largest |reference|: a small element next to large
+    ones gets the large ones' slack; an output of small values gets none."""
     from gpcl_trt.exporter.validate import _tolerance_used
 
     ref = {"y": np.array([100.0, 0.001])}
-    big_off = {"y": np.array([100.5, 0.001])}
-    assert _tolerance_used(ref, big_off, 1e-2, 0.0) == pytest.approx(50.0)  # fails on atol alone
-    assert _tolerance_used(ref, big_off, 1e-2, 1e-2) == pytest.approx(0.5 / 1.01)  # passes with rtol
-    small_off = {"y": np.array([100.0, 0.021])}
-    assert _tolerance_used(ref, small_off, 1e-2, 1e-2) > 1.9  # a small output gets no slack from rtol
+    off = {"y": np.array([100.0, 0.5])}
+    assert _tolerance_used(ref, off, 1e-2, 0.0) == pytest.approx(0.499 / 1e-2)  # fails on atol alone
+    assert _tolerance_used(ref, off, 1e-2, 1e-2) == pytest.approx(0.499 / 1.01)  # passes at the output's scale
+    small = {"y": np.array([0.1, 0.001])}
+    assert _tolerance_used(small, {"y": np.array([0.1, 0.03])}, 1e-2, 1e-2) > 2.5  # no slack from rtol here
     assert _tolerance_used(ref, {"y": np.array([np.nan, 0.001])}, 1e-2, 1e-2) == float("inf")

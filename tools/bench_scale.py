@@ -321,7 +321,8 @@ def run_size(size: str, work: Path, args) -> dict:
         res = r.get("json") or {}
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
         row["export"]["validation"] = (res.get("validation") or {}).get("mode")
-        row["export"]["max_abs_diff"] = (res.get("validation") or {}).get("max_abs_diff")
+        for key in ("max_abs_diff", "tolerance_used", "reference_max_abs"):
+            row["export"][key] = (res.get("validation") or {}).get(key)
         row["export"]["weights"] = {
             k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes", "layers")
         }
