@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def measure(cmd: list[str], env: dict) -> dict:
         out_f.seek(0), err_f.seek(0)
         out, err = out_f.read(), err_f.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} failed (exit {proc.returncode}):\n{err[-3000:]}")
+        raise SystemExit(f"{' '.join(map(str, cmd[:6]))} failed (exit {proc.returncode}):\n{err[-3000:]}")
     info: dict = {}
     for line in out.splitlines():
         if line.startswith("{"):
@@ -244,7 +245,8 @@ def main() -> None:
         order = [v for v in variants if v != "optimum-cli"] + (["optimum-cli"] if args.optimum_venv else [])
         for r in range(args.rounds):
             for v in order if r == 0 else variants:
-                out = Path(work) / f"{v.split()[0].replace('.', '_')}_{r}"
+                slug = re.sub(r"\W+", "_", v)  # one output per variant and round
+                out = Path(work) / f"{slug}_{r}"
                 if v == "optimum-cli":
                     cmd = optimum_cmd(args.optimum_venv, args.model_dir, out, task)
                     outputs[v] = out / "model.onnx"
@@ -290,7 +292,7 @@ def main() -> None:
             "rss_ratio": round(rss / base_rss, 3),
         }
     result = {
-        "model_dir": args.model_dir,
+        "model_dir": str(args.model_dir),
         "task": task,
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
