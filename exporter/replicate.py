@@ -160,6 +160,14 @@ def replicate(
     g = proto.graph
     nodes = list(g.node)
     layer_of = [_scope_layer(n, prefix) for n in nodes]
+    # Nodes an optimizer rewrite made carry no scopes (a Split that replaced three Slices, say):
+    # they belong to the one layer whose values they read.
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    for i, n in enumerate(nodes):
+        if layer_of[i] is None and not any(p.key == SCOPES_KEY for p in n.metadata_props):
+            read = {layer_of[made[x]] for x in n.input if x in made}
+            if len(read) == 1 and None not in read:
+                layer_of[i] = read.pop()
     by_layer: dict[int, list[int]] = {}
     for idx, li in enumerate(layer_of):
         if li is not None:

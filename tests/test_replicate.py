@@ -111,3 +111,26 @@ def test_layers_that_differ_are_traced_whole(tmp_path):
     with pytest.raises(GpclError, match="cannot replicate the layers .*layer_types differs"):
         export_model(d, tmp_path / "g2.onnx", task=TG, validate="none", replicate=True)
     assert not (tmp_path / "g2.onnx").exists()
+
+
+def test_nodes_without_scopes_join_the_layer_they_read(tmp_path):
+    """GPT-NeoX's fused QKV is split by a node the exporter's optimizer makes (no name scopes)
+    inside each layer; it belongs to the layer it reads, so the layers still line up and are
+    replicated, and every copy is validated against PyTorch (norms differ per layer)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    d = tmp_path / "neox"
+    model.save_pretrained(d, safe_serialization=True)
+    res = export_model(d, tmp_path / "n.onnx", task=TGP)
+    assert res["weights"]["layers"] == {"traced": 4, "replicated": 4}
+    assert res["validation"]["passed"], res["validation"]
