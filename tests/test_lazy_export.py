@@ -235,10 +235,10 @@ def test_validation_modes_and_budget(llama_dirs, tmp_path):
 
 def test_failed_validation_writes_nothing(llama_dirs, tmp_path, monkeypatch):
     """An output appears under its final name only after every check passed: a validation that
-    fails (atol 0 on fp16 cannot pass) leaves the directory as it was."""
+    fails (a zero tolerance on fp16 cannot pass) leaves the directory as it was."""
     out = tmp_path / "out"
     out.mkdir()
-    res = export_model(llama_dirs["bf16"], out / "m.onnx", task=TG, dtype="fp16", atol=0.0, validate="full")
+    res = export_model(llama_dirs["bf16"], out / "m.onnx", task=TG, dtype="fp16", atol=0.0, rtol=0.0, validate="full")
     assert not res["ok"] and not res["written"] and res["validation"]["max_abs_diff"] > 0
     assert list(out.iterdir()) == []
 
