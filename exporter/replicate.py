@@ -162,10 +162,10 @@ def replicate(
     layer_of = [_scope_layer(n, prefix) for n in nodes]
     # Nodes an optimizer rewrite made carry no scopes (a Split that replaced three Slices, say):
     # they belong to the one layer whose values they read.
-    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    producer = {o: (i, j) for i, n in enumerate(nodes) for j, o in enumerate(n.output) if o}
     for i, n in enumerate(nodes):
         if layer_of[i] is None and not any(p.key == SCOPES_KEY for p in n.metadata_props):
-            read = {layer_of[made[x]] for x in n.input if x in made}
+            read = {layer_of[producer[x][0]] for x in n.input if x in producer}
             if len(read) == 1 and None not in read:
                 layer_of[i] = read.pop()
     by_layer: dict[int, list[int]] = {}
@@ -179,7 +179,6 @@ def replicate(
         raise NotReplicable(f"layers {k - 3}..{k - 1} have {len(prev2)}, {len(prev)}, {len(tmpl)} nodes")
     if tmpl != list(range(tmpl[0], tmpl[0] + len(tmpl))):
         raise NotReplicable(f"layer {k - 1}'s nodes are not contiguous")
-    producer = {o: (i, j) for i, n in enumerate(nodes) for j, o in enumerate(n.output) if o}
     pos = {idx: (layer_of[idx], p) for lst in by_layer.values() for p, idx in enumerate(lst)}
     inits = {t.name: t for t in g.initializer}
     graph_inputs = {v.name: v for v in g.input}
