@@ -273,6 +273,18 @@ def _bind_config(d: Path, arch_cls: Any, dtype: str, task: str, trust_remote_cod
     return hf_config, arch, _resolve_task(arch, task)
 
 
+@contextlib.contextmanager
+def _trace_errors(d: Path, arch: Any, task: str) -> Iterator[None]:
+    """A failure inside the exporter becomes one line naming the model, architecture and task;
+    our own errors (and NotReplicable, which the caller handles) pass as they are."""
+    try:
+        yield
+    except (GpclError, rep.NotReplicable):
+        raise
+    except Exception as exc:
+        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -668,33 +680,30 @@ def export_model(
                 why = rep.why_not(stack, rep.TRACED_LAYERS + 1 if replicate else 2 * rep.TRACED_LAYERS)
             if why is None:
                 try:
-                    with progress.step(
-                        f"trace {arch.name} on fake weights, {rep.TRACED_LAYERS} of {stack.count} layers "
-                        f"({task}, opset {opset}, {dtype})"
+                    with (
+                        progress.step(
+                            f"trace {arch.name} on fake weights, {rep.TRACED_LAYERS} of {stack.count} layers "
+                            f"({task}, opset {opset}, {dtype})"
+                        ),
+                        _trace_errors(d, arch, task),
                     ):
                         proto, module = _trace_replicated(model, arch, task, int(opset), stack, binding, placement)
                     layers = {"traced": rep.TRACED_LAYERS, "replicated": stack.count - rep.TRACED_LAYERS}
                 except rep.NotReplicable as exc:
                     why = f"layers do not line up ({exc})"
-                except GpclError:
-                    raise
-                except Exception as exc:
-                    raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
             if why is not None and replicate:
                 raise GpclError(f"cannot replicate the layers of {d}: {why}")
             if why is not None:
                 layers["why_every_layer"] = why
                 with _quiet():
                     module = _io_module_class()(arch.core(model, task), arch, task).eval()
-                with progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"):
-                    try:
-                        proto = _trace(
-                            module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement)
-                        )
-                    except GpclError:
-                        raise
-                    except Exception as exc:
-                        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+                with (
+                    progress.step(f"trace {arch.name} on fake weights ({task}, opset {opset}, {dtype})"),
+                    _trace_errors(d, arch, task),
+                ):
+                    proto = _trace(
+                        module, arch, task, int(opset), bind=lambda m: lz.bind_initializers(m, binding, placement)
+                    )
             with progress.step(f"write {out.name} ({layout})"):
                 data_files = lz.finalize_proto(proto, placement, stage.path, out.name, layout)
                 staged.write_bytes(proto.SerializeToString())
@@ -711,11 +720,8 @@ def export_model(
         else:
             with progress.step(f"load {d.name} (eager: {eager_reason})"):
                 module, arch, task = load_model(d, task, trust_remote_code, allow_pickle, dtype)
-            with progress.step(f"trace {arch.name} ({task}, opset {opset}, {dtype})"):
-                try:
-                    proto = _trace(module, arch, task, int(opset))
-                except Exception as exc:
-                    raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
+            with progress.step(f"trace {arch.name} ({task}, opset {opset}, {dtype})"), _trace_errors(d, arch, task):
+                proto = _trace(module, arch, task, int(opset))
             data_files = _write_eager(
                 proto,
                 staged,
