@@ -172,26 +172,17 @@ def _parse(be: Any, onnx_path: Path, prepared: "Prepared", gpcl: str, plugin_lib
     return builder, network, parser, plugin_sha
 
 
-class _FileWriter:
-    """The builder's plan, streamed into ``path`` as it is serialized (IStreamWriter)."""
+def _stream_writer(trt: Any, f: Any) -> Any:
+    """An IStreamWriter that appends the builder's plan to the open file ``f`` as it is serialized."""
 
-    def __init__(self, trt: Any, path: Path):
-        class Writer(trt.IStreamWriter):
-            def __init__(self, f: Any):
-                trt.IStreamWriter.__init__(self)
-                self.f = f
+    class Writer(trt.IStreamWriter):
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)
 
-            def write(self, data: Any) -> int:
-                return self.f.write(data)
+        def write(self, data: Any) -> int:
+            return f.write(data)
 
-        self.path, self.cls = path, Writer
-
-    def __enter__(self) -> Any:
-        self.f = open(self.path, "wb")
-        return self.cls(self.f)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.f.close()
+    return Writer()
 
 
 def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, out: Path) -> tuple[float, dict]:
@@ -199,8 +190,8 @@ def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, ou
     from gpcl_trt.engines.monitor import BuildProgress
 
     t0 = time.perf_counter()
-    with BuildProgress(be.trt, config) as progress, _FileWriter(be.trt, out) as writer:
-        ok = builder.build_serialized_network_to_stream(network, config, writer)
+    with BuildProgress(be.trt, config) as progress, open(out, "wb") as f:
+        ok = builder.build_serialized_network_to_stream(network, config, _stream_writer(be.trt, f))
     seconds = time.perf_counter() - t0
     if not ok or out.stat().st_size == 0:
         raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
