@@ -349,6 +349,7 @@ def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold
             _optimize_keeping(program.model, keep, fold_small=fold_weights)
     proto = _normalise(program.model_proto, arch, task)
     _residual_adds_as_sum(proto)
+    _intermediate_types_only(proto)
     return proto
 
 
@@ -421,9 +422,10 @@ def _normalise(proto: Any, arch: Any, task: str) -> Any:
 
 def _residual_adds_as_sum(proto: Any) -> int:
     """Spell each residual Add that feeds a LayerNormalization as a two-input Sum (the same
-    numbers, standard ONNX). Why: our graph carries full shapes, so ONNX Runtime fuses Add +
+    numbers, standard ONNX). Why: where ONNX Runtime knows the Add's shapes it fuses Add +
     LayerNormalization into SkipLayerNormalization, whose CPU kernel is slower than the two ops it
-    replaces (BENCHMARKS.md, Export); TensorRT fuses either spelling. Adds with a constant input
+    replaces (BENCHMARKS.md, Export); the shapes it infers itself can be enough, even with the
+    graph's own dropped (:func:`_intermediate_types_only`). TensorRT fuses either spelling. Adds with a constant input
     (a bias) are left alone. Returns how many were rewritten."""
     constants = {t.name for t in proto.graph.initializer}
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
@@ -437,6 +439,22 @@ def _residual_adds_as_sum(proto: Any) -> int:
             if not any(i in constants for i in add.input):
                 add.op_type = "Sum"
                 count += 1
+    return count
+
+
+def _intermediate_types_only(proto: Any) -> int:
+    """Keep each intermediate tensor's element type in ``value_info`` and drop its shape (graph
+    inputs and outputs keep theirs). Why: ONNX Runtime's CPU memory planner lets a tensor reuse a
+    dead tensor's buffer when the declared shapes say they are the same size; with every shape
+    declared, that reuse made MiniLM 1.05-1.07x slower than the same graph without the shapes
+    (Transpose, Add, BiasGelu slower; equal again with ``enable_mem_reuse`` off; BENCHMARKS.md,
+    Export). Optimum's graphs declare none. The types stay: per-layer validation and diff read
+    them. Returns how many shapes were dropped."""
+    count = 0
+    for vi in proto.graph.value_info:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            vi.type.tensor_type.ClearField("shape")
+            count += 1
     return count
 
 

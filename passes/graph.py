@@ -49,6 +49,26 @@ def is_const(t: gs.Tensor, depth: int = 4) -> bool:
     return p.op in WEIGHT_PREP_OPS and bool(p.inputs) and is_const(p.inputs[0], depth - 1)
 
 
+def weight_shape(t: gs.Tensor, depth: int = 4) -> tuple[int, ...] | None:
+    """A weight's shape as its consumer sees it, read through the ops that prepare it: exported
+    graphs declare no intermediate shapes, and a lazy export leaves ``Transpose(W)`` of each
+    projection for the runtime to fold."""
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    p = producer(t)
+    if p is None or depth == 0:
+        return None
+    if p.op == "Constant" and isinstance(p.attrs.get("value"), gs.Constant):
+        return tuple(int(d) for d in p.attrs["value"].shape)
+    if not p.inputs or p.op not in {"Transpose", "Cast", "Identity", "DequantizeLinear"}:
+        return None
+    shape = weight_shape(p.inputs[0], depth - 1)
+    if shape is None or p.op != "Transpose":
+        return shape
+    perm = p.attrs.get("perm") or list(reversed(range(len(shape))))
+    return tuple(shape[i] for i in perm) if len(perm) == len(shape) else None
+
+
 def is_projection(node: gs.Node) -> bool:
     """A linear layer: MatMul/Gemm of an activation by a constant weight."""
     return (

@@ -42,6 +42,7 @@ from gpcl_trt.passes.graph import (
     load_graph,
     producer,
     see_through,
+    weight_shape,
 )
 
 # The one piece of architecture knowledge: which block submodule names are attention and which
@@ -183,10 +184,10 @@ def _gpcl_on(root: gs.Tensor) -> gs.Node | None:
 def _hidden(root: gs.Tensor, proj: gs.Node) -> int | None:
     if root.shape and isinstance(root.shape[-1], (int, np.integer)) and root.shape[-1] > 0:
         return int(root.shape[-1])
-    w = proj.inputs[1]
-    if isinstance(w, gs.Constant) and len(w.shape) >= 2:
+    w = weight_shape(proj.inputs[1])
+    if w is not None and len(w) >= 2:
         trans_b = proj.op == "Gemm" and proj.attrs.get("transB", 0)
-        return int(w.shape[-1] if trans_b else w.shape[-2])
+        return int(w[-1] if trans_b else w[-2])
     return None
 
 

@@ -252,6 +252,24 @@ def test_residual_adds_are_sums_so_ort_keeps_add_and_layernorm_apart(minilm_onnx
     assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
 
 
+def test_intermediates_declare_types_not_shapes(minilm_onnx):
+    """Intermediate tensors keep their element type (per-layer validation and diff read it) but
+    declare no shape (ONNX Runtime's planner reuses buffers by declared shape, measured slower);
+    graph inputs and outputs keep their shapes, and the sites still know their hidden size."""
+    from gpcl_trt.passes.graph import load_graph
+    from gpcl_trt.passes.sites import find_sites_loaded
+
+    model = onnx.load(str(minilm_onnx), load_external_data=False)
+    infos = list(model.graph.value_info)
+    assert infos and all(vi.type.tensor_type.elem_type for vi in infos)
+    assert not any(vi.type.tensor_type.HasField("shape") for vi in infos)
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(model.graph.input[0]) == ["batch", "sequence"]
+    assert dims(model.graph.output[0]) == ["batch", "sequence", 384]
+    sites = find_sites_loaded(load_graph(minilm_onnx))
+    assert len(sites) == 12 and {s.hidden for s in sites} == {384}
+
+
 def test_tolerance_is_atol_plus_rtol_times_the_outputs_scale():
     """rtol is read against each output's largest |reference|: a small element next to large
     ones gets the large ones' slack; an output of small values gets none."""

@@ -84,6 +84,8 @@ def test_replicated_equals_traced(deep_llama, tmp_path, task, dtype):
     assert sorted((s.layer, s.kind) for s in sites) == sorted(
         (i, k) for i in range(10) for k in ("pre-attention", "pre-mlp")
     )
+    # no intermediate declares a shape: the hidden size is read through each weight's Transpose
+    assert {s.hidden for s in sites} == {64}
 
 
 def test_layers_that_differ_are_traced_whole(tmp_path):
