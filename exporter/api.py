@@ -140,8 +140,8 @@ def _resolve_task(arch: Any, task: str) -> str:
     from gpcl_trt.exporter.configs import TASKS
 
     if task == "auto":
-        return arch.default_task()
-    if task not in TASKS:
+        task = arch.default_task()
+    elif task not in TASKS:
         raise GpclError(f"unknown task {task!r}; choose auto or one of {', '.join(TASKS)}")
     arch.check_task(task)
     return task
@@ -348,8 +348,8 @@ def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold
             keep = bind(program.model)
             _optimize_keeping(program.model, keep, fold_small=fold_weights)
     proto = _normalise(program.model_proto, arch, task)
-    _residual_adds_as_sum(proto)
     _intermediate_types_only(proto)
+    _residual_adds_as_sum(proto)
     return proto
 
 
@@ -421,25 +421,67 @@ def _normalise(proto: Any, arch: Any, task: str) -> Any:
 
 
 def _residual_adds_as_sum(proto: Any) -> int:
-    """Spell each residual Add that feeds a LayerNormalization as a two-input Sum (the same
-    numbers, standard ONNX). Why: where ONNX Runtime knows the Add's shapes it fuses Add +
+    """Spell a residual Add that feeds a LayerNormalization as a two-input Sum (the same numbers,
+    standard ONNX) where ONNX Runtime will know both of its input shapes: there it fuses Add +
     LayerNormalization into SkipLayerNormalization, whose CPU kernel is slower than the two ops it
-    replaces (BENCHMARKS.md, Export); the shapes it infers itself can be enough, even with the
-    graph's own dropped (:func:`_intermediate_types_only`). TensorRT fuses either spelling. Adds with a constant input
-    (a bias) are left alone. Returns how many were rewritten."""
+    replaces, while its Sum kernel is slower than Add (BENCHMARKS.md, Export). Which shapes it
+    will know is read from ONNX shape inference on the graph as written (intermediate shapes
+    dropped first: :func:`_intermediate_types_only`). TensorRT fuses either spelling. Adds with a
+    constant input (a bias) are left alone. Returns how many were rewritten."""
     constants = {t.name for t in proto.graph.initializer}
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     producers = {o: n for n in proto.graph.node for o in n.output}
-    count = 0
+    residual = []
     for node in proto.graph.node:
         if node.op_type != "LayerNormalization" or not node.input:
             continue
         add = producers.get(node.input[0])
         if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
             if not any(i in constants for i in add.input):
-                add.op_type = "Sum"
-                count += 1
+                residual.append(add)
+    if not residual:
+        return 0
+    shapes = _inferred_shapes(proto)
+    named = {d.dim_param for vi in list(proto.graph.input) + list(proto.graph.output) for d in _dims(vi) if d.dim_param}
+    count = 0
+    for add in residual:
+        a, b = (_known_dims(shapes.get(x), named) for x in add.input[:2])
+        if a is not None and a == b:
+            add.op_type = "Sum"
+            count += 1
     return count
+
+
+def _inferred_shapes(proto: Any) -> dict[str, Any]:
+    """name -> TensorShapeProto of each tensor: graph inputs' and outputs' own, the intermediates'
+    from ONNX shape inference on the graph alone (initializers enter as typed inputs, so no weight bytes are copied)."""
+    import onnx
+    from onnx import helper
+
+    g = proto.graph
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+    graph = helper.make_graph(list(g.node), "shapes", list(g.input) + weights, list(g.output))
+    model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    model.functions.extend(proto.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is advisory here: without it nothing is known
+        return {}
+    infos = list(inferred.graph.value_info) + list(g.input) + list(g.output)
+    return {vi.name: vi.type.tensor_type.shape for vi in infos if vi.type.tensor_type.HasField("shape")}
+
+
+def _dims(vi: Any) -> Any:
+    return vi.type.tensor_type.shape.dim
+
+
+def _known_dims(shape: Any, named: set[str]) -> tuple | None:
+    """The dims of ``shape`` if every one is a number or an axis the graph's inputs and outputs
+    name (the symbols shape inference makes up for unknown dims say nothing), else None."""
+    if shape is None or not shape.dim:
+        return None
+    dims = tuple(d.dim_value or d.dim_param for d in shape.dim)
+    return dims if all(isinstance(d, int) or d in named for d in dims) else None
 
 
 def _intermediate_types_only(proto: Any) -> int:

@@ -480,7 +480,14 @@ class DecoderOnly(ArchConfig):
     per-layer head count and head size are read from the cache of one tiny forward."""
 
     family = "decoder-only"
-    tasks = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION, FEATURE_EXTRACTION)
+    tasks = (
+        TEXT_GENERATION_WITH_PAST,
+        TEXT_GENERATION,
+        FEATURE_EXTRACTION,
+        TEXT_CLASSIFICATION,
+        TOKEN_CLASSIFICATION,
+        QUESTION_ANSWERING,
+    )
 
     def __init__(self, hf_config: Any, dtype: str = "fp32"):
         super().__init__(hf_config, dtype)
@@ -545,9 +552,18 @@ class DecoderOnly(ArchConfig):
                 specs += [TensorSpec(f"{feeds.PAST_PREFIX}{i}.{n}", "float", axes) for n in ("key", "value")]
         return specs
 
+    def check_task(self, task: str) -> None:
+        super().check_task(task)
+        if task == TEXT_CLASSIFICATION and getattr(self.hf_config, "pad_token_id", None) is None:
+            # batch > 1 needs it: the head reads each row's last token that is not padding
+            raise GpclError(
+                f"{self.name} text-classification needs pad_token_id in config.json (the head reads each row's "
+                "last non-padding token); set it to the tokenizer's pad id"
+            )
+
     def outputs(self, task: str) -> list[TensorSpec]:
-        if task == FEATURE_EXTRACTION:
-            return [TensorSpec("last_hidden_state", "float", ("batch", "sequence", self.hidden_size))]
+        if task not in (TEXT_GENERATION, TEXT_GENERATION_WITH_PAST):
+            return self._head_outputs(task, ("batch", "sequence"))
         specs = [TensorSpec("logits", "float", ("batch", "sequence", self._logits or self.vocab_size))]
         if task == TEXT_GENERATION_WITH_PAST:
             for i, kv in enumerate(self.kv_shapes()):
@@ -562,7 +578,7 @@ class DecoderOnly(ArchConfig):
             return CausalLMWithPastCore(model, self.num_layers, [s.name for s in self.outputs(task)])
         if task == FEATURE_EXTRACTION:
             return EncoderCore(model, ["last_hidden_state"], use_cache=False, return_dict=True)
-        return CausalLMCore(model, ["logits"], return_dict=True)
+        return CausalLMCore(model, [s.name for s in self.outputs(task)], return_dict=True)
 
 
 def _config_says_rotary(cfg: Any) -> bool:

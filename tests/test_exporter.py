@@ -234,22 +234,63 @@ def test_remote_code_not_run_unless_trusted(tiny_gpt2_dir, tmp_path):
     assert type(module.core.model).__module__ == "transformers.models.gpt2.modeling_gpt2"
 
 
-def test_residual_adds_are_sums_so_ort_keeps_add_and_layernorm_apart(minilm_onnx, tmp_path):
-    """Each residual Add in front of a LayerNormalization is exported as Sum: ONNX Runtime then
-    does not fuse SkipLayerNormalization (slower on CPU than the two ops it replaces), and the
-    numbers stay those PyTorch was validated against."""
+def _ort_ops(model, tmp_path) -> set[str]:
+    """The op types left after ONNX Runtime's CPU graph optimizations."""
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node}
+
+
+def test_minilm_residual_adds_stay_adds_and_ort_keeps_them_apart(minilm_onnx, tmp_path):
+    """MiniLM as exported: ONNX Runtime cannot know the residual Adds' shapes (they follow the
+    attention's Reshape), so they stay Adds and it does not fuse SkipLayerNormalization (slower on
+    CPU than the two ops it replaces)."""
     model = onnx.load(str(minilm_onnx), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    assert norms and all(producers[n.input[0]].op_type == "Sum" for n in norms)
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    ort.InferenceSession(str(minilm_onnx), opts, providers=["CPUExecutionProvider"])
-    fused = onnx.load(opts.optimized_model_filepath, load_external_data=False)
-    ops = {n.op_type for n in fused.graph.node}
+    assert norms and all(producers[n.input[0]].op_type == "Add" for n in norms)
+    onnx.load_external_data_for_model(model, str(minilm_onnx.parent))
+    ops = _ort_ops(model, tmp_path)
     assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+
+
+def test_residual_add_with_known_shapes_becomes_sum(tmp_path):
+    """Where ONNX Runtime will know both shapes, the residual Add would be fused (checked here
+    with ORT itself); as Sum it is not, with the same numbers."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    from gpcl_trt.exporter.api import _residual_adds_as_sum
+
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["h"]),
+        oh.make_node("Add", ["h", "x"], ["r"]),
+        oh.make_node("LayerNormalization", ["r", "g", "b"], ["y"], axis=-1),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "residual",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 8])],
+        [init("w", 8, 8), init("g", 8), init("b", 8)],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    assert "SkipLayerNormalization" in _ort_ops(model, tmp_path)  # what the Sum avoids
+    x = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = lambda m, o=None: ort.InferenceSession(m.SerializeToString(), o, ["CPUExecutionProvider"]).run(None, x)  # noqa: E731
+    before = run(model, plain)  # Add and LayerNormalization, unfused
+    assert _residual_adds_as_sum(model) == 1 and model.graph.node[1].op_type == "Sum"
+    assert "SkipLayerNormalization" not in _ort_ops(model, tmp_path)
+    np.testing.assert_array_equal(run(model)[0], before[0])
 
 
 def test_intermediates_declare_types_not_shapes(minilm_onnx):

@@ -1,4 +1,4 @@
-"""The family corpus: 22 checkpoints of 21 architectures built here as tiny random-init checkpoints (2 layers,
+"""The family corpus: 24 checkpoints of 23 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
 export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch; decoders
 also decode greedily with past in ONNX Runtime and match PyTorch and HF ``generate``.
@@ -154,6 +154,21 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     ),
     "albert": ("albert", "AlbertModel", dict(TINY_ENC, embedding_size=32), "feature-extraction", TWO),
     "deberta-v2": ("deberta-v2", "DebertaV2Model", dict(TINY_ENC), "feature-extraction", TWO),
+    # decoder-only with a classification / QA head instead of the LM head
+    "qwen2-seq-cls": (
+        "qwen2",
+        "Qwen2ForSequenceClassification",
+        dict(TINY_DEC, num_key_value_heads=2, num_labels=3, pad_token_id=0),
+        "text-classification",
+        TWO,
+    ),
+    "llama-qa": (
+        "llama",
+        "LlamaForQuestionAnswering",
+        dict(TINY_DEC, num_key_value_heads=2),
+        "question-answering",
+        TWO,
+    ),
     # vision encoders: pixel_values in
     "vit": ("vit", "ViTForImageClassification", dict(TINY_VIT, num_labels=4), "image-classification", TWO),
     "dinov2": ("dinov2", "Dinov2Model", dict(TINY_VIT), "feature-extraction", TWO),
@@ -393,8 +408,11 @@ def test_family_and_task_come_from_the_checkpoint():
     cfg = AutoConfig.for_model("bert", architectures=["BertForQuestionAnswering"])
     assert TextEncoder(cfg).default_task() == "question-answering"
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForSequenceClassification"])
-    with pytest.raises(GpclError, match="choose --task"):
-        DecoderOnly(cfg).default_task()
+    assert DecoderOnly(cfg).default_task() == "text-classification"
+    # the head reads each row's last non-padding token: without pad_token_id, one clear line
+    with pytest.raises(GpclError, match="needs pad_token_id in config.json"):
+        DecoderOnly(cfg).check_task("text-classification")
+    DecoderOnly(AutoConfig.for_model("llama", pad_token_id=0)).check_task("text-classification")
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], use_cache=False)
     assert DecoderOnly(cfg).default_task() == "text-generation"
 
