@@ -14,7 +14,9 @@ Two ways, tried in order:
    Softmax is reachable from those projections before the next projection, pre-MLP if the path
    reaches a second projection (the MLP's down projection), otherwise not a site (lm_head). A
    norm whose projections split into attention ones (Softmax, or joining the Softmax's path: V)
-   and MLP ones is shared. Layers are numbered in graph order by the pre-attention/shared sites.
+   and MLP ones is shared. Where a norm's only projections feed further projections directly
+   (ALBERT's embedding-size -> hidden-size mapping), their outputs are the candidates instead.
+   Layers are numbered in graph order by the pre-attention/shared sites.
 
 One norm output read by both attention and MLP entry projections is one site of kind ``shared``
 (its consumers are both sets); parallel-residual blocks with two norms (GPT-NeoX) get two sites.
@@ -126,10 +128,13 @@ def _descendants(t: gs.Tensor, ops: set[str], hops: int) -> set[int]:
 
 
 def _affine_tail(t: gs.Tensor) -> gs.Tensor:
-    """Follow the norm's scale/shift (Mul/Add by a weight, Casts) to its final output."""
+    """Follow the norm's scale/shift (Mul/Add by a weight, Casts) to its final output, and a
+    sole Mul by anything (DeBERTa multiplies the embedding norm by the padding mask): what the
+    block reads is the normalised state after them."""
     while len(t.outputs) == 1:
         c = t.outputs[0]
-        if c.op == "Cast" or (c.op in ("Mul", "Add") and any(is_const(i) for i in c.inputs if i is not t)):
+        others = [i for i in c.inputs if i is not t]
+        if c.op == "Cast" or (c.op in ("Mul", "Add") and any(is_const(i) for i in others)) or c.op == "Mul":
             t = c.outputs[0]
         else:
             break
@@ -142,7 +147,7 @@ def norm_outputs(graph: gs.Graph) -> dict[int, str]:
     out: dict[int, str] = {}
     for node in graph.nodes:
         if node.op in NORM_OPS and node.outputs:
-            out[id(node.outputs[0])] = node.op
+            out[id(_affine_tail(node.outputs[0]))] = node.op
             continue
         if node.op != "ReduceMean" or not node.inputs:
             continue
@@ -388,6 +393,24 @@ def _split_kinds(projs: list[gs.Node], norms: dict[int, str]) -> list[tuple[str,
     return [(PRE_ATTENTION, attn)] + ([(PRE_MLP, mlp)] if mlp else [])
 
 
+def _biased(t: gs.Tensor) -> gs.Tensor:
+    """A projection's output after its bias (a sole Add of a weight), if it has one."""
+    if len(t.outputs) == 1 and t.outputs[0].op == "Add" and any(is_const(i) for i in t.outputs[0].inputs):
+        return t.outputs[0].outputs[0]
+    return t
+
+
+def _reprojected(t: gs.Tensor) -> list[gs.Tensor]:
+    """The tensors a block reads for norm output ``t``: ``t`` itself, or, where each projection
+    of ``t`` feeds further projections directly (ALBERT's and ELECTRA's embedding-size ->
+    hidden-size mapping; an MLP has its activation in between), those projections' outputs."""
+    projs = _projection_heads(t)
+    outs = [_biased(p.outputs[0]) for p in projs]
+    if projs and all(_projection_heads(o) for o in outs):
+        return outs
+    return [t]
+
+
 def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
     tensors = {id(t): t for t in graph.tensors().values()}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -396,11 +419,12 @@ def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
         t = tensors.get(tid)
         if t is None:
             continue
-        projs = _projection_heads(t)
-        parts = _split_kinds(projs, norms) if projs else []
-        if parts:
-            kind = _merge_kind({k for k, _ in parts})
-            found.append((order.get(id(producer(t)), -1), kind, t, [p for _, ps in parts for p in ps]))
+        for root in _reprojected(t):
+            projs = _projection_heads(root)
+            parts = _split_kinds(projs, norms) if projs else []
+            if parts:
+                kind = _merge_kind({k for k, _ in parts})
+                found.append((order.get(id(producer(root)), -1), kind, root, [p for _, ps in parts for p in ps]))
     cands = []
     layer = -1
     for pos, kind, t, projs in sorted(found, key=lambda f: f[0]):

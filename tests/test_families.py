@@ -175,11 +175,9 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
 }
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
 # The structural fallback (metadata stripped) numbers blocks by norm outputs in graph order; it
-# cannot see ALBERT's first block (it reads a projection of the embedding norm, not a norm) or
-# DeBERTa's relative-position norm feeding the attention projections, nor Mixtral's experts
-# (batched_mm multiplies by expert weights gathered per token, not by a constant weight, so only
-# the router reads like a projection). Metadata finds all three.
-STRUCTURE_DIFFERS = {"albert", "deberta-v2", "mixtral"}
+# cannot see Mixtral's experts (batched_mm multiplies by expert weights gathered per token, not by
+# a constant weight, so only the router reads like a projection). Metadata finds them.
+STRUCTURE_DIFFERS = {"mixtral"}
 
 
 def _perturb_norms(model) -> None:
