@@ -1,7 +1,9 @@
 """The family corpus: 24 checkpoints of 23 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
-export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch; decoders
-also decode greedily with past in ONNX Runtime and match PyTorch and HF ``generate``.
+export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch, then the
+pipeline's later stages (calibrate, insert, TensorRT-RTX build, diff, Triton repository; three
+served by tritonserver); decoders also decode greedily with past in ONNX Runtime and match
+PyTorch and HF ``generate``.
 
 Norm weights are perturbed away from their init (ones): the exporter's optimiser merges two
 LayerNorms with identical weights that read one tensor (GPT-NeoX's parallel block), which real
@@ -261,6 +263,37 @@ def test_export_sites_insert_strip_diff(family, name, tmp_path):
     # diff: the PyTorch model directory against the GPCL model (huge tau: within tolerance).
     d = diff(reference=model_dir, candidate=g, samples=1, seq=6, batch=2)
     assert d["ok"], d
+
+
+# Served by a real tritonserver in the test below (a server start each): a decoder with past and
+# a sliding window, a decoder with a classification head, a vision encoder. The rest stop at the
+# Triton repository.
+SERVED = {"mistral", "qwen2-seq-cls", "vit"}
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_pipeline_calibrates_builds_and_deploys(family, name, tmp_path):
+    """The stages after export on each family: calibrate, insert, a real TensorRT-RTX engine
+    build, diff, the Triton repository, and (SERVED) a served-model check."""
+    from gpcl_trt.deploy.pipeline import run_pipeline
+
+    _, path, _ = family(name)
+    cfg = tmp_path / "pipeline.toml"
+    skip = "" if name in SERVED else 'skip = ["serve"]'
+    cfg.write_text(f"[pipeline]\n{skip}\n[calibrate]\nsamples = 2\n")
+    summary = run_pipeline(path, tmp_path / "out", config=cfg)
+    assert summary["ok"], summary["stages"]
+    done = {k for k, v in summary["stages"].items() if v["status"] == "done"}
+    served_stage = {"serve"} if name in SERVED else set()
+    assert done == {"export", "calibrate", "insert", "build", "diff", "triton"} | served_stage
+    assert summary["engine"]["backend"] == "tensorrt-rtx" and Path(summary["engine"]["path"]).stat().st_size > 0
+    assert len(summary["sites"]["inserted"]) == sum(CORPUS[name][4].values())
+    assert summary["accuracy"]["passed"], summary["accuracy"]
+    assert set(summary["triton"]["entries"]) == {"gpcl_model", "gpcl_model_ort", "gpcl_model_trt"}
+    if name in SERVED:
+        served = summary["served"]
+        assert served["ok"] and served["errors"] == 0 and served["completed"] == served["requests"], served
+        assert served["http_max_abs_diff"] == 0.0 and served["grpc_max_abs_diff"] == 0.0
 
 
 def _sample(res: dict, sess) -> dict:
