@@ -79,6 +79,24 @@ def is_projection(node: gs.Node) -> bool:
     )
 
 
+def is_expert_projection(node: gs.Node) -> bool:
+    """A mixture-of-experts block's batched matmul, weights first: ``W_e @ x`` where ``W_e`` is
+    picked per token from a constant bank of expert weights (a Gather by indices computed from
+    the data, e.g. the router's top-k). Its activation is input 1."""
+    if node.op != "MatMul" or len(node.inputs) < 2 or is_const(node.inputs[1]):
+        return False
+    p, depth = producer(node.inputs[0]), 4
+    while p is not None and depth and p.op in WEIGHT_PREP_OPS and p.inputs:
+        p, depth = producer(p.inputs[0]), depth - 1
+    return (
+        p is not None
+        and p.op in ("Gather", "GatherND", "GatherElements")
+        and len(p.inputs) >= 2
+        and is_const(p.inputs[0])
+        and not is_const(p.inputs[1])
+    )
+
+
 def see_through(t: gs.Tensor) -> gs.Tensor:
     """Walk back from ``t`` through view/cast ops and GPCL nodes to the tensor they re-present."""
     while True:

@@ -16,6 +16,8 @@ Two ways, tried in order:
    norm whose projections split into attention ones (Softmax, or joining the Softmax's path: V)
    and MLP ones is shared. Where a norm's only projections feed further projections directly
    (ALBERT's embedding-size -> hidden-size mapping), their outputs are the candidates instead.
+   A mixture-of-experts block's batched matmul of per-token gathered expert weights counts as a
+   projection (weights first: ``W_e @ x``).
    Layers are numbered in graph order by the pre-attention/shared sites.
 
 One norm output read by both attention and MLP entry projections is one site of kind ``shared``
@@ -39,6 +41,7 @@ from gpcl_trt.passes.graph import (
     NORM_OPS,
     LoadedModel,
     is_const,
+    is_expert_projection,
     is_gpcl,
     is_projection,
     load_graph,
@@ -173,7 +176,7 @@ def norm_outputs(graph: gs.Graph) -> dict[int, str]:
 # ----------------------------------------------------------------------------- helpers
 def _head_consumer(proj: gs.Node, root: gs.Tensor) -> gs.Node:
     """The node on the path root -> proj that reads root (or root's GPCL output) directly."""
-    node, t = proj, proj.inputs[0]
+    node, t = proj, proj.inputs[1 if is_expert_projection(proj) else 0]
     while t is not root:
         p = producer(t)
         if p is None or is_gpcl(p):
@@ -186,13 +189,16 @@ def _gpcl_on(root: gs.Tensor) -> gs.Node | None:
     return next((c for c in root.outputs if is_gpcl(c)), None)
 
 
-def _hidden(root: gs.Tensor, proj: gs.Node) -> int | None:
+def _hidden(root: gs.Tensor, projs: list[gs.Node]) -> int | None:
+    """The site's channel count: its declared shape, else the in-features of a projection's
+    weight (an expert bank's weights are gathered per token: another projection says it)."""
     if root.shape and isinstance(root.shape[-1], (int, np.integer)) and root.shape[-1] > 0:
         return int(root.shape[-1])
-    w = weight_shape(proj.inputs[1])
-    if w is not None and len(w) >= 2:
-        trans_b = proj.op == "Gemm" and proj.attrs.get("transB", 0)
-        return int(w[-1] if trans_b else w[-2])
+    for proj in projs:
+        w = weight_shape(proj.inputs[1])
+        if w is not None and len(w) >= 2:
+            trans_b = proj.op == "Gemm" and proj.attrs.get("transB", 0)
+            return int(w[-1] if trans_b else w[-2])
     return None
 
 
@@ -234,7 +240,7 @@ def _make_sites(cands: list[_Candidate], norms, method) -> list[Site]:
                 layer=min(c.layer for c in group),
                 kind=kind,
                 tensor=root.name,
-                hidden=_hidden(root, projs[0]),
+                hidden=_hidden(root, projs),
                 consumers=heads,
                 projections=[p.name for p in projs],
                 norm=_norm_label(root, norms),
@@ -337,7 +343,7 @@ def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
     while stack:
         cur = stack.pop()
         for c in cur.outputs:
-            if is_projection(c) and c.inputs[0] is cur:
+            if (is_projection(c) and c.inputs[0] is cur) or (is_expert_projection(c) and c.inputs[1] is cur):
                 found.append(c)
             elif (c.op in _HEAD_PATH_OPS or is_gpcl(c)) and c.inputs[0] is cur:
                 stack.extend(c.outputs)
@@ -362,7 +368,7 @@ def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool,
             seen.add(id(c))
             if c.op == "Softmax" and scored:
                 softmax = True
-            if is_projection(c):
+            if is_projection(c) or is_expert_projection(c):
                 projection = True
                 continue
             pairwise = scored or (c.op in ("MatMul", "Einsum") and not any(is_const(i) for i in c.inputs))

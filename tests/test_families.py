@@ -176,10 +176,6 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     "dinov2": ("dinov2", "Dinov2Model", dict(TINY_VIT), "feature-extraction", TWO),
 }
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
-# The structural fallback (metadata stripped) numbers blocks by norm outputs in graph order; it
-# cannot see Mixtral's experts (batched_mm multiplies by expert weights gathered per token, not by
-# a constant weight, so only the router reads like a projection). Metadata finds them.
-STRUCTURE_DIFFERS = {"mixtral"}
 
 
 def _perturb_norms(model) -> None:
@@ -305,7 +301,7 @@ def _sample(res: dict, sess) -> dict:
     return {"input_ids": rng.integers(0, 100, (2, 7), dtype=np.int64)}
 
 
-@pytest.mark.parametrize("name", sorted(set(CORPUS) - STRUCTURE_DIFFERS))
+@pytest.mark.parametrize("name", list(CORPUS))
 def test_structural_sites_match_metadata(family, name, tmp_path):
     """The same sites with the exporter's metadata stripped (ONNX from elsewhere)."""
     from gpcl_trt.passes import sites_file
