@@ -342,11 +342,10 @@ def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold
             output_names=module.output_names,
             dynamic_shapes=dynamic_shapes,
             verbose=False,
-            optimize=bind is None,
+            optimize=False,
         )
-        if bind is not None:
-            keep = bind(program.model)
-            _optimize_keeping(program.model, keep, fold_small=fold_weights)
+        keep = bind(program.model) if bind is not None else set()
+        _optimize_keeping(program.model, keep, fold_small=fold_weights)
     proto = _normalise(program.model_proto, arch, task)
     _intermediate_types_only(proto)
     _residual_adds_as_sum(proto)
@@ -376,8 +375,9 @@ def _trace_replicated(model: Any, arch: Any, task: str, opset: int, stack: Any, 
 
 
 def _optimize_keeping(model: Any, weights: set[str], fold_small: bool = True) -> None:
-    """What torch.onnx.export(optimize=True) runs (onnxscript's optimizer, then its fusions),
-    except that no node reading a large weight initializer (``weights``) is folded: an eager
+    """What torch.onnx.export(optimize=True) runs (onnxscript's optimizer, then its fusions), on
+    every export, except that near-identity scalars are kept (:func:`_hide_near_identity_constants`)
+    and no node reading a large weight initializer (``weights``, lazy export) is folded: an eager
     export stores ``Transpose(W)`` of every projection as a new constant, i.e. a second copy of
     the weights; here the graph keeps the Transpose node over the checkpoint's own bytes (ONNX
     Runtime and TensorRT fold it when they load the model). Everything else folds exactly as on
@@ -398,12 +398,68 @@ def _optimize_keeping(model: Any, weights: set[str], fold_small: bool = True) ->
 
     pinned = [] if fold_small else [v for n, v in model.graph.initializers.items() if n in weights]
     model.graph.inputs.extend(pinned)
+    hidden = _hide_near_identity_constants(model.graph)
     try:
         onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
         onnxscript.rewriter.onnx_fusions.fuse(model)
     finally:
         for v in pinned:
             model.graph.inputs.remove(v)
+        _restore_constants(model.graph, hidden)
+
+
+def _near_identity(array: np.ndarray) -> bool:
+    """A float scalar close to, but not, 0 or 1 (what onnxscript's no-op rules take for 0 and 1:
+    ``|c| <= 1e-8`` for Add/Sub, ``|c - 1| <= 1e-5`` for Mul/Div; margins kept wider)."""
+    if array.dtype.kind != "f" or array.size != 1:
+        return False
+    x = float(array.reshape(()))
+    return (x != 0 and abs(x) <= 1e-6) or (x != 1 and abs(x - 1) <= 1e-4)
+
+
+def _hide_near_identity_constants(graph: Any) -> list[tuple[Any, Any]]:
+    """Turn each near-identity float scalar (a Constant node's output or an initializer) into a
+    plain graph input while the optimizer runs. Why: its no-op rules rewrite ``x + c`` to ``x``
+    when ``|c| <= 1e-8``, so Helium's RMSNorm (``rsqrt(mean(x^2) + 1e-8)``) lost its epsilon and
+    gave NaN for an all-zero row (the padding token's embedding); a graph input has no value for
+    the rules to read. Returns (input, tensor) pairs for :func:`_restore_constants`."""
+    import onnx_ir as ir
+
+    hidden = []
+    for node in list(graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        tensor = ir.convenience.get_const_tensor(out)
+        if tensor is None or out.is_graph_output() or not _near_identity(tensor.numpy()):
+            continue
+        stand_in = ir.Value(name=out.name, type=out.type, shape=out.shape)
+        out.replace_all_uses_with(stand_in)
+        graph.remove(node, safe=True)
+        hidden.append((stand_in, tensor))
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is None or value in graph.inputs or value.is_graph_output():
+            continue
+        if not _near_identity(value.const_value.numpy()):
+            continue
+        tensor = value.const_value
+        graph.initializers.pop(name)
+        stand_in = ir.Value(name=name, type=value.type, shape=value.shape)
+        value.replace_all_uses_with(stand_in)
+        hidden.append((stand_in, tensor))
+    graph.inputs.extend(v for v, _ in hidden)
+    return hidden
+
+
+def _restore_constants(graph: Any, hidden: list[tuple[Any, Any]]) -> None:
+    """The stand-ins of :func:`_hide_near_identity_constants` become initializers again."""
+    import onnx_ir as ir
+
+    for value, tensor in hidden:
+        graph.inputs.remove(value)
+        if value.uses():
+            value.const_value = ir.tensor(tensor.numpy(), name=value.name)
+            graph.register_initializer(value)
 
 
 def _normalise(proto: Any, arch: Any, task: str) -> Any:

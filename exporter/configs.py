@@ -81,6 +81,9 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
+# config.layer_types values (transformers 5) of layers whose cache is a state, not key/value tensors.
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "hybrid", "mamba", "recurrent", "conv"})
+
 # Cache layer classes that hold plain key/value tensors (the with-past export's flat I/O).
 _KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
 
@@ -468,8 +471,16 @@ def _out_cache(out: Any) -> Any:
 
 @dataclass(frozen=True)
 class KVShape:
+    """One layer's cache: KV heads and head sizes. Keys and values may differ in head size
+    (DeepSeek's multi-head latent attention: keys carry the rotary part, 192 vs 128)."""
+
     heads: int
     head_dim: int
+    value_dim: int | None = None  # None: the same as head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.head_dim if self.value_dim is None else self.value_dim
 
 
 class DecoderOnly(ArchConfig):
@@ -497,9 +508,12 @@ class DecoderOnly(ArchConfig):
     def default_task(self) -> str:
         task = super().default_task()
         if task == TEXT_GENERATION:
-            # config.json says whether the model is meant to decode with a KV cache.
-            use_cache = getattr(self.hf_config.get_text_config(), "use_cache", True)
-            return TEXT_GENERATION_WITH_PAST if use_cache else TEXT_GENERATION
+            # config.json says whether the model decodes with a cache, and of which layers: a
+            # recurrent or linear-attention layer (Mamba, Jamba, Qwen3-Next...) keeps a state,
+            # not key/value tensors, which with-past export does not write.
+            cfg = self.hf_config.get_text_config()
+            states = set(getattr(cfg, "layer_types", None) or ()) & RECURRENT_LAYER_TYPES
+            return TEXT_GENERATION_WITH_PAST if getattr(cfg, "use_cache", None) and not states else TEXT_GENERATION
         return task
 
     # --- what the model takes
@@ -547,10 +561,16 @@ class DecoderOnly(ArchConfig):
         if self.rotary and "position_ids" in params:
             specs.append(TensorSpec(feeds.POSITION_IDS, "int64", ("batch", "sequence")))
         if past:
-            for i, kv in enumerate(self.kv_shapes()):
-                axes = ("batch", kv.heads, "past_sequence", kv.head_dim)
-                specs += [TensorSpec(f"{feeds.PAST_PREFIX}{i}.{n}", "float", axes) for n in ("key", "value")]
+            specs += self._cache_specs(feeds.PAST_PREFIX, "past_sequence")
         return specs
+
+    def _cache_specs(self, prefix: str, axis: str) -> list[TensorSpec]:
+        """``{prefix}{i}.key`` and ``.value`` of every layer: [batch, heads, ``axis``, head size]."""
+        return [
+            TensorSpec(f"{prefix}{i}.{n}", "float", ("batch", kv.heads, axis, size))
+            for i, kv in enumerate(self.kv_shapes())
+            for n, size in (("key", kv.head_dim), ("value", kv.value_head_dim))
+        ]
 
     def check_task(self, task: str) -> None:
         super().check_task(task)
@@ -566,9 +586,7 @@ class DecoderOnly(ArchConfig):
             return self._head_outputs(task, ("batch", "sequence"))
         specs = [TensorSpec("logits", "float", ("batch", "sequence", self._logits or self.vocab_size))]
         if task == TEXT_GENERATION_WITH_PAST:
-            for i, kv in enumerate(self.kv_shapes()):
-                axes = ("batch", kv.heads, "total_sequence", kv.head_dim)
-                specs += [TensorSpec(f"{feeds.PRESENT_PREFIX}{i}.{n}", "float", axes) for n in ("key", "value")]
+            specs += self._cache_specs(feeds.PRESENT_PREFIX, "total_sequence")
         return specs
 
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
@@ -596,8 +614,14 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
     ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    except ValueError as exc:  # transformers' own refusal, e.g. a cache of linear-attention layers only
+        raise GpclError(
+            f"text-generation-with-past is not supported for {name}: its cache does not run with key/value "
+            f"tensors ({str(exc).splitlines()[0]}); export --task text-generation instead"
+        ) from None
     cache = _out_cache(out)
     layers = getattr(cache, "layers", None)
     kinds = sorted({type(layer).__name__ for layer in layers or ()})
@@ -616,12 +640,8 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
                 f"text-generation-with-past is not supported for {name}: a cache layer holds no 4-D key/value; "
                 "export --task text-generation instead"
             )
-        shapes.append(KVShape(int(k.shape[1]), int(k.shape[3])))
-        if int(v.shape[3]) != int(k.shape[3]):
-            raise GpclError(
-                f"text-generation-with-past is not supported for {name}: keys and values differ in head size; "
-                "export --task text-generation instead"
-            )
+        key_dim, value_dim = int(k.shape[3]), int(v.shape[3])
+        shapes.append(KVShape(int(k.shape[1]), key_dim, None if value_dim == key_dim else value_dim))
     return shapes
 
 
@@ -670,11 +690,65 @@ class Falcon(DecoderOnly):
         return core
 
 
+def _rotary_as_real_pairs(self: Any, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """A complex rotary module's forward with ``polar(1, freqs) * scaling`` kept as real
+    (cos, sin) pairs in a last axis of 2."""
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+
+def _rotate_pairs(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``view_as_real(view_as_complex(x) * freqs).flatten(-2)``, in real arithmetic."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b = xr[..., 0], xr[..., 1]
+    cos, sin = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def _apply_rotary_pairs(head_axis: int) -> Any:
+    """``apply_rotary_emb(xq, xk, freqs)`` on real pairs; the frequencies get a head axis at
+    ``head_axis`` (1: q/k are [batch, heads, seq, dim]; 2: [batch, seq, heads, dim])."""
+
+    def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = freqs.to(xq.device).unsqueeze(head_axis)
+        return _rotate_pairs(xq, f), _rotate_pairs(xk, f)
+
+    return apply_rotary_emb
+
+
+class RealRotary(DecoderOnly):
+    """DeepSeek-V2 and Llama 4 compute RoPE as complex products (``torch.polar``,
+    ``view_as_complex``); ONNX has no complex type and the exporter stops ("no decompositions
+    registered for the complex-valued input"). Here the same products run in real arithmetic on
+    (cos, sin) pairs while the model is traced (and validated: the numbers agree with the complex
+    version to float rounding, tests/test_families.py)."""
+
+    # model_type -> (transformers module, rotary module class, where apply_rotary_emb's q/k keep heads)
+    WHERE: ClassVar[dict[str, tuple[str, str, int]]] = {
+        "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2RotaryEmbedding", 1),
+        "llama4_text": ("transformers.models.llama4.modeling_llama4", "Llama4TextRotaryEmbedding", 2),
+    }
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        import importlib
+
+        from transformers.modeling_rope_utils import dynamic_rope_update
+
+        core = super().core(model, task)
+        module_name, rotary_class, head_axis = self.WHERE[self.name]
+        module = importlib.import_module(module_name)
+        core.patches += [
+            (getattr(module, rotary_class), "forward", dynamic_rope_update(_rotary_as_real_pairs)),
+            (module, "apply_rotary_emb", _apply_rotary_pairs(head_axis)),
+        ]
+        return core
+
+
 # ----------------------------------------------------------------------------- resolving
 FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder)
 
 # Per-architecture classes, only where the generic path measurably fails (model_type -> class).
-OVERRIDES: dict[str, type[ArchConfig]] = {"falcon": Falcon}
+OVERRIDES: dict[str, type[ArchConfig]] = {"falcon": Falcon, **dict.fromkeys(RealRotary.WHERE, RealRotary)}
 
 
 def _refusal(model_type: str, cls_name: str | None) -> str | None:

@@ -7,11 +7,13 @@ np.ndarray]`` keyed by ONNX names, so the same decode loop drives PyTorch and ON
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from gpcl_trt.common import GpclError
 from gpcl_trt.feeds import is_past, max_abs_diff, ort_options
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -297,6 +299,14 @@ class SegmentedRunner:
 
 
 # ----------------------------------------------------------------------------- validation
+def _ort_failure(exc: BaseException) -> str:
+    """The node and the reason from an ONNX Runtime error, without its source paths."""
+    text = " ".join(str(exc).split())
+    node = re.search(r"Name:'([^']+)'", text)
+    reason = text.rsplit(" was false. ", 1)[-1] if " was false. " in text else text.rsplit(": ", 1)[-1]
+    return (f"node {node.group(1)}: " if node else "") + reason[:200]
+
+
 def validate_export(
     module: Any,
     arch: Any,
@@ -341,12 +351,22 @@ def validate_export(
     else:
         seg = SegmentedRunner(onnx_path)
         many = seg.run_many
-    got1 = many([feeds for _, feeds, _ in cases])
-    got2 = (
-        many([next_step_feeds(arch, task, feeds, g, nid) for (_, feeds, nid), g in zip(cases, got1)])
-        if with_past
-        else [None] * len(cases)
-    )
+    try:
+        got1 = many([feeds for _, feeds, _ in cases])
+        got2 = (
+            many([next_step_feeds(arch, task, feeds, g, nid) for (_, feeds, nid), g in zip(cases, got1)])
+            if with_past
+            else [None] * len(cases)
+        )
+    except GpclError:
+        raise
+    except Exception as exc:  # ONNX Runtime's own failure types
+        shapes = ", ".join(f"{m['batch']}x{m['sequence']}" for m, _, _ in cases)
+        raise GpclError(
+            f"validation: ONNX Runtime cannot run the exported graph at batch x sequence {shapes} "
+            f"({_ort_failure(exc)}): the trace fixed a size that must vary (a forward that loops over the "
+            "sequence, like a Mamba scan, is traced unrolled); nothing was written"
+        ) from None
     checks: list[dict[str, Any]] = []
     used = 0.0
     for (meta, _, _), (ref, ref2), g1, g2 in zip(cases, golden, got1, got2):

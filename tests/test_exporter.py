@@ -293,6 +293,32 @@ def test_residual_add_with_known_shapes_becomes_sum(tmp_path):
     np.testing.assert_array_equal(run(model)[0], before[0])
 
 
+def test_optimizer_keeps_a_tiny_epsilon_and_a_near_one_scale():
+    """onnxscript's no-op rules take ``x + 1e-8`` for ``x + 0`` (and ``x * 1.000001`` for
+    ``x * 1``); an RMSNorm with eps 1e-8 then gives NaN for an all-zero row. Our optimizer pass
+    keeps both constants."""
+    import onnxruntime as ort
+    import torch
+
+    from gpcl_trt.exporter.api import _optimize_keeping
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8) * 1.000001
+
+    program = torch.onnx.export(Norm().eval(), (torch.randn(2, 8),), dynamo=True, optimize=False, verbose=False)
+    _optimize_keeping(program.model, set())
+    model = program.model_proto
+    assert [n.op_type for n in model.graph.node].count("Add") == 1
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((2, 8), np.float32)
+    x[1] = np.arange(8)
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.isfinite(y).all() and not y[0].any()
+    ref = x[1] / np.sqrt((x[1] ** 2).mean() + 1e-8) * np.float32(1.000001)
+    np.testing.assert_allclose(y[1], ref, rtol=1e-6)
+
+
 def test_intermediates_declare_types_not_shapes(minilm_onnx):
     """Intermediate tensors keep their element type (per-layer validation and diff read it) but
     declare no shape (ONNX Runtime's planner reuses buffers by declared shape, measured slower);

@@ -1,4 +1,4 @@
-"""The family corpus: 24 checkpoints of 23 architectures built here as tiny random-init checkpoints (2 layers,
+"""The family corpus: 27 checkpoints of 26 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
 export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch, then the
 pipeline's later stages (calibrate, insert, TensorRT-RTX build, diff, Triton repository; three
@@ -43,7 +43,52 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     # decoder-only: RoPE, GQA, sliding window (4 < prompt + decode), hybrid sliding/full caches,
     # q/k norms, partial rotary, ALiBi, learned positions, parallel and shared-norm blocks
     "mistral": ("mistral", "MistralForCausalLM", dict(TINY_DEC, num_key_value_heads=2, sliding_window=4), TGP, TWO),
+    # rms_norm_eps 1e-8: the exporter's optimizer must keep it (the padding row's embedding is zero)
+    "helium": (
+        "helium",
+        "HeliumForCausalLM",
+        dict(TINY_DEC, num_key_value_heads=2, head_dim=16, pad_token_id=3),
+        TGP,
+        TWO,
+    ),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", dict(TINY_DEC, num_key_value_heads=2, head_dim=16), TGP, TWO),
+    # multi-head latent attention (its cache: a 16-wide latent and 4-wide rotary keys), complex RoPE, experts
+    "deepseek-v2": (
+        "deepseek_v2",
+        "DeepseekV2ForCausalLM",
+        dict(
+            TINY_DEC,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+        ),
+        TGP,
+        TWO,
+    ),
+    # complex RoPE, chunked attention, a no-RoPE layer, experts in the second layer
+    "llama4-text": (
+        "llama4_text",
+        "Llama4ForCausalLM",
+        dict(
+            TINY_DEC,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size_mlp=128,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            moe_layers=[1],
+            attention_chunk_size=4,
+        ),
+        TGP,
+        TWO,
+    ),
     "gemma2": (
         "gemma2",
         "Gemma2ForCausalLM",
@@ -343,6 +388,24 @@ def test_greedy_decode_with_past_matches_pytorch(family, name):
     np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
 
 
+@pytest.mark.parametrize("name", ["deepseek-v2", "llama4-text"])
+def test_real_rotary_equals_the_complex_one(family, name):
+    """The real-arithmetic RoPE swapped in for tracing computes what the model's complex one does."""
+    import torch
+
+    from gpcl_trt.exporter import load_model
+
+    model_dir, _, _ = family(name)
+    module, _, _ = load_model(model_dir, task="text-generation")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 120, (2, 9)))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = module.core.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        kw = {"position_ids": torch.arange(9).expand(2, 9)} if "position_ids" in module.input_names else {}
+        swapped = module.core(ids, mask, **kw)[0]
+    assert module.core.patches and torch.allclose(plain, swapped, atol=1e-5, rtol=0), (plain - swapped).abs().max()
+
+
 def test_per_layer_cache_shapes_come_from_the_model(family):
     """Gemma 3's KV head count/size per layer are read from a real cache, and every decoder's
     past/present axes name batch, past_sequence/total_sequence."""
@@ -442,6 +505,30 @@ def test_family_and_task_come_from_the_checkpoint():
     DecoderOnly(AutoConfig.for_model("llama", pad_token_id=0)).check_task("text-classification")
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], use_cache=False)
     assert DecoderOnly(cfg).default_task() == "text-generation"
+    # layers that keep a recurrent state, not key/value tensors: no with-past export by default
+    cfg = AutoConfig.for_model("jamba", architectures=["JambaForCausalLM"])
+    assert "linear_attention" in cfg.layer_types and DecoderOnly(cfg).default_task() == "text-generation"
+    cfg = AutoConfig.for_model("openai-gpt", architectures=["OpenAIGPTLMHeadModel"])  # no cache at all
+    assert DecoderOnly(cfg).default_task() == "text-generation"
+
+
+def test_a_graph_that_cannot_run_at_other_shapes_is_refused_in_one_line(tmp_path):
+    """Mamba's scan loops over the sequence: traced, it is unrolled for the trace's length, and
+    validation at other lengths fails in ONNX Runtime. One line, nothing written."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from gpcl_trt.exporter import export_model
+
+    cfg = MambaConfig(vocab_size=128, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=2)
+    cfg.architectures = ["MambaForCausalLM"]
+    torch.manual_seed(0)
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "mamba")
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    with pytest.raises(GpclError, match="cannot run the exported graph at batch x sequence") as exc:
+        export_model(tmp_path / "mamba", out)
+    assert "\n" not in str(exc.value) and not any(out.parent.iterdir())
 
 
 def test_cli_offers_every_task():
