@@ -511,9 +511,11 @@ class DecoderOnly(ArchConfig):
             # config.json says whether the model decodes with a cache, and of which layers: a
             # recurrent or linear-attention layer (Mamba, Jamba, Qwen3-Next...) keeps a state,
             # not key/value tensors, which with-past export does not write.
+            # A BERT-like encoder's causal LM head (ElectraForCausalLM) keeps no cache either.
             cfg = self.hf_config.get_text_config()
             states = set(getattr(cfg, "layer_types", None) or ()) & RECURRENT_LAYER_TYPES
-            return TEXT_GENERATION_WITH_PAST if getattr(cfg, "use_cache", None) and not states else TEXT_GENERATION
+            cached = getattr(cfg, "use_cache", None) and not states and _is_decoder_type(self.name)
+            return TEXT_GENERATION_WITH_PAST if cached else TEXT_GENERATION
         return task
 
     # --- what the model takes

@@ -303,6 +303,29 @@ def _inside(node: gs.Node | None, prefix: str, scopes: dict[str, list[str]]) -> 
     return any(s == prefix or s.startswith(prefix + ".") for s in scopes.get(node.name, ()))
 
 
+def _entry_norm(root: gs.Tensor, prefix: str, norms: dict[int, str], scopes: dict[str, list[str]]) -> bool:
+    """A norm inside the submodule that normalises what comes from outside it (ESM keeps its
+    pre-attention LayerNorm inside ``attention``), unlike one between two of its projections
+    (DeepSeek's ``kv_a_layernorm``): walk back through the norm module's own nodes and look at
+    where their inputs come from."""
+    first = producer(root)
+    if id(root) not in norms or first is None or not scopes.get(first.name):
+        return False
+    norm_scope = scopes[first.name][-1]
+    stack, seen = [first], {id(first)}
+    while stack:
+        for t in stack.pop().inputs:
+            p = producer(t)
+            if p is None or id(p) in seen or is_const(t):
+                continue
+            if _inside(p, norm_scope, scopes):
+                seen.add(id(p))
+                stack.append(p)
+            elif _inside(p, prefix, scopes):
+                return False
+    return True
+
+
 def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: dict[int, str]) -> list[Site]:
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     groups: dict[tuple[int, str], list] = defaultdict(list)
@@ -318,8 +341,8 @@ def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: di
         if kind is None:  # a projection directly in the block (OPT's fc1): an entry if it reads a norm
             if id(root) in norms:
                 untyped[layer].setdefault(id(root), (root, []))[1].append(node)
-        elif not _inside(producer(root), prefix, scopes):  # an entry projection of the block
-            groups[(layer, kind)].append((root, node))
+        elif not _inside(producer(root), prefix, scopes) or _entry_norm(root, prefix, norms, scopes):
+            groups[(layer, kind)].append((root, node))  # an entry projection of the block
     cands = []
     for (layer, kind), entries in groups.items():
         for root, projs in _pick_roots(entries, norms, scopes):

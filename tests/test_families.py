@@ -1,4 +1,4 @@
-"""The family corpus: 27 checkpoints of 26 architectures built here as tiny random-init checkpoints (2 layers,
+"""The family corpus: 28 checkpoints of 27 architectures built here as tiny random-init checkpoints (2 layers,
 hidden 32-64, vocab 128), each exported once per module through the public API and run through
 export -> sites (expected count per kind) -> insert -> strip -> diff against PyTorch, then the
 pipeline's later stages (calibrate, insert, TensorRT-RTX build, diff, Triton repository; three
@@ -201,6 +201,8 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     ),
     "albert": ("albert", "AlbertModel", dict(TINY_ENC, embedding_size=32), "feature-extraction", TWO),
     "deberta-v2": ("deberta-v2", "DebertaV2Model", dict(TINY_ENC), "feature-extraction", TWO),
+    # pre-LN with the attention's LayerNorm inside the attention submodule (ESM-2)
+    "esm": ("esm", "EsmForMaskedLM", dict(TINY_ENC, pad_token_id=1), "fill-mask", TWO),
     # decoder-only with a classification / QA head instead of the LM head
     "qwen2-seq-cls": (
         "qwen2",
@@ -509,6 +511,8 @@ def test_family_and_task_come_from_the_checkpoint():
     cfg = AutoConfig.for_model("jamba", architectures=["JambaForCausalLM"])
     assert "linear_attention" in cfg.layer_types and DecoderOnly(cfg).default_task() == "text-generation"
     cfg = AutoConfig.for_model("openai-gpt", architectures=["OpenAIGPTLMHeadModel"])  # no cache at all
+    assert DecoderOnly(cfg).default_task() == "text-generation"
+    cfg = AutoConfig.for_model("electra", architectures=["ElectraForCausalLM"])  # an encoder's causal LM head
     assert DecoderOnly(cfg).default_task() == "text-generation"
 
 
