@@ -608,11 +608,12 @@ def _config_says_rotary(cfg: Any) -> bool:
     return any(getattr(cfg, a, None) for a in ("rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor"))
 
 
-def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
+def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape] | None:
     """Per-layer KV heads and head size, read from the cache after one forward of two tokens
     (layers may differ: Gemma 3, sliding/full hybrids, models that share KV across layers). A
     model whose cache holds anything but key/value tensors (Mamba or linear-attention states) is
-    refused for with-past export."""
+    refused for with-past export. None when that forward cannot run here (the shapes then come
+    from the config, and validation against PyTorch checks them)."""
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
     ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)
@@ -624,6 +625,8 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape]:
             f"text-generation-with-past is not supported for {name}: its cache does not run with key/value "
             f"tensors ({str(exc).splitlines()[0]}); export --task text-generation instead"
         ) from None
+    except Exception:  # e.g. routing that reads tensor values (JetMoE) on a lazy export's fake weights
+        return None
     cache = _out_cache(out)
     layers = getattr(cache, "layers", None)
     kinds = sorted({type(layer).__name__ for layer in layers or ()})

@@ -516,6 +516,23 @@ def test_family_and_task_come_from_the_checkpoint():
     assert DecoderOnly(cfg).default_task() == "text-generation"
 
 
+def test_cache_shapes_fall_back_to_the_config_when_the_probe_cannot_run():
+    """A forward that cannot run on a lazy export's fake weights (JetMoE's routing reads tensor
+    values) gives no cache probe; the shapes then come from the config (validation checks them)."""
+    import torch
+    from transformers import AutoConfig
+
+    from gpcl_trt.exporter.configs import DecoderOnly, KVShape, probe_kv_cache
+
+    class ReadsValues(torch.nn.Module):
+        def forward(self, **_):
+            raise RuntimeError("aten._local_scalar_dense.default")
+
+    assert probe_kv_cache(ReadsValues(), "x") is None
+    cfg = AutoConfig.for_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert DecoderOnly(cfg).kv_shapes() == [KVShape(2, 16)] * 2
+
+
 def test_a_graph_that_cannot_run_at_other_shapes_is_refused_in_one_line(tmp_path):
     """Mamba's scan loops over the sequence: traced, it is unrolled for the trace's length, and
     validation at other lengths fails in ONNX Runtime. One line, nothing written."""
