@@ -39,7 +39,8 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="What to export; auto picks from config.json: the task of the head class in architectures "
         "(BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification; a *ForCausalLM: "
-        "text-generation-with-past unless use_cache is false), else the family's first task.",
+        "text-generation-with-past unless use_cache is false, its layers keep recurrent states or it is an "
+        "encoder's causal LM head), else the family's first task.",
     )
     @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
     @click.option(
