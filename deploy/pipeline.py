@@ -85,21 +85,26 @@ def _export(ctx: Ctx, opts: dict) -> dict:
 
 def _import_onnx(ctx: Ctx, opts: dict) -> dict:
     """An already exported model starts the pipeline at calibrate: it is copied in with its
-    external data and manifest (which names the model directory, hence the tokenizer)."""
+    manifest (which names the model directory, hence the tokenizer) and every external data file
+    its tensors point at, under the same names (``OUT.onnx.data``, or a lazy export's links into
+    the checkpoint, ``OUT.onnx.model.safetensors``): hard-linked where the file system allows,
+    else copied."""
     import shutil
 
-    from gpcl_trt.common import atomic_path, manifest_path
+    from gpcl_trt.common import atomic_path, external_locations, load_onnx, manifest_path
 
     if opts:
         raise GpclError(f"[export] options {sorted(opts)} do not apply to an ONNX input")
     src, dst = ctx.model_dir, ctx.path("model.onnx")
-    for a, b in (
-        (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")),
-        (manifest_path(src), manifest_path(dst)),
-        (src, dst),
-    ):
-        if a.is_file():
-            with atomic_path(b, force=True) as tmp:
+    pairs = [(src.parent / loc, dst.parent / loc) for loc in external_locations(load_onnx(src, external_data=False))]
+    for a, b in pairs + [(manifest_path(src), manifest_path(dst)), (src, dst)]:
+        if not a.is_file():
+            continue
+        with atomic_path(b, force=True) as tmp:
+            try:
+                tmp.unlink()
+                os.link(a, tmp)
+            except OSError:
                 shutil.copyfile(a, tmp)
     return {"ok": True, "output": str(dst), "imported_from": str(src), "onnx_sha256": sha256_file(dst)}
 

@@ -96,6 +96,22 @@ def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     assert s3["ok"] and s3["engine"]["size_bytes"] is None and s3["served"] == {}
 
 
+def test_pipeline_from_an_export_linked_to_its_checkpoint(tiny_llama_dir, tmp_path):
+    """A lazy export whose weights are links into the checkpoint (OUT.onnx.model.safetensors,
+    the default above 256 MB) brings those files along into the pipeline's directory."""
+    from gpcl_trt.exporter import export_model
+
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    export_model(tiny_llama_dir, src, external_data="link", task="text-generation")
+    assert (src.parent / "m.onnx.model.safetensors").is_file()
+    cfg = _config(tmp_path, FAST + '[pipeline]\nskip = ["serve"]\n')
+    summary = run_pipeline(src, tmp_path / "out", config=cfg)
+    assert summary["ok"], summary["stages"]
+    linked = tmp_path / "out" / "m.onnx.model.safetensors"
+    assert linked.is_file() and sha256_file(linked) == sha256_file(src.parent / "m.onnx.model.safetensors")
+
+
 def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
     """The whole path from a Hugging Face directory (a decoder with past key/values), through
     the CLI with --json; the accuracy reference is the PyTorch model itself."""
