@@ -438,9 +438,9 @@ def _hide_near_identity_constants(graph: Any) -> list[tuple[Any, Any]]:
         graph.remove(node, safe=True)
         hidden.append((stand_in, tensor))
     for name, value in list(graph.initializers.items()):
-        if value.const_value is None or value in graph.inputs or value.is_graph_output():
-            continue
-        if not _near_identity(value.const_value.numpy()):
+        if value.const_value is None or value.const_value.size != 1 or value.is_graph_output():
+            continue  # the size first: reading a weight's values would map (or load) all of it
+        if value in graph.inputs or not _near_identity(value.const_value.numpy()):
             continue
         tensor = value.const_value
         graph.initializers.pop(name)
