@@ -15,7 +15,7 @@ from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.polyutil import quiet_polygraphy
 from gpcl_trt.accuracy.runners import Side, kind_of, make_side
-from gpcl_trt.common import GpclError, atomic_path, check_can_write, write_manifest
+from gpcl_trt.common import GpclError, atomic_path, check_can_write, one_line, write_manifest
 from gpcl_trt.gpcl import quaternion_radii
 
 DEFAULT_ATOL = 1e-4
@@ -91,8 +91,7 @@ def load_golden(path: str | Path) -> list[dict[str, np.ndarray]]:
             results = RunResults.load(str(p))
         ((_name, iters),) = list(results.items())
     except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GpclError(f"{p} is not a golden RunResults JSON with one runner: {detail}") from None
+        raise GpclError(f"{p} is not a golden RunResults JSON with one runner: {one_line(exc)}") from None
     return [OrderedDict(it.items()) for it in iters]
 
 

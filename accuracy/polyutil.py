@@ -7,7 +7,7 @@ import contextlib
 import sys
 from typing import Iterator
 
-from gpcl_trt.common import GpclError
+from gpcl_trt.common import GpclError, one_line
 
 
 @contextlib.contextmanager
@@ -24,6 +24,6 @@ def quiet_polygraphy() -> Iterator[None]:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     except PolygraphyException as exc:
-        raise GpclError(str(exc).strip().splitlines()[0] if str(exc).strip() else "polygraphy failed") from None
+        raise GpclError(one_line(exc)) from None
     finally:
         G_LOGGER.module_severity = old

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_dir, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, check_can_write, manifest_path, one_line, sha256_dir, sha256_file, write_manifest
 from gpcl_trt.exporter import replicate as rep
 from gpcl_trt.feeds import is_past
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
@@ -121,9 +121,7 @@ def _check_weights(d: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
                 with safe_open(str(f), framework="pt") as h:
                     h.keys()
             except Exception as exc:  # safetensors raises its own SafetensorError and OSError
-                raise GpclError(
-                    f"unreadable weights {f}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                ) from None
+                raise GpclError(f"unreadable weights {f}: {one_line(exc)}") from None
         return safe, True
     pickled = sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
@@ -213,7 +211,7 @@ def load_model(
                 **arch.load_kwargs(task),
             )
         except Exception as exc:
-            raise GpclError(f"unreadable weights in {d}: {_first_line(exc)}") from None
+            raise GpclError(f"unreadable weights in {d}: {one_line(exc)}") from None
     # A checkpoint that does not match the config loads with random weights and only a warning;
     # exporting that would be silently wrong.
     missing = list(info.get("missing_keys") or [])
@@ -256,7 +254,7 @@ def _lazy_model(
     except Exception as exc:
         if precheck_only:  # the eager loader will say what is wrong in its own words
             return None
-        raise GpclError(f"cannot build {arch.name} from {d / 'config.json'}: {_first_line(exc)}") from None
+        raise GpclError(f"cannot build {arch.name} from {d / 'config.json'}: {one_line(exc)}") from None
     return model, ckpt, binding
 
 
@@ -268,7 +266,7 @@ def _bind_config(d: Path, arch_cls: Any, dtype: str, task: str, trust_remote_cod
     try:
         hf_config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:
-        raise GpclError(f"cannot read config {d / 'config.json'}: {_first_line(exc)}") from None
+        raise GpclError(f"cannot read config {d / 'config.json'}: {one_line(exc)}") from None
     arch = arch_cls(hf_config, dtype)
     return hf_config, arch, _resolve_task(arch, task)
 
@@ -282,12 +280,7 @@ def _trace_errors(d: Path, arch: Any, task: str) -> Iterator[None]:
     except (GpclError, rep.NotReplicable):
         raise
     except Exception as exc:
-        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {one_line(exc)}") from None
 
 
 # ----------------------------------------------------------------------------- dummy inputs

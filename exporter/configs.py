@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from gpcl_trt import feeds
-from gpcl_trt.common import GpclError
+from gpcl_trt.common import GpclError, one_line
 
 FEATURE_EXTRACTION = "feature-extraction"
 FILL_MASK = "fill-mask"
@@ -623,7 +623,7 @@ def probe_kv_cache(model: torch.nn.Module, name: str) -> list[KVShape] | None:
     except ValueError as exc:  # transformers' own refusal, e.g. a cache of linear-attention layers only
         raise GpclError(
             f"text-generation-with-past is not supported for {name}: its cache does not run with key/value "
-            f"tensors ({str(exc).splitlines()[0]}); export --task text-generation instead"
+            f"tensors ({one_line(exc)}); export --task text-generation instead"
         ) from None
     except Exception:  # e.g. routing that reads tensor values (JetMoE) on a lazy export's fake weights
         return None

@@ -34,6 +34,19 @@ class CheckFailed(GpclError):
     exit_code = EXIT_CHECK_FAILED
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (terminal colour codes removed), for
+    the one-line error contract; the exception's type name when the message is empty."""
+    text = _ANSI.sub("", str(exc))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 # ----------------------------------------------------------------------------- hashing
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -223,8 +236,7 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> Any:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {detail})") from None
+        raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {one_line(exc, 200)})") from None
     if external_data:
         inline_external(model, p.parent)
     return model

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpcl_trt.common import GpclError
+from gpcl_trt.common import GpclError, one_line
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -268,10 +268,7 @@ def ort_session(
             model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        text = str(exc).strip()
-        raise GpclError(
-            f"ONNX Runtime cannot load the model ({text.splitlines()[0] if text else type(exc).__name__})"
-        ) from None
+        raise GpclError(f"ONNX Runtime cannot load the model ({one_line(exc)})") from None
 
 
 def ort_run(session: Any, feed: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from gpcl_trt.common import (
     GpclError,
     check_can_write,
     has_large_weights,
+    one_line,
     sha256_file,
     write_json_atomic,
     write_manifest,
@@ -240,7 +241,7 @@ def calibrate_file(
         try:
             outs = session.run(names, feed)
         except Exception as exc:
-            raise GpclError(f"ONNX Runtime failed on the sample data ({str(exc).splitlines()[0]})") from None
+            raise GpclError(f"ONNX Runtime failed on the sample data ({one_line(exc)})") from None
         for name, arr in zip(names, outs):
             radii[name].append(quaternion_radii(arr, feed.get("attention_mask")))
 

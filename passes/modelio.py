@@ -18,6 +18,7 @@ from gpcl_trt.common import (
     check_can_write,
     external_locations,
     has_large_weights,
+    one_line,
     write_manifest,
 )
 from gpcl_trt.feeds import ort_session
@@ -62,8 +63,7 @@ def check_model(data: bytes | str | onnx.ModelProto, what: str, load_in_ort: Cal
         elif load_in_ort is not None:
             load_in_ort()
     except Exception as exc:  # a failed check is a bug in the pass, but say it in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GpclError(f"{what}: the rewritten model does not validate: {first}") from exc
+        raise GpclError(f"{what}: the rewritten model does not validate: {one_line(exc)}") from exc
 
 
 def share_external_data(locations: list[str], src_dir: Path, out_dir: Path, force: bool) -> dict[str, str]:
