@@ -17,7 +17,8 @@ import numpy as np
 
 from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.runners import make_side, with_outputs
-from gpcl_trt.common import GpclError, inline_external, sha256_file
+from gpcl_trt.common import GpclError, sha256_file
+from gpcl_trt.weightfiles import inline_external
 from gpcl_trt.feeds import make_feeds, ort_session, specs_from_onnx, vocab_size
 from gpcl_trt.gpcl import quaternion_radii
 

@@ -238,6 +238,9 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> Any:
     except Exception as exc:
         raise GpclError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {one_line(exc, 200)})") from None
     if external_data:
+        from gpcl_trt.weightfiles import inline_external, verify_onnx
+
+        verify_onnx(p, model)
         inline_external(model, p.parent)
     return model
 
@@ -269,59 +272,28 @@ def load_onnx_graph(path: str | os.PathLike) -> Any:
     """An ONNX model without its external weights: they stay on disk, referenced (a runtime reads
     them from there). External tensors of at most SMALL_TENSOR_BYTES are read
     in (they become inline). A missing weight file is one clear error."""
+    from gpcl_trt.weightfiles import inline_external, verify_onnx
+
     p = Path(path)
     model = load_onnx(p, external_data=False)
+    verify_onnx(p, model)
     inline_external(model, p.parent, SMALL_TENSOR_BYTES)
     return model
 
 
-def inline_external(model: Any, base_dir: str | os.PathLike, max_bytes: int | None = None) -> None:
-    """Read the external tensors of ``model`` (those of at most ``max_bytes``, or all) into it,
-    with our own reader: onnx's refuses a hard-linked data file, and the exporter and the
-    passes hard-link weights instead of copying them."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    for t in model.graph.initializer:
-        if not uses_external_data(t):
-            continue
-        info = ExternalDataInfo(t)
-        file = _external_file(Path(base_dir), info.location, t.name)
-        offset = int(info.offset or 0)
-        length = file.stat().st_size - offset if info.length is None else int(info.length)
-        if max_bytes is not None and length > max_bytes:
-            continue
-        with open(file, "rb") as f:
-            f.seek(offset)
-            t.raw_data = f.read(length)
-        if len(t.raw_data) != length:
-            raise GpclError(f"{file}: truncated external data for tensor {t.name!r}")
-        t.data_location = onnx.TensorProto.DEFAULT
-        del t.external_data[:]
-
-
-def _external_file(base: Path, location: str, tensor: str) -> Path:
-    """An external data file, which must lie inside the model's directory."""
-    loc = Path(location)
-    if loc.is_absolute() or ".." in loc.parts:
-        raise GpclError(f"tensor {tensor!r} points outside the model's directory ({location})")
-    file = base / loc
-    if not file.is_file():
-        raise GpclError(f"{file}: the model's external weight file is missing")
-    return file
-
-
 def external_locations(model: Any) -> list[str]:
     """The external data files a ModelProto's tensors point at (relative to its directory)."""
-    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    from gpcl_trt.weightfiles import external_locations as locations
+
+    return locations(model)
 
 
 def has_large_weights(model: Any, base_dir: str | os.PathLike) -> bool:
     """Its external weight files together exceed gpcl.LARGE_WEIGHT_BYTES."""
     from gpcl_trt.gpcl import LARGE_WEIGHT_BYTES
+    from gpcl_trt.weightfiles import total_external_bytes
 
-    files = [Path(base_dir) / loc for loc in external_locations(model)]
-    return sum(f.stat().st_size for f in files if f.is_file()) > LARGE_WEIGHT_BYTES
+    return total_external_bytes(model, base_dir) > LARGE_WEIGHT_BYTES
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -355,10 +327,17 @@ def write_manifest(
     results: dict[str, Any] | None = None,
     packages: Iterable[str] = (),
     force: bool = True,
+    weight_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write the stage manifest next to ``artifact``: input hashes, versions, options, results.
-    The artifact's own sha256 is included so a later stage can detect a stale file."""
+    The artifact's own sha256 is included so a later stage can detect a stale file, and the
+    identity of every weight file it reads (``weight_files``; for an ONNX artifact, read from its
+    external data when not given) so that a later command notices a file replaced under it."""
     art = Path(artifact)
+    if weight_files is None and art.suffix == ".onnx" and art.is_file():
+        from gpcl_trt.weightfiles import record
+
+        weight_files = record(load_onnx(art, external_data=False), art.parent)
     doc = {
         "stage": stage,
         "artifact": art.name,
@@ -366,6 +345,7 @@ def write_manifest(
         "inputs": inputs,
         "options": options,
         "results": results or {},
+        "weight_files": weight_files or {},
         "versions": versions(*packages),
         "created_unix": int(time.time()),
     }

@@ -252,7 +252,7 @@ def insert_file(
         output,
         force=force,
         gpcl=True,
-        stage="insert",
+        stage_name="insert",
         inputs=inputs,
         options=options,
         results={"inserted": report["inserted"], "updated": report["updated"], "sites": summary},

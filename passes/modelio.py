@@ -1,30 +1,23 @@
 """Writing a pass result: export the graph, attach or drop the GPCL function, check it (ONNX
 checker with shape inference, an ONNX Runtime session), then write it atomically with its
-manifest. Passes never read external weights: the result references the source's weight files
-(the same files, or hard links to them next to the output)."""
+manifest. Passes never read external weights: the result references hard links of the source's
+weight files under its own names (gpcl_trt.weightfiles owns that)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.common import (
-    GpclError,
-    atomic_path,
-    check_can_write,
-    external_locations,
-    has_large_weights,
-    one_line,
-    write_manifest,
-)
+from gpcl_trt import weightfiles
+from gpcl_trt.common import GpclError, check_can_write, has_large_weights, manifest_path, one_line, write_manifest
 from gpcl_trt.feeds import ort_session
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
 from gpcl_trt.passes.graph import LoadedModel, to_proto
 from gpcl_trt.plugins.onnx_function import GPCL_DOMAIN, attach_gpcl_functions, remove_gpcl_functions
+from gpcl_trt.weightfiles import Staging, external_locations, own_location
 
 
 def drop_gpcl_opset(model: onnx.ModelProto) -> None:
@@ -66,47 +59,47 @@ def check_model(data: bytes | str | onnx.ModelProto, what: str, load_in_ort: Cal
         raise GpclError(f"{what}: the rewritten model does not validate: {one_line(exc)}") from exc
 
 
-def share_external_data(locations: list[str], src_dir: Path, out_dir: Path, force: bool) -> dict[str, str]:
-    """Make the source's external weight files readable from ``out_dir`` without a copy: the very
-    files when the output sits beside the source, else hard links (a copy only where the
-    filesystem cannot link). Returns location -> "shared" | "hardlink" | "copy"."""
-    import shutil
-
-    how = {}
-    for loc in locations:
-        src, dst = src_dir / loc, out_dir / loc
-        if not src.is_file():
-            raise GpclError(f"{src}: the model's external weight file is missing")
-        if dst.exists() and os.path.samefile(src, dst):
-            how[loc] = "shared"
+def link_external_data(
+    model: onnx.ModelProto, src: Path, out: Path, stage: Staging
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Make the source's external weight files readable by ``out`` without a copy, under names of
+    its own (``m.onnx.data`` -> ``OUT.onnx.data``, hard links staged in ``stage``), so that
+    replacing or removing the source never changes what ``out`` reads. Where the filesystem
+    cannot link and ``out`` sits beside the source, the source's very files are shared instead
+    (the manifest records them, so nothing deletes or replaces them under ``out``); elsewhere
+    they are copied. Points ``model`` at the new names. Returns (name -> "hardlink" | "reflink" |
+    "shared" | "copy", the manifest's weight_files)."""
+    src_dir = src.parent
+    beside = src_dir.resolve() == out.parent.resolve()
+    how: dict[str, str] = {}
+    idents: dict[str, dict] = {}
+    mapping: dict[str, str] = {}
+    for loc in external_locations(model):
+        name = loc if (beside and src.name == out.name) else own_location(out.name, loc, src.name)
+        if name == loc and beside:
+            how[name], idents[name] = "shared", weightfiles.file_identity(src_dir / loc)
             continue
-        with atomic_path(dst, force=force) as tmp:
-            tmp.unlink()
-            try:
-                os.link(src, tmp)
-                how[loc] = "hardlink"
-            except OSError:
-                shutil.copyfile(src, tmp)
-                how[loc] = "copy"
-    return how
+        done = weightfiles.link_or_copy(src_dir / loc, stage.file(name), hardlink=True)
+        if done == "copy" and beside:  # no link possible: share rather than duplicate the weights
+            stage.file(name).unlink()
+            name, done = loc, "shared"
+        mapping[loc] = name
+        how[name] = done
+        idents[name] = weightfiles.file_identity(stage.file(name) if done != "shared" else src_dir / loc)
+    weightfiles.relocate(model, {k: v for k, v in mapping.items() if k != v})
+    return how, idents
 
 
-def write_external(model: onnx.ModelProto, out: Path, force: bool, check=None) -> None:
-    """Write ``model`` with its weights in OUT.onnx.data; ``check(tmp_path)`` runs before the
-    rename, and a failure leaves neither file behind."""
-    data_file = out.with_name(f"{out.name}.data")
-    if data_file.exists() and not force:
-        raise GpclError(f"{data_file} exists; pass --force to overwrite it")
-    try:
-        with atomic_path(out, force=force) as tmp:
-            onnx.save(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name
-            )
-            if check is not None:
-                check(tmp)
-    except BaseException:
-        data_file.unlink(missing_ok=True)
-        raise
+def write_external(model: onnx.ModelProto, out: Path, stage: Staging, check=None) -> list[str]:
+    """Write ``model`` into ``stage`` with its weights in OUT.onnx.data (never onto an existing
+    file: onnx appends to one); ``check(staged_path)`` runs on the staged files. Returns the
+    staged file names."""
+    data_name = f"{out.name}.data"
+    staged = stage.file(out.name)
+    onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    if check is not None:
+        check(staged)
+    return [data_name]
 
 
 def save_model(
@@ -116,7 +109,7 @@ def save_model(
     *,
     force: bool,
     gpcl: bool,
-    stage: str,
+    stage_name: str,
     inputs: dict,
     options: dict,
     results: dict,
@@ -128,36 +121,37 @@ def save_model(
         remove_gpcl_functions(model)
         drop_gpcl_opset(model)
     out = Path(output)
-    locations = external_locations(model)
-    if locations:
-        src_dir = like.path.parent
-        # An ORT session would read every weight into memory: a large model is checked by the ONNX
-        # checker alone, so that a pass stays small at any model size.
-        ort_check = not has_large_weights(model, src_dir)
-        load = (lambda: ort_session(model, base_dir=src_dir)) if ort_check else None  # weights read where they are
-        check_model(weights_as_inputs(model), stage, load)
-        check_can_write(out, force)
-        results = {
-            **results,
-            "external_data": share_external_data(locations, src_dir, out.parent, force),
-            "ort_check": ort_check,
-        }
-        with atomic_path(out, force=force) as tmp:
-            tmp.write_bytes(model.SerializeToString())
-    elif model.ByteSize() < EXTERNAL_DATA_BYTES:
-        # Serialize once: the checker, ORT and the file take the same bytes (seconds on big models).
-        data = model.SerializeToString()
-        check_model(data, stage)
-        with atomic_path(out, force=force) as tmp:
-            tmp.write_bytes(data)
-    else:
-        write_external(model, out, force, lambda tmp: check_model(str(tmp), stage))
-    write_manifest(
-        out,
-        stage,
-        inputs=inputs,
-        options=options,
-        results=results,
-        packages=("onnx", "onnx-graphsurgeon", "onnxruntime"),
-    )
+    check_can_write(out, force)
+    src_dir = like.path.parent
+    with Staging(out.parent, out.name) as stage:
+        staged = stage.file(out.name)
+        data_files: list[str] = []
+        weight_files = None
+        if external_locations(model):
+            # An ORT session would read every weight into memory: a large model is checked by the ONNX
+            # checker alone, so that a pass stays small at any model size.
+            ort_check = not has_large_weights(model, src_dir)
+            load = (lambda: ort_session(model, base_dir=src_dir)) if ort_check else None  # weights read where they are
+            check_model(weights_as_inputs(model), stage_name, load)
+            how, weight_files = link_external_data(model, like.path, out, stage)
+            data_files = [n for n, h in how.items() if h != "shared"]
+            results = {**results, "external_data": how, "ort_check": ort_check}
+            staged.write_bytes(model.SerializeToString())
+        elif model.ByteSize() < EXTERNAL_DATA_BYTES:
+            # Serialize once: the checker, ORT and the file take the same bytes (seconds on big models).
+            data = model.SerializeToString()
+            check_model(data, stage_name)
+            staged.write_bytes(data)
+        else:
+            data_files = write_external(model, out, stage, lambda tmp: check_model(str(tmp), stage_name))
+        write_manifest(
+            staged,
+            stage_name,
+            inputs=inputs,
+            options=options,
+            results=results,
+            packages=("onnx", "onnx-graphsurgeon", "onnxruntime"),
+            weight_files=weight_files,
+        )
+        stage.commit(sorted(data_files) + [out.name, manifest_path(out).name], force)
     return model

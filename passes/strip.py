@@ -39,5 +39,7 @@ def strip_file(input: str | Path, output: str | Path, force: bool = False) -> di
     graph, report = strip_gpcl(lm.graph)
     model_dir = model_dir_of(input)
     inputs = pass_inputs(input, sha256_file(input), str(model_dir) if model_dir else None)
-    save_model(graph, lm, output, force=force, gpcl=False, stage="strip", inputs=inputs, options={}, results=report)
+    save_model(
+        graph, lm, output, force=force, gpcl=False, stage_name="strip", inputs=inputs, options={}, results=report
+    )
     return {"ok": True, "output": str(output), "removed": report["removed"]}

@@ -1,6 +1,6 @@
 """Passes on a model whose weights are external data: sites, calibrate, insert and strip read the
-graph only; their outputs reference the source's weight file (the very file beside it, a hard
-link elsewhere) and compute what the same passes give on the self-contained model."""
+graph only; their outputs read hard links of the source's weight file under their own names and
+compute what the same passes give on the self-contained model."""
 
 from __future__ import annotations
 
@@ -46,12 +46,15 @@ def test_passes_reference_the_weights_and_match_the_inline_model(models, tmp_pat
     taus = [{k: v["tau"] for k, v in json.loads(p.read_text())["sites"].items()} for p in (ci, ce)]
     assert taus[0] == taus[1]
 
-    # Beside the source: the output points at the same file, nothing is written for weights.
+    # Beside the source: a hard link under the output's own name, no weight bytes written; the
+    # manifest records the identity of the weights it reads.
     gi, ge = tmp_path / "gi.onnx", tmp_path / "ge.onnx"
     insert_file(inline, gi, tau=0.5)
     res = insert_file(ext, ge, tau=0.5)
     manifest = json.loads((tmp_path / "ge.manifest.json").read_text())
-    assert manifest["results"]["external_data"] == {"ext.onnx.data": "shared"} and res["ok"]
+    assert manifest["results"]["external_data"] == {"ge.onnx.data": "hardlink"} and res["ok"]
+    assert os.path.samefile(tmp_path / "ge.onnx.data", data)
+    assert manifest["weight_files"]["ge.onnx.data"]["size"] == data.stat().st_size
     assert ge.stat().st_size < data.stat().st_size / 10
     ids = np.random.default_rng(0).integers(1, 50, (2, 9), dtype=np.int64)
     for a, b in zip(_outputs(gi, ids), _outputs(ge, ids)):
@@ -61,10 +64,10 @@ def test_passes_reference_the_weights_and_match_the_inline_model(models, tmp_pat
     other = tmp_path / "other"
     other.mkdir()
     strip_file(ge, other / "s.onnx")
-    linked = other / "ext.onnx.data"
-    assert os.path.samefile(linked, data) and data.stat().st_nlink == 2
+    linked = other / "s.onnx.data"
+    assert os.path.samefile(linked, data) and data.stat().st_nlink == 3
     assert json.loads((other / "s.manifest.json").read_text())["results"]["external_data"] == {
-        "ext.onnx.data": "hardlink"
+        "s.onnx.data": "hardlink"
     }
     for a, b in zip(_outputs(inline, ids), _outputs(other / "s.onnx", ids)):
         np.testing.assert_array_equal(a, b)
