@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gpcl_trt import gpcl
+from gpcl_trt import gpcl, tolerance
 
 LOGITS_NAMES = ("logits",)
 
@@ -17,9 +17,10 @@ def array_metrics(
     ref: np.ndarray, cand: np.ndarray, atol: float | None = None, rtol: float | None = None
 ) -> dict[str, Any]:
     """max/mean abs error, max rel error (relative to |ref|) and cosine similarity, in float64.
-    With tolerances, also ``within_tol``: polygraphy's elementwise rule (an element fails only if
-    it exceeds both atol and rtol * |ref|; NaN fails), vectorised for the hundreds of tensors of
-    a per-layer diff, where polygraphy's comparator formats statistics for every tensor."""
+    With tolerances, also ``within_tol``: the rule of ``gpcl_trt.tolerance`` (polygraphy's
+    elementwise rule: an element fails only if it exceeds both atol and rtol * |cand|; NaN fails),
+    vectorised for the hundreds of tensors of a per-layer diff, where polygraphy's comparator
+    formats statistics for every tensor."""
     if ref.shape != cand.shape:
         return {
             "shape_mismatch": [list(ref.shape), list(cand.shape)],
@@ -51,7 +52,7 @@ def array_metrics(
         "size": int(r.size),
     }
     if atol is not None and rtol is not None:
-        out["within_tol"] = not bool(np.any(((err > atol) & (err > rtol * np.abs(r))) | np.isnan(err)))
+        out["within_tol"] = tolerance.within(r, c, atol, rtol)
     return out
 
 
