@@ -89,9 +89,10 @@ def _register() -> None:
     from gpcl_trt.deploy import cli as deploy_cli
     from gpcl_trt.engines import cli as engines_cli
     from gpcl_trt.exporter import cli as exporter_cli
+    from gpcl_trt.generate import cli as generate_cli
     from gpcl_trt.passes import cli as passes_cli
 
-    for area in (exporter_cli, passes_cli, engines_cli, accuracy_cli, deploy_cli):
+    for area in (exporter_cli, passes_cli, engines_cli, accuracy_cli, deploy_cli, generate_cli):
         area.register(main)
 
 
