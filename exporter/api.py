@@ -104,7 +104,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> str:
 def _arch_class(raw_config: dict, cfg_path: Path, trust_remote_code: bool = False):
     """The family class (text encoder, decoder-only, vision encoder) from config.json's
     architectures/model_type and transformers' auto-class mappings; one clear line otherwise."""
-    from gpcl_trt.exporter.configs import resolve_family
+    from gpcl_trt.exporter.families import resolve_family
 
     return resolve_family(raw_config, str(cfg_path), trust_remote_code)
 
@@ -135,7 +135,7 @@ def _check_weights(d: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 
 def _resolve_task(arch: Any, task: str) -> str:
-    from gpcl_trt.exporter.configs import TASKS
+    from gpcl_trt.exporter.tasks import TASKS
 
     if task == "auto":
         task = arch.default_task()
@@ -307,7 +307,7 @@ def _trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold
     their own weights (exporter/replicate.py copies them)."""
     import torch
 
-    from gpcl_trt.exporter.configs import TEXT_GENERATION_WITH_PAST
+    from gpcl_trt.exporter.tasks import TEXT_GENERATION_WITH_PAST
 
     shape = EXPORT_SHAPE
     feeds = make_dummy_inputs(arch, task, shape["batch"], shape["sequence"], seed=0, past=shape["past"])

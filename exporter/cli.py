@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-# The exporter's tasks (gpcl_trt.exporter.configs.TASKS; spelled out so that the CLI imports nothing heavy).
+# The exporter's tasks (gpcl_trt.exporter.tasks.TASKS; spelled out so that the CLI imports nothing heavy).
 TASK_CHOICES = (
     "auto",
     "feature-extraction",

@@ -492,7 +492,8 @@ def test_out_of_scope_models_are_refused_in_one_line(tmp_path, cfg, message):
 def test_family_and_task_come_from_the_checkpoint():
     from transformers import AutoConfig
 
-    from gpcl_trt.exporter.configs import DecoderOnly, TextEncoder, VisionEncoder, resolve_family
+    from gpcl_trt.exporter.configs import DecoderOnly, TextEncoder, VisionEncoder
+    from gpcl_trt.exporter.families import resolve_family
 
     assert resolve_family({"model_type": "llama"}, "c") is DecoderOnly
     assert resolve_family({"model_type": "bert", "architectures": ["BertForTokenClassification"]}, "c") is TextEncoder
@@ -554,6 +555,6 @@ def test_a_graph_that_cannot_run_at_other_shapes_is_refused_in_one_line(tmp_path
 
 def test_cli_offers_every_task():
     from gpcl_trt.exporter.cli import TASK_CHOICES
-    from gpcl_trt.exporter.configs import TASKS
+    from gpcl_trt.exporter.tasks import TASKS
 
     assert TASK_CHOICES == ("auto", *TASKS)

@@ -1,0 +1,91 @@
+"""Tasks: the task names gpcl-trt exports, the transformers head class serving each task, and
+the task of a head class, all read from transformers' own auto-class mappings
+(``transformers.models.auto.modeling_auto``), never from a list of model names."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+FEATURE_EXTRACTION = "feature-extraction"
+FILL_MASK = "fill-mask"
+TEXT_CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
+QUESTION_ANSWERING = "question-answering"
+TEXT_GENERATION = "text-generation"
+TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
+IMAGE_CLASSIFICATION = "image-classification"
+TASKS = (
+    FEATURE_EXTRACTION,
+    FILL_MASK,
+    TEXT_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    QUESTION_ANSWERING,
+    TEXT_GENERATION,
+    TEXT_GENERATION_WITH_PAST,
+    IMAGE_CLASSIFICATION,
+)
+
+# task -> (transformers auto mapping holding model_type -> head class name, Auto class)
+TASK_HEADS: dict[str, tuple[str, str]] = {
+    FEATURE_EXTRACTION: ("MODEL_MAPPING_NAMES", "AutoModel"),
+    FILL_MASK: ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    TEXT_CLASSIFICATION: ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification"),
+    TOKEN_CLASSIFICATION: ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification"),
+    QUESTION_ANSWERING: ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering"),
+    TEXT_GENERATION: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    TEXT_GENERATION_WITH_PAST: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    IMAGE_CLASSIFICATION: ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+}
+
+
+def auto_mapping(name: str) -> dict[str, Any]:
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, name, {}) or {}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) if value else ()
+
+
+def in_mapping(mapping: str, model_type: str) -> bool:
+    return bool(_names(auto_mapping(mapping).get(model_type)))
+
+
+def class_in_mapping(mapping: str, cls_name: str) -> bool:
+    return any(cls_name in _names(v) for v in auto_mapping(mapping).values())
+
+
+def head_class(task: str, model_type: str) -> type | None:
+    """The transformers class serving ``task`` for ``model_type`` (None if it has none)."""
+    import transformers
+
+    for name in _names(auto_mapping(TASK_HEADS[task][0]).get(model_type)):
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def forward_params(cls_or_model: Any) -> set[str]:
+    """The argument names of a model's forward (what it can take: token_type_ids, position_ids)."""
+    try:
+        return set(inspect.signature(cls_or_model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def task_of_class(cls_name: str) -> str | None:
+    """The task whose head class is ``cls_name`` (LlamaForCausalLM -> text-generation), or None."""
+    for task, (mapping, _) in TASK_HEADS.items():
+        if task != TEXT_GENERATION_WITH_PAST and class_in_mapping(mapping, cls_name):
+            return task
+    return None
+
+
+def is_decoder_type(model_type: str) -> bool:
+    # BERT-like encoders also have a causal LM head class (BertLMHeadModel); they have a masked LM one too.
+    return in_mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", model_type) and not in_mapping(
+        "MODEL_FOR_MASKED_LM_MAPPING_NAMES", model_type
+    )
