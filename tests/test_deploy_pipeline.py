@@ -37,6 +37,7 @@ def _config(tmp_path: Path, text: str, name: str = "pipeline.toml") -> Path:
     return p
 
 
+@pytest.mark.slow  # every stage, TensorRT-RTX builds and a live tritonserver
 def test_pipeline_from_exported_minilm(minilm_onnx, tmp_path):
     out = tmp_path / "out"
     cfg = _config(tmp_path, '[pipeline]\nname = "minilm"\n' + FAST)
@@ -112,6 +113,7 @@ def test_pipeline_from_an_export_linked_to_its_checkpoint(tiny_llama_dir, tmp_pa
     assert linked.is_file() and sha256_file(linked) == sha256_file(src.parent / "m.onnx.model.safetensors")
 
 
+@pytest.mark.slow  # every stage, TensorRT-RTX builds and a live tritonserver
 def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
     """The whole path from a Hugging Face directory (a decoder with past key/values), through
     the CLI with --json; the accuracy reference is the PyTorch model itself."""

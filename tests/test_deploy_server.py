@@ -17,6 +17,7 @@ from gpcl_trt.deploy import write_triton_repo
 
 pytest.importorskip("pytriton", reason="needs tritonserver (nvidia-pytriton)")
 pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+pytestmark = pytest.mark.slow  # a live tritonserver under 1,000 requests
 
 NAME = "gpcl_minilm"
 
@@ -45,8 +46,8 @@ def test_live_tritonserver(repo):
     from gpcl_trt.deploy.server import TritonServer, _group_size
 
     server = TritonServer(repo, models=[NAME])
-    server.start()
-    try:
+    try:  # start inside: a timeout during startup still stops the server
+        server.start()
         assert server.http_url.startswith("127.0.0.1:") and server.grpc_url.startswith("127.0.0.1:")
         assert server.model_ready(NAME)
         result = check_served_model(repo, NAME, requests=1000, concurrency=16, time_limit_s=150, seq=8, server=server)
@@ -75,7 +76,7 @@ def test_live_tritonserver(repo):
         assert any('Expected integer, got: "eight"' in line for line in answers["broken"]["log_errors"])
         assert server.model_ready(NAME)
     finally:
-        pgid = server.proc.pid
+        pgid = server.proc.pid if server.proc else None
         stop = server.stop()
     assert stop["leftover_processes"] == 0 and not stop["killed"], stop
     assert _group_size(pgid) == 0

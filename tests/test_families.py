@@ -225,6 +225,29 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
 
 
+# module -> the package that provides it and the extra that installs it
+OPTIONAL = {
+    "tensorrt_rtx": "tensorrt-rtx-cu13 (TensorRT-RTX; pip install 'gpcl-trt[rtx]')",
+    "tritonclient.grpc": "tritonclient[grpc] (pip install 'gpcl-trt[triton]')",
+    "pytriton": "nvidia-pytriton (tritonserver; pip install 'gpcl-trt[triton]')",
+}
+
+
+def needs(*modules: str) -> None:
+    """Skip naming every missing package unless each module imports; called first in a test
+    body, so nothing is built for a test that will skip."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(OPTIONAL[module])
+    if missing:
+        pytest.skip("needs " + ", ".join(missing))
+
+
 def _perturb_norms(model) -> None:
     import torch
 
@@ -269,6 +292,7 @@ def family(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the corpus
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_export_sites_insert_strip_diff(family, name, tmp_path):
     from gpcl_trt.accuracy import diff
@@ -314,10 +338,12 @@ def test_export_sites_insert_strip_diff(family, name, tmp_path):
 SERVED = {"mistral", "qwen2-seq-cls", "vit"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_pipeline_calibrates_builds_and_deploys(family, name, tmp_path):
     """The stages after export on each family: calibrate, insert, a real TensorRT-RTX engine
     build, diff, the Triton repository, and (SERVED) a served-model check."""
+    needs("tensorrt_rtx", "tritonclient.grpc", *(["pytriton"] if name in SERVED else []))
     from gpcl_trt.deploy.pipeline import run_pipeline
 
     _, path, _ = family(name)
@@ -348,6 +374,7 @@ def _sample(res: dict, sess) -> dict:
     return {"input_ids": rng.integers(0, 100, (2, 7), dtype=np.int64)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_structural_sites_match_metadata(family, name, tmp_path):
     """The same sites with the exporter's metadata stripped (ONNX from elsewhere)."""
@@ -364,6 +391,7 @@ def test_structural_sites_match_metadata(family, name, tmp_path):
     assert got["method"] == "structure" and key(got) == key(sites_file(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DECODERS)
 def test_greedy_decode_with_past_matches_pytorch(family, name):
     """4 greedy tokens from a 6-token prompt (past the sliding windows of 4): ORT with past ==
@@ -390,6 +418,7 @@ def test_greedy_decode_with_past_matches_pytorch(family, name):
     np.testing.assert_array_equal(gen[:, 6:].numpy(), ort_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepseek-v2", "llama4-text"])
 def test_real_rotary_equals_the_complex_one(family, name):
     """The real-arithmetic RoPE swapped in for tracing computes what the model's complex one does."""
@@ -408,6 +437,7 @@ def test_real_rotary_equals_the_complex_one(family, name):
     assert module.core.patches and torch.allclose(plain, swapped, atol=1e-5, rtol=0), (plain - swapped).abs().max()
 
 
+@pytest.mark.slow
 def test_per_layer_cache_shapes_come_from_the_model(family):
     """Gemma 3's KV head count/size per layer are read from a real cache, and every decoder's
     past/present axes name batch, past_sequence/total_sequence."""
@@ -420,6 +450,7 @@ def test_per_layer_cache_shapes_come_from_the_model(family):
     assert "position_ids" in dims  # rotary: positions are an input
 
 
+@pytest.mark.slow
 def test_vision_calibration_random_and_npz(family, tmp_path):
     """Calibration and insert on a ViT: random pixel_values, or pixel_values from an .npz."""
     from gpcl_trt.passes import calibrate_file, insert_file
@@ -437,6 +468,7 @@ def test_vision_calibration_random_and_npz(family, tmp_path):
 
 
 # ----------------------------------------------------------------------------- shared sites
+@pytest.mark.slow
 def test_shared_sites_are_chosen_by_shared_or_both_kinds(family, tmp_path):
     from gpcl_trt.passes import insert_file
 
