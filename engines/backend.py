@@ -42,6 +42,42 @@ CAPABILITIES = {
 _AUTO_ORDER = ("tensorrt", "tensorrt-rtx")
 
 
+class CallbackErrors:
+    """An exception raised inside a Python callback that TensorRT calls (logger, progress
+    monitor, plan writer) is printed and dropped by the bindings: Ctrl-C (KeyboardInterrupt, or
+    the CLI's exception on SIGTERM) landing in the logger let the build finish and the engine be
+    committed with exit 0. Callbacks run their body in ``catch()``, which keeps the first such
+    exception; the progress monitor then cancels the build, and ``reraising()`` around the
+    TensorRT call raises it once the call returns."""
+
+    def __init__(self) -> None:
+        self.pending: BaseException | None = None
+
+    @contextlib.contextmanager
+    def catch(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as exc:  # an interrupt above all must survive the binding
+            if self.pending is None:
+                self.pending = exc
+
+    def raise_pending(self) -> None:
+        exc, self.pending = self.pending, None
+        if exc is not None:
+            raise exc
+
+    @contextlib.contextmanager
+    def reraising(self) -> Iterator[None]:
+        """Around a TensorRT call: a callback's exception is raised when the call returns, and
+        wins over the failure it caused (a cancelled build reports the interrupt, not itself)."""
+        try:
+            yield
+        except BaseException:
+            self.raise_pending()
+            raise
+        self.raise_pending()
+
+
 class _Logger:
     """One logger per backend module (TensorRT warns when builders get different loggers).
     Messages are kept so errors can quote them; nothing is printed unless ``echo`` is set."""
@@ -51,6 +87,8 @@ class _Logger:
         self._rank = {sev.INTERNAL_ERROR: 0, sev.ERROR: 1, sev.WARNING: 2, sev.INFO: 3, sev.VERBOSE: 4}
         self.messages: list[tuple[str, str]] = []
         self.echo_level = 1  # errors only, on stderr
+        # Shared by every callback of this backend (the logger reaches them all).
+        self.errors = CallbackErrors()
 
         outer = self
 
@@ -59,7 +97,8 @@ class _Logger:
                 trt.ILogger.__init__(self)
 
             def log(self, severity: Any, msg: str) -> None:
-                outer._log(severity, msg)
+                with outer.errors.catch():
+                    outer._log(severity, msg)
 
         self.impl = Impl()
 
@@ -67,7 +106,7 @@ class _Logger:
         rank = self._rank.get(severity, 4)
         if rank <= 3:
             self.messages.append((str(severity).rsplit(".", 1)[-1], msg))
-        if rank <= self.echo_level:
+        if rank <= self.echo_level and self.errors.pending is None:  # not the errors of a cancelled call
             from gpcl_trt.common import eprint
 
             eprint(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")

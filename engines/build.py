@@ -1,15 +1,17 @@
 """``build_engine``: ONNX -> serialized TensorRT / TensorRT-RTX engine + manifest.
 
 One code path for both backends; what differs is asked of ``backend.caps`` (engines/backend.py).
-Steps: read the model, prepare it for the chosen GPCL implementation and precision, parse,
-check where GPCL went, set the optimisation profile, build, write atomically, check the
-written engine, write the manifest."""
+Steps: read the model and check its weight files, prepare it for the chosen GPCL implementation
+and precision, parse, check where GPCL went, set the optimisation profile, build, write
+atomically, check the written engine, write the manifest. ``prepared_model`` is shared with the
+engine loader (engines/load.py), which refits a weight-stripped plan from the same preparation."""
 
 from __future__ import annotations
 
 import contextlib
 import mmap
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ from gpcl_trt.common import (
     CheckFailed,
     GpclError,
     check_can_write,
-    external_locations,
     load_onnx,
+    remove_stale_temps,
     sha256_file,
+    temp_sibling,
     write_manifest,
 )
 from gpcl_trt.engines.inspection import check_engine_bytes, engine_layers, plan_layer_records
@@ -50,14 +53,19 @@ def build_engine(
 
     ``shapes``: ``["NAME:MIN,OPT,MAX", ...]`` (or the parsed dict) overriding the default
     profile; ``workspace`` in MiB; ``opt_level`` the builder optimisation level;
-    ``strip_weights``: a weightless plan (STRIP_PLAN + REFIT) that is refitted from the same ONNX
-    model when it is loaded (the manifest names that model and its hash)."""
+    ``strip_weights``: a weightless plan (STRIP_PLAN + REFIT) that ``engines.load.load_engine``
+    refits from the same ONNX model when it is loaded (the manifest names that model, its hash
+    and its weight files)."""
     from gpcl_trt.engines import profiles as prof
     from gpcl_trt.engines.backend import load_backend
+    from gpcl_trt.weightfiles import verify_onnx
 
     onnx_path, output = Path(onnx_path), Path(output)
     _check_options(onnx_path, gpcl, plugin_lib, precision, workspace, opt_level)
     check_can_write(output, force)
+    remove_stale_temps(tempfile.gettempdir())  # what builds killed by SIGKILL left there (build_temp_dir)
+    model = read_model(onnx_path)
+    verify_onnx(onnx_path, model)  # weight files deleted, emptied or replaced since: one line
     shape_overrides = shapes if isinstance(shapes, dict) else prof.parse_shapes(shapes or ())
     be = load_backend(backend)
     if strip_weights:
@@ -77,7 +85,6 @@ def build_engine(
         )
     be.logger.take()
 
-    model = _read_model(onnx_path)
     gpcl_nodes = _gpcl_node_names(model)
     lowered = precision != "fp32" and not _precision_flags(be)
 
@@ -86,7 +93,7 @@ def build_engine(
 
     # The weights stay memory-mapped (file-backed pages) from parse to the end of the build,
     # and the plan streams into the output's temporary file: no copy of either in our memory.
-    with _prepared_model(onnx_path, model, gpcl, lowered and precision) as prepared:
+    with prepared_model(onnx_path, model, gpcl, lowered and precision) as prepared:
         builder, network, parser, plugin_sha = _parse(be, onnx_path, prepared, gpcl, plugin_lib)
         layers = layer_summary(network, gpcl_nodes)
         gpcl_impl = _check_gpcl(layers["gpcl"], gpcl)
@@ -136,8 +143,13 @@ def build_engine(
     if engine_info is not None:
         results["engine_layers"] = engine_info
 
+    from gpcl_trt.weightfiles import record
+
+    # The identity of the weight files the plan was built from (weightfiles' hashing policy: whole
+    # up to a size, identity above), so a refit can tell that they changed since.
+    weights = record(model, onnx_path.parent)
     inputs = engine_inputs(
-        file_ref(onnx_path, sha256_file(onnx_path), **_external_data(onnx_path, model)),
+        file_ref(onnx_path, sha256_file(onnx_path), **({"external_data": weights} if weights else {})),
         file_ref(plugin_lib, plugin_sha) if plugin_lib else None,
     )
     options = {
@@ -150,7 +162,12 @@ def build_engine(
         "timing_cache": str(timing_cache) if timing_cache else None,
         "strip_weights": strip_weights,
     }
-    manifest = write_manifest(output, "build", inputs, options, results, packages=(_dist_name(be),))
+    # A weightless plan reads those files at every load: where they sit beside it, its manifest
+    # lists them, so the weight-file owner never deletes them under it (weightfiles.readers).
+    beside = strip_weights and output.resolve().parent == onnx_path.resolve().parent
+    manifest = write_manifest(
+        output, "build", inputs, options, results, packages=(_dist_name(be),), weight_files=weights if beside else {}
+    )
     return {"ok": True, "engine": str(output), "manifest": str(manifest), **results}
 
 
@@ -164,38 +181,47 @@ def _parse(be: Any, onnx_path: Path, prepared: "Prepared", gpcl: str, plugin_lib
     network = builder.create_network(0)  # explicit batch (TensorRT 10), strongly typed (RTX)
     parser = trt.OnnxParser(network, be.logger.impl)
     plugin_sha = _load_plugin(be, plugin_lib) if gpcl == "plugin" else None
-    ok = parser.load_model_proto(prepared.graph, str(prepared.path))
-    for name, array in prepared.weights.items():
-        ok = ok and parser.load_initializer(name, array.ctypes.data, array.nbytes)
-    if not ok or not parser.parse_model_proto():
-        raise GpclError(f"cannot parse {onnx_path}: {_parser_errors(parser, be)}")
+    with be.logger.errors.reraising():
+        ok = parser.load_model_proto(prepared.graph, str(prepared.path))
+        for name, array in prepared.weights.items():
+            ok = ok and parser.load_initializer(name, array.ctypes.data, array.nbytes)
+        if not ok or not parser.parse_model_proto():
+            raise GpclError(f"cannot parse {onnx_path}: {parser_errors(parser, be)}")
     return builder, network, parser, plugin_sha
 
 
-def _stream_writer(trt: Any, f: Any) -> Any:
-    """An IStreamWriter that appends the builder's plan to the open file ``f`` as it is serialized."""
+def _stream_writer(trt: Any, f: Any, errors: Any) -> Any:
+    """An IStreamWriter that appends the builder's plan to the open file ``f`` as it is serialized.
+    A failed write (disk full) is kept in ``errors`` as one line: the binding would drop it."""
 
     class Writer(trt.IStreamWriter):
         def __init__(self) -> None:
             trt.IStreamWriter.__init__(self)
 
         def write(self, data: Any) -> int:
-            return f.write(data)
+            with errors.catch():
+                try:
+                    return f.write(data)
+                except OSError as exc:
+                    raise GpclError(f"cannot write the engine to {f.name}: {exc.strerror or exc}") from None
+            return 0  # a short write fails the build
 
     return Writer()
 
 
 def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, out: Path) -> tuple[float, dict]:
-    """Build and stream the plan into ``out``; (build seconds, seconds per builder phase)."""
+    """Build and stream the plan into ``out``; (build seconds, seconds per builder phase). An
+    interrupt that lands in one of our callbacks cancels the build and is raised here."""
     from gpcl_trt.engines.monitor import BuildProgress
 
+    errors = be.logger.errors
     t0 = time.perf_counter()
-    with BuildProgress(be.trt, config) as progress, open(out, "wb") as f:
-        ok = builder.build_serialized_network_to_stream(network, config, _stream_writer(be.trt, f))
-    seconds = time.perf_counter() - t0
-    if not ok or out.stat().st_size == 0:
-        raise GpclError(f"{be.name} could not build {onnx_path}: {_log_errors(be) or 'no error message'}")
-    return seconds, progress.seconds
+    with errors.reraising():
+        with BuildProgress(be.trt, config, errors) as progress, open(out, "wb") as f:
+            ok = builder.build_serialized_network_to_stream(network, config, _stream_writer(be.trt, f, errors))
+        if not ok or out.stat().st_size == 0:
+            raise GpclError(f"{be.name} could not build {onnx_path}: {log_errors(be) or 'no error message'}")
+    return time.perf_counter() - t0, progress.seconds
 
 
 # ----------------------------------------------------------------------------- options
@@ -242,7 +268,8 @@ def _precision_mode(be: Any, precision: str, lowered: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- model
-def _read_model(path: Path) -> Any:
+def read_model(path: Path) -> Any:
+    """The graph, weights left in their files."""
     return load_onnx(path, external_data=False)
 
 
@@ -265,7 +292,7 @@ class Prepared:
 
 
 @contextlib.contextmanager
-def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> Iterator[Prepared]:
+def prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> Iterator[Prepared]:
     """The model as the parser gets it: rewritten for the GPCL implementation (graph only;
     the weights stay where they are), or, when the precision is lowered (which converts the
     weights), a self-contained converted copy in a temporary directory. The maps are closed on
@@ -300,8 +327,8 @@ def _prepared_model(path: Path, model: Any, gpcl: str, lower_to: str | bool) -> 
     full = load_onnx(path)  # lowering converts the weights: a self-contained rewritten copy
     for change in changes + [lambda m: lower_precision(m, lower_to)]:
         full = change(full)
-    with tempfile.TemporaryDirectory(prefix="gpcl-build-") as tmp:
-        out = Path(tmp) / path.name
+    with build_temp_dir() as tmp:
+        out = tmp / path.name
         big = full.ByteSize() > EXTERNAL_DATA_BYTES
         onnx.save(full, str(out), save_as_external_data=big, location=f"{path.name}.data" if big else None)
         del full
@@ -341,12 +368,20 @@ def _mapped_weights(model: Any, base: Path) -> Iterator[dict[str, Any]]:
                 m.close()
 
 
-def _external_data(path: Path, model: Any) -> dict[str, Any]:
-    """sha256 of the weight files a model keeps outside its .onnx, so the manifest pins them too."""
-    locations = external_locations(model)
-    if not locations:
-        return {}
-    return {"external_data": {loc: sha256_file(path.parent / loc) for loc in locations}}
+@contextlib.contextmanager
+def build_temp_dir() -> Iterator[Path]:
+    """A private directory in TMPDIR for the lowered copy of a model (its converted weights):
+    named like every gpcl temporary (common.TEMP_RE, the owner's pid), so each build first
+    removes those of dead owners (a build killed by SIGKILL, OOM). Removed on exit, an interrupt
+    or the CLI's SIGTERM exception included."""
+    base = Path(tempfile.gettempdir())
+    remove_stale_temps(base)
+    tmp = temp_sibling(base / "gpcl-build")
+    tmp.mkdir(mode=0o700)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _split_overloads(model: Any) -> Any:
@@ -378,21 +413,23 @@ def _load_plugin(be: Any, plugin_lib: Any) -> str:
     registry = be.trt.get_plugin_registry()
     handle = registry.load_library(str(plugin_lib))
     if not handle:
-        raise GpclError(f"{be.name} could not load plugin library {plugin_lib}: {_log_errors(be) or 'no message'}")
+        raise GpclError(f"{be.name} could not load plugin library {plugin_lib}: {log_errors(be) or 'no message'}")
     return sha256_file(plugin_lib)
 
 
-def _parser_errors(parser: Any, be: Any) -> str:
+def parser_errors(parser: Any, be: Any) -> str:
+    """The parser's (or the ONNX refitter's) errors, one line."""
     lines = []
     for i in range(parser.num_errors):
         err = parser.get_error(i)
         where = err.node_name() or (f"node #{err.node()}" if err.node() >= 0 else "")
         op = err.node_operator()
         lines.append(f"{where} ({op}): {err.desc()}" if where else err.desc())
-    return "; ".join(lines) or _log_errors(be) or "the parser gave no reason"
+    return "; ".join(lines) or log_errors(be) or "the parser gave no reason"
 
 
-def _log_errors(be: Any) -> str:
+def log_errors(be: Any) -> str:
+    """The last errors the backend logged since the last take(), one line."""
     msgs = [m for sev, m in be.logger.take() if sev in ("ERROR", "INTERNAL_ERROR")]
     return "; ".join(msgs[-5:])
 

@@ -48,7 +48,9 @@ def check_engine_bytes(be: Any, data: bytes, expected_sha256: str | None = None)
         return {**out, "ok": False, "level": "bytes", "detail": "engine bytes differ from the recorded sha256"}
     runtime = be.trt.Runtime(be.logger.impl)
     if hasattr(runtime, "get_engine_validity"):
-        with be.logger.quiet():  # without a GPU it logs "cannot read GPU properties": expected
+        # Without a GPU it logs "cannot read GPU properties": expected. An interrupt in the logger
+        # is raised after the call (backend.CallbackErrors).
+        with be.logger.errors.reraising(), be.logger.quiet():
             status, bits = runtime.get_engine_validity(data)
         be.logger.take()
         status = str(status).rsplit(".", 1)[-1]
@@ -74,7 +76,8 @@ def check_engine_bytes(be: Any, data: bytes, expected_sha256: str | None = None)
         return {**out, "level": "header", "detail": "header is a valid engine header; device checks need a GPU"}
     if not out["gpu"]:
         return {**out, "level": "bytes", "detail": f"{be.name} cannot check an engine without a GPU"}
-    engine = runtime.deserialize_cuda_engine(data)
+    with be.logger.errors.reraising():
+        engine = runtime.deserialize_cuda_engine(data)
     be.logger.take()
     if engine is None:
         return {**out, "ok": False, "level": "device", "detail": "the engine does not deserialise"}
@@ -101,7 +104,8 @@ def engine_layers(be: Any, data: bytes) -> dict[str, Any] | None:
     if not gpu_present():
         return None
     trt = be.trt
-    engine = trt.Runtime(be.logger.impl).deserialize_cuda_engine(data)
+    with be.logger.errors.reraising():
+        engine = trt.Runtime(be.logger.impl).deserialize_cuda_engine(data)
     be.logger.take()
     if engine is None:
         return None

@@ -1,4 +1,5 @@
-"""Build progress on stderr through the builder's IProgressMonitor (both backends have one)."""
+"""Build progress on stderr through the builder's IProgressMonitor (both backends have one), which
+is also how an interrupt cancels a build (backend.CallbackErrors)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 class BuildProgress:
     """Context manager: attaches a progress monitor to ``config`` for the build and shows one
     bar per builder phase (nested phases indented). A backend without ``IProgressMonitor``
-    builds without a bar."""
+    builds without a bar. ``errors``: the backend's CallbackErrors; once one is pending (Ctrl-C
+    landed in a callback), the monitor asks the builder to stop."""
 
-    def __init__(self, trt: ModuleType, config: Any) -> None:
-        self.trt, self.config = trt, config
+    def __init__(self, trt: ModuleType, config: Any, errors: Any) -> None:
+        self.trt, self.config, self.errors = trt, config, errors
         self.phases: list[str] = []  # phase names seen, in order (kept for tests and logs)
         # Wall seconds per phase (phases nest; a repeated phase is summed): where a build's
         # time goes, for the manifest and tools/bench_build.py.
@@ -29,7 +31,7 @@ class BuildProgress:
 
         self._progress = make_progress()
         self._progress.start()
-        self._monitor = _make_monitor(self.trt, self)
+        self._monitor = _make_monitor(self.trt, self, self.errors)
         self.config.progress_monitor = self._monitor
         return self
 
@@ -66,19 +68,22 @@ class BuildProgress:
         return 0 if parent is None or parent not in self._tasks else self._tasks[parent][1] + 1
 
 
-def _make_monitor(trt: ModuleType, sink: BuildProgress) -> Any:
+def _make_monitor(trt: ModuleType, sink: BuildProgress, errors: Any) -> Any:
     class Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            sink.start(parent_phase, phase_name, num_steps)
+            with errors.catch():
+                sink.start(parent_phase, phase_name, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            sink.step(phase_name)
-            return True  # never cancel
+            with errors.catch():
+                sink.step(phase_name)
+            return errors.pending is None  # False cancels the build
 
         def phase_finish(self, phase_name: str) -> None:
-            sink.finish(phase_name)
+            with errors.catch():
+                sink.finish(phase_name)
 
     return Monitor()

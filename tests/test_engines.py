@@ -80,7 +80,8 @@ def test_minilm_engine_builds_and_checks(minilm_engines, minilm_onnx, minilm_gpc
     assert man["inputs"]["onnx"]["sha256"] == sha256_file(src)
     r = man["results"]
     assert r["backend_version"] == trt_rtx.__version__ and r["engine_bytes"] == res["engine_bytes"]
-    assert r["build_seconds"] >= 0 and r["gpcl"]["implementation"] == ("native" if model == "gpcl" else "none")
+    assert r["gpcl"]["implementation"] == ("native" if model == "gpcl" else "none")
+    assert r["build_phases"] == res["build_phases"] and "Building engine" in r["build_phases"]
     assert r["profiles"] == res["profiles"] and r["network"]["num_layers"] > 100
     # Readable by the server process, not only by us (mkstemp makes 0600 files).
     assert engine.stat().st_mode & stat.S_IRGRP
@@ -173,7 +174,7 @@ def test_shapes_override_moves_shared_axes(tmp_path):
     assert res["gpcl"]["implementation"] == "native" and res["gpcl"]["nodes_as_body"] == ["gpcl/test"]
 
 
-def test_external_data_model_builds_and_its_weights_are_hashed(tmp_path):
+def test_external_data_model_builds_and_its_weights_are_recorded(tmp_path):
     m = gpcl_model(["batch", 64])
     w = onnx.numpy_helper.from_array(np.full((64,), 0.5, np.float32), "w")
     m.graph.initializer.append(w)
@@ -184,8 +185,47 @@ def test_external_data_model_builds_and_its_weights_are_hashed(tmp_path):
     for precision in ("fp32", "fp16"):  # fp16 rewrites the model, with its weights, elsewhere
         res = build_engine(src, tmp_path / f"ext_{precision}.engine", backend="tensorrt-rtx", precision=precision)
         man = json.loads(Path(res["manifest"]).read_text())
-        assert man["inputs"]["onnx"]["external_data"] == {"ext.onnx.data": sha256_file(tmp_path / "ext.onnx.data")}
+        # The identity of the weight file the plan was built from (weightfiles' policy: a small
+        # file is hashed whole); a plan that holds its weights reads no weight file later.
+        (ident,) = man["inputs"]["onnx"]["external_data"].values()
+        assert list(man["inputs"]["onnx"]["external_data"]) == ["ext.onnx.data"]
+        assert ident["sha256"] == sha256_file(tmp_path / "ext.onnx.data") and ident["size"] == 64 * 4
+        assert man["weight_files"] == {} and man["results"]["weights"] == {"stripped": False}
         assert res["gpcl"]["nodes_as_body"] == ["gpcl/test"]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "truncated", "replaced"])
+def test_weight_files_damaged_since_export_are_one_line_exit_2(tmp_path, damage):
+    """The data file of an external-data model deleted, emptied, cut short or replaced (same
+    size, other bytes) after the model was written: one line, exit 2, nothing written."""
+    from gpcl_trt.common import write_manifest
+
+    m = gpcl_model(["batch", 64])
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.full((64, 64), 0.5, np.float32), "w"))
+    m.graph.node.append(onnx.helper.make_node("MatMul", ["Y", "w"], ["Z"], name="proj"))
+    m.graph.output[0].name = "Z"
+    src, data = tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"
+    onnx.save(m, str(src), save_as_external_data=True, location=data.name, size_threshold=0)
+    write_manifest(src, "export", {}, {})  # records the identity of ext.onnx.data
+    if damage == "deleted":
+        data.unlink()
+    elif damage == "emptied":
+        data.write_bytes(b"")
+    elif damage == "truncated":
+        os.truncate(data, data.stat().st_size // 2)
+    else:
+        new = tmp_path / "new.data"
+        new.write_bytes(np.full((64, 64), 0.25, np.float32).tobytes())
+        os.replace(new, data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = _run("build", str(src), "-o", str(tmp_path / "x.engine"), "--backend", "tensorrt-rtx")
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("gpcl-trt build: error: ") and "ext.onnx.data" in line
+    assert {"deleted": "missing", "emptied": "emptied", "truncated": "truncated", "replaced": "replaced"}[
+        damage
+    ] in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_mixed_gpcl_variants_build_and_are_found(tmp_path):
@@ -262,10 +302,10 @@ def test_gpcl_node_without_tau_is_refused_before_parsing(tmp_path):
     assert not (tmp_path / "no_tau.engine").exists()
     # The plugin build's model preparation (full TensorRT only, so called directly here) must
     # refuse it too, instead of handing the plugin a node without tau.
-    from gpcl_trt.engines.build import _prepared_model
+    from gpcl_trt.engines.build import prepared_model
 
     with pytest.raises(GpclError, match="neither a tau attribute nor a tau input"):
-        with _prepared_model(src, model, "plugin", False):
+        with prepared_model(src, model, "plugin", False):
             pass
 
 
