@@ -4,12 +4,12 @@
   the exporter's wrapped module, so PyTorch and ONNX see the same input/output names.
 - ``.onnx`` -> polygraphy's ``OnnxrtRunner`` on a CPU session; extra outputs (per-layer
   tensors, GPCL site inputs) are marked on an in-memory copy of the model.
-- ``.engine`` -> polygraphy's ``TrtRunner`` (needs a GPU and TensorRT / TensorRT-RTX).
+- ``.engine`` -> polygraphy's ``TrtRunner`` over the engine ``engines.load.load_engine`` gives
+  (needs a GPU and TensorRT / TensorRT-RTX; a weight-stripped plan is refitted from its ONNX).
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -231,20 +231,18 @@ def _trt_module() -> str | None:
 
 
 def _engine_side(path: Path, role: str, task: str, tok) -> Side:
-    trt_name = _trt_module()
-    from gpcl_trt.engines.inspection import gpu_present
+    from gpcl_trt.engines.load import engine_backend, load_engine
 
-    if trt_name is None or not gpu_present():
-        missing = "no CUDA GPU" if trt_name else "TensorRT is not installed"
-        raise GpclError(f"{path}: running an engine needs a GPU and TensorRT ({missing})")
+    # The one engine loader: backend and plugin from the manifest, a weight-stripped plan refitted
+    # from its ONNX model (refused in one line when that model is gone or changed).
+    runtime, engine = load_engine(path)
     from polygraphy import config
 
-    config.USE_TENSORRT_RTX = trt_name == "tensorrt_rtx"
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    config.USE_TENSORRT_RTX = engine_backend(path).caps.module == "tensorrt_rtx"
+    from polygraphy.backend.trt import TrtRunner
 
-    _load_plugin_libs(path)
-    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=role)
+    runner = TrtRunner(engine, name=role)
+    runner.gpcl_runtime = runtime  # the engine must not outlive its runtime
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
     specs = [
@@ -255,14 +253,3 @@ def _engine_side(path: Path, role: str, task: str, tok) -> Side:
     ]
     spec = OrderedDict((s.name, (s.dtype, list(s.dims))) for s in specs)
     return Side("engine", path, runner, spec, generate=_generator(specs, None, tok))
-
-
-def _load_plugin_libs(engine: Path) -> None:
-    """An engine built with the GPCL plugin records the library in its manifest."""
-    from gpcl_trt.manifest import Manifest
-
-    man = Manifest.read(engine)
-    if man is not None and man.uses_plugin:
-        if man.plugin_lib is None:
-            raise GpclError(f"{engine.name} was built with the GPCL TensorRT plugin and its library is gone")
-        ctypes.CDLL(str(man.plugin_lib), mode=ctypes.RTLD_GLOBAL)
