@@ -177,8 +177,9 @@ def test_a_stripped_plan_is_refitted_at_load_on_a_gpu(tmp_path):
         side = make_side(tmp_path / f"{name}.engine", name)
         with side.runner:
             outs[name] = np.asarray(side.runner.infer({"X": x})["Z"])
+    # Tolerances allow TF32 matmuls; a plan run without its weights is off by the outputs' size.
     assert np.abs(want).max() > 1.0
-    np.testing.assert_allclose(outs["w"], outs["full"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(outs["w"], outs["full"], rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(outs["w"], want, rtol=1e-2, atol=1e-2)
     # Without its model the stripped plan is refused, not run without weights.
     os.rename(src, tmp_path / "elsewhere.onnx")
