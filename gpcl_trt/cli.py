@@ -3,19 +3,21 @@
 Every command calls one function of ``gpcl_trt.<area>`` that returns a result dict; the CLI
 only parses options, prints the human summary on stderr and, with ``--json``, the same dict as
 one JSON object on stdout. Exit codes: 0 ok, 1 check failed (``result["ok"] is False`` or
-``CheckFailed``), 2 bad input (``GpclError`` or a click usage error).
+``CheckFailed``), 2 bad input (``GpclError``, a click usage error, a filesystem error such as a
+read-only or full disk), 130 Ctrl-C, 143 SIGTERM (both unwind, so no temporary stays behind).
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 
 from gpcl_trt import __version__
-from gpcl_trt.common import EXIT_CHECK_FAILED, GpclError, to_json
+from gpcl_trt.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, GpclError, Terminated, os_error_line, to_json
 
 
 def result_command(group: click.Group, name: str, **kwargs: Any) -> Callable:
@@ -24,13 +26,28 @@ def result_command(group: click.Group, name: str, **kwargs: Any) -> Callable:
     def deco(fn: Callable[..., dict]) -> click.Command:
         @functools.wraps(fn)
         def wrapper(*args: Any, as_json: bool = False, **kw: Any) -> None:
+            def fail(message: str, code: int) -> None:
+                click.echo(f"gpcl-trt {name}: error: {message}", err=True)
+                if as_json:
+                    click.echo(to_json({"ok": False, "error": message, "exit_code": code}))
+                sys.exit(code)
+
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
             try:
                 result = fn(*args, **kw)
             except GpclError as exc:
-                click.echo(f"gpcl-trt {name}: error: {exc}", err=True)
-                if as_json:
-                    click.echo(to_json({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-                sys.exit(exc.exit_code)
+                fail(str(exc), exc.exit_code)
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: temporaries were removed on the way out
+                terminated = isinstance(exc, Terminated)
+                fail(
+                    f"{'terminated' if terminated else 'interrupted'}; nothing was written", 143 if terminated else 130
+                )
+            except OSError as exc:  # read-only or full disk, permissions, a file vanishing under us
+                fail(os_error_line(exc), EXIT_BAD_INPUT)
+            except MemoryError:
+                fail("out of memory (try a smaller --memory-budget, batch or model)", EXIT_BAD_INPUT)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             result = result if result is not None else {}
             result.setdefault("ok", True)
             if as_json:
@@ -44,6 +61,10 @@ def result_command(group: click.Group, name: str, **kwargs: Any) -> Callable:
         return group.command(name, **kwargs)(wrapper)
 
     return deco
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class _Main(click.Group):

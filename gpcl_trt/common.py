@@ -4,6 +4,7 @@ hashes and manifests. Kept free of heavy imports so the CLI starts fast."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +33,22 @@ class CheckFailed(GpclError):
     """The work ran but a check (validation, accuracy, serving) failed: exit code 1."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every temporary output is removed
+    on the way out (the handler is installed by the CLI)."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """A filesystem error as the one line the error contract promises: the file and what the
+    system said (read-only filesystem, no space left, permission denied...)."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    what = exc.strerror or one_line(exc)
+    hint = {errno.ENOSPC: "; free space or write elsewhere", errno.EDQUOT: "; free space or write elsewhere"}
+    return f"{where}: {what}{hint.get(exc.errno, '')}" if where else f"{what}{hint.get(exc.errno, '')}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -88,6 +105,10 @@ def check_can_write(path: str | os.PathLike, force: bool) -> Path:
         if blocker is not None and not blocker.is_dir():
             raise GpclError(f"cannot write {p}: {blocker} is a file, not a directory")
         raise GpclError(f"output directory {parent} does not exist")
+    # Before any work (reading, tracing): a read-only filesystem or directory is one line now,
+    # not a traceback after the model was traced.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GpclError(f"cannot write {p}: {parent} is not writable (read-only filesystem or permissions)")
     return p
 
 

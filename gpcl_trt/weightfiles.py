@@ -378,6 +378,13 @@ def retire(directory: str | os.PathLike, names: Iterable[str], owner: str | os.P
     return kept
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory of artifacts this toolchain wrote (a Triton entry, a failed first
+    pipeline run): its weight files are links or files of its own, so nothing another artifact
+    reads goes with it."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- staging
 class Staging:
     """A hidden temporary directory ``.NAME.gpcl-PID-XXXXXXXX.tmp`` next to the outputs (same

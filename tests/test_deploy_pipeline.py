@@ -6,6 +6,7 @@ built, and config errors caught before any work."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,22 @@ def test_pipeline_from_an_export_linked_to_its_checkpoint(tiny_llama_dir, tmp_pa
     cfg = _config(tmp_path, FAST + '[pipeline]\nskip = ["serve"]\n')
     summary = run_pipeline(src, tmp_path / "out", config=cfg)
     assert summary["ok"], summary["stages"]
-    linked = tmp_path / "out" / "m.onnx.model.safetensors"
+    linked = tmp_path / "out" / "model.onnx.model.safetensors"  # the pipeline's model.onnx names its own links
     assert linked.is_file() and sha256_file(linked) == sha256_file(src.parent / "m.onnx.model.safetensors")
+    again = run_pipeline(src, tmp_path / "out", config=cfg)["stages"]
+    assert all(s["status"] in ("cached", "skipped (config)") for s in again.values()), again
+
+    # The linked checkpoint file is part of the stage's key (not only an X.onnx.data sidecar):
+    # replaced by other bytes, the rerun does not hit the cache; it reads the file's identity in
+    # m.onnx's manifest and refuses in one line.
+    data = src.parent / "m.onnx.model.safetensors"
+    blob = bytearray(data.read_bytes())
+    blob[-4:] = bytes(b ^ 0xFF for b in blob[-4:])
+    tmp = data.with_name("replacement")
+    tmp.write_bytes(bytes(blob))
+    os.replace(tmp, data)
+    with pytest.raises(GpclError, match="weight file replaced since m.onnx was written"):
+        run_pipeline(src, tmp_path / "out", config=cfg)
 
 
 @pytest.mark.slow  # every stage, TensorRT-RTX builds and a live tritonserver
