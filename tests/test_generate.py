@@ -248,6 +248,19 @@ def test_gpcl_model_generates(decoders, tmp_path):
     assert _tokens(got) == _tokens(generate(onnx_path, PROMPTS, max_new_tokens=16))
 
 
+def test_fp16_export_generates(decoders, tmp_path):
+    """An fp16 export: fp16 caches bound as they come, fp16 logits picked in float32."""
+    from gpcl_trt.exporter import export_model
+    from gpcl_trt.generate import OrtRuntime, generate
+
+    model_dir, onnx_path = decoders("llama")
+    half = tmp_path / "half.onnx"
+    assert export_model(model_dir, half, task=TGP, dtype="fp16")["ok"]
+    assert OrtRuntime(half).float_dtype == np.float16
+    got = generate(half, PROMPTS, max_new_tokens=8)
+    assert [t[:4] for t in _tokens(got)] == [t[:4] for t in _tokens(generate(onnx_path, PROMPTS, max_new_tokens=8))]
+
+
 # ----------------------------------------------------------------------------- CLI
 def _cli(*args: str):
     return CliRunner().invoke(main, ["generate", *args])
