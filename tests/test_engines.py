@@ -228,6 +228,31 @@ def test_weight_files_damaged_since_export_are_one_line_exit_2(tmp_path, damage)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_a_full_disk_while_the_plan_streams_is_one_line_and_commits_nothing(tmp_path):
+    """The plan's write fails part way (a file size limit: EFBIG, as ENOSPC on a full disk) in a
+    real `gpcl-trt build` subprocess. The binding used to drop the write's OSError: a truncated
+    engine was committed, exit 0."""
+    import subprocess
+    import sys
+
+    src = _save(gpcl_model(["batch", "sequence", 64]), tmp_path / "g.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    child = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
+        "from gpcl_trt.cli import main\n"
+        "main(sys.argv[1:], prog_name='gpcl-trt')\n"
+    )
+    cmd = [sys.executable, "-c", child, "build", str(src), "-o", str(out / "g.engine"), "--backend", "tensorrt-rtx"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("gpcl-trt build: error: cannot write the engine to ") and "File too large" in line
+    assert list(out.iterdir()) == []
+
+
 def test_mixed_gpcl_variants_build_and_are_found(tmp_path):
     """Two GPCL modes need two function overloads, which the parser ignores: the builder
     gives each variant its own function name, and the layer summary finds both nodes."""
