@@ -55,15 +55,15 @@ def register(main: click.Group) -> None:
         "--atol",
         type=float,
         default=None,
-        help="Absolute part of the validation tolerance: each output must have max|onnx - torch| <= atol + rtol * "
-        "max|torch| [default: 1e-4 fp32, 1e-2 fp16].",
+        help="Absolute part of the validation tolerance: every element of every output must have |torch - onnx| <= "
+        "max(atol, rtol * |onnx|) [default: 1e-4 fp32, 1e-1 fp16].",
     )
     @click.option(
         "--rtol",
         type=float,
         default=None,
-        help="Relative part of the validation tolerance, against the output's largest magnitude [default: 0 fp32, "
-        "1e-2 fp16: 16-bit rounding follows the size of the numbers summed, not of each result].",
+        help="Relative part of the validation tolerance, against each element of the ONNX Runtime output [default: 0 "
+        "fp32, 1e-2 fp16].",
     )
     @click.option(
         "--validate",

@@ -1,15 +1,18 @@
 """The I/O core modules: what is traced. A core calls the HF model with plain tensors in ONNX
 input order and returns a tuple in ONNX output order (``HeadCore`` and one subclass per kind of
-forward)."""
+forward); ``OnnxIOModule`` wraps a core so it takes the ONNX input names (the PyTorch side of
+validation and of the accuracy runners)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from gpcl_trt.exporter.patchers import use_fusable_gelu
 from gpcl_trt.exporter.tasks import forward_params
+from gpcl_trt.feeds import is_past
 
 
 class HeadCore(torch.nn.Module):
@@ -105,3 +108,32 @@ def out_cache(out: Any) -> Any:
             return value
     return None
 
+
+# ----------------------------------------------------------------------------- the wrapped module
+class OnnxIOModule(torch.nn.Module):
+    """``forward(**feeds)`` takes the ONNX input names (numpy arrays or tensors) and returns
+    the outputs as a tuple in ONNX output order. ``core`` is the module that is traced."""
+
+    def __init__(self, core: torch.nn.Module, arch: Any, task: str):
+        super().__init__()
+        self.core = core
+        self.task = task
+        self.input_names = [s.name for s in arch.inputs(task)]
+        self.output_names = [s.name for s in arch.outputs(task)]
+        self._past = [n for n in self.input_names if is_past(n)]
+
+    def core_kwargs(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        missing = set(self.input_names) - set(feeds)
+        extra = set(feeds) - set(self.input_names)
+        if missing or extra:
+            raise ValueError(
+                f"inputs must be exactly {self.input_names}; missing {sorted(missing)}, extra {sorted(extra)}"
+            )
+        as_t = lambda v: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v  # noqa: E731
+        kw = {n: as_t(feeds[n]) for n in self.input_names if n not in self._past}
+        if self._past:
+            kw["past_key_values"] = tuple(as_t(feeds[n]) for n in self._past)
+        return kw
+
+    def forward(self, **feeds: Any) -> tuple:
+        return tuple(self.core(**self.core_kwargs(feeds)))
