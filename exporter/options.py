@@ -3,6 +3,7 @@ and the memory budget (``8G``, ``512M``...)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from gpcl_trt.common import GpclError
@@ -19,20 +20,23 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def parse_memory_budget(value: str | int | float | None) -> int:
     """``"8G"``, ``"512M"``, ``"0.5G"``, a byte count, or None (the default: half of the memory
-    available now) -> bytes."""
+    available now) -> bytes. Anything else (``inf``, ``nan``, ``1e400``, ``-1``, ``0``, ``abc``)
+    is one line (a GpclError), never an OverflowError out of ``int(inf)``."""
     if value is None:
         return int(available_memory() * DEFAULT_BUDGET_FRACTION)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = float(value)
-    else:
-        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
-        unit = text[-1:] if text[-1:] in _UNITS else ""
-        try:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            n = float(value)
+        else:
+            text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+            unit = text[-1:] if text[-1:] in _UNITS else ""
             n = float(text[: len(text) - len(unit)]) * _UNITS[unit]
-        except ValueError:
-            raise GpclError(f"memory budget {value!r} is not a size (e.g. 8G, 512M)") from None
-    if not n > 0 or n != n:
-        raise GpclError(f"memory budget must be > 0, got {value!r}")
+    except (ValueError, OverflowError):  # OverflowError: an int beyond float's range
+        raise GpclError(f"memory budget {value!r} is not a size (e.g. 8G, 512M)") from None
+    if not math.isfinite(n):  # float() reads "inf", "nan" and "1e400" (inf) as numbers
+        raise GpclError(f"memory budget {value!r} is not a finite size (e.g. 8G, 512M)")
+    if n < 1:
+        raise GpclError(f"memory budget must be at least 1 byte, got {value!r}")
     return int(n)
 
 
