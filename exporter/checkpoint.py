@@ -19,6 +19,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -82,8 +83,9 @@ class Checkpoint:
 
     ``Checkpoint.open(model_dir)`` reads ``model.safetensors.index.json`` when present (every
     shard it names must exist and hold the tensors the index puts there), else
-    ``model.safetensors``. ``tensor(name)`` returns a read-only-in-practice, memory-mapped torch
-    tensor (copy-on-write mapping: the pages stay file-backed, never anonymous memory)."""
+    ``model.safetensors``. ``tensor(name)`` returns a torch tensor over a read-only shared map of
+    the file (``mapped_tensor``): the pages stay file-backed, never anonymous memory, and nothing
+    counts against the commit limit."""
 
     def __init__(self, root: Path, files: list[Path], tensors: dict[str, TensorEntry], metadata: dict[str, Any]):
         self.root = root
@@ -163,10 +165,7 @@ class Checkpoint:
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
-            with open(path, "rb") as f:
-                # ACCESS_COPY: a private mapping, writable in principle (torch.frombuffer wants a
-                # writable buffer) but never written: every page stays backed by the file.
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            m = map_read_only(path)
             self._maps[path] = m
         return m
 
@@ -183,7 +182,7 @@ class Checkpoint:
         if e.offset % e.itemsize:
             t = torch.frombuffer(bytearray(buf[e.offset : e.offset + e.nbytes]), dtype=torch.uint8)
             return t.view(e.torch_dtype).reshape(e.shape)
-        return torch.frombuffer(buf, dtype=e.torch_dtype, count=e.numel, offset=e.offset).reshape(e.shape)
+        return mapped_tensor(buf, e.torch_dtype, e.numel, e.offset).reshape(e.shape)
 
     def read(self, e: TensorEntry, start: int, length: int) -> bytes:
         """``length`` bytes of tensor ``e`` from byte ``start`` within it, with pread (no mapping,
@@ -198,6 +197,25 @@ class Checkpoint:
             except BufferError:  # a tensor still views it; the mapping goes with the last one
                 pass
         self._maps.clear()
+
+
+def map_read_only(path: Path) -> mmap.mmap:
+    """A read-only shared map of a weight file. Never a writable one: a private writable map
+    (ACCESS_COPY) is charged in full against the commit limit, so a 27 GB converted file could not
+    be mapped on a 24 GB machine (``OSError: Cannot allocate memory``)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def mapped_tensor(buf: mmap.mmap, dtype: Any, count: int, offset: int) -> Any:
+    """``torch.frombuffer`` over a read-only map. torch warns that it cannot mark a tensor
+    read-only; these tensors are weights that nothing writes (a write would fault), so that one
+    warning is expected here and silenced here only."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
 # ----------------------------------------------------------------------------- headers
@@ -270,29 +288,23 @@ def checkpoint_layers(names: Iterable[str]) -> int | None:
 
 
 def check_config_layers(hf_config: Any, ckpt: Checkpoint, config_path: Path) -> None:
-    """Refuse a config.json whose layer count cannot match the checkpoint, before the model is
-    built at all: a config asking for 100000 layers next to a 2-layer file would otherwise make
-    even a meta-device build (or, eagerly, an allocation) run until the kernel kills it."""
+    """Refuse a config.json that asks for more layers than the checkpoint holds, before the model
+    is built at all: a config asking for 100000 layers next to a 2-layer file would otherwise make
+    even a meta-device build (or, eagerly, an allocation) run until the kernel kills it. Fewer
+    layers is not an error: transformers loads what the config uses and ignores the rest (a
+    truncated config, or multi-token-prediction layers stored as ``model.layers.N`` one past the
+    config's count, DeepSeek-V3 and GLM-4.5 style); the binding reports the tensors left over."""
     want = getattr(hf_config, "num_hidden_layers", None)
     have = checkpoint_layers(ckpt.tensors)
-    if not isinstance(want, int) or have is None or want == have:
+    if not isinstance(want, int) or have is None or want <= have:
         return
-    if want > have:
-        example = next(
-            (
-                n
-                for n in sorted(ckpt.tensors)
-                if LAYER_STACK_RE.search(n) and int(LAYER_STACK_RE.search(n).group(1)) == have - 1
-            ),
-            None,
-        )
-        raise GpclError(
-            f"weights do not match config.json: {config_path} says num_hidden_layers={want}, the checkpoint "
-            f"{ckpt.files[0].parent} has tensors for {have} (last: {example}); no tensor for layer {have}"
-        )
+    example = next(
+        (n for n in sorted(ckpt.tensors) if (m := LAYER_STACK_RE.search(n)) and int(m.group(1)) == have - 1),
+        None,
+    )
     raise GpclError(
         f"weights do not match config.json: {config_path} says num_hidden_layers={want}, the checkpoint "
-        f"{ckpt.files[0].parent} has tensors for {have} layers"
+        f"{ckpt.files[0].parent} has tensors for {have} (last: {example}); no tensor for layer {have}"
     )
 
 

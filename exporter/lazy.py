@@ -121,9 +121,10 @@ def build_meta_model(
 
 def map_keys(model: Any, ckpt: Checkpoint) -> tuple[dict[str, TensorEntry], list[str]]:
     """Checkpoint tensors by the model key transformers would load them into (its renames,
-    base-model prefix and legacy names), and the checkpoint keys that map to nothing."""
+    base-model prefix and legacy names, in its order: ``convert_and_load_state_dict_in_model``),
+    and the checkpoint keys that map to nothing."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     transforms = get_model_conversion_mapping(model, None, None) or []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -132,7 +133,7 @@ def map_keys(model: Any, ckpt: Checkpoint) -> tuple[dict[str, TensorEntry], list
     prefix = getattr(model, "base_model_prefix", None) or None
     by_model_key: dict[str, TensorEntry] = {}
     unused = []
-    for ck in sorted(ckpt.tensors):
+    for ck in sorted(ckpt.tensors, key=dot_natural_key):
         mk, conv = rename_source_key(ck, renamings, converters, prefix, meta_sd)
         if mk not in meta_sd and ck in meta_sd:
             mk, conv = rename_source_key(ck, [], [], prefix, meta_sd)
@@ -152,18 +153,76 @@ def map_keys(model: Any, ckpt: Checkpoint) -> tuple[dict[str, TensorEntry], list
 class Binding:
     """Which checkpoint tensor each parameter reads. ``canonical``: one name per distinct
     parameter tensor (the first under ``named_parameters``, as torch.export names it);
-    ``aliases``: every name of that tensor (tied weights)."""
+    ``aliases``: every name of that tensor (tied weights). ``unused``: the checkpoint tensors no
+    parameter or buffer reads (``unused_report()`` for the export result); ``untied``: the tied
+    parameters that transformers does not tie for this checkpoint (both stored, different)."""
 
     entries: dict[str, TensorEntry]  # canonical param name -> checkpoint tensor
     aliases: dict[str, list[str]]
     target: dict[str, Any]  # canonical param name -> torch dtype of the export
     unused: list[str] = field(default_factory=list)  # checkpoint tensors no parameter reads
+    unexpected: list[str] = field(default_factory=list)  # of those, the ones the model does not expect
+    untied: list[str] = field(default_factory=list)  # tie targets that keep their own tensor
+
+    def unused_report(self, examples: int = 5) -> dict[str, Any]:
+        """``{"count", "examples", "unexpected"}``: how many checkpoint tensors the export does not
+        read, the first few names, and how many of them the model class does not declare as
+        ignorable (``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's MTP layer; for those
+        transformers warns on load)."""
+        return {"count": len(self.unused), "examples": self.unused[:examples], "unexpected": len(self.unexpected)}
+
+
+def _set_parameter(model: Any, name: str, value: Any) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    mod._parameters[attr] = value
 
 
 def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
-    """Join every parameter of ``model`` to a checkpoint tensor, by transformers' key mapping.
-    Raises GpclError naming the tensor and file for a missing tensor or a shape mismatch."""
+    """Join every parameter of ``model`` (on ``meta``) to a checkpoint tensor the way
+    ``from_pretrained`` loads it: keys mapped by transformers' own renames (``map_keys``); every
+    stored key loaded into its own parameter (as ``set_param_for_module`` does, which unties);
+    then transformers' own ``tie_weights(missing_keys=...)`` decides the ties (a tie whose two
+    tensors are both stored and differ is not made, and the target keeps its tensor; a tie whose
+    source is absent reads the target). The stand-ins are the file-mapped checkpoint tensors, so
+    its equality check reads real bytes; afterwards every parameter is on ``meta`` again with its
+    export dtype, ties as decided. Raises GpclError naming the tensor and file for a parameter no
+    stored tensor feeds, or a shape mismatch."""
+    import torch
+
     by_model_key, unused = map_keys(model, ckpt)
+    named = list(model.named_parameters(remove_duplicate=False))
+    dtype_of = {n: p.dtype for n, p in named}
+    shape_of = {n: tuple(p.shape) for n, p in named}
+    entry_of: dict[int, TensorEntry] = {}
+    for name, p in named:
+        e = by_model_key.get(name)
+        if e is None:
+            continue
+        if shape_of[name] != e.shape:
+            raise GpclError(
+                f"weights do not match config.json: {e.where()} is {e.dtype}{list(e.shape)}, "
+                f"but {config_path} makes parameter {name} {list(shape_of[name])}"
+            )
+        if not DTYPES[e.dtype][1].startswith(("float", "bfloat")):
+            raise GpclError(f"unreadable weights: {e.where()} has dtype {e.dtype}, expected a float type")
+        stand_in = torch.nn.Parameter(ckpt.tensor(e), requires_grad=False)
+        entry_of[id(stand_in)] = e
+        _set_parameter(model, name, stand_in)
+    missing = {k for k in model.state_dict(keep_vars=True) if k not in by_model_key}
+    tied_before = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    if tied_before:
+        import logging
+
+        hf_log = logging.getLogger("transformers.modeling_utils")  # it warns about each tie it does not make
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)
+        try:
+            model.tie_weights(missing_keys=missing, recompute_mapping=False)
+        finally:
+            hf_log.setLevel(level)
+    untied = sorted(set(tied_before) - set(getattr(model, "all_tied_weights_keys", None) or {}))
+
     groups: dict[int, list[str]] = {}
     params: dict[int, Any] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -171,24 +230,42 @@ def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
         params[id(p)] = p
     entries, aliases, target = {}, {}, {}
     for pid, names in groups.items():
-        p = params[pid]
         canonical = names[0]
-        found = next((by_model_key[n] for n in names if n in by_model_key), None)
+        found = entry_of.get(pid)
         if found is None:
             where = ", ".join(f.name for f in ckpt.files[:3]) + (" ..." if len(ckpt.files) > 3 else "")
             raise GpclError(
                 f"weights in {ckpt.root} do not match config.json: no tensor for parameter {canonical} "
-                f"{list(p.shape)} in {where}"
+                f"{list(shape_of[canonical])} in {where}"
             )
-        if tuple(p.shape) != found.shape:
-            raise GpclError(
-                f"weights do not match config.json: {found.where()} is {found.dtype}{list(found.shape)}, "
-                f"but {config_path} makes parameter {canonical} {list(p.shape)}"
-            )
-        if not DTYPES[found.dtype][1].startswith(("float", "bfloat")):
-            raise GpclError(f"unreadable weights: {found.where()} has dtype {found.dtype}, expected a float type")
-        entries[canonical], aliases[canonical], target[canonical] = found, names, p.dtype
-    return Binding(entries, aliases, target, unused)
+        entries[canonical], aliases[canonical], target[canonical] = found, names, dtype_of[canonical]
+        meta = torch.nn.Parameter(
+            torch.empty(shape_of[canonical], dtype=dtype_of[canonical], device="meta"), requires_grad=False
+        )
+        for n in names:
+            _set_parameter(model, n, meta)
+    return Binding(entries, aliases, target, unused, _unexpected(model, unused), untied)
+
+
+def _unexpected(model: Any, unused: list[str]) -> list[str]:
+    """The unused checkpoint keys that transformers would report as unexpected (its own filter,
+    ``_adjust_missing_and_unexpected_keys``: the model's ``_keys_to_ignore_on_load_unexpected`` and
+    its legacy rotary/position buffers are expected)."""
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    info = LoadStateDictInfo(
+        missing_keys=set(),
+        unexpected_keys=set(unused),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+    try:
+        model._adjust_missing_and_unexpected_keys(info)
+    except Exception:  # a report only: transformers' private helper changed
+        return list(unused)
+    return sorted(info.unexpected_keys)
 
 
 # ----------------------------------------------------------------------------- tracing on fake weights
@@ -482,12 +559,13 @@ def _is_fake(t: Any) -> bool:
 
 
 def reference_tensors(binding: Binding, ckpt: Checkpoint, placement: Placement) -> Any:
-    """``canonical -> torch.Tensor`` for the PyTorch reference, all memory-mapped (file-backed,
-    never anonymous memory): the checkpoint's own bytes where the dtype matched, the converted
-    bytes in OUT.onnx.data otherwise (the reference then runs on exactly the exported weights)."""
-    import mmap as _mmap
-
+    """``canonical -> torch.Tensor`` for the PyTorch reference, all over read-only file maps
+    (file-backed, never anonymous memory nor commit charge): the checkpoint's own bytes where the
+    dtype matched, the converted bytes in OUT.onnx.data otherwise (the reference then runs on
+    exactly the exported weights)."""
     import torch
+
+    from gpcl_trt.exporter.checkpoint import map_read_only, mapped_tensor
 
     maps: dict[str, Any] = {}
 
@@ -497,11 +575,10 @@ def reference_tensors(binding: Binding, ckpt: Checkpoint, placement: Placement) 
         if e.torch_dtype == want:
             return ckpt.tensor(e)
         location, offset, length = placement.where[canonical]
-        if location not in maps:
-            with open(location, "rb") as f:
-                maps[location] = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
+        if location not in maps:  # read-only: a private writable map would be charged in full
+            maps[location] = map_read_only(Path(location))
         count = length // torch.empty((), dtype=want).element_size()
-        return torch.frombuffer(maps[location], dtype=want, count=count, offset=offset).reshape(e.shape)
+        return mapped_tensor(maps[location], want, count, offset).reshape(e.shape)
 
     return tensor_for
 
