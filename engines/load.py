@@ -83,6 +83,8 @@ def load_engine(path: str | os.PathLike) -> tuple[Any, Any]:
     path = Path(path)
     if not path.is_file():
         raise GpclError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise GpclError(f"{path} is empty: not an engine")
     manifest = Manifest.read(path)
     source = refit_source(path, manifest)  # refused here, before a GPU is needed
     try:
