@@ -22,8 +22,6 @@ data straight at the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import math
 import os
 import time
@@ -39,7 +37,6 @@ CHUNK = 64 << 20  # conversion chunk: 64 MiB of source bytes
 ALIGN_BIG = 4096  # page: ONNX Runtime can memory-map a tensor only at an aligned offset
 ALIGN_SMALL = 64
 BIG = 1 << 20
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 class NeedsEager(Exception):
@@ -316,47 +313,21 @@ class Placement:
 
 
 def _clone_or_link(src: Path, dst: Path, allow_hardlink: bool) -> str:
-    """Reflink (FICLONE: a new file sharing the blocks), else a hard link (when allowed), else a
-    streamed copy. Returns which."""
-    with open(src, "rb") as fs:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            fcntl.ioctl(fd, FICLONE, fs.fileno())
-            return "reflink"
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        if allow_hardlink:
-            os.unlink(dst)
-            try:
-                os.link(src, dst)
-                return "hardlink"
-            except OSError as exc:
-                if exc.errno not in (
-                    errno.EXDEV,
-                    errno.EPERM,
-                    errno.EMLINK,
-                    errno.EACCES,
-                    errno.ENOTSUP,
-                    errno.EOPNOTSUPP,
-                ):
-                    raise
-        size = os.fstat(fs.fileno()).st_size
-        with (
-            open(dst, "wb") as fd2,
-            byte_progress(
-                f"copy {src.name} (no reflink{'' if not allow_hardlink else ' or hard link'} possible)", size
-            ) as advance,
-        ):
-            copied = 0
-            while copied < size:
-                n = os.copy_file_range(fs.fileno(), fd2.fileno(), min(CHUNK, size - copied))
-                if n == 0:
-                    break
-                copied += n
-                advance(n)
-    return "copy"
+    """A checkpoint file placed as the output's data file, by the weight files' owner: reflink,
+    else a hard link (when allowed), else a streamed copy with progress. Returns which."""
+    from gpcl_trt import weightfiles
+
+    size = weightfiles.regular_file(src, "checkpoint file").st_size
+    with contextlib.ExitStack() as stack:
+        bar: list[Any] = []
+
+        def advance(n: int) -> None:  # a progress bar only once bytes are really copied
+            if not bar:
+                why = "no reflink" + (" or hard link" if allow_hardlink else "") + " possible"
+                bar.append(stack.enter_context(byte_progress(f"copy {src.name} ({why})", size)))
+            bar[0](n)
+
+        return weightfiles.link_or_copy(src, dst, hardlink=allow_hardlink, progress=advance)
 
 
 def data_file_name(out_name: str, ckpt_file: Path) -> str:
