@@ -71,6 +71,9 @@ def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
 def _group_npz(arrays: dict[str, np.ndarray], p: Path) -> list[dict[str, np.ndarray]]:
     if not arrays:
         raise GpclError(f"{p} holds no arrays")
+    empty = [k for k, v in arrays.items() if v.size == 0]
+    if empty:  # zero samples would compare nothing and pass
+        raise GpclError(f"{p}: {empty[0]!r} is empty (shape {arrays[empty[0]].shape}); a comparison needs samples")
     if not any("/" in k for k in arrays):
         return [OrderedDict(arrays)]
     groups: dict[int, OrderedDict] = {}

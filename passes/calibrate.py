@@ -128,6 +128,9 @@ def _npz_batches(path: Path, samples: int) -> tuple[list[dict], dict]:
         raise GpclError(
             f"{path}: needs model inputs by name (input_ids, pixel_values, ...) with one leading sample axis"
         )
+    if any(v.size == 0 for v in arrays.values()):
+        empty = next(k for k, v in arrays.items() if v.size == 0)
+        raise GpclError(f"{path}: {empty!r} is empty (shape {arrays[empty].shape}); calibration needs samples")
     n = min(samples, next(iter(arrays.values())).shape[0])
     batches = [{k: v[i : min(i + _NPZ_BATCH, n)] for k, v in arrays.items()} for i in range(0, n, _NPZ_BATCH)]
     return batches, {"kind": "npz", "path": str(path), "sequences": n}

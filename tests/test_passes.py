@@ -387,6 +387,26 @@ def test_calibrate_from_npz_and_text(minilm_onnx, tiny_llama_onnx, tmp_path):
     assert res["data"]["kind"] == "text" and res["samples"] == 2
 
 
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({}, "needs model inputs by name"),
+        ({"input_ids": np.zeros((0, 5), np.int64)}, "'input_ids' is empty"),
+        ({"input_ids": np.zeros((2, 0), np.int64)}, "'input_ids' is empty"),
+    ],
+)
+def test_calibrate_an_empty_npz_is_one_line(toy_onnx, tmp_path, arrays, message):
+    np.savez(tmp_path / "e.npz", **arrays)
+    with pytest.raises(GpclError, match=message):
+        calibrate_file(toy_onnx, tmp_path / "c.json", data=tmp_path / "e.npz")
+    assert not (tmp_path / "c.json").exists()
+    if arrays:  # diff too: zero samples would compare nothing and pass
+        from gpcl_trt.accuracy.inputs import load_inputs
+
+        with pytest.raises(GpclError, match="is empty"):
+            load_inputs(tmp_path / "e.npz")
+
+
 # ----------------------------------------------------------------------------- bad input
 def _no_output(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".json", ".tmp")] == []
