@@ -566,6 +566,7 @@ def test_cache_shapes_fall_back_to_the_config_when_the_probe_cannot_run():
     assert DecoderOnly(cfg).kv_shapes() == [KVShape(2, 16)] * 2
 
 
+@pytest.mark.slow  # a whole export, refused at validation
 def test_a_graph_that_cannot_run_at_other_shapes_is_refused_in_one_line(tmp_path):
     """Mamba's scan loops over the sequence: traced, it is unrolled for the trace's length, and
     validation at other lengths fails in ONNX Runtime. One line, nothing written."""
