@@ -96,14 +96,14 @@ def register(main: click.Group) -> None:
         "reads it); inline: inside OUT.onnx (up to 1.8 GB); auto: inline up to 256 MB, else link.",
     )
     @click.option(
-        "--layers",
-        "layers",
-        type=click.Choice(("auto", "replicate", "trace-all")),
+        "--trace-layers",
+        "trace_layers",
+        type=click.Choice(("auto", "replicate", "all")),
         default="auto",
         show_default=True,
-        help="Decoders whose layers are one module traced with 4 layers and the others written as copies of the "
-        "4th with their own weights (replicate; auto does it from 8 layers when every layer is the same module and "
-        "the copies line up, else traces all and the result says why); trace-all traces every layer.",
+        help="Which decoder layers are traced. replicate: 4, and the others written as copies of the 4th with their "
+        "own weights (an error where the layers are not one module); auto: replicate from 8 layers when every layer "
+        "is the same module and the copies line up, else all, and the result says why; all: every layer.",
     )
     @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
     @click.option(
@@ -126,7 +126,7 @@ def register(main: click.Group) -> None:
         no_validate,
         memory_budget,
         external_data,
-        layers,
+        trace_layers,
         force,
         trust_remote_code,
         allow_pickle,
@@ -159,7 +159,7 @@ def register(main: click.Group) -> None:
             force=force,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
-            replicate={"auto": None, "replicate": True, "trace-all": False}[layers],
+            replicate={"auto": None, "replicate": True, "all": False}[trace_layers],
         )
         v = result["validation"]
         if v.get("skipped"):

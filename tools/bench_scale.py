@@ -315,8 +315,8 @@ def run_size(size: str, work: Path, args) -> dict:
             cmd += ["--memory-budget", args.memory_budget]
         if args.external_data:
             cmd += ["--external-data", args.external_data]
-        if args.layers:
-            cmd += ["--layers", args.layers]
+        if args.trace_layers:
+            cmd += ["--trace-layers", args.trace_layers]
         r = measure(cmd)
         res = r.get("json") or {}
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
@@ -359,7 +359,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", help="export dtype (fp32, fp16)")
     ap.add_argument("--validate", default=None, help="full|layers|none (default: the exporter's default)")
     ap.add_argument("--memory-budget", default=None)
-    ap.add_argument("--layers", default=None, help="export --layers (auto|replicate|trace-all)")
+    ap.add_argument("--trace-layers", default=None, help="export --trace-layers (auto|replicate|all)")
     ap.add_argument(
         "--optimum-venv",
         type=Path,
