@@ -37,8 +37,9 @@ def _inner_suite(tmp_path: Path, test_text: str) -> Path:
     return d
 
 
-def test_the_configured_limit_applies_to_every_test():
-    """setup.cfg's limit (signal method: teardowns run) is what pytest reads."""
+def test_setup_cfg_limit_and_method_are_in_force():
+    """pytest reads setup.cfg's 600 s and the signal method (so teardowns run): a misspelt key or a
+    missing plugin would leave every test without a limit."""
     res = _pytest(ROOT, "--collect-only", "tests/test_cli.py")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "timeout: 600.0s" in res.stdout and "timeout method: signal" in res.stdout, res.stdout[:2000]
