@@ -1,0 +1,63 @@
+"""CLI for weight-only quantization: ``quantize``. Nothing heavy is imported until it runs."""
+
+from __future__ import annotations
+
+import click
+
+from gpcl_trt.cli import result_command
+
+_ONNX = click.Path(dir_okay=False)
+
+
+def register(main: click.Group) -> None:
+    @result_command(
+        main,
+        "quantize",
+        short_help="Weight-only int8/int4 quantization (block-wise RTN), streamed.",
+        help="Quantize the projection weights of an ONNX model to int8 or int4, in blocks along the "
+        "reduction axis (round to nearest), as standard ONNX: block-wise DequantizeLinear (opset 21) "
+        "feeding each MatMul. Embeddings, the output projection (lm_head), norms, biases and GPCL stay "
+        "float. One weight at a time is read from its memory-mapped file and written to OUT.onnx.data, "
+        "so memory stays flat whatever the model's size.",
+    )
+    @click.argument("model", type=_ONNX)
+    @click.option("-o", "--output", required=True, type=_ONNX, help="Where to write the quantized model (.onnx).")
+    @click.option("--weights", default="int4", show_default=True, help="int8 or int4.")
+    @click.option(
+        "--block-size", type=int, default=32, show_default=True, help="Elements per scale along K: 32, 64, 128."
+    )
+    @click.option(
+        "--asymmetric",
+        is_flag=True,
+        help="Unsigned values with a zero point per block (default: symmetric, no zero point).",
+    )
+    @click.option("--method", default="rtn", show_default=True, help="rtn (round to nearest).")
+    @click.option(
+        "--keep",
+        multiple=True,
+        metavar="PATTERN",
+        help="Also keep in float the weights whose initializer or node name matches this glob (repeatable), "
+        "e.g. '*layers.0.*'.",
+    )
+    @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+    def quantize(model, output, weights, block_size, asymmetric, method, keep, force) -> dict:
+        from gpcl_trt.quantize import quantize_model
+
+        result = quantize_model(
+            model,
+            output,
+            weights=weights,
+            block_size=block_size,
+            symmetric=not asymmetric,
+            method=method,
+            keep=keep,
+            force=force,
+        )
+        click.echo(
+            f"wrote {result['output']}: {result['quantized']} weights {weights} (block {block_size}, "
+            f"{'symmetric' if not asymmetric else 'asymmetric'}), {len(result['kept'])} kept float; "
+            f"{result['float_bytes'] / 1e6:.1f} MB -> {result['quantized_bytes'] / 1e6:.1f} MB "
+            f"({result['seconds']:.1f} s)",
+            err=True,
+        )
+        return result
