@@ -30,10 +30,11 @@ from gpcl_trt.exporter import replicate as rep
 from gpcl_trt.exporter.build import bind_config, lazy_model, load_model, quiet
 from gpcl_trt.exporter.model_dir import check_model_dir, check_weights, family_class, model_dir_hash, read_model_dir
 from gpcl_trt.exporter.options import (
-    DTYPES,
+    DTYPE_CHOICES,
     MAX_OPSET,
     MIN_OPSET,
     parse_memory_budget,
+    resolve_dtype,
     validate_mode,
 )
 from gpcl_trt.exporter.tracing import make_dummy_inputs, trace, trace_errors, trace_replicated
@@ -50,7 +51,7 @@ def export_model(
     output: str | os.PathLike,
     task: str = "auto",
     opset: int = 18,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     atol: float | None = None,
     rtol: float | None = None,
     validate: bool | str = True,
@@ -67,6 +68,11 @@ def export_model(
     OUT.manifest.json. Returns the result dict; ``ok`` is False when validation exceeds the
     tolerance (gpcl_trt.tolerance: its rule, and its defaults by dtype), and then nothing is
     written: every output appears under its final name only after every check has passed.
+
+    ``dtype``: ``auto`` (default) exports a safetensors checkpoint in the floating dtype it
+    stores (fp32 -> fp32, fp16 -> fp16, bf16 -> fp16: ONNX Runtime's CPU provider cannot validate
+    bf16, and fp16 keeps the 2-byte size) and pickle weights in fp32; or fp32, fp16, bf16. The
+    result's ``dtype`` and the manifest's options say which and why.
 
     Safetensors checkpoints take the lazy path (exporter/lazy.py): traced on fake weights, the
     ONNX external data pointing into hard links of the checkpoint files (dtype as stored) or into
@@ -94,15 +100,15 @@ def export_model(
         raise GpclError(f"output {out} is a directory")
     check_can_write(out, force)
     check_can_write(manifest_path(out), force)  # the manifest is an output too
-    if dtype not in DTYPES:
-        raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_CHOICES:
+        raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise GpclError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
-    atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
-    if not atol >= 0:
+    atol = None if atol is None else float(atol)
+    if atol is not None and not atol >= 0:
         raise GpclError(f"atol must be >= 0, got {atol}")
-    rtol = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
-    if not rtol >= 0:
+    rtol = None if rtol is None else float(rtol)
+    if rtol is not None and not rtol >= 0:
         raise GpclError(f"rtol must be >= 0, got {rtol}")
     mode = validate_mode(validate)
     budget = parse_memory_budget(memory_budget)
@@ -120,6 +126,10 @@ def export_model(
     use_safetensors = any(d.glob("*.safetensors"))
     if not use_safetensors:
         check_weights(d, allow_pickle)  # the pickle refusal, or "no weights"
+    asked_dtype = dtype
+    dtype, dtype_reason = resolve_dtype(asked_dtype, d)
+    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     eager_reason = None
     built = None
     if use_safetensors and lazy is not False:
@@ -179,6 +189,8 @@ def export_model(
             "task": task,
             "opset": int(opset),
             "dtype": dtype,
+            "dtype_requested": asked_dtype,
+            "dtype_reason": dtype_reason,
             "atol": atol,
             "rtol": rtol,
             "validate": mode,
@@ -210,6 +222,7 @@ def export_model(
         "manifest": str(manifest_path(out)),
         "onnx_sha256": onnx_sha,
         **{k: results[k] for k in ("architecture", "task", "validation", "weights", "external_data")},
+        "dtype": {"value": dtype, "requested": asked_dtype, "reason": dtype_reason},
         "inputs": module.input_names,
         "outputs": module.output_names,
         "options": options,

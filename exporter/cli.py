@@ -45,11 +45,14 @@ def register(main: click.Group) -> None:
     @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
     @click.option(
         "--dtype",
-        type=click.Choice(("fp32", "fp16", "bf16")),
-        default="fp32",
+        type=click.Choice(("auto", "fp32", "fp16", "bf16")),
+        default="auto",
         show_default=True,
-        help="Weight and activation precision of the exported model (bf16: safetensors only, with --validate none; a "
-        "bf16 checkpoint is then linked, not converted).",
+        help="Weight and activation precision of the exported model. auto: the floating dtype a safetensors "
+        "checkpoint stores, read from its headers (fp32 -> fp32, fp16 -> fp16, bf16 -> fp16: ONNX Runtime's CPU "
+        "provider cannot validate bf16, and fp16 keeps the 2-byte size); pickle weights: fp32. The result and the "
+        "manifest's options say which and why (dtype_reason). bf16: safetensors only, with --validate none; a bf16 "
+        "checkpoint is then linked, not converted.",
     )
     @click.option(
         "--atol",

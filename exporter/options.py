@@ -1,16 +1,49 @@
-"""Export options checked and resolved before any work: dtype, opset, tolerances, validation mode
-and the memory budget (``8G``, ``512M``...)."""
+"""Export options checked and resolved before any work: dtype (``auto``: the checkpoint's own),
+opset, tolerances, validation mode and the memory budget (``8G``, ``512M``...)."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from gpcl_trt.common import GpclError
 
 DTYPES = ("fp32", "fp16", "bf16")  # bf16: lazy export only (a bf16 checkpoint linked as is), no ORT validation on CPU
+DTYPE_CHOICES = ("auto", *DTYPES)
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# --dtype auto: a safetensors checkpoint's floating dtype -> the export dtype. bf16 -> fp16: ONNX
+# Runtime's CPU provider has no bf16 MatMul, so a bf16 export cannot be validated here, and fp16
+# keeps the 2-byte size (fp32 would double it: a 7B bf16 checkpoint became 27 GB).
+AUTO_DTYPE = {"F64": "fp32", "F32": "fp32", "F16": "fp16", "BF16": "fp16"}
+_STORED_NAME = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 MIN_OPSET, MAX_OPSET = 18, 23
+
+
+def resolve_dtype(dtype: str, model_dir: Path) -> tuple[str, str]:
+    """(the export dtype, why) for ``--dtype`` (``auto`` or a dtype) and a checked model
+    directory. ``auto``: the floating dtype holding most of a safetensors checkpoint's
+    floating-point bytes, read from the headers (fp32 -> fp32, fp16 -> fp16, bf16 -> fp16); fp32
+    for pickle weights (their dtype is known only once they are loaded)."""
+    if dtype != "auto":
+        return dtype, f"--dtype {dtype} asked for"
+    if not any(model_dir.glob("*.safetensors")):
+        return "fp32", "auto: pickle weights (their dtype is read only by loading them): fp32"
+    from gpcl_trt.exporter.checkpoint import Checkpoint
+
+    stored: dict[str, int] = {}
+    for entry in Checkpoint.open(model_dir).tensors.values():
+        if entry.dtype in AUTO_DTYPE:
+            stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.nbytes
+    if not stored:
+        return "fp32", "auto: the checkpoint stores no floating-point tensors: fp32"
+    main = max(stored, key=lambda k: stored[k])
+    share = stored[main] / sum(stored.values())
+    chosen = AUTO_DTYPE[main]
+    what = f"auto: the checkpoint stores {_STORED_NAME[main]} ({share:.0%} of its floating-point bytes)"
+    if main == "BF16":
+        return chosen, f"{what}: fp16 (ONNX Runtime's CPU provider cannot validate bf16; fp16 keeps the 2-byte size)"
+    return chosen, f"{what}: {chosen}"
 
 
 VALIDATE_MODES = ("auto", "full", "layers", "none")

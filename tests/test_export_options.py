@@ -1,15 +1,20 @@
 """Export options (exporter/options.py, exporter/cli.py): a memory budget that is not a size is one
-line; ``--trace-layers`` is the replication policy (insert's ``--layers`` are layer indices)."""
+line; ``--trace-layers`` is the replication policy (insert's ``--layers`` are layer indices);
+``--dtype auto`` (the default) exports a checkpoint in the floating dtype it stores, bf16 as fp16,
+pickle weights as fp32, and says so in the result and the manifest."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
 from gpcl_trt.cli import main
+from gpcl_trt.common import manifest_path
+from gpcl_trt.exporter import export_model
 
 TG = "text-generation"
 
@@ -37,7 +42,7 @@ def test_memory_budget_that_is_not_a_size_is_one_line(tmp_path, value):
 
 
 # ----------------------------------------------------------------------------- tiny checkpoints
-def _save_llama(out: Path, dtype: str = "float32", safe: bool = True) -> Path:
+def _save_llama(out: Path, dtype: str = "float32") -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,19 +57,39 @@ def _save_llama(out: Path, dtype: str = "float32", safe: bool = True) -> Path:
         use_cache=False,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=safe)
+    LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype)).save_pretrained(out)
+    return out
+
+
+def _as_pickle(src: Path, out: Path) -> Path:
+    """The same weights (fp16 here) as pytorch_model.bin: a dtype only loading them can tell."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    torch.save(load_file(src / "model.safetensors"), out / "pytorch_model.bin")
     return out
 
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     base = tmp_path_factory.mktemp("option_models")
-    return {
+    dirs = {
         "fp32": _save_llama(base / "fp32"),
         "fp16": _save_llama(base / "fp16", "float16"),
         "bf16": _save_llama(base / "bf16", "bfloat16"),
-        "pickle": _save_llama(base / "pickle", safe=False),
     }
+    dirs["pickle"] = _as_pickle(dirs["fp16"], base / "pickle")
+    return dirs
+
+
+def _weight_types(onnx_path: Path) -> set[int]:
+    """ONNX element types of the weight matrices (small constants may stay fp32 in any export)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
 
 
 # ----------------------------------------------------------------------------- --trace-layers
@@ -88,3 +113,46 @@ def test_trace_layers_is_the_replication_policy_and_layers_is_not_an_export_opti
     assert res.exit_code == 0, res.output
     layers = json.loads(res.stdout)["weights"]["layers"]
     assert layers["traced"] == 2 and layers["why_every_layer"] == "not asked (replicate=False)"
+
+
+# ----------------------------------------------------------------------------- --dtype auto
+@pytest.mark.parametrize(
+    "name, dtype, onnx_type, why",
+    [
+        ("fp32", "fp32", 1, "stores fp32"),
+        ("fp16", "fp16", 10, "stores fp16"),
+        ("bf16", "fp16", 10, "stores bf16"),
+        ("pickle", "fp32", 1, "pickle weights"),
+    ],
+)
+def test_dtype_auto_is_the_checkpoint_dtype(llamas, tmp_path, name, dtype, onnx_type, why):
+    """The default exports a 16-bit checkpoint in 16 bits (a 7B bf16 checkpoint is no longer
+    converted to 27 GB of fp32): fp16 as stored, bf16 as fp16 (ONNX Runtime's CPU provider cannot
+    validate bf16); pickle weights, whose dtype is unknown before they are loaded, as fp32. The
+    export is validated against PyTorch at the chosen dtype's tolerance, and the manifest says what
+    was chosen and why."""
+    out = tmp_path / "m.onnx"
+    res = export_model(llamas[name], out, task=TG, allow_pickle=name == "pickle")
+    assert res["ok"] and res["validation"]["passed"]
+    opts = res["options"]
+    assert opts["dtype"] == dtype and opts["dtype_requested"] == "auto" and why in opts["dtype_reason"]
+    assert res["dtype"] == {"value": dtype, "requested": "auto", "reason": opts["dtype_reason"]}
+    assert _weight_types(out) == {onnx_type}
+    manifest = json.loads(manifest_path(out).read_text())
+    assert {k: manifest["options"][k] for k in ("dtype", "dtype_requested", "dtype_reason")} == {
+        k: opts[k] for k in ("dtype", "dtype_requested", "dtype_reason")
+    }
+    if name == "fp16":  # stored as exported: linked, nothing converted
+        assert res["weights"]["converted_bytes"] == 0
+
+
+def test_dtype_asked_for_is_kept(llamas, tmp_path):
+    res = export_model(llamas["fp16"], tmp_path / "m.onnx", task=TG, dtype="fp32")
+    assert res["options"]["dtype"] == "fp32" and res["options"]["dtype_requested"] == "fp32"
+    assert _weight_types(tmp_path / "m.onnx") == {1}
+
+
+def test_dtype_help_says_what_auto_picks():
+    text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
+    assert "[auto|fp32|fp16|bf16]" in text and "default: auto" in text
+    assert "bf16 -> fp16" in text and "pickle weights: fp32" in text
