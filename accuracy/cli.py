@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from gpcl_trt import tolerance
 from gpcl_trt.cli import result_command
 from gpcl_trt.gpcl import MODES
 
@@ -45,11 +46,14 @@ def register(main: click.Group) -> None:
     @click.option("--seed", default=0, show_default=True, help="Seed of the input generator.")
     @click.option(
         "--atol",
-        default=1e-4,
+        default=tolerance.DIFF_ATOL,
         show_default=True,
-        help="Absolute tolerance (an element fails only if it exceeds both tolerances).",
+        help="Absolute tolerance (an element fails only if it exceeds both tolerances: |ref - cand| > atol and > "
+        "rtol * |cand|, polygraphy's rule).",
     )
-    @click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance.")
+    @click.option(
+        "--rtol", default=tolerance.DIFF_RTOL, show_default=True, help="Relative tolerance, against the candidate."
+    )
     @click.option(
         "--save-golden",
         "save_golden",

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gpcl_trt import tolerance
 from gpcl_trt.accuracy import inputs as inp
 from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.polyutil import quiet_polygraphy
@@ -18,8 +19,7 @@ from gpcl_trt.accuracy.runners import Side, kind_of, make_side
 from gpcl_trt.common import GpclError, atomic_path, check_can_write, one_line, write_manifest
 from gpcl_trt.gpcl import quaternion_radii
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL, DEFAULT_RTOL = tolerance.DIFF_ATOL, tolerance.DIFF_RTOL
 
 
 # ----------------------------------------------------------------------------- checks

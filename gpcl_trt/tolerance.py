@@ -27,6 +27,11 @@ import numpy as np
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-1, "bf16": 5e-1}
 DEFAULT_RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 
+# Defaults of ``diff`` (any two artifacts, typically of one precision: the runtimes differ by
+# rounding order only).
+DIFF_ATOL = 1e-4
+DIFF_RTOL = 1e-3
+
 RULE = "every element |ref - cand| <= max(atol, rtol * |cand|)"
 
 

@@ -13,7 +13,7 @@ def _polygraphy_passes(ref: np.ndarray, cand: np.ndarray, atol: float, rtol: flo
     from polygraphy.comparator import IterationResult
     from polygraphy.comparator.compare import SimpleCompareFunc
 
-    from accuracy.polyutil import quiet_polygraphy
+    from gpcl_trt.accuracy.polyutil import quiet_polygraphy
 
     func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise", check_shapes=True)
     with quiet_polygraphy(), np.errstate(invalid="ignore"):
@@ -80,3 +80,19 @@ def test_defaults_per_dtype():
     # the 32-layer fp16 Llama of BENCHMARKS.md (0.045 on a logit of 0.18) passes by default
     assert tolerance.within(np.array([0.18]), np.array([0.18 + 0.045]), atol16, rtol16)
     assert set(tolerance.DEFAULT_ATOL) == set(tolerance.DEFAULT_RTOL) == {"fp32", "fp16", "bf16"}
+
+
+def test_per_layer_checks_use_the_same_rule():
+    """`diff --per-layer` judges every intermediate tensor with the same rule (it read rtol
+    against the reference before)."""
+    from gpcl_trt.accuracy.metrics import array_metrics
+
+    assert array_metrics(np.array([1.0]), np.array([2.0]), 0.0, 0.5)["within_tol"] is True
+    assert array_metrics(np.array([2.0]), np.array([1.0]), 0.0, 0.5)["within_tol"] is False
+    assert array_metrics(np.array([1.0, np.nan]), np.array([1.0, np.nan]), 1.0, 1.0)["within_tol"] is False
+
+
+def test_diff_defaults_come_from_here():
+    from gpcl_trt.accuracy import comparison
+
+    assert (comparison.DEFAULT_ATOL, comparison.DEFAULT_RTOL) == (tolerance.DIFF_ATOL, tolerance.DIFF_RTOL)
