@@ -16,6 +16,9 @@ from gpcl_trt.generate.loop import Sampling, decode
 # config.json keys that hold the number of positions, in the order transformers' configs use them
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 ENGINE_SUFFIXES = (".engine", ".plan")
+# Causal LM classes whose prepare_inputs_for_generation drops the cache once the sequence passes
+# original_max_position_embeddings (LongRoPE's switch to its long factors)
+REPREFILL_MODEL_TYPES = ("phi3", "phimoe", "phi4_multimodal")
 
 # (prompt index, text piece) as it becomes stable
 OnText = Callable[[int, str], None]
@@ -53,7 +56,12 @@ def model_settings(config_dir: Path | None, tokenizer: Any) -> dict:
         eos[0] if eos else 0,
     )
     positions = next((int(c[k]) for c in (cfg, text_cfg) for k in POSITION_KEYS if isinstance(c.get(k), int)), None)
-    return {"eos_ids": eos, "pad_id": pad, "max_positions": positions}
+    reprefill = None
+    if cfg.get("model_type") in REPREFILL_MODEL_TYPES:
+        rope = [r for r in (cfg.get("rope_parameters"), cfg.get("rope_scaling")) if isinstance(r, dict)]
+        original = [c.get("original_max_position_embeddings") for c in (cfg, *rope)]
+        reprefill = next((int(v) for v in original if isinstance(v, int)), None)
+    return {"eos_ids": eos, "pad_id": pad, "max_positions": positions, "reprefill_at": reprefill}
 
 
 def resolve(artifact: str | os.PathLike) -> tuple[str, Path | None]:
@@ -163,6 +171,7 @@ def generate(
         max_positions=settings["max_positions"],
         batch_size=batch_size,
         on_token=on_token,
+        reprefill_at=settings["reprefill_at"],
     )
     outputs = []
     for i, prompt in enumerate(prompts):
@@ -190,6 +199,7 @@ def generate(
         | ({"seed": sampling.seed} if not sampling.greedy else {}),
         "max_new_tokens": max_new_tokens,
         "eos_ids": sorted(eos),
+        "rules": {"reprefill_at": settings["reprefill_at"]} if settings["reprefill_at"] else {},
         "stop": list(stop),
         "outputs": outputs,
         "measurements": out["measurements"],

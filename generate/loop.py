@@ -86,11 +86,17 @@ def decode(
     max_positions: int | None = None,
     batch_size: int | None = None,
     on_token: OnToken | None = None,
+    reprefill_at: int | None = None,
 ) -> dict:
     """Generate for each prompt (token ids). Returns ``tokens`` (the new ids per prompt, an EOS
     included), ``finish`` per prompt (``eos``, ``stop``, ``length``) and ``measurements``: prompt
     and new token counts, time to first token (the first batch's prefill and first pick), decode
-    tokens/s (tokens after each row's first over the time after the first pick)."""
+    tokens/s (tokens after each row's first over the time after the first pick).
+
+    ``reprefill_at``: the model's own rule (Phi-3's, from transformers' Phi3ForCausalLM): when a
+    batch's sequence (padding included) first grows past this length, the cache is dropped and
+    the whole sequence is prefilled again. LongRoPE switches from its short to its long factors
+    there, which changes every cached key; without it the logits drift."""
     if max_new_tokens < 1:
         raise GpclError(f"max new tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -148,7 +154,11 @@ def decode(
             if done.all():
                 break
             mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
-            logits = runtime.step(step_ids[:, None], mask, next_pos)
+            ids = np.concatenate([ids, step_ids[:, None]], axis=1)
+            if reprefill_at is not None and mask.shape[1] == reprefill_at + 1:
+                logits = runtime.prefill(ids, mask, np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1))
+            else:
+                logits = runtime.step(step_ids[:, None], mask, next_pos)
             next_pos = next_pos + 1
         decode_s += time.perf_counter() - t_first
     new = sum(len(t) for t in tokens)

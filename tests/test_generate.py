@@ -228,9 +228,79 @@ def test_eos_ids_from_generation_config_then_config(tmp_path):
     from gpcl_trt.generate.api import model_settings
 
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "n_positions": 99}))
-    assert model_settings(tmp_path, None) == {"eos_ids": [2], "pad_id": 2, "max_positions": 99}
+    assert model_settings(tmp_path, None) == {"eos_ids": [2], "pad_id": 2, "max_positions": 99, "reprefill_at": None}
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4], "pad_token_id": 0}))
-    assert model_settings(tmp_path, None) == {"eos_ids": [3, 4], "pad_id": 0, "max_positions": 99}
+    assert model_settings(tmp_path, None) == {"eos_ids": [3, 4], "pad_id": 0, "max_positions": 99, "reprefill_at": None}
+
+
+# ----------------------------------------------------------------------------- model rules
+class _Recording:
+    """A runtime that keeps the logits it returns."""
+
+    def __init__(self, runtime):
+        self.runtime, self.takes_positions, self.logits = runtime, runtime.takes_positions, []
+
+    def prefill(self, *args):
+        self.logits.append(self.runtime.prefill(*args))
+        return self.logits[-1]
+
+    def step(self, *args):
+        self.logits.append(self.runtime.step(*args))
+        return self.logits[-1]
+
+
+def test_phi3_longrope_reprefills_like_transformers(tmp_path):
+    """Phi-3 with LongRoPE: once the sequence passes original_max_position_embeddings (16), the
+    cache is dropped and the sequence prefilled again with the long factors, as transformers'
+    Phi3ForCausalLM does; every step's logits then match transformers' generate, and without the
+    re-prefill they drift."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from gpcl_trt.exporter import export_model
+    from gpcl_trt.generate import OrtRuntime, decode, generate
+
+    cfg = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5 + i for i in range(8)]},
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    d = tmp_path / "phi3"
+    torch.manual_seed(0)
+    Phi3ForCausalLM(cfg).eval().save_pretrained(d)
+    _tokenizer(d)
+    onnx_path = tmp_path / "phi3.onnx"
+    assert export_model(d, onnx_path, task=TGP)["ok"]
+    ids = AutoTokenizer.from_pretrained(d)(PROMPTS[0])["input_ids"]
+    assert len(ids) < 16 < len(ids) + 24
+
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        hf = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=24, output_logits=True, return_dict_in_generate=True
+        )
+    hf_tokens = hf.sequences[0, len(ids) :].tolist()
+    hf_logits = np.concatenate([x.numpy() for x in hf.logits])
+
+    def run(reprefill_at):
+        rec = _Recording(OrtRuntime(onnx_path))
+        out = decode(rec, [ids], max_new_tokens=24, reprefill_at=reprefill_at)
+        return out["tokens"][0], np.abs(np.concatenate(rec.logits) - hf_logits).max()
+
+    tokens, diff = run(16)
+    assert tokens == hf_tokens and diff < 1e-4
+    assert run(None)[1] > 1e-3
+    result = generate(onnx_path, [PROMPTS[0]], max_new_tokens=24)
+    assert result["rules"] == {"reprefill_at": 16} and _tokens(result) == [hf_tokens]
 
 
 # ----------------------------------------------------------------------------- GPCL
