@@ -1,0 +1,220 @@
+"""Generation side by side: our loop over our export (ONNX Runtime, IOBinding) against
+onnxruntime-genai's builder output and its og.Generator, on one random-init Llama checkpoint.
+
+Every measurement runs in a fresh worker process (so peak RSS is that runtime's alone), rounds
+alternating between the two runtimes; greedy, no EOS (the same number of tokens on both sides),
+the same random prompt ids, the same thread count. onnxruntime-genai lives in its own venv
+(default .venv-genai: `python -m venv .venv-genai && .venv-genai/bin/pip install onnxruntime-genai`);
+its model builder runs in this venv (it needs torch and transformers) from that venv's package.
+
+    .venv/bin/python tools/bench_generate.py --work /tmp/bg --shape small --batches 1,8 --rounds 3
+
+Prints one JSON object: per runtime and batch, the median time to first token (prefill + first
+pick), decode tokens/s (tokens after the first, all rows, over the time after the first pick)
+and peak RSS, and ours / genai ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    # the issue's first measurement: hidden 512, 8 layers
+    "small": dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
+    ),
+    # Qwen2-0.5B's shape as a Llama
+    "0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+    ),
+}
+VOCAB = {"small": 32000, "0.5b": 151936}
+
+
+def _genai_site(python: str) -> str:
+    out = subprocess.run(
+        [
+            python,
+            "-c",
+            "import onnxruntime_genai, os; print(os.path.dirname(os.path.dirname(onnxruntime_genai.__file__)))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
+    """The checkpoint, our export and genai's build (each made once)."""
+    ckpt, ours, genai = work / f"ckpt_{shape}", work / f"ours_{shape}" / "model.onnx", work / f"genai_{shape}"
+    if not (ckpt / "config.json").is_file():
+        import torch
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        cfg = LlamaConfig(
+            vocab_size=VOCAB[shape], max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES[shape]
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).eval().save_pretrained(ckpt)
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        ).save_pretrained(ckpt)
+    if not ours.is_file():
+        from gpcl_trt.exporter import export_model
+
+        ours.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        res = export_model(ckpt, ours, task="text-generation-with-past")
+        assert res["ok"], res
+        print(f"exported ours in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not (genai / "genai_config.json").is_file():
+        site = _genai_site(genai_python)
+        argv = ["builder", "-i", str(ckpt), "-o", str(genai), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")]
+        code = (  # appended: this venv's numpy and onnxruntime stay first on the path
+            f"import sys, runpy; sys.path.append({site!r}); sys.argv = {argv!r}; "
+            f"runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')"
+        )
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=sys.stderr)  # stdout: the result only
+        print(f"built genai in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    cfg_path = genai / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+    cfg_path.write_text(json.dumps(cfg, indent=4))
+    return {"ckpt": ckpt, "ours": ours, "genai": genai}
+
+
+def _prompt(batch: int, length: int, vocab: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, vocab, size=(batch, length)).astype(np.int64)
+
+
+def worker_ours(model: str, batch: int, length: int, new: int, threads: int, vocab: int) -> dict:
+    from gpcl_trt.generate import OrtRuntime, decode
+
+    rt = OrtRuntime(model, threads=threads)
+    prompts = _prompt(batch, length, vocab).tolist()
+    decode(rt, prompts[:1], max_new_tokens=2)  # warm-up: first-run allocations
+    m = decode(rt, prompts, max_new_tokens=new)["measurements"]
+    assert m["new_tokens"] == batch * new
+    return {"ttft_s": m["time_to_first_token_s"], "decode_tokens_per_s": m["decode_tokens_per_s"]}
+
+
+def worker_genai(model: str, batch: int, length: int, new: int, threads: int, vocab: int) -> dict:
+    import onnxruntime_genai as og
+
+    m = og.Model(model)
+    ids = _prompt(batch, length, vocab)
+
+    def run(rows, n):
+        params = og.GeneratorParams(m)
+        params.set_search_options(do_sample=False, max_length=length + n, min_length=length + n, batch_size=len(rows))
+        gen = og.Generator(m, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(rows)
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        steps = 1
+        while not gen.is_done():
+            gen.generate_next_token()
+            steps += 1
+        t2 = time.perf_counter()
+        assert steps == n, steps
+        return t1 - t0, len(rows) * (n - 1) / (t2 - t1)
+
+    run(ids[:1], 2)  # warm-up
+    ttft, tps = run(ids, new)
+    return {"ttft_s": ttft, "decode_tokens_per_s": tps}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM belongs to the address space exec made (ru_maxrss would
+    carry over the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_generate"))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
+    ap.add_argument("--worker", choices=["ours", "genai"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = worker_ours if a.worker == "ours" else worker_genai
+        res = fn(a.model, int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape])
+        res["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(res))
+        return
+    a.work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(a.work, a.shape, a.genai_python, a.threads)
+    runs: dict = {}
+    for r in range(a.rounds):
+        for batch in [int(b) for b in a.batches.split(",")]:
+            for name, python, model in (
+                ("ours", sys.executable, paths["ours"]),
+                ("genai", a.genai_python, paths["genai"]),
+            )[:: 1 if r % 2 == 0 else -1]:
+                cmd = [python, __file__, "--worker", name, "--model", str(model), "--shape", a.shape]
+                cmd += ["--batches", str(batch), "--prompt", str(a.prompt), "--new", str(a.new)]
+                cmd += ["--threads", str(a.threads)]
+                out = subprocess.run(
+                    cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
+                )
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault(f"{name}/b{batch}", []).append(res)
+                print(f"round {r} {name} batch {batch}: {res}", file=sys.stderr)
+    summary = {
+        k: {m: statistics.median(x[m] for x in v) for m in ("ttft_s", "decode_tokens_per_s", "peak_rss_mb")}
+        for k, v in runs.items()
+    }
+    ratios = {}
+    for batch in a.batches.split(","):
+        o, g = summary[f"ours/b{batch}"], summary[f"genai/b{batch}"]
+        ratios[f"b{batch}"] = {
+            "decode_tokens_per_s": o["decode_tokens_per_s"] / g["decode_tokens_per_s"],
+            "ttft": o["ttft_s"] / g["ttft_s"],
+            "peak_rss": o["peak_rss_mb"] / g["peak_rss_mb"],
+        }
+    print(
+        json.dumps(
+            {
+                "shape": a.shape,
+                "prompt": a.prompt,
+                "new": a.new,
+                "threads": a.threads,
+                "rounds": a.rounds,
+                "median": summary,
+                "ours_over_genai": ratios,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
