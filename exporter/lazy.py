@@ -181,16 +181,18 @@ def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
     stored key loaded into its own parameter (as ``set_param_for_module`` does, which unties);
     then transformers' own ``tie_weights(missing_keys=...)`` decides the ties (a tie whose two
     tensors are both stored and differ is not made, and the target keeps its tensor; a tie whose
-    source is absent reads the target). The stand-ins are the file-mapped checkpoint tensors, so
-    its equality check reads real bytes; afterwards every parameter is on ``meta`` again with its
-    export dtype, ties as decided. Raises GpclError naming the tensor and file for a parameter no
-    stored tensor feeds, or a shape mismatch."""
+    source is absent reads the target). The stand-ins of tied parameters are the file-mapped
+    checkpoint tensors, so its equality check reads real bytes; afterwards every parameter is on
+    ``meta`` again with its export dtype, ties as decided. Raises GpclError naming the tensor and
+    file for a parameter no stored tensor feeds, or a shape mismatch."""
     import torch
 
     by_model_key, unused = map_keys(model, ckpt)
     named = list(model.named_parameters(remove_duplicate=False))
     dtype_of = {n: p.dtype for n, p in named}
     shape_of = {n: tuple(p.shape) for n, p in named}
+    tied_before = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    tie_names = set(tied_before) | set(tied_before.values())
     entry_of: dict[int, TensorEntry] = {}
     for name, p in named:
         e = by_model_key.get(name)
@@ -203,11 +205,12 @@ def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
             )
         if not DTYPES[e.dtype][1].startswith(("float", "bfloat")):
             raise GpclError(f"unreadable weights: {e.where()} has dtype {e.dtype}, expected a float type")
-        stand_in = torch.nn.Parameter(ckpt.tensor(e), requires_grad=False)
+        # only tied parameters need their bytes (transformers compares the two); the others need an identity
+        data = ckpt.tensor(e) if name in tie_names else torch.empty(e.shape, dtype=e.torch_dtype, device="meta")
+        stand_in = torch.nn.Parameter(data, requires_grad=False)
         entry_of[id(stand_in)] = e
         _set_parameter(model, name, stand_in)
     missing = {k for k in model.state_dict(keep_vars=True) if k not in by_model_key}
-    tied_before = dict(getattr(model, "all_tied_weights_keys", None) or {})
     if tied_before:
         import logging
 
@@ -221,10 +224,8 @@ def bind_checkpoint(model: Any, ckpt: Checkpoint, config_path: Path) -> Binding:
     untied = sorted(set(tied_before) - set(getattr(model, "all_tied_weights_keys", None) or {}))
 
     groups: dict[int, list[str]] = {}
-    params: dict[int, Any] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-        params[id(p)] = p
     entries, aliases, target = {}, {}, {}
     for pid, names in groups.items():
         canonical = names[0]
