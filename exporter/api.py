@@ -9,7 +9,7 @@ Public API (see docs/architecture.md): ``export_model``, ``load_model``, ``make_
   build.py        the model built lazily on ``meta`` (lazy.py, checkpoint.py) or loaded eagerly
   tracing.py      the core (cores.py, patchers.py) traced by the dynamo exporter, replicate.py
   postprocess.py  the traced graph's rewrites
-  writing.py      weights layout and files, into the staging directory (staging.py)
+  writing.py      weights layout and files, into the staging directory (weightfiles.Staging)
   validate.py     ONNX Runtime against PyTorch
   and then the staged files are committed under their final names with OUT.manifest.json.
 
@@ -19,16 +19,16 @@ torch / transformers / onnx are imported inside the functions so that importing 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpcl_trt import weightfiles
 from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_file, write_manifest
 from gpcl_trt.exporter import replicate as rep
 from gpcl_trt.exporter.build import bind_config, lazy_model, load_model, quiet
-from gpcl_trt.exporter.model_dir import check_model_dir, check_weights, family_class, model_dir_hash, read_model_dir
+from gpcl_trt.exporter.model_dir import check_model_dir, check_weights, family_class, read_model_dir
 from gpcl_trt.exporter.options import (
     DTYPE_CHOICES,
     MAX_OPSET,
@@ -90,7 +90,6 @@ def export_model(
     traces every layer."""
     from gpcl_trt import progress
     from gpcl_trt.exporter import validate as val
-    from gpcl_trt.exporter.staging import Staging
 
     # options and inputs, before any work
     out = Path(output)
@@ -148,7 +147,7 @@ def export_model(
         eager_reason = "pickle weights" if not use_safetensors else "lazy=False"
 
     old_locations = external_locations(out) if force and out.is_file() else set()
-    with Staging(out.parent, out.name) as stage:
+    with weightfiles.Staging(out.parent, out.name) as stage:
         # trace and write into the staging directory
         staged = stage.file(out.name)
         if built is not None:
@@ -173,7 +172,7 @@ def export_model(
         ok = bool(validation.get("passed", True))
 
         # the manifest, and the commit
-        model_hash, hash_kind = model_dir_hash(d)
+        model_hash, hash_kind = weightfiles.tree_identity(d)
         results = {
             "architecture": arch.name,
             "model_type": arch.hf_config.model_type,
@@ -212,9 +211,8 @@ def export_model(
         if ok:
             write_manifest(staged, "export", inputs, options, results, packages=PACKAGES, force=True)
             stage.commit(data_files + [out.name, manifest_path(out).name], force)
-            for loc in old_locations - set(data_files):
-                with contextlib.suppress(OSError):
-                    (out.parent / loc).unlink()
+            # data files of the export this one replaced that it no longer uses (unless another artifact reads them)
+            weightfiles.retire(out.parent, sorted(old_locations - set(data_files)), owner=out)
     return {
         "ok": ok,
         "written": ok,

@@ -1,7 +1,7 @@
 """Model directory input checks, before anything is loaded: a local Hugging Face directory with a
 readable config.json of a supported family (exporter/families.py), weights that are safetensors
 (headers parsed, so a corrupt file is one line) or pickle only with --allow-pickle, custom code
-only with --trust-remote-code; and the hash of the directory recorded in the manifest."""
+only with --trust-remote-code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from gpcl_trt.common import GpclError, one_line, sha256_dir
+from gpcl_trt.common import GpclError, one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -73,31 +73,3 @@ def check_weights(d: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
             )
         return pickled, False
     raise GpclError(f"{d} has no weights (*.safetensors)")
-
-
-# ----------------------------------------------------------------------------- input hash
-HASH_CONTENT_LIMIT = 2 << 30  # above this, hash names, sizes, mtimes and safetensors headers
-
-
-def model_dir_hash(d: Path) -> tuple[str, str]:
-    """sha256 of the model directory: its full content up to 2 GiB; beyond that, of every file's
-    name, size and mtime plus the content of every non-weight file and every safetensors header
-    (reading 140 GB to hash it would cost more than the export). Returns (hex, kind)."""
-    import hashlib
-    import struct
-
-    files = sorted(p for p in d.rglob("*") if p.is_file())
-    if sum(p.stat().st_size for p in files) <= HASH_CONTENT_LIMIT:
-        return sha256_dir(d), "content"
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(d).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        if p.suffix == ".safetensors":
-            with open(p, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                h.update(head + f.read(min(n, 100 << 20)))
-        elif st.st_size <= 16 << 20:
-            h.update(p.read_bytes())
-    return h.hexdigest(), "names+sizes+mtimes+headers"

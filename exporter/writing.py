@@ -1,6 +1,6 @@
 """Writing: where the weights go (inline, links into the checkpoint, copies, ``OUT.onnx.data``),
 the eager path's ONNX file, and what an existing output refers to; all into the staging
-directory (exporter/staging.py) that is committed once every check has passed."""
+directory (gpcl_trt.weightfiles.Staging) that is committed once every check has passed."""
 
 from __future__ import annotations
 

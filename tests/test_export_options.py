@@ -156,3 +156,23 @@ def test_dtype_help_says_what_auto_picks():
     text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
     assert "[auto|fp32|fp16|bf16]" in text and "default: auto" in text
     assert "bf16 -> fp16" in text and "pickle weights: fp32" in text
+
+
+# ----------------------------------------------------------------------------- --force and old data files
+def test_force_export_keeps_an_old_data_file_another_artifact_reads(llamas, tmp_path):
+    """A --force export that no longer writes a data file of the export it replaces retires it
+    through gpcl_trt.weightfiles: deleted, unless another artifact's manifest in the directory
+    reads it (the exporter used to unlink it regardless)."""
+    d, out = llamas["fp32"], tmp_path / "m.onnx"
+    export_model(d, out, task=TG, external_data="link", validate="none")
+    data = tmp_path / "m.onnx.model.safetensors"
+    assert data.is_file()
+    (tmp_path / "other.onnx").write_bytes(b"")
+    other = {"artifact": "other.onnx", "results": {"external_data": [data.name]}}
+    (tmp_path / "other.manifest.json").write_text(json.dumps(other))
+    res = export_model(d, out, task=TG, external_data="inline", validate="none", force=True)
+    assert res["external_data"] == [] and data.is_file()  # kept: other.onnx reads it
+    (tmp_path / "other.manifest.json").unlink()
+    export_model(d, out, task=TG, external_data="link", validate="none", force=True)
+    export_model(d, out, task=TG, external_data="inline", validate="none", force=True)
+    assert not data.exists()  # retired: nothing else reads it
