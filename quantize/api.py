@@ -34,6 +34,7 @@ QUANT_OPSET = 21  # blocked DequantizeLinear and int4/uint4 arrived in opset 21
 MIN_OPSET = 18  # 18 -> 21 changes no op's meaning (types only) except those in CHANGED_OPS
 CHANGED_OPS = {"GroupNormalization", "GridSample", "DFT"}  # their meaning changed between 18 and 21
 DEFAULT_KEEP = ("*embed*", "*lm_head*", "*norm*", "*gpcl*")
+LM_HEAD_PATTERN = "*lm_head*"
 CHUNK_BYTES = 16 << 20  # float32 bytes of one chunk of a weight (a multiple of whole blocks along K)
 COPY_BYTES = 16 << 20
 ALIGN = 4096  # each tensor in OUT.onnx.data starts on a page: runtimes map it in place
@@ -241,7 +242,8 @@ def _walk(name: str, consumers: dict, outputs: set, parity: int, out_type: int, 
 
 def _feeds_output(node: Any, consumers: dict, outputs: set, depth: int = 3) -> bool:
     """The projection's result is a graph output (through a bias Add or reshapes): the model's
-    output head (lm_head), which the anchors keep in float."""
+    output head (lm_head): float unless asked (ModelOpt's default; onnxruntime-genai's builder
+    quantizes it)."""
     out = node.output[0]
     for _ in range(depth + 1):
         if out in outputs:
@@ -253,8 +255,9 @@ def _feeds_output(node: Any, consumers: dict, outputs: set, depth: int = 3) -> b
     return False
 
 
-def plan(model: Any, keep: Iterable[str]) -> tuple[list[Weight], dict[str, str]]:
-    """The weights to quantize and, for every other 2-D float initializer, why it stays float."""
+def plan(model: Any, keep: Iterable[str], lm_head: bool = False) -> tuple[list[Weight], dict[str, str]]:
+    """The weights to quantize and, for every other 2-D float initializer, why it stays float.
+    ``lm_head``: the output projection is quantized too."""
     g = model.graph
     consumers: dict[str, list] = {}
     for node in g.node:
@@ -276,7 +279,7 @@ def plan(model: Any, keep: Iterable[str]) -> tuple[list[Weight], dict[str, str]]
             hit = next((p for p in patterns if any(fnmatch.fnmatchcase(s, p) for s in named)), None)
             if hit:
                 why = f"kept by pattern {hit!r}"
-            elif any(_feeds_output(n, consumers, outputs) for n, _ in w.uses):
+            elif not lm_head and any(_feeds_output(n, consumers, outputs) for n, _ in w.uses):
                 why = "the output projection (lm_head)"
         if why is None:
             weights.append(w)
@@ -439,13 +442,16 @@ def quantize_model(
     symmetric: bool = True,
     method: str = "rtn",
     keep: Iterable[str] = (),
+    lm_head: bool = False,
     force: bool = False,
 ) -> dict:
     """Quantize the projection weights of ``onnx_path`` (int8 or int4, blocks of ``block_size``
     along K, RTN) and write ``output`` (+ OUT.onnx.data when the source's weights are external,
     + OUT.manifest.json). Embeddings, the output projection, norms, biases and GPCL stay float
     (``DEFAULT_KEEP`` and the graph's structure); ``keep`` adds glob patterns matched against
-    initializer and node names."""
+    initializer and node names. ``lm_head``: quantize the output projection too (what
+    onnxruntime-genai's builder does by default: at 0.5B with a 152k vocabulary the fp32 lm_head is
+    half of what a decode step reads)."""
     from onnx.external_data_helper import uses_external_data
 
     from gpcl_trt import weightfiles
@@ -463,8 +469,8 @@ def quantize_model(
     check_can_write(out, force)
     weightfiles.verify_onnx(src, model)
     scheme = Scheme(weights, symmetric)
-    keep_patterns = tuple(DEFAULT_KEEP) + tuple(keep)
-    todo, kept = plan(model, keep_patterns)
+    keep_patterns = tuple(p for p in DEFAULT_KEEP if not (lm_head and p == LM_HEAD_PATTERN)) + tuple(keep)
+    todo, kept = plan(model, keep_patterns, lm_head)
     if not todo:
         raise GpclError(f"{src}: no projection weight to quantize (kept: {len(kept)} float weights)")
     opset_before = _bump_opset(model)
@@ -516,6 +522,7 @@ def quantize_model(
             "symmetric": symmetric,
             "method": method,
             "keep": list(keep_patterns),
+            "lm_head": lm_head,
         }
         model_dir = model_dir_of(src)
         inputs = pass_inputs(src, src_sha, str(model_dir) if model_dir else None)

@@ -39,8 +39,14 @@ def register(main: click.Group) -> None:
         help="Also keep in float the weights whose initializer or node name matches this glob (repeatable), "
         "e.g. '*layers.0.*'.",
     )
+    @click.option(
+        "--lm-head",
+        is_flag=True,
+        help="Quantize the output projection (lm_head) too, as onnxruntime-genai's builder does: faster decoding "
+        "where the vocabulary is large, at some accuracy.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-    def quantize(model, output, weights, block_size, asymmetric, method, keep, force) -> dict:
+    def quantize(model, output, weights, block_size, asymmetric, method, keep, lm_head, force) -> dict:
         from gpcl_trt.quantize import quantize_model
 
         result = quantize_model(
@@ -51,6 +57,7 @@ def register(main: click.Group) -> None:
             symmetric=not asymmetric,
             method=method,
             keep=keep,
+            lm_head=lm_head,
             force=force,
         )
         click.echo(

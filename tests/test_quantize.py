@@ -242,6 +242,16 @@ def test_decoder_logits(sharded_export, quantized):
     assert errors["int8"] < errors["int4"] < 0.3 * scale
 
 
+def test_lm_head_flag(sharded_export, tmp_path):
+    """--lm-head quantizes the output projection too (onnxruntime-genai's default); the logits
+    still equal the same weights dequantized."""
+    out = tmp_path / "q.onnx"
+    res = quantize_model(sharded_export, out, weights="int4", lm_head=True)
+    assert res["quantized"] == 15 and not any("lm_head" in why for why in res["kept"].values())
+    feed = make_feeds(specs_from_onnx(onnx.load(out, load_external_data=False)), 1, 6, vocab=128)
+    np.testing.assert_allclose(_logits(out, feed), _logits(dequantized_reference(out), feed), rtol=0, atol=1e-5)
+
+
 def test_reads_each_weight_once(sharded_export, tmp_path, monkeypatch):
     """Every external weight of the sharded export is read exactly once (quantized or copied),
     and the output is self-contained (its own data file, none of the shards)."""
