@@ -116,16 +116,19 @@ def test_greedy_onnx_equals_hf_generate(decoders, name):
         assert _tokens(ref) == _tokens(generate(onnx_path, PROMPTS, max_new_tokens=32))
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_ragged_batch_equals_each_prompt_alone(decoders, name):
-    """Left padding through the mask and positions (Llama); GPT-2's export takes no positions,
-    so its prompts are batched by length."""
-    from gpcl_trt.generate import generate
+@pytest.mark.parametrize("name, runtime", [("llama", "onnx"), ("gpt2", "onnx"), ("gpt2", "pytorch")])
+def test_ragged_batch_equals_each_prompt_alone(decoders, name, runtime):
+    """Left padding through the mask and positions. GPT-2's export takes no positions, so its
+    prompts are batched by length; GPT-2 in PyTorch does take them, and its learned absolute
+    positions show any shift (rotary ones are blind to a shift shared by a row's tokens)."""
+    from gpcl_trt.generate import generate, open_runtime
 
-    _, onnx_path = decoders(name)
-    batch = generate(onnx_path, PROMPTS, max_new_tokens=32)
+    model_dir, onnx_path = decoders(name)
+    artifact = onnx_path if runtime == "onnx" else model_dir
+    rt = open_runtime(artifact)
+    batch = generate(artifact, PROMPTS, max_new_tokens=32, runtime=rt)
     assert len({o["prompt_tokens"] for o in batch["outputs"]}) == 3
-    assert _tokens(batch) == [_tokens(generate(onnx_path, [p], max_new_tokens=32))[0] for p in PROMPTS]
+    assert _tokens(batch) == [_tokens(generate(artifact, [p], max_new_tokens=32, runtime=rt))[0] for p in PROMPTS]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -344,6 +347,19 @@ def test_cli_generates_and_streams(decoders):
     assert result["ok"] and len(result["outputs"][0]["tokens"]) <= 8
     streamed = _cli(str(onnx_path), "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--stream")
     assert streamed.exit_code == 0 and streamed.stdout == result["outputs"][0]["text"] + "\n"
+
+
+def test_cli_prompts_file_in_batches(decoders, tmp_path):
+    from gpcl_trt.generate import generate
+
+    _, onnx_path = decoders("llama")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")  # blank lines are not prompts
+    res = _cli(str(onnx_path), "--prompts", str(prompts), "--batch-size", "2", "--max-new-tokens", "6", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert [o["prompt"] for o in got["outputs"]] == PROMPTS
+    assert _tokens(got) == _tokens(generate(onnx_path, PROMPTS, max_new_tokens=6))
 
 
 def test_cli_chat_uses_the_template(decoders, tmp_path):
