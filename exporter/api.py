@@ -25,21 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from gpcl_trt import weightfiles
-from gpcl_trt.common import GpclError, check_can_write, manifest_path, sha256_file, write_manifest
+from gpcl_trt.common import GpclError, manifest_path, sha256_file, write_manifest
 from gpcl_trt.exporter import replicate as rep
-from gpcl_trt.exporter.build import bind_config, lazy_model, load_model, quiet
+from gpcl_trt.exporter.build import load_model, prepare, quiet
 from gpcl_trt.exporter.model_dir import check_model_dir, check_weights, family_class, read_model_dir
-from gpcl_trt.exporter.options import (
-    DTYPE_CHOICES,
-    MAX_OPSET,
-    MIN_OPSET,
-    parse_memory_budget,
-    resolve_dtype,
-    validate_mode,
-)
+from gpcl_trt.exporter.options import check_options
 from gpcl_trt.exporter.tracing import make_dummy_inputs, trace, trace_errors, trace_replicated
-from gpcl_trt.exporter.writing import external_locations, extra_disk, weights_layout, write_eager
-from gpcl_trt.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
+from gpcl_trt.exporter.writing import check_output, external_locations, extra_disk, weights_layout, write_eager
 
 __all__ = ["check_model_dir", "export_model", "load_model", "make_dummy_inputs"]
 
@@ -88,131 +80,44 @@ def export_model(
     with 4 layers and grown to all of them (exporter/replicate.py), else every layer is traced and
     ``weights.layers.why_every_layer`` says why; True insists (an error if impossible); False
     traces every layer."""
-    from gpcl_trt import progress
-    from gpcl_trt.exporter import validate as val
+    from gpcl_trt.exporter import lazy as lz
 
     # options and inputs, before any work
-    out = Path(output)
-    if out.suffix != ".onnx":
-        raise GpclError(f"output {out} must end in .onnx")
-    if out.is_dir():
-        raise GpclError(f"output {out} is a directory")
-    check_can_write(out, force)
-    check_can_write(manifest_path(out), force)  # the manifest is an output too
-    if dtype not in DTYPE_CHOICES:
-        raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise GpclError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
-    atol = None if atol is None else float(atol)
-    if atol is not None and not atol >= 0:
-        raise GpclError(f"atol must be >= 0, got {atol}")
-    rtol = None if rtol is None else float(rtol)
-    if rtol is not None and not rtol >= 0:
-        raise GpclError(f"rtol must be >= 0, got {rtol}")
-    mode = validate_mode(validate)
-    budget = parse_memory_budget(memory_budget)
-    if dtype == "bf16" and mode != "none":
-        raise GpclError(
-            "--dtype bf16 cannot be validated here (ONNX Runtime's CPU provider has no bf16 MatMul); pass --validate "
-            "none"
-        )
-    if dtype == "bf16" and lazy is False:
-        raise GpclError("--dtype bf16 is exported lazily only (safetensors checkpoints)")
-
-    # the model directory -> family, task, and the model built lazily (or why not)
+    out = check_output(output, force)
+    opts = check_options(dtype, opset, atol, rtol, validate, memory_budget, lazy)
     d, raw = read_model_dir(model_dir)
     arch_cls = family_class(raw, d / "config.json", trust_remote_code)
-    use_safetensors = any(d.glob("*.safetensors"))
-    if not use_safetensors:
+    if not any(d.glob("*.safetensors")):
         check_weights(d, allow_pickle)  # the pickle refusal, or "no weights"
-    asked_dtype = dtype
-    dtype, dtype_reason = resolve_dtype(asked_dtype, d)
-    atol = DEFAULT_ATOL[dtype] if atol is None else atol
-    rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
-    eager_reason = None
-    built = None
-    if use_safetensors and lazy is not False:
-        import torch  # noqa: F401  (transformers wants it first)
-
-        with progress.step(f"read {d.name} (config and safetensors headers)"), quiet():
-            hf_config, arch, task = bind_config(d, arch_cls, dtype, task, trust_remote_code)
-            built = lazy_model(d, hf_config, arch, task, dtype, trust_remote_code)
-        if isinstance(built, str):
-            eager_reason, built = built, None
-            if lazy is True:
-                raise GpclError(f"lazy export impossible for {d}: {eager_reason}")
-    elif lazy is True:
-        raise GpclError(f"lazy export needs safetensors weights; {d} has pickle weights")
-    else:
-        eager_reason = "pickle weights" if not use_safetensors else "lazy=False"
+    opts.resolve(d)
+    # the model: built lazily on meta from the checkpoint's headers, or why it is loaded eagerly
+    built, arch, task, eager_reason = prepare(d, arch_cls, opts.dtype, task, trust_remote_code, lazy)
 
     old_locations = external_locations(out) if force and out.is_file() else set()
     with weightfiles.Staging(out.parent, out.name) as stage:
-        # trace and write into the staging directory
+        # trace, post-process and write into the staging directory
         staged = stage.file(out.name)
         if built is not None:
-            done = _export_lazy(built, d, arch, task, int(opset), dtype, staged, external_data, replicate)
+            done = _export_lazy(built, d, arch, task, opts.opset, opts.dtype, staged, external_data, replicate)
         else:
             done = _export_eager(
-                d, task, int(opset), dtype, staged, external_data, eager_reason, trust_remote_code, allow_pickle
+                d, task, opts.opset, opts.dtype, staged, external_data, eager_reason, trust_remote_code, allow_pickle
             )
-        module, arch, task, data_files, weights = done.module, done.arch, done.task, done.data_files, done.weights
-        weights["data_files"] = data_files
-        weights["extra_disk_bytes"] = extra_disk([staged] + [stage.file(f) for f in data_files])
-
-        # validate
-        validation: dict[str, Any] = {"mode": "none", "skipped": True}
-        if mode != "none":
-            plan = val.plan_validation(staged, mode, budget)
-            with progress.step(f"validate against PyTorch ({plan['mode']}: {plan['reason']})"):
-                validation = val.validate_export(module, arch, task, staged, atol, mode=plan["mode"], rtol=rtol)
-            validation.update(
-                {"requested": mode, "reason": plan["reason"], "memory_budget": budget, "estimate": plan["estimate"]}
-            )
+        done.weights["data_files"] = done.data_files
+        done.weights["extra_disk_bytes"] = extra_disk([staged] + [stage.file(f) for f in done.data_files])
+        validation = _validate(done, staged, opts)
         ok = bool(validation.get("passed", True))
 
         # the manifest, and the commit
-        model_hash, hash_kind = weightfiles.tree_identity(d)
-        results = {
-            "architecture": arch.name,
-            "model_type": arch.hf_config.model_type,
-            "hf_class": type(module.core.model).__name__,
-            "task": task,
-            "inputs": [s.as_dict() for s in arch.inputs(task)],
-            "outputs": [s.as_dict() for s in arch.outputs(task)],
-            "external_data": data_files,
-            "weights": weights,
-            "validation": validation,
-        }
-        options = {
-            "task": task,
-            "opset": int(opset),
-            "dtype": dtype,
-            "dtype_requested": asked_dtype,
-            "dtype_reason": dtype_reason,
-            "atol": atol,
-            "rtol": rtol,
-            "validate": mode,
-            "memory_budget": budget,
-            "trust_remote_code": trust_remote_code,
-            "allow_pickle": allow_pickle,
-        }
-        inputs = {
-            "model_dir": str(d),
-            "model_dir_sha256": model_hash,
-            "model_dir_hash": hash_kind,
-            "config_sha256": sha256_file(d / "config.json"),
-        }
+        inputs, options, results = _record(d, done, validation, opts, trust_remote_code, allow_pickle)
         onnx_sha = sha256_file(staged)
         if done.placement is not None:
-            from gpcl_trt.exporter import lazy as lz
-
-            lz.drop_unused(done.placement, data_files)
+            lz.drop_unused(done.placement, done.data_files)
         if ok:
             write_manifest(staged, "export", inputs, options, results, packages=PACKAGES, force=True)
-            stage.commit(data_files + [out.name, manifest_path(out).name], force)
+            stage.commit(done.data_files + [out.name, manifest_path(out).name], force)
             # data files of the export this one replaced that it no longer uses (unless another artifact reads them)
-            weightfiles.retire(out.parent, sorted(old_locations - set(data_files)), owner=out)
+            weightfiles.retire(out.parent, sorted(old_locations - set(done.data_files)), owner=out)
     return {
         "ok": ok,
         "written": ok,
@@ -220,11 +125,66 @@ def export_model(
         "manifest": str(manifest_path(out)),
         "onnx_sha256": onnx_sha,
         **{k: results[k] for k in ("architecture", "task", "validation", "weights", "external_data")},
-        "dtype": {"value": dtype, "requested": asked_dtype, "reason": dtype_reason},
-        "inputs": module.input_names,
-        "outputs": module.output_names,
+        "dtype": {"value": opts.dtype, "requested": opts.asked_dtype, "reason": opts.dtype_reason},
+        "inputs": done.module.input_names,
+        "outputs": done.module.output_names,
         "options": options,
     }
+
+
+def _validate(done: "_Exported", staged: Path, opts: Any) -> dict[str, Any]:
+    """ONNX Runtime over the staged file against the PyTorch module (exporter/validate.py)."""
+    from gpcl_trt import progress
+    from gpcl_trt.exporter import validate as val
+
+    if opts.validate == "none":
+        return {"mode": "none", "skipped": True}
+    plan = val.plan_validation(staged, opts.validate, opts.memory_budget)
+    with progress.step(f"validate against PyTorch ({plan['mode']}: {plan['reason']})"):
+        validation = val.validate_export(
+            done.module, done.arch, done.task, staged, opts.atol, mode=plan["mode"], rtol=opts.rtol
+        )
+    validation.update(
+        {
+            "requested": opts.validate,
+            "reason": plan["reason"],
+            "memory_budget": opts.memory_budget,
+            "estimate": plan["estimate"],
+        }
+    )
+    return validation
+
+
+def _record(
+    d: Path, done: "_Exported", validation: dict, opts: Any, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[dict, dict, dict]:
+    """The manifest's (inputs, options, results) sections."""
+    arch, task = done.arch, done.task
+    model_hash, hash_kind = weightfiles.tree_identity(d)
+    inputs = {
+        "model_dir": str(d),
+        "model_dir_sha256": model_hash,
+        "model_dir_hash": hash_kind,
+        "config_sha256": sha256_file(d / "config.json"),
+    }
+    options = {
+        "task": task,
+        **opts.as_manifest(),
+        "trust_remote_code": trust_remote_code,
+        "allow_pickle": allow_pickle,
+    }
+    results = {
+        "architecture": arch.name,
+        "model_type": arch.hf_config.model_type,
+        "hf_class": type(done.module.core.model).__name__,
+        "task": task,
+        "inputs": [s.as_dict() for s in arch.inputs(task)],
+        "outputs": [s.as_dict() for s in arch.outputs(task)],
+        "external_data": done.data_files,
+        "weights": done.weights,
+        "validation": validation,
+    }
+    return inputs, options, results
 
 
 @dataclass

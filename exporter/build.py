@@ -153,3 +153,28 @@ def bind_config(d: Path, arch_cls: Any, dtype: str, task: str, trust_remote_code
         raise GpclError(f"cannot read config {d / 'config.json'}: {one_line(exc)}") from None
     arch = arch_cls(hf_config, dtype)
     return hf_config, arch, resolve_task(arch, task)
+
+
+def prepare(d: Path, arch_cls: Any, dtype: str, task: str, trust_remote_code: bool, lazy: bool | None) -> tuple:
+    """Which path the export takes: ``(built, arch, task, eager_reason)``; ``built`` is
+    :func:`lazy_model`'s ``(model, checkpoint, binding)`` for a safetensors checkpoint that needs
+    no conversion op, else None and ``eager_reason`` says why (``arch`` and ``task`` are then
+    resolved by :func:`load_model`). ``lazy=True`` refuses the eager path, ``lazy=False`` takes it."""
+    from gpcl_trt import progress
+
+    if not any(d.glob("*.safetensors")):
+        if lazy is True:
+            raise GpclError(f"lazy export needs safetensors weights; {d} has pickle weights")
+        return None, None, task, "pickle weights"
+    if lazy is False:
+        return None, None, task, "lazy=False"
+    import torch  # noqa: F401  (transformers wants it first)
+
+    with progress.step(f"read {d.name} (config and safetensors headers)"), quiet():
+        hf_config, arch, task = bind_config(d, arch_cls, dtype, task, trust_remote_code)
+        built = lazy_model(d, hf_config, arch, task, dtype, trust_remote_code)
+    if isinstance(built, str):
+        if lazy is True:
+            raise GpclError(f"lazy export impossible for {d}: {built}")
+        return None, arch, task, built
+    return built, arch, task, None

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpcl_trt.common import GpclError
+from gpcl_trt.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
 
 DTYPES = ("fp32", "fp16", "bf16")  # bf16: lazy export only (a bf16 checkpoint linked as is), no ORT validation on CPU
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -92,3 +94,68 @@ def validate_mode(validate: bool | str) -> str:
     if validate not in VALIDATE_MODES:
         raise GpclError(f"unknown validation mode {validate!r}; choose {', '.join(VALIDATE_MODES)}")
     return validate
+
+
+@dataclass
+class Options:
+    """The export options once checked. ``dtype``, ``atol`` and ``rtol`` are final after
+    :meth:`resolve` has read the checkpoint (``auto``, and the tolerance defaults by dtype)."""
+
+    asked_dtype: str
+    opset: int
+    atol: float | None
+    rtol: float | None
+    validate: str
+    memory_budget: int
+    dtype: str = ""
+    dtype_reason: str = ""
+
+    def resolve(self, model_dir: Path) -> None:
+        self.dtype, self.dtype_reason = resolve_dtype(self.asked_dtype, model_dir)
+        self.atol = DEFAULT_ATOL[self.dtype] if self.atol is None else self.atol
+        self.rtol = DEFAULT_RTOL[self.dtype] if self.rtol is None else self.rtol
+
+    def as_manifest(self) -> dict:
+        """The manifest's options (and the result's), less those the caller adds."""
+        return {
+            "opset": self.opset,
+            "dtype": self.dtype,
+            "dtype_requested": self.asked_dtype,
+            "dtype_reason": self.dtype_reason,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "validate": self.validate,
+            "memory_budget": self.memory_budget,
+        }
+
+
+def check_options(
+    dtype: str,
+    opset: int,
+    atol: float | None,
+    rtol: float | None,
+    validate: bool | str,
+    memory_budget: str | int | None,
+    lazy: bool | None,
+) -> Options:
+    """Every option checked before any work; one line (GpclError) for the first that is wrong."""
+    if dtype not in DTYPE_CHOICES:
+        raise GpclError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise GpclError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    atol = None if atol is None else float(atol)
+    if atol is not None and not atol >= 0:
+        raise GpclError(f"atol must be >= 0, got {atol}")
+    rtol = None if rtol is None else float(rtol)
+    if rtol is not None and not rtol >= 0:
+        raise GpclError(f"rtol must be >= 0, got {rtol}")
+    mode = validate_mode(validate)
+    budget = parse_memory_budget(memory_budget)
+    if dtype == "bf16" and mode != "none":
+        raise GpclError(
+            "--dtype bf16 cannot be validated here (ONNX Runtime's CPU provider has no bf16 MatMul); pass --validate "
+            "none"
+        )
+    if dtype == "bf16" and lazy is False:
+        raise GpclError("--dtype bf16 is exported lazily only (safetensors checkpoints)")
+    return Options(dtype, int(opset), atol, rtol, mode, budget)

@@ -7,8 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpcl_trt.common import GpclError
+from gpcl_trt.common import GpclError, check_can_write, manifest_path
 from gpcl_trt.gpcl import EXTERNAL_DATA_BYTES
+
+
+def check_output(output: str | Path, force: bool) -> Path:
+    """OUT.onnx as a Path, refused in one line unless it (and its manifest) may be written."""
+    out = Path(output)
+    if out.suffix != ".onnx":
+        raise GpclError(f"output {out} must end in .onnx")
+    if out.is_dir():
+        raise GpclError(f"output {out} is a directory")
+    check_can_write(out, force)
+    check_can_write(manifest_path(out), force)  # the manifest is an output too
+    return out
 
 
 # ----------------------------------------------------------------------------- saving
