@@ -1,0 +1,300 @@
+"""In-flight batching over one ONNX Runtime decoder, for a server: requests arrive at any time,
+each is prefilled alone and joins the running batch at the next step; a finished or cancelled
+request leaves it; requests beyond ``capacity`` wait in a queue (none is dropped).
+
+One background thread owns the batch: the KV cache (``present.*`` OrtValues bound back as the
+next step's ``past_key_values.*``, as ``OrtRuntime`` does), the attention mask and each row's
+next position. Rows are left-padded to the batch's longest sequence: a row that joins shorter
+gets masked columns in front of its cache, a longer one pads every other row the same way, and
+columns no row uses any more are trimmed when rows leave. Joining and leaving copy the cache
+once through numpy (concatenate / take); an ordinary step does not.
+
+Each row picks its tokens exactly as the generation loop does for a batch of one (``pick`` with
+its own seeded Generator), and the runtime-independent rules follow ``loop.decode``: EOS ids,
+stop strings (``TextStream``), the token budget, the model's last position, and the re-prefill
+rule (a row whose sequence first passes ``reprefill_at`` is prefilled again, alone, and rejoins).
+Needs a model that reads ``position_ids`` (left padding shifts positions otherwise); without
+them the capacity is 1 (requests are served one at a time).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gpcl_trt.common import GpclError, one_line
+from gpcl_trt.feeds import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
+from gpcl_trt.generate.detok import TextStream
+from gpcl_trt.generate.loop import Sampling, pick
+from gpcl_trt.generate.runtimes import LOGITS
+
+# emit(piece, final, finish, error): a stable text piece ('' allowed); final once per request with
+# finish in eos / stop / length / cancelled, or error (a one-line message) instead
+Emit = Callable[[str, bool, "str | None", "str | None"], None]
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    budget: int
+    sampling: Sampling
+    eos: set[int]
+    stream: TextStream
+    emit: Emit
+    cancelled: Callable[[], bool]
+    rng: np.random.Generator = field(init=False)
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.sampling.seed)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.tokens
+
+
+class InflightBatcher:
+    """``submit`` a prompt from any thread; its text comes back through ``emit`` from the
+    batcher's thread. ``settings``: ``generate.api.model_settings`` (EOS ids, positions, rule)."""
+
+    def __init__(self, runtime: Any, tokenizer: Any, settings: dict, capacity: int = 8):
+        if capacity < 1:
+            raise GpclError(f"capacity must be >= 1, got {capacity}")
+        self.rt = runtime
+        self.tok = tokenizer
+        self.settings = settings
+        self.capacity = capacity if runtime.takes_positions else 1
+        self.pending: collections.deque[_Row] = collections.deque()
+        self.rows: list[_Row] = []
+        self.cache: dict[str, Any] | None = None
+        self.mask: np.ndarray | None = None  # [rows, cached columns]
+        self._seq_axis = {s.name: self._sequence_axis(s) for s in runtime.past}
+        self.stats = {"steps": 0, "row_steps": 0, "max_rows": 0, "admitted": 0, "cancelled": 0}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="gpcl-inflight", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _sequence_axis(spec: Any) -> int:
+        named = [i for i, d in enumerate(spec.dims) if i > 0 and not isinstance(d, int)]
+        return named[0] if named else 2
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self,
+        text: str,
+        emit: Emit,
+        *,
+        max_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = (),
+        eos_ids: Sequence[int] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Queue one request; bad input raises GpclError here, before anything is queued."""
+        if not isinstance(text, str) or not text:
+            raise GpclError("text_input must be a non-empty string")
+        if int(max_tokens) < 1:
+            raise GpclError(f"max_tokens must be >= 1, got {max_tokens}")
+        sampling = sampling.check()
+        prompt = [int(t) for t in self.tok(text)["input_ids"]]
+        if not prompt:
+            raise GpclError("text_input encodes to no token")
+        limit = self.settings.get("max_positions")
+        if limit is not None and len(prompt) >= limit:
+            raise GpclError(f"text_input has {len(prompt)} tokens: the model has {limit} positions")
+        budget = min(int(max_tokens), limit - len(prompt)) if limit is not None else int(max_tokens)
+        eos = set(self.settings.get("eos_ids", ())) if eos_ids is None else {int(e) for e in eos_ids}
+        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled)
+        with self._cond:
+            if self._closed:
+                raise GpclError("the batcher is closed")
+            self.pending.append(row)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the batch thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self.pending and not self.rows:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as exc:  # a runtime failure ends the running requests, not the thread
+                message = one_line(exc)
+                for row in self.rows:
+                    self._send(row, "", True, None, message)
+                self.rows, self.cache, self.mask = [], None, None
+        for row in [*self.rows, *self.pending]:
+            self._send(row, "", True, None, "the server is shutting down")
+
+    @staticmethod
+    def _send(row: _Row, piece: str, final: bool, finish: str | None, error: str | None = None) -> None:
+        try:
+            row.emit(piece, final, finish, error)
+        except Exception:  # a client that is gone: its row is dropped at the next check
+            row.cancelled = lambda: True
+
+    def _is_cancelled(self, row: _Row) -> bool:
+        try:
+            return bool(row.cancelled())
+        except Exception:
+            return True
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, row in enumerate(self.rows) if self._is_cancelled(row)]
+        if gone:
+            self.stats["cancelled"] += len(gone)
+            self._leave(gone)
+        with self._cond:
+            waiting = [r for r in self.pending if self._is_cancelled(r)]
+            for r in waiting:
+                self.pending.remove(r)
+            self.stats["cancelled"] += len(waiting)
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.capacity:
+            with self._cond:
+                if not self.pending:
+                    return
+                row = self.pending.popleft()
+            self.stats["admitted"] += 1
+            self._join(row, row.ids)
+
+    def _join(self, row: _Row, ids: list[int]) -> None:
+        """Prefill ``ids`` alone, take the row's next token and, unless it is done, merge its cache
+        into the batch."""
+        n = len(ids)
+        logits, cache = self._run(
+            np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], None
+        )
+        if self._take(row, logits[0]):
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask = [row], cache, np.ones((1, n), np.int64)
+            return
+        width = max(n, self.mask.shape[1])
+        merged = {}
+        for name, axis in self._seq_axis.items():
+            a = self._left_pad(self.cache[name].numpy(), width, axis)
+            b = self._left_pad(cache[name].numpy(), width, axis)
+            merged[name] = self._ortvalue(np.concatenate([a, b], axis=0))
+        mask = np.concatenate(
+            [self._left_pad(self.mask, width, 1), self._left_pad(np.ones((1, n), np.int64), width, 1)], axis=0
+        )
+        self.rows, self.cache, self.mask = [*self.rows, row], merged, mask
+
+    def _leave(self, gone: Sequence[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in set(gone)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        mask = self.mask[keep]
+        start = int(np.argmax(mask.any(axis=0)))  # columns every remaining row masks: dropped
+        cache = {}
+        for name, axis in self._seq_axis.items():
+            arr = np.take(self.cache[name].numpy(), keep, axis=0)
+            cache[name] = self._ortvalue(np.take(arr, range(start, arr.shape[axis]), axis=axis))
+        self.cache, self.mask = cache, np.ascontiguousarray(mask[:, start:])
+
+    def _step(self) -> None:
+        rule = self.settings.get("reprefill_at")
+        if rule is not None:
+            again = [i for i, row in enumerate(self.rows) if len(row.ids) == rule + 1]
+            if again:  # the model's rule: these rows are prefilled again, alone, and rejoin
+                rows = [self.rows[i] for i in again]
+                self._leave(again)
+                for row in rows:
+                    self._join(row, row.ids[:-1] + [row.tokens[-1]])
+                if not self.rows:
+                    return
+        rows = len(self.rows)
+        ids = np.array([[row.tokens[-1]] for row in self.rows], np.int64)
+        pos = np.array([[len(row.ids) - 1] for row in self.rows], np.int64)
+        mask = np.concatenate([self.mask, np.ones((rows, 1), np.int64)], axis=1)
+        logits, self.cache = self._run(ids, mask, pos, self.cache)
+        self.mask = mask
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += rows
+        self.stats["max_rows"] = max(self.stats["max_rows"], rows)
+        done = [r for r, row in enumerate(self.rows) if self._take(row, logits[r])]
+        if done:
+            self._leave(done)
+
+    def _take(self, row: _Row, logits: np.ndarray) -> bool:
+        """Pick the row's next token and send its text; True when the row is done."""
+        t = int(pick(logits[None], row.sampling, row.rng)[0])
+        row.tokens.append(t)
+        finish = None
+        if t in row.eos:
+            finish = "eos"
+        elif row.stream.add(t):
+            finish = "stop"
+        elif len(row.tokens) >= row.budget:
+            finish = "length"
+        if finish is None:
+            piece = row.stream.pending()
+            if piece:
+                self._send(row, piece, False, None)
+            return False
+        row.stream.finish()
+        self._send(row, row.stream.pending(), True, finish)
+        return True
+
+    # ------------------------------------------------------------------ ONNX Runtime
+    @staticmethod
+    def _left_pad(arr: np.ndarray, width: int, axis: int) -> np.ndarray:
+        extra = width - arr.shape[axis]
+        if extra <= 0:
+            return arr
+        pad = [(0, 0)] * arr.ndim
+        pad[axis] = (extra, 0)
+        return np.pad(arr, pad)
+
+    @staticmethod
+    def _ortvalue(arr: np.ndarray) -> Any:
+        import onnxruntime as ort
+
+        # the OrtValue wrapper keeps a reference to the numpy buffer it reads
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: dict | None) -> tuple[np.ndarray, dict]:
+        rt = self.rt
+        binding = rt.session.io_binding()
+        keep = []
+        for name, value in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
+            if name in rt.inputs:
+                arr = np.ascontiguousarray(value, rt.inputs[name].dtype)
+                keep.append(arr)
+                binding.bind_cpu_input(name, arr)
+        for spec in rt.past:
+            if cache is None:
+                arr = rt._empty_past(spec, ids.shape[0])
+                keep.append(arr)
+                binding.bind_cpu_input(spec.name, arr)
+            else:
+                binding.bind_ortvalue_input(spec.name, cache[spec.name])
+        for name in rt.outputs:
+            binding.bind_output(name, "cpu")
+        rt.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        assert rt.outputs[0] == LOGITS
+        new_cache = {spec.name: values[1 + i] for i, spec in enumerate(rt.past)}
+        return np.asarray(values[0].numpy()[:, -1, :], np.float32), new_cache
