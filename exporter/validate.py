@@ -40,8 +40,10 @@ def ort_runner(
 ) -> Runner:
     import onnxruntime as ort
 
+    opts = ort_options(bounded)
+    opts.log_severity_level = 4  # fatal only: a failure is reported once, in our one line, not also by ORT's logger
     try:
-        sess = ort.InferenceSession(str(onnx_path), ort_options(bounded), providers=list(providers))
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
     except Exception as exc:  # ONNX Runtime's own failure types (NotImplemented, Fail, ...)
         raise _LoadFailed(exc, "one session over the whole model") from exc
     names = [o.name for o in sess.get_outputs()]
@@ -266,6 +268,7 @@ class SegmentedRunner:
     ) -> None:
         data, inputs, outputs = self._segment_bytes(nodes, later[i])
         opts = ort_options(bounded=True)
+        opts.log_severity_level = 4  # fatal only, as in ort_runner
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(self.path.parent.resolve())
         )

@@ -276,3 +276,31 @@ def test_the_reference_maps_weight_files_read_only(tmp_path):
     for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
         got = model.get_parameter(name)
         assert got.dtype == torch.float32 and torch.equal(got, stored[name].float())
+
+
+def test_an_onnx_runtime_failure_is_one_line_on_stderr_and_exit_2(tmp_path):
+    """Through the CLI: the error line is ours alone (ONNX Runtime's own logger printed the
+    failure too, in colour, before), exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(vocab_size=128, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=2)
+    cfg.architectures = ["MambaForCausalLM"]
+    torch.manual_seed(0)
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "mamba")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("gpcl-trt")), "export", str(tmp_path / "mamba"), "-o", str(out / "m.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("gpcl-trt export: error: validation: ONNX Runtime"), errors
+    assert "onnxruntime:" not in proc.stderr and "\x1b[1;31m" not in proc.stderr, proc.stderr
+    assert not any(out.iterdir())
