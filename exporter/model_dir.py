@@ -21,6 +21,13 @@ def read_model_dir(model_dir: str | os.PathLike) -> tuple[Path, dict]:
         raise GpclError(f"model directory {d} does not exist")
     if not d.is_dir():
         raise GpclError(f"{d} is not a directory (expected a local Hugging Face model directory)")
+    # A FIFO or device where a weight or config file should be would block the first read
+    # forever (or stream garbage): refused before anything opens it.
+    from gpcl_trt.weightfiles import regular_file
+
+    for entry in d.iterdir():
+        if not entry.is_dir():
+            regular_file(entry, "model file")
     cfg = d / "config.json"
     if not cfg.is_file():
         raise GpclError(f"{d} has no config.json (expected a local Hugging Face model directory)")

@@ -314,3 +314,16 @@ def test_output_on_another_filesystem_copies_the_weights(tmp_path):
         for a, b in zip(_run(tmp_path / "g.onnx", IDS), _run(other / "g.onnx", IDS)):
             np.testing.assert_array_equal(a, b)
         assert (other / "g.onnx.data").read_bytes() == (tmp_path / "m.onnx.data").read_bytes()
+
+
+def test_a_fifo_in_the_model_directory_is_refused_not_waited_on(tiny_llama_dir, tmp_path):
+    """A FIFO where the checkpoint should be made export hang on its first read."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            os.link(f, d / f.name)
+    os.mkfifo(d / "model.safetensors")
+    line = _one_line_error(_cli("export", d, "-o", tmp_path / "m.onnx"))
+    assert "is a FIFO, not a regular file" in line
+    assert not (tmp_path / "m.onnx").exists()
