@@ -104,13 +104,22 @@ def _variant(base: Path, name: str) -> Path:
       to it);
     - mtp_layer: one more ``model.layers.N`` than the config's count (DeepSeek-V3 / GLM-4.5's
       multi-token-prediction layer), which transformers ignores;
-    - tied: the plain tied checkpoint (no ``lm_head.weight`` stored)."""
+    - tied: the plain tied checkpoint (no ``lm_head.weight`` stored);
+    - no_prefix: tied, keys stored without the base model's prefix (``layers.0...`` as a bare
+      LlamaModel saves them; transformers' key renaming adds ``model.``)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     d = base / name
     if name == "tied":
         return _save_llama(d, tie_word_embeddings=True)
+    if name == "no_prefix":
+        _save_llama(d, tie_word_embeddings=True)
+        tensors = load_file(str(d / "model.safetensors"))
+        bare = {k.removeprefix("model."): v for k, v in tensors.items()}
+        assert "layers.0.mlp.up_proj.weight" in bare and "lm_head.weight" not in bare
+        save_file(bare, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
     if name == "mtp_layer":
         _save_llama(d, num_hidden_layers=3)
         edit = {"num_hidden_layers": 2}
@@ -130,7 +139,7 @@ def _variant(base: Path, name: str) -> Path:
     return d
 
 
-VARIANTS = ["untied_lm_head", "lm_head_only", "mtp_layer", "tied"]
+VARIANTS = ["untied_lm_head", "lm_head_only", "mtp_layer", "tied", "no_prefix"]
 
 
 @pytest.fixture(scope="module")
