@@ -265,6 +265,10 @@ def _export_lazy(
         "links": placement.links,
         "in_place_bytes": placement.in_place_bytes,
         "converted_bytes": placement.converted_bytes,
+        # Checkpoint tensors nothing reads (e.g. multi-token-prediction layers past the config's
+        # count) and tie targets that keep a tensor of their own, as transformers loads them.
+        "unused_tensors": binding.unused_report(),
+        "untied": sorted(binding.untied),
     }
     return _Exported(module, arch, task, data_files, weights, placement)
 

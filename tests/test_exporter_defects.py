@@ -174,6 +174,9 @@ def test_lazy_export_computes_what_from_pretrained_loads(variants, tmp_path, nam
     out = tmp_path / "m.onnx"
     res = export_model(d, out, task=TG, validate="full")
     assert res["ok"] and res["weights"]["path"] == "lazy", res
+    unused = res["weights"]["unused_tensors"]  # reported in the result, not an error
+    assert (unused["count"] > 0) == (name == "mtp_layer"), unused
+    assert res["weights"]["untied"] == (["lm_head.weight"] if name == "untied_lm_head" else [])
     feeds = _feeds(out)
     got = ort.InferenceSession(str(out)).run(["logits"], feeds)[0]
     hf = AutoModelForCausalLM.from_pretrained(d).eval()

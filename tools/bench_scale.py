@@ -321,7 +321,7 @@ def run_size(size: str, work: Path, args) -> dict:
         res = r.get("json") or {}
         row["export"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "rc")}
         row["export"]["validation"] = (res.get("validation") or {}).get("mode")
-        for key in ("max_abs_diff", "tolerance_used", "reference_max_abs"):
+        for key in ("max_abs_diff", "tolerance_used", "tolerance_used_per_output", "rule"):
             row["export"][key] = (res.get("validation") or {}).get(key)
         row["export"]["weights"] = {
             k: v for k, v in (res.get("weights") or {}).items() if k in ("layout", "links", "converted_bytes", "layers")
