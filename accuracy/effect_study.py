@@ -18,9 +18,9 @@ import numpy as np
 from gpcl_trt.accuracy import metrics as mt
 from gpcl_trt.accuracy.runners import make_side, with_outputs
 from gpcl_trt.common import GpclError, sha256_file
-from gpcl_trt.weightfiles import inline_external
 from gpcl_trt.feeds import make_feeds, ort_session, specs_from_onnx, vocab_size
 from gpcl_trt.gpcl import quaternion_radii
+from gpcl_trt.weightfiles import inline_external
 
 DEFAULT_TAUS = (1e9, 8.0, 4.0, 2.0, 1.0)
 DEFAULT_PERCENTILES = (99.99, 99.0, 90.0)
