@@ -61,9 +61,41 @@ def register(main: click.Group) -> None:
         help="Serve the written model with the bundled tritonserver (python backend; implies --backend python) and "
         "compare it with ONNX Runtime.",
     )
-    @click.option("--force", is_flag=True, help="Overwrite REPO/NAME if it exists.")
+    @click.option(
+        "--generate/--no-generate",
+        default=None,
+        help="Also write REPO/NAME_generate, the text generation model (Triton's generate extension, decoupled, "
+        "in-flight batching). Default: for a decoder exported with past whose tokenizer is found.",
+    )
+    @click.option(
+        "--tokenizer",
+        type=click.Path(file_okay=False, exists=True),
+        default=None,
+        help="Tokenizer directory for NAME_generate (default: the model directory in the manifest chain).",
+    )
+    @click.option(
+        "--generate-slots",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Requests NAME_generate decodes together (the in-flight batch); more wait in a queue.",
+    )
+    @click.option("--force", is_flag=True, help="Overwrite REPO/NAME (and REPO/NAME_generate) if it exists.")
     def triton(
-        artifact, repo, name, backend, max_batch_size, instances, dynamic_batching, plugin_lib, onnx_path, check, force
+        artifact,
+        repo,
+        name,
+        backend,
+        max_batch_size,
+        instances,
+        dynamic_batching,
+        plugin_lib,
+        onnx_path,
+        check,
+        generate,
+        tokenizer,
+        generate_slots,
+        force,
     ):
         """Write a Triton model repository entry REPO/NAME for ARTIFACT (an ONNX model or an
         engine): config.pbtxt from Triton's own schema, the model file under 1/, a README."""
@@ -89,8 +121,16 @@ def register(main: click.Group) -> None:
             plugin_lib=plugin_lib,
             onnx=onnx_path,
             force=force,
+            generate=generate,
+            tokenizer=tokenizer,
+            generate_slots=generate_slots,
         )
         eprint(f"wrote {result['model_dir']} ({result['backend']}, max_batch_size {result['max_batch_size']})")
+        gen = result.get("generate_model") or {}
+        if gen.get("model_dir"):
+            eprint(f"wrote {gen['model_dir']} (text generation, {gen['slots']} slots)")
+        elif gen.get("reason") and not gen["reason"].startswith("not a decoder"):
+            eprint(f"no generation model: {gen['reason']}")
         if check:
             from gpcl_trt.deploy.check import check_served_model
 

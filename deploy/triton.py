@@ -283,11 +283,17 @@ def write_triton_repo(
     onnx: str | os.PathLike | None = None,
     kind: str | None = None,
     force: bool = False,
+    generate: bool | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    generate_slots: int = 8,
 ) -> dict[str, Any]:
     """Write ``repo/name`` as a Triton model; returns the paths, the config text and the I/O.
 
     ``max_batch_size=None`` picks 8 when every input and output has a dynamic leading axis,
     else 0. The model directory is built in a temporary sibling and renamed into place.
+    For a decoder exported with past, ``repo/name_generate`` is written too (``generate=None``:
+    when a tokenizer is found, else the result says why not; True: required; False: never):
+    the text generation model (deploy/triton_generate.py).
     """
     artifact = Path(artifact)
     if not artifact.is_file():
@@ -324,6 +330,7 @@ def write_triton_repo(
         raise GpclError(f"{final} exists; pass --force to overwrite it")
 
     io = artifact_io(artifact, backend, onnx)
+    gen = _generate_plan(artifact, repo, name, backend, io, generate, tokenizer, force)
     if max_batch_size is None:
         batchable = all(t["dims"] and t["dims"][0] == -1 for t in io["inputs"] + io["outputs"])
         max_batch_size = min(8, _engine_max_batch(artifact) if backend == "tensorrt" else 8) if batchable else 0
@@ -334,7 +341,7 @@ def write_triton_repo(
     made_repo = not repo.exists()
     repo.mkdir(exist_ok=True)
     try:
-        return _write_entry(
+        result = _write_entry(
             artifact,
             repo,
             final,
@@ -348,11 +355,40 @@ def write_triton_repo(
             plugin_lib,
             force,
         )
+        if gen.get("reason") is None:
+            from gpcl_trt.deploy.triton_generate import write_generate_model
+
+            gen = write_generate_model(
+                artifact, repo, gen["name"], gen["tokenizer"], gen["config_dir"], generate_slots, force=force
+            )
+        result["generate_model"] = {k: str(v) if isinstance(v, Path) else v for k, v in gen.items()}
+        return result
     except BaseException:
         if made_repo:  # a refusal or a failure leaves no empty repository behind
             with contextlib.suppress(OSError):
                 repo.rmdir()
         raise
+
+
+def _generate_plan(
+    artifact: Path, repo: Path, name: str, backend: str, io: dict, generate: bool | None, tokenizer: Any, force: bool
+) -> dict[str, Any]:
+    """Whether and from what the generation model is written: its name, tokenizer and config
+    directories, or a reason (an error when ``generate`` is True)."""
+    from gpcl_trt.deploy.triton_generate import generate_name, why_not
+    from gpcl_trt.manifest import model_dir_of
+
+    gen_name = validate_model_name(generate_name(name))
+    if generate is False:
+        return {"name": gen_name, "reason": "not asked for (--no-generate)"}
+    model_dir = model_dir_of(artifact) if artifact.suffix == ".onnx" else None
+    tok_dir = Path(tokenizer) if tokenizer is not None else model_dir
+    reason = why_not(artifact, backend, io, tok_dir)
+    if reason is not None and generate:
+        raise GpclError(f"cannot write the generation model: {reason}")
+    if reason is None and (repo / gen_name).exists() and not force:
+        raise GpclError(f"{repo / gen_name} exists; pass --force to overwrite it")
+    return {"name": gen_name, "reason": reason, "tokenizer": tok_dir, "config_dir": model_dir}
 
 
 def _write_entry(

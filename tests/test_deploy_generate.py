@@ -1,0 +1,203 @@
+"""Live test of the text generation model (NAME_generate) in the real tritonserver shipped by
+nvidia-pytriton: a tiny random Llama with a byte-level BPE tokenizer, exported with past and
+written by write_triton_repo. Concurrent streaming requests (different prompt lengths and
+max_tokens) each equal local greedy ``generate``; /generate (one response) equals it too; a client
+that drops its stream mid-way does not stop the others; malformed requests get a 4xx while the
+others are served."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+from test_generate import VOCAB, _tokenizer
+
+pytest.importorskip("pytriton", reason="needs tritonserver (nvidia-pytriton)")
+pytestmark = pytest.mark.slow  # a live tritonserver
+
+NAME = "tiny_llama"
+GEN = NAME + "_generate"
+PROMPTS = [
+    "the quick brown fox",
+    "héllo wörld, naïve café, once upon a time there was",
+    "日本語",
+    "once",
+    "the lazy dog jumps over the quick brown fox and the model",
+    "naïve",
+    "a time there was a model once upon",
+    "emoji 😀",
+    "the",
+    "wörld",
+    "brown fox jumps",
+    "café 日本語 the",
+]
+
+
+def _post(port: int, path: str, body: dict | bytes, timeout: float = 120):
+    """(status, body text) of one POST to 127.0.0.1."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _sse_text(body: str) -> tuple[str, list[str]]:
+    """The joined text_output of an SSE body, and any error events."""
+    text, errors = [], []
+    for line in body.splitlines():
+        if line.startswith("data:"):
+            event = json.loads(line[5:])
+            if "error" in event:
+                errors.append(event["error"])
+            else:
+                text.append(event["text_output"])
+    return "".join(text), errors
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import torch
+    import transformers as tf
+
+    from gpcl_trt.deploy import write_triton_repo
+    from gpcl_trt.deploy.server import TritonServer
+    from gpcl_trt.exporter import export_model
+
+    # test_generate's tiny Llama, with room for a stream long enough to hang up in the middle of
+    model_dir = tmp_path_factory.mktemp("gen_llama")
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
+    _tokenizer(model_dir)
+    onnx = model_dir.parent / "llama_onnx" / "llama.onnx"
+    onnx.parent.mkdir()
+    assert export_model(model_dir, onnx, task="text-generation-with-past")["ok"]
+    repo = tmp_path_factory.mktemp("gen_triton") / "repo"
+    result = write_triton_repo(onnx, repo, NAME, backend="python", generate_slots=8)
+    assert result["generate_model"]["model_dir"] == str(repo / GEN), result["generate_model"]
+    server = TritonServer(repo, models=[GEN])
+    try:  # start inside: a failed start still stops the server
+        server.start()
+        yield server, onnx
+    finally:
+        stop = server.stop()
+        assert stop["leftover_processes"] == 0 or stop["killed"] is False
+
+
+def test_generation_model_config(served):
+    from gpcl_trt.deploy.triton import parse_config
+
+    server, _ = served
+    cfg = parse_config((server.repo / GEN / "config.pbtxt").read_text())
+    assert cfg.model_transaction_policy.decoupled and cfg.backend == "python"
+    assert [i.name for i in cfg.input][:3] == ["text_input", "max_tokens", "stream"]
+    assert [o.name for o in cfg.output] == ["text_output"]
+    assert (server.repo / GEN / "1" / "tokenizer.json").is_file()
+
+
+def test_concurrent_streams_equal_local_generate(served):
+    from gpcl_trt.generate import generate
+
+    server, onnx = served
+    jobs = [(p, 4 + 3 * i) for i, p in enumerate(PROMPTS)]
+    results: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        prompt, n = jobs[i]
+        results[i] = _post(
+            server.http_port,
+            f"/v2/models/{GEN}/generate_stream",
+            {"text_input": prompt, "max_tokens": n, "stream": True},
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    local = generate(onnx, [p for p, _ in jobs], max_new_tokens=1)  # warm the tokenizer
+    for (prompt, n), (status, body) in zip(jobs, results):
+        assert status == 200, body
+        text, errors = _sse_text(body)
+        local = generate(onnx, [prompt], max_new_tokens=n)["outputs"][0]["text"]
+        assert not errors and text == local, (prompt, n)
+        assert body.count("data:") > 1 or n == 1  # streamed in pieces
+
+
+def test_generate_one_response_equals_local(served):
+    from gpcl_trt.generate import generate
+
+    server, onnx = served
+    status, body = _post(server.http_port, f"/v2/models/{GEN}/generate", {"text_input": "once upon", "max_tokens": 12})
+    assert status == 200, body
+    assert json.loads(body)["text_output"] == generate(onnx, ["once upon"], max_new_tokens=12)["outputs"][0]["text"]
+
+
+def test_disconnect_mid_stream_and_bad_requests(served):
+    from gpcl_trt.generate import generate
+
+    server, onnx = served
+    # A client that reads the first event of a long stream and hangs up.
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    body = {"text_input": "the quick brown fox", "max_tokens": 4000, "stream": True}
+    conn.request("POST", f"/v2/models/{GEN}/generate_stream", body=json.dumps(body).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read(5) == b"data:"
+    conn.sock.close()
+    conn.close()
+
+    bad = [
+        {"max_tokens": 4},  # no text_input
+        {"text_input": "the", "max_tokens": 0},
+        {"text_input": "the", "max_tokens": -5},
+        {"text_input": "the", "max_tokens": 4, "temperature": -1},
+    ]
+    # Triton's HTTP frontend itself answers a JSON value of the wrong type (a string for an INT32
+    # input) with 500, before the model sees the request: an error, not ours to turn into 400.
+    bad_type = {"text_input": "the", "max_tokens": "ten"}
+    good = {"text_input": "héllo wörld", "max_tokens": 10}
+    answers: dict = {}
+
+    def run(key, payload):
+        answers[key] = _post(server.http_port, f"/v2/models/{GEN}/generate", payload)
+
+    threads = [threading.Thread(target=run, args=(i, b)) for i, b in enumerate(bad)]
+    threads += [threading.Thread(target=run, args=(f"good{i}", good)) for i in range(3)]
+    threads.append(threading.Thread(target=run, args=("type", bad_type)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(len(bad)):
+        assert 400 <= answers[i][0] < 500, (bad[i], answers[i])
+    assert answers["type"][0] >= 400 and "error" in json.loads(answers["type"][1])
+    want = generate(onnx, [good["text_input"]], max_new_tokens=10)["outputs"][0]["text"]
+    for i in range(3):
+        status, text = answers[f"good{i}"]
+        assert status == 200 and json.loads(text)["text_output"] == want
+    assert server.model_ready(GEN)
+    # The hung-up stream's request was cancelled and left the batch (4,000 tokens: it cannot have
+    # finished first); the model logs it when it sees the cancellation.
+    deadline = time.monotonic() + 60
+    while "a request was cancelled" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "gpcl_trt generate: a request was cancelled; its slot is freed" in server.log()
