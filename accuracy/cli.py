@@ -221,6 +221,57 @@ def register(main: click.Group) -> None:
         click.echo(result.get("summary", ""), err=True)
         return result
 
+    @result_command(
+        main,
+        "eval",
+        short_help="Generation-level accuracy of a decoder: greedy agreement and teacher-forced NLL.",
+        help="Compare CANDIDATE with REFERENCE where users see it. Each is a Hugging Face model directory "
+        "(PyTorch), or a decoder exported with past (.onnx, GPCL or not; ONNX Runtime). --prompts FILE (one "
+        "per line): greedy agreement, the share of prompts whose first --max-new-tokens tokens are identical, "
+        "and the mean step of the first divergence. --text FILE (one sequence per line): mean NLL and "
+        "perplexity under teacher forcing, for both. Exit 1 when the agreement is below --min-agreement or "
+        "the candidate's NLL exceeds the reference's by more than --nll-rtol.",
+    )
+    @click.argument("candidate", type=click.Path(exists=True))
+    @click.option("--reference", required=True, type=click.Path(exists=True), help="Model dir or .onnx decoder.")
+    @click.option("--prompts", "prompts", type=click.Path(dir_okay=False), help="Prompts, one per line.")
+    @click.option("--text", "text", type=click.Path(dir_okay=False), help="Text for the NLL, one sequence per line.")
+    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+    @click.option(
+        "--min-agreement", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Greedy agreement to pass."
+    )
+    @click.option(
+        "--nll-rtol",
+        type=click.FloatRange(min=0),
+        default=1e-3,
+        show_default=True,
+        help="Largest NLL increase that passes, relative to the reference's.",
+    )
+    @click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory.")
+    @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per runtime.")
+    @click.option("--allow-pickle", is_flag=True, help="Let PyTorch load pickle (.bin) weights.")
+    def eval_cmd(
+        candidate, reference, prompts, text, max_new_tokens, min_agreement, nll_rtol, tokenizer, threads, allow_pickle
+    ):
+        from gpcl_trt.accuracy.generation import evaluate, report_lines
+
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate(
+                reference,
+                candidate,
+                prompts=prompts,
+                text=text,
+                max_new_tokens=max_new_tokens,
+                tokenizer=tokenizer,
+                threads=threads,
+                allow_pickle=allow_pickle,
+                nll_rtol=nll_rtol,
+                min_agreement=min_agreement,
+            )
+        for line in report_lines(result):
+            click.echo(line, err=True)
+        return result
+
 
 def _print_diff(result: dict) -> None:
     for name, m in result.get("outputs", {}).items():
