@@ -171,6 +171,48 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def logits_report(fp32: Path, variants: dict[str, Path], length: int, vocab: int) -> dict:
+    """Logits of one prefill (batch 2, ``length`` random ids, no past) of each variant against
+    fp32: max and mean |diff| over all positions, top-1 agreement; MatMulNBits at accuracy level
+    1 (fp32 compute: the weights' error alone) and at ORT's default 4 (int8 activations)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from gpcl_trt.generate import OrtRuntime
+
+    ids = np.random.default_rng(1).integers(3, vocab, size=(2, length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(length), ids.shape).astype(np.int64)
+
+    def logits(path: Path, level: str | None) -> np.ndarray:
+        rt = OrtRuntime(path, threads=2)
+        if level is not None:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 2
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+            rt.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        for spec in rt.past:
+            feed[spec.name] = rt._empty_past(spec, 2)
+        names = {i.name for i in rt.session.get_inputs()}
+        return rt.session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
+
+    ref = logits(fp32, None)
+    out = {"fp32 logits max |x|": float(np.abs(ref).max())}
+    for name, path in variants.items():
+        for level in ("1", None):
+            got = logits(path, level)
+            d = np.abs(got - ref)
+            got = got.argmax(-1)
+            out[f"{name} (level {level or 'default 4'})"] = {
+                "max_abs_diff": float(d.max()),
+                "mean_abs_diff": float(d.mean()),
+                "top1_agreement": float((got == ref.argmax(-1)).mean()),
+            }
+            print(name, level, out[f"{name} (level {level or 'default 4'})"], file=sys.stderr)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def decode_rounds(variants: dict, a) -> dict:
     runs: dict = {}
@@ -205,6 +247,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
     ap.add_argument("--no-decode", action="store_true", help="quantize measurements only")
+    ap.add_argument("--logits", action="store_true", help="also compare each variant's prefill logits with fp32")
     ap.add_argument("--requantize", action="store_true", help="quantize again (and measure) when the output exists")
     ap.add_argument(
         "--variants", default="", help="decode only these (comma list of names, e.g. 'ours int4,genai int4')"
@@ -237,6 +280,9 @@ def main() -> None:
         variants["genai int4"] = ("genai", g)
     else:
         report["genai"] = f"not run: {a.genai_python} is missing"
+    if a.logits:
+        ours = {k[5:]: v[1] for k, v in variants.items() if k.startswith("ours ") and k != "ours fp32"}
+        report["logits"] = logits_report(fp32, ours, a.prompt, VOCAB[a.shape])
     if a.variants:
         variants = {k: v for k, v in variants.items() if k in a.variants.split(",")}
     if not a.no_decode:
