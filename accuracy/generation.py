@@ -125,6 +125,8 @@ def evaluate(
     allow_pickle: bool = False,
     nll_rtol: float = 1e-3,
     min_agreement: float = 1.0,
+    prompt_lines: Sequence[str] | None = None,
+    text_lines: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Greedy agreement (``prompts``) and teacher-forced NLL (``text``) of CANDIDATE against
     REFERENCE. ``ok`` is False when the greedy agreement is below ``min_agreement`` or the
@@ -132,12 +134,12 @@ def evaluate(
     from gpcl_trt.generate.api import model_settings, open_runtime, resolve
     from gpcl_trt.generate.detok import load_tokenizer
 
-    if prompts is None and text is None:
+    if prompts is None and text is None and not prompt_lines and not text_lines:
         raise GpclError("nothing to evaluate: give --prompts FILE and/or --text FILE")
     if max_new_tokens < 1:
         raise GpclError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    prompt_lines = _read_lines(prompts, "--prompts") if prompts is not None else []
-    text_lines = _read_lines(text, "--text") if text is not None else []
+    prompt_lines = _read_lines(prompts, "--prompts") if prompts is not None else list(prompt_lines or [])
+    text_lines = _read_lines(text, "--text") if text is not None else list(text_lines or [])
     dirs = [resolve(a)[1] for a in (reference, candidate)]
     tok_dir = Path(tokenizer) if tokenizer is not None else next((d for d in dirs if d is not None), None)
     if tok_dir is None:
@@ -193,6 +195,56 @@ def evaluate(
         ok = ok and delta <= nll_rtol * abs(ref["mean_nll"])
     result["ok"] = ok
     return result
+
+
+# What the pipeline evaluates a decoder on when no prompts are given: a few everyday prompts, and
+# the same lines as text for the NLL.
+PIPELINE_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+)
+
+
+def pipeline_eval(reference: str | os.PathLike, candidate: str | os.PathLike, max_new_tokens: int = 16) -> dict | None:
+    """The pipeline's generation-level check of a GPCL decoder (reported, not gating): None when
+    the reference is not a decoder exported with past; ``skipped`` with the reason when it cannot
+    run (no tokenizer)."""
+    from gpcl_trt.feeds import is_past
+    from gpcl_trt.generate.api import resolve
+
+    if Path(reference).suffix != ".onnx":
+        return None
+    from gpcl_trt.common import load_onnx
+
+    if not any(is_past(i.name) for i in load_onnx(reference, external_data=False).graph.input):
+        return None
+    if resolve(reference)[1] is None:
+        return {"skipped": "no model directory in the manifest chain (no tokenizer)"}
+    try:
+        r = evaluate(
+            reference,
+            candidate,
+            max_new_tokens=max_new_tokens,
+            min_agreement=0.0,
+            nll_rtol=float("inf"),
+            prompt_lines=PIPELINE_PROMPTS,
+            text_lines=PIPELINE_PROMPTS,
+        )
+    except GpclError as exc:
+        return {"skipped": str(exc)}
+    g, n = r["generation"], r["nll"]
+    return {
+        "prompts": g["prompts"],
+        "max_new_tokens": max_new_tokens,
+        "greedy_agreement": g["greedy_agreement"],
+        "mean_first_divergence": g["mean_first_divergence"],
+        "reference_nll": n["reference_nll"],
+        "candidate_nll": n["candidate_nll"],
+        "reference_perplexity": n["reference_perplexity"],
+        "candidate_perplexity": n["candidate_perplexity"],
+    }
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

@@ -135,6 +135,11 @@ def _diff(ctx: Ctx, opts: dict) -> dict:
     result = diff(
         reference=ctx.reference, candidate=ctx.path("model_gpcl.onnx"), report=ctx.path("accuracy"), force=True, **opts
     )
+    from gpcl_trt.accuracy.generation import pipeline_eval
+
+    generation = pipeline_eval(ctx.reference, ctx.path("model_gpcl.onnx"))  # decoders only; reported, not gating
+    if generation is not None:
+        result["generation"] = generation
     write_json_atomic(ctx.path("accuracy.json"), result, force=True)
     write_manifest(
         ctx.path("accuracy.json"),

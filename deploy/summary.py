@@ -73,6 +73,7 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
             else build.get("gpcl"),
         },
         "accuracy": _accuracy(r.get("diff", {})),
+        "generation": r.get("diff", {}).get("generation"),
         "triton": {"repo": triton.get("repo"), "entries": triton.get("entries")},
         "served": {
             "ok": serve.get("ok"),
@@ -98,6 +99,23 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _generation_row(g: dict | None) -> list[tuple[str, str]]:
+    """Decoders: greedy agreement and NLL of the GPCL model against the reference (gpcl-trt eval)."""
+    if not g:
+        return []
+    if "skipped" in g:
+        return [("generation", f"- ({g['skipped']})")]
+    div = g.get("mean_first_divergence")
+    return [
+        (
+            "generation",
+            f"greedy agreement {_fmt(g['greedy_agreement'])} over {g['prompts']} prompts x {g['max_new_tokens']} "
+            f"tokens (first divergence {'none' if div is None else _fmt(div)}); NLL {_fmt(g['reference_nll'])} -> "
+            f"{_fmt(g['candidate_nll'])}",
+        )
+    ]
 
 
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -132,6 +150,7 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             if v
             else "-",
         ),
+        *_generation_row(summary.get("generation")),
         ("stages", ", ".join(f"{k} {d['status']}" for k, d in summary["stages"].items())),
         ("total", f"{summary['total_s']:.1f} s"),
     ]

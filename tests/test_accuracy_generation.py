@@ -111,3 +111,20 @@ def test_cli_eval(decoders, files):  # noqa: F811
     assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
         "gpcl-trt eval: error: nothing to evaluate: give --prompts FILE and/or --text FILE"
     ]
+
+
+def test_pipeline_eval_for_decoders_only(decoders, tiny_llama_onnx, tmp_path):  # noqa: F811
+    from gpcl_trt.accuracy.generation import PIPELINE_PROMPTS, pipeline_eval
+    from gpcl_trt.deploy.summary import _generation_row
+    from gpcl_trt.passes import insert_file
+
+    _, onnx = decoders("llama")
+    gpcl = tmp_path / "gpcl.onnx"
+    assert insert_file(onnx, gpcl, sites=("pre-attention", "pre-mlp"), tau=1e-3)["ok"]
+    g = pipeline_eval(onnx, gpcl, max_new_tokens=8)
+    assert g["prompts"] == len(PIPELINE_PROMPTS) and g["greedy_agreement"] < 1
+    assert g["candidate_nll"] != g["reference_nll"]
+    ((label, text),) = _generation_row(g)
+    assert label == "generation" and text.startswith(f"greedy agreement {g['greedy_agreement']:.4g} over 4 prompts")
+    assert pipeline_eval(onnx, onnx, max_new_tokens=8)["greedy_agreement"] == 1.0
+    assert pipeline_eval(tiny_llama_onnx, tiny_llama_onnx) is None  # no past: not a decoder for the loop
