@@ -372,3 +372,21 @@ def test_bad_input(tmp_path):
     assert (tmp_path / "exists.onnx").read_bytes() == b"keep me"
     code, _ = _cli("quantize", src, "-o", tmp_path / "exists.onnx", "--force")
     assert code == 0 and onnx.load(tmp_path / "exists.onnx").opset_import[0].version == 21
+
+
+def test_cli_help_and_light_import():
+    import subprocess
+    import sys
+
+    import click
+
+    cmd = main.commands["quantize"]
+    assert cmd.help and _cli("quantize", "--help")[0] == 0
+    assert all(p.help for p in cmd.params if isinstance(p, click.Option))
+    # `gpcl-trt --help` stays instant: the CLI loads neither the quantizer nor numpy for it
+    code = (
+        "import sys, gpcl_trt.quantize; light = not any(m in sys.modules for m in ('numpy', 'onnx')); "
+        "import gpcl_trt.cli; print(light, sorted(m for m in sys.modules if m.startswith('gpcl_trt.quantize')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True ['gpcl_trt.quantize', 'gpcl_trt.quantize.cli']", out
