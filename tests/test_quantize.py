@@ -173,6 +173,60 @@ def test_rtn_bit_for_bit(tmp_path, monkeypatch, weights, symmetric, block):
     np.testing.assert_allclose(y, np.maximum(x @ deq, 0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["gemm_transB", "gemm", "matmul_fp16", "cast_fp16_to_fp32"])
+def test_layouts(tmp_path, layout):
+    """Gemm with transB 1 or 0 (K read from either axis; transB becomes 0), an fp16 weight (fp16
+    scales), a weight behind a Cast: each quantized, the float weight and its chain gone, and the
+    output equals the dequantized weights in numpy."""
+    rng = np.random.default_rng(3)
+    n, k = 24, 96
+    w_nk = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    ft = TensorProto.FLOAT
+    if layout == "gemm_transB":
+        init, nodes = w_nk, [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1)]
+    elif layout == "gemm":
+        init, nodes = w_nk.T.copy(), [helper.make_node("Gemm", ["x", "W"], ["h"])]
+    elif layout == "matmul_fp16":
+        ft = TensorProto.FLOAT16
+        init = w_nk.astype(np.float16)
+        nodes = [
+            helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+        ]
+    else:
+        init = w_nk.astype(np.float16)
+        nodes = [
+            helper.make_node("Cast", ["W"], ["Wc"], to=TensorProto.FLOAT),
+            helper.make_node("Transpose", ["Wc"], ["Wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+        ]
+    nodes.append(helper.make_node("Relu", ["h"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", ft, [2, k])],
+        [helper.make_tensor_value_info("y", ft, [2, n])],
+        [numpy_helper.from_array(init, "W")],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), src)
+    res = quantize_model(src, tmp_path / "q.onnx", weights="int8", block_size=32)
+    assert res["quantized"] == 1
+    q = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in q.graph.node] == ["DequantizeLinear", nodes[-2].op_type, "Relu"]
+    assert all(a.i == 0 for n in q.graph.node for a in n.attribute if a.name == "transB")
+    scale = next(t for t in q.graph.initializer if t.name.endswith("_scale"))
+    assert scale.data_type == (TensorProto.FLOAT16 if layout == "matmul_fp16" else TensorProto.FLOAT)
+    w_ref = init.astype(np.float32) if init.dtype == np.float16 else w_nk  # what the model holds, as [N, K]
+    x = rng.standard_normal((2, k)).astype(np.float16 if ft == TensorProto.FLOAT16 else np.float32)
+    y = _session(tmp_path / "q.onnx", fused=False).run(None, {"x": x})[0].astype(np.float32)
+    if layout == "matmul_fp16":  # fp16 scales and arithmetic: close to the float weights
+        np.testing.assert_allclose(y, np.maximum(x.astype(np.float32) @ w_ref.T, 0), rtol=0, atol=2e-2)
+    else:
+        deq = ref_dequantize(*ref_quantize(w_ref.T, 32, 8, True), 32)
+        np.testing.assert_allclose(y, np.maximum(x @ deq, 0), rtol=0, atol=1e-5)
+
+
 def test_pack_unpack_roundtrip():
     from gpcl_trt.quantize import pack_int4, unpack_int4
 
