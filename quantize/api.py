@@ -144,6 +144,8 @@ class TensorSink:
         n = len(data)
         if self.offset is None:
             self.parts.append(bytes(data))
+        elif not np.frombuffer(data, np.uint8).any():
+            pass  # all zeros: left as a hole (the file is sized at the end), so a sparse source stays sparse
         else:
             view = memoryview(data)
             done = 0

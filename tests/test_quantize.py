@@ -383,6 +383,25 @@ def _mlp_model(path: Path, width: int, layers: int) -> Path:
     return path
 
 
+def test_external_zero_chunks_are_holes(tmp_path, monkeypatch):
+    """External data, several chunks per weight, one chunk all zeros (left as a hole, as a sparse
+    checkpoint's would be): the model still computes its dequantized weights."""
+    src = _mlp_model(tmp_path / "mlp.onnx", 64, 1)
+    m = onnx.load(src)  # read it back whole, zero the first block of K, write it again external
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[:, :32] = 0
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    (tmp_path / "mlp.onnx.data").unlink()
+    onnx.save(m, src, save_as_external_data=True, location="mlp.onnx.data", size_threshold=0)
+    monkeypatch.setattr(qapi, "CHUNK_BYTES", 1)
+    out = tmp_path / "q.onnx"
+    quantize_model(src, out, weights="int4", symmetric=False)
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    deq = ref_dequantize(*ref_quantize(w.T, 32, 4, False), 32)
+    y = _session(out, fused=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, np.maximum(x @ deq, 0), rtol=0, atol=1e-5)
+
+
 def test_tensorrt_rtx_plan_smaller(tmp_path):
     """A TensorRT-RTX build (CPU-only AOT here) of the int4 model succeeds and its plan keeps the
     weights in int4: a quarter of the fp32 plan's size, with scales, where weights are nearly all."""
