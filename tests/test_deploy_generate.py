@@ -201,3 +201,39 @@ def test_disconnect_mid_stream_and_bad_requests(served):
     while "a request was cancelled" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "gpcl_trt generate: a request was cancelled; its slot is freed" in server.log()
+
+
+def test_tritonclient_grpc_streaming(served):
+    """An existing client unchanged: tritonclient's gRPC bidirectional stream, as for TensorRT-LLM."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from gpcl_trt.generate import generate
+
+    server, onnx = served
+    got: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        inputs = [tg.InferInput("text_input", [1], "BYTES"), tg.InferInput("max_tokens", [1], "INT32")]
+        inputs += [tg.InferInput("stream", [1], "BOOL")]
+        inputs[0].set_data_from_numpy(np.array(["héllo wörld".encode()], dtype=np.object_))
+        inputs[1].set_data_from_numpy(np.array([14], np.int32))
+        inputs[2].set_data_from_numpy(np.array([True]))
+        client.async_stream_infer(GEN, inputs, enable_empty_final_response=True)
+        pieces = []
+        while True:
+            result, error = got.get(timeout=120)
+            assert error is None, error
+            out = result.as_numpy("text_output")
+            if out is not None:
+                pieces += [v.decode() for v in out.reshape(-1)]
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert "".join(pieces) == generate(onnx, ["héllo wörld"], max_new_tokens=14)["outputs"][0]["text"]
+    assert len(pieces) > 1
