@@ -13,8 +13,9 @@ Each row picks its tokens exactly as the generation loop does for a batch of one
 its own seeded Generator), and the runtime-independent rules follow ``loop.decode``: EOS ids,
 stop strings (``TextStream``), the token budget, the model's last position, and the re-prefill
 rule (a row whose sequence first passes ``reprefill_at`` is prefilled again, alone, and rejoins).
-Needs a model that reads ``position_ids`` (left padding shifts positions otherwise); without
-them the capacity is 1 (requests are served one at a time).
+Needs a model that reads ``position_ids`` (left padding shifts positions otherwise) and has no
+re-prefill rule (Phi-3's LongRoPE switches factors for the whole batch); otherwise the capacity
+is 1 (requests are served one at a time, the rule followed per request).
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ class InflightBatcher:
         self.rt = runtime
         self.tok = tokenizer
         self.settings = settings
-        self.capacity = capacity if runtime.takes_positions else 1
+        # One row at a time where rows cannot share a step: without position_ids, and under a
+        # re-prefill rule (LongRoPE picks its factors from the batch's longest position, so a short
+        # row next to a long one would get the long factors: measured on Phi-3)
+        self.capacity = capacity if runtime.takes_positions and settings.get("reprefill_at") is None else 1
         self.pending: collections.deque[_Row] = collections.deque()
         self.rows: list[_Row] = []
         self.cache: dict[str, Any] | None = None

@@ -98,8 +98,7 @@ def served(tmp_path_factory):
         server.start()
         yield server, onnx
     finally:
-        stop = server.stop()
-        assert stop["leftover_processes"] == 0 or stop["killed"] is False
+        server.stop()
 
 
 def test_generation_model_config(served):

@@ -117,3 +117,89 @@ def test_cancelled_request_leaves_and_bad_input_is_refused(decoders):  # noqa: F
     for job, (text, finish, error) in list(zip(jobs, served))[1:]:
         ref = generate(onnx, [job["text"]], max_new_tokens=job["max_tokens"])["outputs"][0]
         assert (text, finish, error) == (ref["text"], ref["finish"], None)
+
+
+def test_gpt2_without_positions_serves_one_at_a_time(decoders):  # noqa: F811
+    """GPT-2's export reads no position_ids: left padding would shift its positions, so one slot."""
+    from gpcl_trt.generate import generate
+
+    model_dir, onnx = decoders("gpt2")
+    batcher = _open(model_dir, onnx, 8)
+    try:
+        assert batcher.capacity == 1
+        jobs = [{"text": p, "max_tokens": 6} for p in PROMPTS[:4]]
+        served = _serve(batcher, jobs)
+        assert batcher.stats["max_rows"] == 1
+    finally:
+        batcher.close()
+    for job, (text, finish, error) in zip(jobs, served):
+        ref = generate(onnx, [job["text"]], max_new_tokens=6)["outputs"][0]
+        assert (text, finish, error) == (ref["text"], ref["finish"], None)
+
+
+def test_phi3_rule_followed_per_row(tmp_path):
+    """Phi-3's LongRoPE rule: a request whose sequence passes original_max_position_embeddings (16)
+    is prefilled again, so its logits at every step are the loop's for that prompt alone (which
+    follows the rule and equals transformers); without the rule they drift. The graph picks the
+    long factors from the batch's longest position, so such a model is served one request at a
+    time (sharing a step, a short row next to a long one drifted: steps 6-15 of a 1-token prompt)."""
+    import numpy as np
+    import torch
+    from test_generate import TGP, VOCAB, _Recording, _tokenizer
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from gpcl_trt.exporter import export_model
+    from gpcl_trt.generate import OrtRuntime, decode
+    from gpcl_trt.generate.api import model_settings
+    from gpcl_trt.generate.detok import load_tokenizer
+    from gpcl_trt.generate.inflight import InflightBatcher
+
+    cfg = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5 + i for i in range(8)]},
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    d = tmp_path / "phi3"
+    torch.manual_seed(0)
+    Phi3ForCausalLM(cfg).eval().save_pretrained(d)
+    _tokenizer(d)
+    onnx = tmp_path / "phi3.onnx"
+    assert export_model(d, onnx, task=TGP)["ok"]
+    tok = load_tokenizer(d)
+    settings = model_settings(d, tok)
+    assert settings["reprefill_at"] == 16
+    texts = [PROMPTS[0], PROMPTS[3], PROMPTS[8]]  # 4, 1 and 1 tokens: all cross 16 within 20 new tokens
+    prompts = [tok(t)["input_ids"] for t in texts]
+
+    class Logged(InflightBatcher):
+        def _take(self, row, logits):
+            seen.setdefault(tuple(row.prompt), []).append(np.array(logits))
+            return super()._take(row, logits)
+
+    def serve(rule):
+        seen.clear()
+        batcher = Logged(OrtRuntime(onnx), tok, settings | {"reprefill_at": rule}, capacity=4)
+        assert batcher.capacity == (1 if rule else 4)
+        try:
+            _serve(batcher, [{"text": t, "max_tokens": 20, "eos_ids": [-1]} for t in texts])
+        finally:
+            batcher.close()
+        return {k: np.stack(v) for k, v in seen.items()}
+
+    seen: dict = {}
+    with_rule, without = serve(16), serve(None)
+    for ids in sorted(prompts, key=len):
+        rec = _Recording(OrtRuntime(onnx))
+        decode(rec, [ids], max_new_tokens=20, reprefill_at=16)
+        alone = np.concatenate(rec.logits)
+        assert np.abs(with_rule[tuple(ids)] - alone).max() < 1e-4
+        assert np.abs(without[tuple(ids)] - alone).max() > 1e-3
