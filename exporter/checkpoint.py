@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -276,12 +277,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- config vs checkpoint
+# Hierarchical vision models (ConvNeXt, ResNet: stages.N.layers.M) count stages in num_hidden_layers;
+# the outer index is the one to compare (Swin's layers.N.blocks.M already matches its outer index first).
+STAGE_RE = re.compile(r"(?:^|\.)stages\.(\d+)\.")
+
+
 def checkpoint_layers(names: Iterable[str]) -> int | None:
     """Number of transformer blocks the tensor names cover (max index + 1), or None when the names
     follow no known block naming."""
     best = -1
     for n in names:
-        m = LAYER_STACK_RE.search(n)
+        m = STAGE_RE.search(n) or LAYER_STACK_RE.search(n)
         if m:
             best = max(best, int(m.group(1)))
     return best + 1 if best >= 0 else None
