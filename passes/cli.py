@@ -35,6 +35,9 @@ def register(main: click.Group) -> None:
         from gpcl_trt.passes import sites_file
 
         result = sites_file(model)
+        if result["reason"]:
+            _say(f"{result['model']}: 0 sites: {result['reason']}")
+            return result
         _say(
             f"{result['model']}: {len(result['sites'])} sites in {result['layers']} layers (found by "
             f"{result['method']})"

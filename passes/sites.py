@@ -18,7 +18,16 @@ Two ways, tried in order:
    (ALBERT's embedding-size -> hidden-size mapping), their outputs are the candidates instead.
    A mixture-of-experts block's batched matmul of per-token gathered expert weights counts as a
    projection (weights first: ``W_e @ x``).
-   Layers are numbered in graph order by the pre-attention/shared sites.
+   Layers are numbered in graph order: a new block at each pre-attention/shared site, and at a
+   pre-MLP site when the block has one already (MLP-only blocks: ConvNeXt). A projection reached
+   only past a norm does not make an MLP (Swin's patch-merging reduction).
+
+Hierarchical models number blocks stage by stage, and two-tower models tower by tower: a block
+is its whole scope (``layers.1.blocks.0``); blocks are numbered container by container (in the
+order the graph reaches them), then by index. A norm of weights alone
+(DeBERTa-v3's relative-position table) is not on the residual stream and never a site. A model
+without a norm over the last axis (ResNet's BatchNorm over NCHW) has no site; ``sites_file``
+says why.
 
 One norm output read by both attention and MLP entry projections is one site of kind ``shared``
 (its consumers are both sets); parallel-residual blocks with two norms (GPT-NeoX) get two sites.
@@ -29,9 +38,11 @@ a site.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -283,18 +294,67 @@ def _pick_roots(
 
 
 # ----------------------------------------------------------------------------- metadata
-def _scope_site(scope_list: list[str]) -> tuple[int, str | None, str] | None:
-    """(layer, kind, submodule scope prefix) from a node's module scopes, innermost first. The
-    kind is None for a projection directly in a numbered block under a name we do not know."""
+def _scope_site(scope_list: list[str]) -> tuple[str, str | None, str] | None:
+    """(block, kind, submodule scope prefix) from a node's module scopes, innermost first. The
+    block is its whole scope (``encoder.layers.1.blocks.0``), so the blocks of hierarchical stages
+    (Swin, ConvNeXt, MobileViT) and of two towers (CLIP's text and vision encoders) stay apart.
+    The kind is None for a projection directly in a numbered block under a name we do not know."""
     unknown = None
     for s in reversed(scope_list):
         for m in reversed(list(BLOCK_RE.finditer(s))):
             kind = SUBMODULE_KIND.get(m.group(2))
+            block = s[: m.start(2) - 1]
             if kind:
-                return int(m.group(1)), kind, s[: m.end()]
+                return block, kind, s[: m.end()]
             if unknown is None:
-                unknown = (int(m.group(1)), None, s[: m.end()])
+                unknown = (block, None, s[: m.end()])
     return unknown
+
+
+def _keeps_last_axis(node: gs.Node) -> bool:
+    """A permute or pad that leaves the channel (last) axis where it is: Swin's window partition
+    between its norm and the attention projections (pad to whole windows, then permute)."""
+    if node.op == "Transpose":
+        perm = list(node.attrs.get("perm") or ())
+        return bool(perm) and perm[-1] == len(perm) - 1
+    if node.op == "Pad" and len(node.inputs) >= 2 and (len(node.inputs) < 4 or not node.inputs[3].name):
+        pads = _const_value(node.inputs[1])
+        n = pads.size // 2 if pads is not None else 0
+        return n > 0 and int(pads[n - 1]) == 0 and int(pads[2 * n - 1]) == 0
+    return False
+
+
+def _root(t: gs.Tensor) -> gs.Tensor:
+    """What a projection input re-presents: back through view/cast ops, GPCL, and permutes or
+    pads that keep the channel axis last."""
+    while True:
+        t = see_through(t)
+        p = producer(t)
+        if p is None or not p.inputs or not _keeps_last_axis(p):
+            return t
+        t = p.inputs[0]
+
+
+def _block_order(first: dict[str, int]) -> Any:
+    """Sort key of blocks: container by container (a stage's or a tower's layer list, in the
+    order the graph first reaches it), then by index (``layers.1.blocks.0`` is (1, 0)). Two
+    towers whose layers interleave in the graph are still numbered tower by tower."""
+    containers: dict[str, int] = {}
+    for block, pos in first.items():
+        c = block.rsplit(".", 1)[0]
+        containers[c] = min(pos, containers.get(c, pos))
+    return lambda b: (containers[b.rsplit(".", 1)[0]], tuple(int(i) for i in re.findall(r"(?<![^./])\d+(?![^./])", b)))
+
+
+def _input_dependent(graph: gs.Graph) -> set[int]:
+    """ids of the tensors computed from a graph input. A norm of weights alone (DeBERTa-v3's
+    LayerNorm over the relative-position table, which every block's query/key projections also
+    read) is not on the residual stream, so it is no block's input and never a site."""
+    live = {id(t) for t in graph.inputs}
+    for node in graph.nodes:  # topologically sorted by find_sites
+        if any(id(t) in live for t in node.inputs):
+            live.update(id(o) for o in node.outputs)
+    return live
 
 
 def _inside(node: gs.Node | None, prefix: str, scopes: dict[str, list[str]]) -> bool:
@@ -328,29 +388,37 @@ def _entry_norm(root: gs.Tensor, prefix: str, norms: dict[int, str], scopes: dic
 
 def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: dict[int, str]) -> list[Site]:
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    groups: dict[tuple[int, str], list] = defaultdict(list)
-    untyped: dict[int, dict[int, tuple[gs.Tensor, list[gs.Node]]]] = defaultdict(dict)
+    live = _input_dependent(graph)
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    untyped: dict[str, dict[int, tuple[gs.Tensor, list[gs.Node]]]] = defaultdict(dict)
+    first: dict[str, int] = {}  # block -> graph position of its first projection
     for node in graph.nodes:
         if not is_projection(node) or node.name not in scopes:
             continue
         where = _scope_site(scopes[node.name])
         if where is None:
             continue
-        layer, kind, prefix = where
-        root = see_through(node.inputs[0])
-        if kind is None:  # a projection directly in the block (OPT's fc1): an entry if it reads a norm
-            if id(root) in norms:
-                untyped[layer].setdefault(id(root), (root, []))[1].append(node)
+        path, kind, prefix = where
+        root = _root(node.inputs[0])
+        if id(root) not in live:
+            continue
+        first.setdefault(path, order[id(node)])
+        if kind is None:
+            # a projection directly in the block (OPT's fc1, ConvNeXt's pwconv1): an entry if it reads
+            # a norm from outside its own submodule (Swin's downsample normalises and projects inside it)
+            if id(root) in norms and not _inside(producer(root), prefix, scopes):
+                untyped[path].setdefault(id(root), (root, []))[1].append(node)
         elif not _inside(producer(root), prefix, scopes) or _entry_norm(root, prefix, norms, scopes):
-            groups[(layer, kind)].append((root, node))  # an entry projection of the block
+            groups[(path, kind)].append((root, node))  # an entry projection of the block
+    rank = {p: i for i, p in enumerate(sorted({p for p, _ in groups} | set(untyped), key=_block_order(first)))}
     cands = []
-    for (layer, kind), entries in groups.items():
+    for (path, kind), entries in groups.items():
         for root, projs in _pick_roots(entries, norms, scopes):
-            cands.append(_Candidate(layer, kind, root, projs, order.get(id(producer(root)), -1)))
-    for layer, roots in untyped.items():
+            cands.append(_Candidate(rank[path], kind, root, projs, order.get(id(producer(root)), -1)))
+    for path, roots in untyped.items():
         for root, projs in roots.values():
             for kind, part in _split_kinds(projs, norms):
-                cands.append(_Candidate(layer, kind, root, part, order.get(id(producer(root)), -1)))
+                cands.append(_Candidate(rank[path], kind, root, part, order.get(id(producer(root)), -1)))
     return _make_sites(_renumber_calls(cands), norms, "metadata")
 
 
@@ -368,7 +436,7 @@ def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
         for c in cur.outputs:
             if (is_projection(c) and c.inputs[0] is cur) or (is_expert_projection(c) and c.inputs[1] is cur):
                 found.append(c)
-            elif (c.op in _HEAD_PATH_OPS or is_gpcl(c)) and c.inputs[0] is cur:
+            elif (c.op in _HEAD_PATH_OPS or is_gpcl(c) or _keeps_last_axis(c)) and c.inputs[0] is cur:
                 stack.extend(c.outputs)
     return found
 
@@ -378,13 +446,16 @@ def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool,
     projections, and whether an attention Softmax (one that follows a MatMul of two activations,
     Q x K^T; a MoE router's Softmax follows only its projection) / a further projection was
     reached."""
-    queue = deque((o, False) for p in projs for o in p.outputs)
+    queue = deque((o, False, False) for p in projs for o in p.outputs)
     seen: set[int] = set()
     softmax = projection = False
     while queue and len(seen) < _BFS_LIMIT:
-        t, scored = queue.popleft()
+        t, scored, normed = queue.popleft()
         if id(t) in norms and _projection_heads(t):  # the next block's norm (q/k norms are passed)
             continue
+        # a projection past a norm is not an MLP's second one (Swin's patch-merging reduction reaches
+        # the classifier only through the final norm)
+        normed = normed or id(t) in norms
         for c in t.outputs:
             if id(c) in seen:
                 continue
@@ -392,10 +463,10 @@ def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool,
             if c.op == "Softmax" and scored:
                 softmax = True
             if is_projection(c) or is_expert_projection(c):
-                projection = True
+                projection = projection or not normed
                 continue
             pairwise = scored or (c.op in ("MatMul", "Einsum") and not any(is_const(i) for i in c.inputs))
-            queue.extend((o, pairwise) for o in c.outputs)
+            queue.extend((o, pairwise, normed) for o in c.outputs)
     return seen, softmax, projection
 
 
@@ -455,10 +526,14 @@ def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
                 kind = _merge_kind({k for k, _ in parts})
                 found.append((order.get(id(producer(root)), -1), kind, root, [p for _, ps in parts for p in ps]))
     cands = []
-    layer = -1
+    layer, kinds_here = -1, set()
     for pos, kind, t, projs in sorted(found, key=lambda f: f[0]):
-        layer += kind in (PRE_ATTENTION, SHARED)
-        cands.append(_Candidate(max(layer, 0), kind, t, projs, pos))
+        # a new block at each attention (or shared) site, and at an MLP site where the block has
+        # one already (MLP-only blocks: ConvNeXt)
+        if layer < 0 or kind in (PRE_ATTENTION, SHARED) or kind in kinds_here:
+            layer, kinds_here = layer + 1, set()
+        kinds_here.add(kind)
+        cands.append(_Candidate(layer, kind, t, projs, pos))
     return _make_sites(cands, norms, "structure")
 
 
@@ -486,10 +561,23 @@ def site_counts(sites: list[Site]) -> dict[str, int]:
     return {k: per_kind.get(k, 0) for k in KINDS if k != SHARED or per_kind.get(k)}
 
 
+def no_sites_reason(graph: gs.Graph) -> str:
+    """Why a graph has no site, in one line."""
+    if norm_outputs(graph):
+        return "no normalisation output feeds attention or MLP projections"
+    if any(n.op in ("Conv", "BatchNormalization") for n in graph.nodes):
+        return (
+            "no normalisation over the last axis: a convolutional model normalises NCHW channels (BatchNorm, "
+            "folded into its convolutions on export), and GPCL reads quaternions along the last axis"
+        )
+    return "the graph has no normalisation"
+
+
 def sites_file(path: str | Path) -> dict:
     """List the candidate GPCL sites of an ONNX model (layer, kind, tensor, hidden size,
     consumers); changes nothing. A ``shared`` site is one norm output read by both attention
-    and MLP (its consumers are both); ``shared_sites`` counts them."""
+    and MLP (its consumers are both); ``shared_sites`` counts them. With none, ``reason`` says
+    why (a convolutional model: its norms are not over the last axis)."""
     lm = load_graph(path)
     sites = find_sites_loaded(lm)
     return {
@@ -499,5 +587,6 @@ def sites_file(path: str | Path) -> dict:
         "layers": len({s.layer for s in sites}),
         "counts": site_counts(sites),
         "shared_sites": sum(s.kind == SHARED for s in sites),
+        "reason": None if sites else no_sites_reason(lm.graph),
         "sites": [s.to_dict() for s in sites],
     }
