@@ -16,6 +16,7 @@ TASK_CHOICES = (
     "text-generation",
     "text-generation-with-past",
     "image-classification",
+    "zero-shot-image-classification",
 )
 
 
@@ -38,7 +39,8 @@ def register(main: click.Group) -> None:
         default="auto",
         show_default=True,
         help="What to export; auto picks from config.json: the task of the head class in architectures "
-        "(BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification; a *ForCausalLM: "
+        "(BertForMaskedLM: fill-mask, ViTForImageClassification: image-classification, CLIPModel: "
+        "zero-shot-image-classification; a *ForCausalLM: "
         "text-generation-with-past unless use_cache is false, its layers keep recurrent states or it is an "
         "encoder's causal LM head), else the family's first task.",
     )

@@ -20,7 +20,15 @@ import torch
 
 from gpcl_trt import feeds
 from gpcl_trt.common import GpclError, one_line
-from gpcl_trt.exporter.cores import CausalLMCore, CausalLMWithPastCore, EncoderCore, VisionCore, out_cache
+from gpcl_trt.exporter.cores import (
+    CausalLMCore,
+    CausalLMWithPastCore,
+    DualEncoderCore,
+    EncoderCore,
+    VisionCore,
+    out_cache,
+)
+from gpcl_trt.exporter.patchers import dynamic_rope_patches
 from gpcl_trt.exporter.tasks import (
     FEATURE_EXTRACTION,
     FILL_MASK,
@@ -31,6 +39,7 @@ from gpcl_trt.exporter.tasks import (
     TEXT_GENERATION,
     TEXT_GENERATION_WITH_PAST,
     TOKEN_CLASSIFICATION,
+    ZERO_SHOT_IMAGE_CLASSIFICATION,
     forward_params,
     head_class,
     is_decoder_type,
@@ -242,6 +251,14 @@ class VisionEncoder(ArchConfig):
         return int(self.hf_config.hidden_size)
 
     @property
+    def convolutional(self) -> bool:
+        """Convolutional stages (ResNet, ConvNeXt, MobileViT: per-stage ``hidden_sizes`` and no
+        ``hidden_size``): features are a [batch, channels, height, width] map, not tokens."""
+        return getattr(self.hf_config, "hidden_size", None) is None and bool(
+            getattr(self.hf_config, "hidden_sizes", None)
+        )
+
+    @property
     def vocab_size(self) -> int:  # no token ids; kept so callers that ask get a number
         return 0
 
@@ -250,11 +267,62 @@ class VisionEncoder(ArchConfig):
         return [TensorSpec(feeds.PIXEL_VALUES, "float", ("batch", channels, *self.image_size))]
 
     def outputs(self, task: str) -> list[TensorSpec]:
+        if task == FEATURE_EXTRACTION and self.convolutional:  # sizes fixed by the image size
+            return [TensorSpec("last_hidden_state", "float", ("batch", None, None, None))]
         return self._head_outputs(task, ("batch", None))  # the token count is fixed by the image size
 
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         self._bind(model)
         return VisionCore(model, [s.name for s in self.outputs(task)], return_dict=True)
+
+
+# ----------------------------------------------------------------------------- dual encoders
+class DualEncoder(ArchConfig):
+    """CLIP-style dual encoders (CLIP, SigLIP, ...): a text tower and a vision tower, scored
+    against each other. Optimum's I/O: ``input_ids``, ``pixel_values``, ``attention_mask`` (where
+    the forward takes it) -> ``logits_per_image`` [image batch, text batch], ``logits_per_text``,
+    ``text_embeds``, ``image_embeds``; feature-extraction gives the two embeddings. The texts and
+    the images are batched apart (zero-shot scores N images against M labels). Either tower alone
+    is a text or vision encoder checkpoint (``clip_text_model``, ``siglip_vision_model``...)."""
+
+    family = "dual-encoder"
+    tasks = (ZERO_SHOT_IMAGE_CLASSIFICATION, FEATURE_EXTRACTION)
+
+    @property
+    def vision_config(self) -> Any:
+        return self.hf_config.vision_config
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.vision_config, "image_size", 224)
+        return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+    def inputs(self, task: str) -> list[TensorSpec]:
+        channels = int(getattr(self.vision_config, "num_channels", 3))
+        specs = [
+            TensorSpec(feeds.INPUT_IDS, "int64", ("text_batch", "sequence")),
+            TensorSpec(feeds.PIXEL_VALUES, "float", ("image_batch", channels, *self.image_size)),
+        ]
+        if "attention_mask" in self.params(task):
+            specs.append(TensorSpec(feeds.ATTENTION_MASK, "int64", ("text_batch", "sequence")))
+        return specs
+
+    def outputs(self, task: str) -> list[TensorSpec]:
+        embeds = [
+            TensorSpec("text_embeds", "float", ("text_batch", None)),
+            TensorSpec("image_embeds", "float", ("image_batch", None)),
+        ]
+        if task == FEATURE_EXTRACTION:
+            return embeds
+        return [
+            TensorSpec("logits_per_image", "float", ("image_batch", "text_batch")),
+            TensorSpec("logits_per_text", "float", ("text_batch", "image_batch")),
+            *embeds,
+        ]
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        self._bind(model)
+        return DualEncoderCore(model, [s.name for s in self.outputs(task)], return_dict=True)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -384,10 +452,14 @@ class DecoderOnly(ArchConfig):
         self._bind(model)
         if task == TEXT_GENERATION_WITH_PAST:
             self._kv = probe_kv_cache(model, self.name)
-            return CausalLMWithPastCore(model, self.num_layers, [s.name for s in self.outputs(task)])
-        if task == FEATURE_EXTRACTION:
-            return EncoderCore(model, ["last_hidden_state"], use_cache=False, return_dict=True)
-        return CausalLMCore(model, [s.name for s in self.outputs(task)], return_dict=True)
+            core = CausalLMWithPastCore(model, self.num_layers, [s.name for s in self.outputs(task)])
+        elif task == FEATURE_EXTRACTION:
+            core = EncoderCore(model, ["last_hidden_state"], use_cache=False, return_dict=True)
+        else:
+            core = CausalLMCore(model, [s.name for s in self.outputs(task)], return_dict=True)
+        # a config variant of any rotary decoder, so by what the model holds, not by model_type
+        core.patches += dynamic_rope_patches(model)
+        return core
 
 
 def _config_says_rotary(cfg: Any) -> bool:

@@ -57,6 +57,15 @@ class VisionCore(HeadCore):
         return self._pick(self._run(pixel_values=pixel_values))
 
 
+# ----------------------------------------------------------------------------- dual encoders
+class DualEncoderCore(HeadCore):
+    """Texts and images in one call (CLIP, SigLIP): both towers and the scores between them."""
+
+    def forward(self, input_ids, pixel_values, attention_mask=None):
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self._pick(self._run(input_ids=input_ids, pixel_values=pixel_values, **kw))
+
+
 # ----------------------------------------------------------------------------- decoders
 class CausalLMCore(HeadCore):
     def forward(self, input_ids, attention_mask=None, position_ids=None):

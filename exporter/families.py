@@ -7,7 +7,7 @@ model is and what the user can do."""
 from __future__ import annotations
 
 from gpcl_trt.common import GpclError
-from gpcl_trt.exporter.configs import ArchConfig, DecoderOnly, TextEncoder, VisionEncoder
+from gpcl_trt.exporter.configs import ArchConfig, DecoderOnly, DualEncoder, TextEncoder, VisionEncoder
 from gpcl_trt.exporter.overrides import OVERRIDES
 from gpcl_trt.exporter.tasks import (
     FEATURE_EXTRACTION,
@@ -19,6 +19,7 @@ from gpcl_trt.exporter.tasks import (
     TEXT_GENERATION,
     TEXT_GENERATION_WITH_PAST,
     TOKEN_CLASSIFICATION,
+    ZERO_SHOT_IMAGE_CLASSIFICATION,
     class_in_mapping,
     forward_params,
     head_class,
@@ -43,16 +44,11 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
     ("MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "a multimodal (image + text) model", "image-text-to-text"),
     ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "a multimodal model", "any-to-any"),
-    (
-        "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-        "a multimodal (image + text) model",
-        "zero-shot-image-classification",
-    ),
 )
 
 
 # The generic families; a model_type in OVERRIDES (exporter/overrides.py) takes its own class.
-FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder)
+FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder, DualEncoder)
 
 
 def _refusal(model_type: str, cls_name: str | None) -> str | None:
@@ -67,6 +63,8 @@ def _family_of_task(task: str, model_type: str) -> type[ArchConfig] | None:
         return DecoderOnly
     if task == IMAGE_CLASSIFICATION:
         return VisionEncoder
+    if task == ZERO_SHOT_IMAGE_CLASSIFICATION or in_mapping(TASK_HEADS[ZERO_SHOT_IMAGE_CLASSIFICATION][0], model_type):
+        return DualEncoder
     if is_decoder_type(model_type):
         return DecoderOnly
     cls = head_class(task, model_type)

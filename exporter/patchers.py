@@ -94,3 +94,46 @@ def apply_rotary_pairs(head_axis: int) -> Any:
         return _rotate_pairs(xq, f), _rotate_pairs(xk, f)
 
     return apply_rotary_emb
+
+
+# ----------------------------------------------------------------------------- dynamic-NTK RoPE
+def dynamic_ntk_select(raw_forward: Any) -> Any:
+    """A rotary module's forward for ``rope_type: dynamic`` (dynamic NTK scaling) with the
+    frequency update as a select in the graph. transformers recomputes ``inv_freq`` in Python
+    once the sequence outgrows ``max_position_embeddings`` (a branch on a tensor value, which
+    torch.export cannot trace) and keeps the grown frequencies as state; here they are computed
+    from this call's length every time and picked by ``where(length > max, grown, original)``,
+    as transformers does for LongRoPE. That is what a fresh model computes at any length (the
+    cached, stateful version differs only after a longer call)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    def forward(self: Any, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> Any:
+        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        if "dynamic" in rope_type:
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            seq_len = position_ids.max() + 1
+            grown, _ = ROPE_INIT_FUNCTIONS[rope_type](self.config, x.device, seq_len=seq_len, **kwargs)
+            original = getattr(self, f"{prefix}original_inv_freq").to(x.device)
+            inv_freq = torch.where(seq_len > self.original_max_seq_len, grown.to(original.dtype), original)
+            # in place, as transformers' LongRoPE update: the buffer the forward reads keeps its identity
+            getattr(self, f"{prefix}inv_freq").copy_(inv_freq)
+        return raw_forward(self, x, position_ids, **kwargs)
+
+    return forward
+
+
+def dynamic_rope_patches(model: torch.nn.Module) -> list[tuple[Any, str, Any]]:
+    """``HeadCore.patches`` for every rotary module class of ``model`` with dynamic rope scaling
+    (its forward is transformers' ``dynamic_rope_update`` wrapper around the plain one)."""
+    patches, seen = [], set()
+    for module in model.modules():
+        cls = type(module)
+        rope_type = getattr(module, "rope_type", None)
+        types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        raw = getattr(cls.forward, "__wrapped__", None)
+        if cls in seen or raw is None or not any(isinstance(t, str) and "dynamic" in t for t in types):
+            continue
+        seen.add(cls)
+        patches.append((cls, "forward", dynamic_ntk_select(raw)))
+    return patches

@@ -15,6 +15,7 @@ QUESTION_ANSWERING = "question-answering"
 TEXT_GENERATION = "text-generation"
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 IMAGE_CLASSIFICATION = "image-classification"
+ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
 TASKS = (
     FEATURE_EXTRACTION,
     FILL_MASK,
@@ -24,6 +25,7 @@ TASKS = (
     TEXT_GENERATION,
     TEXT_GENERATION_WITH_PAST,
     IMAGE_CLASSIFICATION,
+    ZERO_SHOT_IMAGE_CLASSIFICATION,
 )
 
 # task -> (transformers auto mapping holding model_type -> head class name, Auto class)
@@ -36,6 +38,10 @@ TASK_HEADS: dict[str, tuple[str, str]] = {
     TEXT_GENERATION: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
     TEXT_GENERATION_WITH_PAST: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
     IMAGE_CLASSIFICATION: ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+    ZERO_SHOT_IMAGE_CLASSIFICATION: (
+        "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "AutoModelForZeroShotImageClassification",
+    ),
 }
 
 
@@ -78,8 +84,10 @@ def forward_params(cls_or_model: Any) -> set[str]:
 
 def task_of_class(cls_name: str) -> str | None:
     """The task whose head class is ``cls_name`` (LlamaForCausalLM -> text-generation), or None."""
-    for task, (mapping, _) in TASK_HEADS.items():
-        if task != TEXT_GENERATION_WITH_PAST and class_in_mapping(mapping, cls_name):
+    # a dual encoder's class (CLIPModel) is also AutoModel's: its own task comes first
+    order = [ZERO_SHOT_IMAGE_CLASSIFICATION, *(t for t in TASK_HEADS if t != ZERO_SHOT_IMAGE_CLASSIFICATION)]
+    for task in order:
+        if task != TEXT_GENERATION_WITH_PAST and class_in_mapping(TASK_HEADS[task][0], cls_name):
             return task
     return None
 

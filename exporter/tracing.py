@@ -44,7 +44,19 @@ def trace_errors(d: Path, arch: Any, task: str) -> Iterator[None]:
     except (GpclError, rep.NotReplicable):
         raise
     except Exception as exc:
-        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {one_line(exc)}") from None
+        raise GpclError(f"export failed for {d} ({arch.name}, {task}): {_with_cause(exc)}") from None
+
+
+def _with_cause(exc: BaseException) -> str:
+    """torch.onnx's message is a generic first line ("Failed to export the model with
+    torch.export. This is step 1/3 ..."); what torch.export actually stopped at is the exception
+    it chains. One line with both: the first sentence, then the innermost cause's first line."""
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is exc:
+        return one_line(exc)
+    return f"{one_line(exc).split('. ', 1)[0]}: {one_line(cause)}"
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -64,8 +76,10 @@ def trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold_
     if getattr(arch, "dtype", "fp32") == "bf16":  # numpy has no bfloat16: the float feeds are cast here
         cast = lambda t: t.to(torch.bfloat16) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
         kwargs = {k: tuple(cast(x) for x in v) if isinstance(v, tuple) else cast(v) for k, v in kwargs.items()}
-    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence", "past_sequence", "total_sequence")}
     specs = {s.name: s for s in arch.inputs(task)}
+    # every named axis (a dual encoder batches texts and images apart: text_batch, image_batch)
+    named = {a for s in specs.values() for a in s.axes if isinstance(a, str)}
+    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence", "past_sequence", "total_sequence", *named)}
 
     def dyn(spec) -> dict:
         return {i: dims[a] for i, a in enumerate(spec.axes) if isinstance(a, str)}
