@@ -201,6 +201,24 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     ),
     "albert": ("albert", "AlbertModel", dict(TINY_ENC, embedding_size=32), "feature-extraction", TWO),
     "deberta-v2": ("deberta-v2", "DebertaV2Model", dict(TINY_ENC), "feature-extraction", TWO),
+    # DeBERTa-v3: a LayerNorm over the relative-position table, which every block's query/key
+    # projections also read (not a block's input: no site, and no renumbering of the blocks)
+    "deberta-v3": (
+        "deberta-v2",
+        "DebertaV2Model",
+        dict(
+            TINY_ENC,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=32,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+        ),
+        "feature-extraction",
+        TWO,
+    ),
     # pre-LN with the attention's LayerNorm inside the attention submodule (ESM-2)
     "esm": ("esm", "EsmForMaskedLM", dict(TINY_ENC, pad_token_id=1), "fill-mask", TWO),
     # decoder-only with a classification / QA head instead of the LM head
@@ -221,7 +239,48 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
     # vision encoders: pixel_values in
     "vit": ("vit", "ViTForImageClassification", dict(TINY_VIT, num_labels=4), "image-classification", TWO),
     "dinov2": ("dinov2", "Dinov2Model", dict(TINY_VIT), "feature-extraction", TWO),
+    # convolutional and hierarchical vision, two stages each: stage-by-stage block numbering, the
+    # channels-last norms are sites; ResNet's BatchNorm over NCHW gives none (GPCL reads the last axis)
+    "resnet": (
+        "resnet",
+        "ResNetForImageClassification",
+        dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+        "image-classification",
+        {"pre-attention": 0, "pre-mlp": 0},
+    ),
+    "convnext": (  # one LayerNorm per block, before its pointwise MLP
+        "convnext",
+        "ConvNextForImageClassification",
+        # layer scale 1 instead of 1e-6: GPCL at the MLP's input must be able to move the output
+        dict(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=32, layer_scale_init_value=1.0
+        ),
+        "image-classification",
+        {"pre-attention": 0, "pre-mlp": 2},
+    ),
+    "swin": (  # windowed attention (pad + permute between norm and projections), patch merging
+        "swin",
+        "SwinForImageClassification",
+        dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3),
+        "image-classification",
+        TWO,
+    ),
+    "mobilevit": (  # its three transformer stages are 2 + 4 + 3 blocks deep whatever the config
+        "mobilevit",
+        "MobileViTForImageClassification",
+        dict(
+            image_size=32,
+            hidden_sizes=[16, 16, 16],
+            neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32],
+            num_attention_heads=2,
+            num_labels=3,
+            initializer_range=0.5,  # its BatchNorm scales start at N(0, this): 0.02 leaves zero logits
+        ),
+        "image-classification",
+        {"pre-attention": 9, "pre-mlp": 9},
+    ),
 }
+VISION_STAGED = ["resnet", "convnext", "swin", "mobilevit"]
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
 
 
@@ -305,9 +364,16 @@ def test_export_sites_insert_strip_diff(family, name, tmp_path):
     assert res["validation"]["max_abs_diff"] <= 1e-4, res["validation"]
 
     s = sites_file(path)
-    assert s["method"] == "metadata" and s["counts"] == counts, (name, s["counts"])
+    assert s["counts"] == counts, (name, s["counts"])
+    if not sum(counts.values()):  # no norm over the last axis: exported and diffed, but nothing to insert
+        assert s["method"] is None and "GPCL reads quaternions along the last axis" in s["reason"]
+        with pytest.raises(GpclError, match="no GPCL sites"):
+            insert_file(path, tmp_path / "g.onnx", tau=1.0)
+        assert diff(reference=model_dir, candidate=path, samples=1, seq=6, batch=2)["ok"]
+        return
+    assert s["method"] == "metadata" and s["reason"] is None
     assert [x["layer"] for x in s["sites"]] == sorted(x["layer"] for x in s["sites"])
-    assert {x["layer"] for x in s["sites"]} == {0, 1}
+    assert {x["layer"] for x in s["sites"]} == set(range(max(counts.values())))
     assert all(x["hidden"] % 4 == 0 and x["consumers"] for x in s["sites"])
     if counts.get("shared"):  # one norm, both projection sets rewired
         assert all(len(x["consumers"]) >= 2 for x in s["sites"])
@@ -336,10 +402,12 @@ def test_export_sites_insert_strip_diff(family, name, tmp_path):
 # a sliding window, a decoder with a classification head, a vision encoder. The rest stop at the
 # Triton repository.
 SERVED = {"mistral", "qwen2-seq-cls", "vit"}
+# The pipeline inserts GPCL: models without a site stop after export (see the test above).
+WITH_SITES = [n for n, c in CORPUS.items() if sum(c[4].values())]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CORPUS))
+@pytest.mark.parametrize("name", WITH_SITES)
 def test_pipeline_calibrates_builds_and_deploys(family, name, tmp_path):
     """The stages after export on each family: calibrate, insert, a real TensorRT-RTX engine
     build, diff, the Triton repository, and (SERVED) a served-model check."""
@@ -388,7 +456,25 @@ def test_structural_sites_match_metadata(family, name, tmp_path):
     onnx.save(m, str(bare))
     key = lambda s: [(x["layer"], x["kind"], x["tensor"], tuple(x["consumers"])) for x in s["sites"]]  # noqa: E731
     got = sites_file(bare)
-    assert got["method"] == "structure" and key(got) == key(sites_file(path))
+    assert got["method"] == ("structure" if got["sites"] else None) and key(got) == key(sites_file(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VISION_STAGED)
+def test_staged_vision_feature_extraction(family, name, tmp_path):
+    """feature-extraction of the convolutional and hierarchical vision models: Swin's tokens,
+    the others' [batch, channels, height, width] map; validated, the same sites as the head."""
+    from gpcl_trt.exporter import export_model
+    from gpcl_trt.passes import sites_file
+
+    model_dir, _, _ = family(name)
+    res = export_model(model_dir, tmp_path / "fe.onnx", task="feature-extraction")
+    assert res["ok"] and res["outputs"] == ["last_hidden_state"], res
+    assert res["validation"]["max_abs_diff"] <= 1e-4, res["validation"]
+    m = onnx.load(str(tmp_path / "fe.onnx"), load_external_data=False)
+    rank = len(m.graph.output[0].type.tensor_type.shape.dim)
+    assert rank == (3 if name == "swin" else 4)
+    assert sites_file(tmp_path / "fe.onnx")["counts"] == CORPUS[name][4]
 
 
 @pytest.mark.slow
@@ -467,6 +553,23 @@ def test_vision_calibration_random_and_npz(family, tmp_path):
     assert insert_file(path, tmp_path / "g.onnx", calibration=tmp_path / "n.json")["inserted"]
 
 
+@pytest.mark.slow
+def test_deberta_v3_layers_are_the_blocks_not_the_position_table(family, tmp_path):
+    """--layers 0 puts GPCL in front of block 0's projections of the hidden state (not on the
+    relative-position table's norm, which no site reads), and --layers 1 is block 1."""
+    from gpcl_trt.passes import insert_file, sites_file
+
+    _, path, _ = family("deberta-v3")
+    m = onnx.load(str(path), load_external_data=False)
+    scope = lambda n: "".join(p.value for p in n.metadata_props)  # noqa: E731
+    table_norm = next(n.output[0] for n in m.graph.node if "model.encoder.LayerNorm" in scope(n))
+    sites = sites_file(path)["sites"]
+    assert table_norm not in {x["tensor"] for x in sites}
+    for layer in (0, 1):
+        ins = insert_file(path, tmp_path / f"l{layer}.onnx", tau=1.0, sites="pre-attention", layers=[layer])
+        assert ins["inserted"] == [f"layer{layer}/pre-attention"]
+
+
 # ----------------------------------------------------------------------------- shared sites
 @pytest.mark.slow
 def test_shared_sites_are_chosen_by_shared_or_both_kinds(family, tmp_path):
@@ -504,7 +607,10 @@ def _config_dir(tmp_path: Path, cfg: dict) -> Path:
             {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]},
             r"audio model \(task automatic-speech-recognition\)",
         ),
-        ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"multimodal"),
+        (
+            {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
+            r"multimodal .*image-text-to-text",
+        ),
         ({"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "m.M"}}, "pass --trust-remote-code"),
         ({"model_type": "no_such_thing"}, "does not know model_type 'no_such_thing'"),
     ],
@@ -584,6 +690,16 @@ def test_a_graph_that_cannot_run_at_other_shapes_is_refused_in_one_line(tmp_path
     with pytest.raises(GpclError, match="cannot run the exported graph at batch x sequence") as exc:
         export_model(tmp_path / "mamba", out)
     assert "\n" not in str(exc.value) and not any(out.parent.iterdir())
+
+
+def test_hierarchical_stages_count_as_config_layers():
+    """ConvNeXt's num_hidden_layers is its number of stages: stages.N.layers.M counts stage N."""
+    from gpcl_trt.exporter.checkpoint import checkpoint_layers
+
+    names = [f"convnext.encoder.stages.{s}.layers.0.dwconv.weight" for s in (0, 1)]
+    assert checkpoint_layers(names) == 2
+    assert checkpoint_layers(["swin.encoder.layers.1.blocks.0.attention.self.query.weight"]) == 2
+    assert checkpoint_layers(["model.layers.3.mlp.experts.7.up_proj.weight"]) == 4
 
 
 def test_cli_offers_every_task():
