@@ -209,18 +209,17 @@ PIPELINE_PROMPTS = (
 
 def pipeline_eval(reference: str | os.PathLike, candidate: str | os.PathLike, max_new_tokens: int = 16) -> dict | None:
     """The pipeline's generation-level check of a GPCL decoder (reported, not gating): None when
-    the reference is not a decoder exported with past; ``skipped`` with the reason when it cannot
-    run (no tokenizer)."""
+    the candidate is not a decoder exported with past; ``skipped`` with the reason when it cannot
+    run (no tokenizer). The reference is the PyTorch model directory or an ONNX decoder."""
+    from gpcl_trt.common import load_onnx
     from gpcl_trt.feeds import is_past
     from gpcl_trt.generate.api import resolve
 
-    if Path(reference).suffix != ".onnx":
+    if Path(candidate).suffix != ".onnx":
         return None
-    from gpcl_trt.common import load_onnx
-
-    if not any(is_past(i.name) for i in load_onnx(reference, external_data=False).graph.input):
+    if not any(is_past(i.name) for i in load_onnx(candidate, external_data=False).graph.input):
         return None
-    if resolve(reference)[1] is None:
+    if all(resolve(a)[1] is None for a in (reference, candidate)):
         return {"skipped": "no model directory in the manifest chain (no tokenizer)"}
     try:
         r = evaluate(

@@ -181,8 +181,13 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
                 **opts,
             )
         else:
-            r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **opts)
+            # a decoder's text generation model once, next to the served (python) entry
+            gen_opts = opts if backend == "python" else {**opts, "generate": False}
+            r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **gen_opts)
         entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
+        gen = r.get("generate_model") or {}
+        if gen.get("model_dir"):
+            entries[gen["name"]] = {"backend": "python", "model_dir": gen["model_dir"], "generate": True}
     # An entry of an earlier run that this run did not write (engine now skipped) would be stale.
     from gpcl_trt.weightfiles import remove_tree
 

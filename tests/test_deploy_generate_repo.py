@@ -71,3 +71,28 @@ def test_both_onnx_backends_write_it(decoders, tmp_path, backend):  # noqa: F811
     _, onnx = decoders("llama")
     r = write_triton_repo(onnx, tmp_path / "r", "m", backend=backend)
     assert r["generate_model"]["slots"] == 8 and (tmp_path / "r" / "m_generate" / "1" / "model.py").is_file()
+
+
+@pytest.mark.slow  # a whole pipeline (engine build skipped), served check included
+def test_pipeline_on_a_decoder(decoders, tmp_path):  # noqa: F811
+    """The pipeline on a decoder with past: the diff stage reports the generation-level check of
+    the GPCL model against the PyTorch model (its summary row), and the Triton stage writes one
+    text generation model, next to the served entry."""
+    from gpcl_trt.deploy.pipeline import run_pipeline
+    from gpcl_trt.deploy.summary import rows
+
+    model_dir, _ = decoders("llama")
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[pipeline]\nskip = ["build"]\n[export]\ntask = "text-generation-with-past"\n')
+    summary = run_pipeline(model_dir, tmp_path / "out", config=cfg)
+    g = summary["generation"]
+    assert summary["ok"] and g["prompts"] == 4 and g["max_new_tokens"] == 16
+    assert 0 <= g["greedy_agreement"] <= 1 and g["candidate_nll"] > 0
+    assert dict(rows(summary))["generation"].startswith(f"greedy agreement {g['greedy_agreement']:.4g} over 4")
+    repo = tmp_path / "out" / "triton_repo"
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
+        "gpcl_model",
+        "gpcl_model_generate",
+        "gpcl_model_ort",
+    ]
+    assert summary["triton"]["entries"]["gpcl_model_generate"]["generate"] is True
