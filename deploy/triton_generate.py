@@ -7,9 +7,7 @@ and the tokenizer / config files of the model directory (linked through gpcl_trt
 
 from __future__ import annotations
 
-import os
 import shutil
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +51,6 @@ def why_not(artifact: Path, backend: str, io: dict, tokenizer_dir: Path | None) 
     return None
 
 
-def _python_path() -> str:
-    """Site directories of this interpreter (gpcl_trt's editable install, onnxruntime,
-    transformers), for the stub, which runs with the server's own Python."""
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    return os.pathsep.join(paths)
-
-
 def build_generate_config(name: str, slots: int, params: dict[str, str]):
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -85,7 +76,8 @@ def write_generate_model(
     force: bool = False,
 ) -> dict[str, Any]:
     """Write ``repo/name`` (already ``NAME_generate``); returns its paths and config text."""
-    from gpcl_trt.deploy.triton import _save_onnx, config_text, parse_config
+    # the tensor model's helpers: weights linked under the model file's names, the stub's site dirs
+    from gpcl_trt.deploy.triton import _python_path, _save_onnx, config_text, parse_config
 
     if slots < 1:
         raise GpclError(f"--generate-slots must be >= 1, got {slots}")

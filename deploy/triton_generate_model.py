@@ -21,6 +21,7 @@ import json
 import os
 import site
 import sys
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -68,7 +69,7 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0") or 0) or None
         runtime = OrtRuntime(os.path.join(vdir, params.get("onnx_file", "model.onnx")), threads=threads)
         self.tokenizer = load_tokenizer(vdir)
-        settings = model_settings(__import__("pathlib").Path(vdir), self.tokenizer)
+        settings = model_settings(Path(vdir), self.tokenizer)
         self.default_max_tokens = int(params.get("default_max_tokens", "16") or 16)
         self.batcher = InflightBatcher(runtime, self.tokenizer, settings, capacity=int(params.get("slots", "8") or 8))
         self.logger = pb_utils.Logger
