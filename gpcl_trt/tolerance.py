@@ -15,7 +15,10 @@ cannot be measured is not within any tolerance.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy only where a rule runs: the CLI imports the defaults and must stay light
+    import numpy as np
 
 # Defaults of ``export --atol/--rtol`` by export dtype. fp32: the two runtimes differ by rounding
 # order only (~1e-6 relative per op), so 1e-4 absolute and no relative part. 16-bit: the rounding
@@ -41,6 +44,8 @@ def defaults(dtype: str) -> tuple[float, float]:
 
 
 def _pair(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    import numpy as np
+
     r, c = np.asarray(ref), np.asarray(cand)
     if r.shape != c.shape:
         return None
@@ -52,6 +57,8 @@ def _pair(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
 def failing(ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> np.ndarray:
     """Boolean mask of the elements that fail the rule (same shape as the inputs; shapes must
     match)."""
+    import numpy as np
+
     pair = _pair(ref, cand)
     if pair is None:
         raise ValueError(f"shapes differ: {np.shape(ref)} vs {np.shape(cand)}")
@@ -64,6 +71,8 @@ def failing(ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> np.n
 
 def within(ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> bool:
     """True when every element passes (and the shapes match)."""
+    import numpy as np
+
     if np.shape(ref) != np.shape(cand):
         return False
     return not bool(np.any(failing(ref, cand, atol, rtol)))
@@ -74,6 +83,8 @@ def used(ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> float:
     ``|ref - cand| / max(atol, rtol * |cand|)``. At most 1 passes (``within``); 0 for equal
     arrays (even with zero tolerances); inf for a shape mismatch, a non-finite value, or a
     difference where both tolerances are 0."""
+    import numpy as np
+
     pair = _pair(ref, cand)
     if pair is None:
         return float("inf")
