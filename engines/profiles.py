@@ -20,6 +20,9 @@ AXIS_DEFAULTS: dict[str, Range] = {
     "batch": (1, 4, 8),
     "sequence": (1, 128, 512),
     "past_sequence": (1, 128, 512),
+    "text_batch": (1, 4, 8),  # a dual encoder's labels and images (CLIP, SigLIP)
+    "image_batch": (1, 4, 8),
+    "samples": (400, 16000, 80000),  # 16 kHz waveform samples: 25 ms .. 5 s (wav2vec2-style encoders)
 }
 # total_sequence = past_sequence + sequence at every profile point, so the shapes agree.
 DERIVED_AXES = {"total_sequence": ("past_sequence", "sequence")}

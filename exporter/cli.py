@@ -17,6 +17,8 @@ TASK_CHOICES = (
     "text-generation-with-past",
     "image-classification",
     "zero-shot-image-classification",
+    "automatic-speech-recognition",
+    "audio-classification",
 )
 
 

@@ -21,6 +21,7 @@ import torch
 from gpcl_trt import feeds
 from gpcl_trt.common import GpclError, one_line
 from gpcl_trt.exporter.cores import (
+    AudioCore,
     CausalLMCore,
     CausalLMWithPastCore,
     DualEncoderCore,
@@ -30,6 +31,8 @@ from gpcl_trt.exporter.cores import (
 )
 from gpcl_trt.exporter.patchers import dynamic_rope_patches
 from gpcl_trt.exporter.tasks import (
+    AUDIO_CLASSIFICATION,
+    AUTOMATIC_SPEECH_RECOGNITION,
     FEATURE_EXTRACTION,
     FILL_MASK,
     IMAGE_CLASSIFICATION,
@@ -274,6 +277,37 @@ class VisionEncoder(ArchConfig):
     def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         self._bind(model)
         return VisionCore(model, [s.name for s in self.outputs(task)], return_dict=True)
+
+
+# ----------------------------------------------------------------------------- audio encoders
+class AudioEncoder(ArchConfig):
+    """wav2vec2-style speech encoders (wav2vec2, HuBERT, WavLM, Data2Vec-audio...): raw waveform
+    ``input_values`` [batch, samples] -> a convolutional feature encoder (a frame per 320
+    samples, 20 ms at 16 kHz, for wav2vec2's strides) -> a transformer encoder. Optimum's I/O: CTC ``logits``
+    [batch, frames, vocab] (automatic-speech-recognition), ``logits`` [batch, labels]
+    (audio-classification) or ``last_hidden_state``."""
+
+    family = "audio-encoder"
+    tasks = (AUTOMATIC_SPEECH_RECOGNITION, AUDIO_CLASSIFICATION, FEATURE_EXTRACTION)
+    main_input = "input_values"
+
+    @property
+    def vocab_size(self) -> int:  # no token ids in; the CTC head's size is read from the config
+        return 0
+
+    def inputs(self, task: str) -> list[TensorSpec]:
+        return [TensorSpec(feeds.INPUT_VALUES, "float", ("batch", feeds.SAMPLES))]
+
+    def outputs(self, task: str) -> list[TensorSpec]:
+        if task == AUTOMATIC_SPEECH_RECOGNITION:
+            return [TensorSpec("logits", "float", ("batch", None, int(self.hf_config.vocab_size)))]
+        if task == AUDIO_CLASSIFICATION:
+            return [TensorSpec("logits", "float", ("batch", self.num_labels))]
+        return [TensorSpec("last_hidden_state", "float", ("batch", None, self.hidden_size))]
+
+    def core(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        self._bind(model)
+        return AudioCore(model, [s.name for s in self.outputs(task)], return_dict=True)
 
 
 # ----------------------------------------------------------------------------- dual encoders

@@ -57,13 +57,21 @@ class VisionCore(HeadCore):
         return self._pick(self._run(pixel_values=pixel_values))
 
 
+# ----------------------------------------------------------------------------- audio encoders
+class AudioCore(HeadCore):
+    def forward(self, input_values):
+        return self._pick(self._run(input_values=input_values))
+
+
 # ----------------------------------------------------------------------------- dual encoders
 class DualEncoderCore(HeadCore):
     """Texts and images in one call (CLIP, SigLIP): both towers and the scores between them."""
 
     def forward(self, input_ids, pixel_values, attention_mask=None):
         kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-        return self._pick(self._run(input_ids=input_ids, pixel_values=pixel_values, **kw))
+        out = self._pick(self._run(input_ids=input_ids, pixel_values=pixel_values, **kw))
+        # logits_per_text is logits_per_image.t(): a strided view that numpy consumers cannot view()
+        return tuple(t.contiguous() for t in out)
 
 
 # ----------------------------------------------------------------------------- decoders

@@ -7,9 +7,18 @@ model is and what the user can do."""
 from __future__ import annotations
 
 from gpcl_trt.common import GpclError
-from gpcl_trt.exporter.configs import ArchConfig, DecoderOnly, DualEncoder, TextEncoder, VisionEncoder
+from gpcl_trt.exporter.configs import (
+    ArchConfig,
+    AudioEncoder,
+    DecoderOnly,
+    DualEncoder,
+    TextEncoder,
+    VisionEncoder,
+)
 from gpcl_trt.exporter.overrides import OVERRIDES
 from gpcl_trt.exporter.tasks import (
+    AUDIO_CLASSIFICATION,
+    AUTOMATIC_SPEECH_RECOGNITION,
     FEATURE_EXTRACTION,
     FILL_MASK,
     IMAGE_CLASSIFICATION,
@@ -36,10 +45,6 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
         "an audio (speech encoder-decoder) model",
         "automatic-speech-recognition",
     ),
-    ("MODEL_FOR_CTC_MAPPING_NAMES", "an audio model", "automatic-speech-recognition"),
-    ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-classification"),
-    ("MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-frame-classification"),
-    ("MODEL_FOR_AUDIO_XVECTOR_MAPPING_NAMES", "an audio model", "audio-xvector"),
     ("MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "a multimodal (image + text) model", "image-text-to-text"),
@@ -48,13 +53,24 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
 
 
 # The generic families; a model_type in OVERRIDES (exporter/overrides.py) takes its own class.
-FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder, DualEncoder)
+FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder, DualEncoder, AudioEncoder)
+
+
+# Heads refused by their class only: the same model types also have heads that are exported
+# (Wav2Vec2ForCTC is, Wav2Vec2ForAudioFrameClassification is not).
+REFUSED_HEADS: tuple[tuple[str, str, str], ...] = (
+    ("MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES", "an audio model", "audio-frame-classification"),
+    ("MODEL_FOR_AUDIO_XVECTOR_MAPPING_NAMES", "an audio model", "audio-xvector"),
+)
 
 
 def _refusal(model_type: str, cls_name: str | None) -> str | None:
     for mapping, what, task in REFUSED:
         if (cls_name and class_in_mapping(mapping, cls_name)) or (not cls_name and in_mapping(mapping, model_type)):
             return f"{model_type} is {what} (task {task}), which gpcl-trt does not export yet"
+    for mapping, what, task in REFUSED_HEADS:
+        if cls_name and class_in_mapping(mapping, cls_name):
+            return f"{model_type} ({cls_name}) is {what} (task {task}), which gpcl-trt does not export yet"
     return None
 
 
@@ -69,6 +85,10 @@ def _family_of_task(task: str, model_type: str) -> type[ArchConfig] | None:
         return DecoderOnly
     cls = head_class(task, model_type)
     params = forward_params(cls) if cls is not None else set()
+    if "input_values" in params:  # a raw waveform in: CTC, audio-classification or the bare encoder
+        return AudioEncoder
+    if task in (AUTOMATIC_SPEECH_RECOGNITION, AUDIO_CLASSIFICATION):
+        return None  # log-mel features (Whisper's encoder) are not this family
     if "pixel_values" in params and "input_ids" not in params:
         return VisionEncoder
     if "input_ids" in params and "pixel_values" not in params:
@@ -85,6 +105,8 @@ def _family_by_type(model_type: str) -> type[ArchConfig] | None:
         TOKEN_CLASSIFICATION,
         QUESTION_ANSWERING,
         IMAGE_CLASSIFICATION,
+        AUTOMATIC_SPEECH_RECOGNITION,
+        AUDIO_CLASSIFICATION,
         FEATURE_EXTRACTION,
     ):
         if in_mapping(TASK_HEADS[task][0], model_type):

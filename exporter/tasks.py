@@ -16,6 +16,8 @@ TEXT_GENERATION = "text-generation"
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 IMAGE_CLASSIFICATION = "image-classification"
 ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
+AUTOMATIC_SPEECH_RECOGNITION = "automatic-speech-recognition"  # CTC heads (wav2vec2-style encoders)
+AUDIO_CLASSIFICATION = "audio-classification"
 TASKS = (
     FEATURE_EXTRACTION,
     FILL_MASK,
@@ -26,6 +28,8 @@ TASKS = (
     TEXT_GENERATION_WITH_PAST,
     IMAGE_CLASSIFICATION,
     ZERO_SHOT_IMAGE_CLASSIFICATION,
+    AUTOMATIC_SPEECH_RECOGNITION,
+    AUDIO_CLASSIFICATION,
 )
 
 # task -> (transformers auto mapping holding model_type -> head class name, Auto class)
@@ -42,6 +46,8 @@ TASK_HEADS: dict[str, tuple[str, str]] = {
         "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
         "AutoModelForZeroShotImageClassification",
     ),
+    AUTOMATIC_SPEECH_RECOGNITION: ("MODEL_FOR_CTC_MAPPING_NAMES", "AutoModelForCTC"),
+    AUDIO_CLASSIFICATION: ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "AutoModelForAudioClassification"),
 }
 
 

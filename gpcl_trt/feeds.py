@@ -8,7 +8,9 @@ the benchmarks) builds its feeds here, from the model's input names and axes:
 - ``input_ids`` (token ids below the vocabulary size), ``attention_mask`` (ones over past and
   new tokens), ``token_type_ids`` (zeros), ``position_ids`` (past, past + 1, ...; or following the
   mask of a padded text batch), ``past_key_values.{i}.key|value`` (normal floats),
-  ``pixel_values`` (normal floats);
+  ``pixel_values`` (normal floats), ``input_values`` (a waveform: ``samples`` = 320 per
+  ``sequence`` step; normal floats); a dual encoder's ``text_batch`` and ``image_batch`` take
+  the batch size unless given;
 - optional text: a tokenizer's ids, mask and token types replace the random ones.
 
 Next to it: one ONNX Runtime session factory and one max-abs-diff, so stages compare alike.
@@ -31,6 +33,11 @@ ATTENTION_MASK = "attention_mask"
 TOKEN_TYPE_IDS = "token_type_ids"
 POSITION_IDS = "position_ids"
 PIXEL_VALUES = "pixel_values"
+INPUT_VALUES = "input_values"  # a raw waveform [batch, samples] (wav2vec2-style encoders)
+SAMPLES = "samples"
+# Waveform samples per frame: 20 ms at 16 kHz, wav2vec2's feature-encoder stride; a ``sequence``
+# of N means N frames, so random audio is long enough for any such encoder's convolutions.
+SAMPLES_PER_FRAME = 320
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 TEXT_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
@@ -110,6 +117,8 @@ def _shape(dims: Iterable, sizes: Mapping[str, int]) -> tuple[int, ...]:
             out.append(int(d))
         elif isinstance(d, str) and d in sizes:
             out.append(sizes[d])
+        elif d == SAMPLES:  # a waveform: ``sequence`` frames of audio
+            out.append(sizes["sequence"] * SAMPLES_PER_FRAME)
         else:  # an unnamed dynamic axis: the leading one is the batch, the others the sequence
             out.append(sizes["batch"] if i == 0 else sizes["sequence"])
     return tuple(out)

@@ -514,10 +514,11 @@ def _reprojected(t: gs.Tensor) -> list[gs.Tensor]:
 def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
     tensors = {id(t): t for t in graph.tensors().values()}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
+    live = _input_dependent(graph)
     found = []
     for tid in norms:
         t = tensors.get(tid)
-        if t is None:
+        if t is None or tid not in live:
             continue
         for root in _reprojected(t):
             projs = _projection_heads(root)

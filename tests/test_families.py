@@ -35,6 +35,31 @@ TINY_ENC = dict(TINY_DEC)  # the same tiny sizes; kept apart so either can chang
 TINY_VIT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
 )
+TINY_TEXT_TOWER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,  # the engine's default sequence range reaches 128
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+TINY_AUDIO = dict(  # two 16-wide convolutions of stride 4 (a frame per 16 samples), two blocks
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    conv_dim=(16, 16),
+    conv_stride=(4, 4),
+    conv_kernel=(8, 4),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=4,
+    do_stable_layer_norm=True,
+    feat_extract_norm="layer",
+)
 TWO = {"pre-attention": 2, "pre-mlp": 2}  # two norms per block, two blocks
 SHARED = {"pre-attention": 0, "pre-mlp": 0, "shared": 2}  # one norm read by attention and MLP
 
@@ -279,8 +304,37 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
         "image-classification",
         {"pre-attention": 9, "pre-mlp": 9},
     ),
+    # dual encoders: both towers' blocks, numbered tower by tower; either tower alone is an encoder
+    "clip": (
+        "clip",
+        "CLIPModel",
+        dict(text_config=TINY_TEXT_TOWER, vision_config=TINY_VIT, projection_dim=16),
+        "zero-shot-image-classification",
+        {"pre-attention": 4, "pre-mlp": 4},
+    ),
+    "siglip": (
+        "siglip",
+        "SiglipModel",
+        dict(text_config=TINY_TEXT_TOWER, vision_config=TINY_VIT),
+        "zero-shot-image-classification",
+        {"pre-attention": 4, "pre-mlp": 4},
+    ),
+    "clip-text": ("clip_text_model", "CLIPTextModel", dict(TINY_TEXT_TOWER), "feature-extraction", TWO),
+    "siglip-vision": ("siglip_vision_model", "SiglipVisionModel", dict(TINY_VIT), "feature-extraction", TWO),
+    # wav2vec2-style speech encoders: a raw waveform in (input_values), a pre-LN (stable layer norm)
+    # CTC model, a post-LN classifier, HuBERT's bare encoder
+    "wav2vec2-ctc": ("wav2vec2", "Wav2Vec2ForCTC", dict(TINY_AUDIO), "automatic-speech-recognition", TWO),
+    "wav2vec2-cls": (
+        "wav2vec2",
+        "Wav2Vec2ForSequenceClassification",
+        dict(TINY_AUDIO, do_stable_layer_norm=False, feat_extract_norm="group", num_labels=3),
+        "audio-classification",
+        TWO,
+    ),
+    "hubert": ("hubert", "HubertModel", dict(TINY_AUDIO), "feature-extraction", TWO),
 }
 VISION_STAGED = ["resnet", "convnext", "swin", "mobilevit"]
+DUAL = [n for n, c in CORPUS.items() if c[3] == "zero-shot-image-classification"]
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
 
 
@@ -434,12 +488,17 @@ def test_pipeline_calibrates_builds_and_deploys(family, name, tmp_path):
 
 
 def _sample(res: dict, sess) -> dict:
-    names = [i.name for i in sess.get_inputs()]
+    inputs = {i.name: i for i in sess.get_inputs()}
     rng = np.random.default_rng(0)
-    if "pixel_values" in names:
-        shape = [2 if isinstance(d, str) else d for d in sess.get_inputs()[0].shape]
-        return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
-    return {"input_ids": rng.integers(0, 100, (2, 7), dtype=np.int64)}
+    out = {}
+    if "pixel_values" in inputs:
+        shape = [2 if isinstance(d, str) else d for d in inputs["pixel_values"].shape]
+        out["pixel_values"] = rng.standard_normal(shape).astype(np.float32)
+    if "input_ids" in inputs:  # a dual encoder's texts: 3 labels against 2 images
+        out["input_ids"] = rng.integers(0, 100, (3 if out else 2, 7), dtype=np.int64)
+    if "input_values" in inputs:  # 0.1 s of 16 kHz audio
+        out["input_values"] = rng.standard_normal((2, 1600)).astype(np.float32)
+    return out
 
 
 @pytest.mark.slow
@@ -447,6 +506,11 @@ def _sample(res: dict, sess) -> dict:
 def test_structural_sites_match_metadata(family, name, tmp_path):
     """The same sites with the exporter's metadata stripped (ONNX from elsewhere)."""
     from gpcl_trt.passes import sites_file
+
+    if name in DUAL:
+        pytest.skip("two towers interleave in graph order; without scopes their blocks cannot be told apart")
+    if name == "wav2vec2-cls":  # known gap of the structural pass
+        pytest.skip("post-LN: the head's projector reads the last block's norm and, without scopes, looks like an MLP")
 
     _, path, _ = family(name)
     m = onnx.load(str(path))
@@ -604,8 +668,8 @@ def _config_dir(tmp_path: Path, cfg: dict) -> Path:
             r"audio .*automatic-speech-recognition",
         ),
         (
-            {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]},
-            r"audio model \(task automatic-speech-recognition\)",
+            {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForAudioFrameClassification"]},
+            r"audio model \(task audio-frame-classification\)",
         ),
         (
             {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
