@@ -634,6 +634,31 @@ def test_deberta_v3_layers_are_the_blocks_not_the_position_table(family, tmp_pat
         assert ins["inserted"] == [f"layer{layer}/pre-attention"]
 
 
+@pytest.mark.slow
+def test_pairs_and_waveforms_calibrate_from_npz(family, tmp_path):
+    """Calibration from files: CLIP on image+text pairs (one leading sample axis), wav2vec2 on
+    waveforms; random waveforms are long enough for the feature encoder (320 samples a step)."""
+    from gpcl_trt.passes import calibrate_file, insert_file
+
+    rng = np.random.default_rng(0)
+    _, clip, _ = family("clip")
+    pairs = tmp_path / "pairs.npz"
+    np.savez(
+        pairs,
+        input_ids=rng.integers(3, 100, (4, 7)),
+        pixel_values=rng.standard_normal((4, 3, 32, 32)).astype(np.float32),
+    )
+    cal = calibrate_file(clip, tmp_path / "clip.json", data=pairs)
+    assert cal["data"]["kind"] == "npz" and cal["samples"] == 4 and len(cal["sites"]) == 8
+    assert len(insert_file(clip, tmp_path / "clip_g.onnx", calibration=tmp_path / "clip.json")["inserted"]) == 8
+
+    _, w2v, _ = family("wav2vec2-ctc")
+    wav = tmp_path / "wav.npz"
+    np.savez(wav, input_values=rng.standard_normal((3, 1600)).astype(np.float32))
+    assert calibrate_file(w2v, tmp_path / "w.json", data=wav)["samples"] == 3
+    assert calibrate_file(w2v, tmp_path / "r.json", samples=2)["data"]["kind"] == "random-inputs"
+
+
 # ----------------------------------------------------------------------------- shared sites
 @pytest.mark.slow
 def test_shared_sites_are_chosen_by_shared_or_both_kinds(family, tmp_path):
