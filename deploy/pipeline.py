@@ -1,11 +1,12 @@
 """The one-shot pipeline: Hugging Face model directory -> served, checked GPCL model.
 
-export -> calibrate -> insert -> build -> diff -> triton -> serve -> summary. Each stage is one
+export -> [quantize] -> calibrate -> insert -> build -> diff -> triton -> serve -> summary. Each stage is one
 row of ``STAGES``: what it reads, what it writes in OUT_DIR, and the public function of the
 area that does the work. A stage's key is the hash of its input files, its options and the
 gpcl-trt version; ``pipeline_state.json`` records the key and the hashes of what it wrote, so
 a rerun skips a stage whose key and outputs are unchanged. Options come from pipeline.toml,
-one table per stage, passed as keyword arguments to that stage's function.
+one table per stage, passed as keyword arguments to that stage's function. An optional stage
+(quantize) runs only when its table is present; otherwise it is absent from the run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from gpcl_trt.engines.build import build_engine
 from gpcl_trt.exporter.api import check_model_dir, export_model
 from gpcl_trt.passes.calibrate import calibrate_file
 from gpcl_trt.passes.insert import insert_file
+from gpcl_trt.quantize.api import quantize_model
 
 STATE_FILE = "pipeline_state.json"
 DEFAULT_NAME = "gpcl_model"
@@ -58,6 +60,11 @@ class Ctx:
         return self.model_dir.is_file()
 
     @property
+    def source(self) -> Path:
+        """The model the GPCL stages start from: the quantized model when [quantize] is on."""
+        return self.path("model_q.onnx" if "quantize" in self.options else "model.onnx")
+
+    @property
     def reference(self) -> Path:
         """What the GPCL model is judged against: the PyTorch model, or the given ONNX model."""
         return self.path("model.onnx") if self.from_onnx else self.model_dir
@@ -74,6 +81,7 @@ class Stage:
     reserved: tuple[str, ...]  # arguments the pipeline sets itself
     extra_options: tuple[str, ...] = ()
     check: bool = False  # a failed check is reported in the summary instead of stopping the run
+    optional: bool = False  # runs only when pipeline.toml has its table
 
 
 # ----------------------------------------------------------------------------- stage bodies
@@ -115,8 +123,14 @@ def _import_onnx(ctx: Ctx, opts: dict) -> dict:
     return {"ok": True, "output": str(dst), "imported_from": str(src), "onnx_sha256": sha256_file(dst)}
 
 
+def _quantize(ctx: Ctx, opts: dict) -> dict:
+    if "keep" in opts:
+        opts = {**opts, "keep": tuple(opts["keep"])}
+    return quantize_model(ctx.path("model.onnx"), ctx.path("model_q.onnx"), force=True, **opts)
+
+
 def _calibrate(ctx: Ctx, opts: dict) -> dict:
-    return calibrate_file(ctx.path("model.onnx"), ctx.path("calib.json"), force=True, **opts)
+    return calibrate_file(ctx.source, ctx.path("calib.json"), force=True, **opts)
 
 
 def _insert(ctx: Ctx, opts: dict) -> dict:
@@ -124,7 +138,7 @@ def _insert(ctx: Ctx, opts: dict) -> dict:
         opts = {**opts, "sites": tuple(opts["sites"])}
     # A fixed tau in the config replaces the calibration (insert_file takes exactly one).
     calibration = None if "tau" in opts else ctx.path("calib.json")
-    return insert_file(ctx.path("model.onnx"), ctx.path("model_gpcl.onnx"), calibration=calibration, force=True, **opts)
+    return insert_file(ctx.source, ctx.path("model_gpcl.onnx"), calibration=calibration, force=True, **opts)
 
 
 def _build(ctx: Ctx, opts: dict) -> dict:
@@ -231,10 +245,20 @@ STAGES: tuple[Stage, ...] = (
         ("model_dir", "output", "force"),
     ),
     Stage(
+        "quantize",
+        "quantize weights",
+        ("model_q.onnx",),
+        _p("model.onnx"),
+        _quantize,
+        quantize_model,
+        ("onnx_path", "output", "force"),
+        optional=True,
+    ),
+    Stage(
         "calibrate",
         "calibrate tau",
         ("calib.json",),
-        _p("model.onnx"),
+        lambda ctx: [ctx.source],
         _calibrate,
         calibrate_file,
         ("input", "output", "force"),
@@ -243,7 +267,7 @@ STAGES: tuple[Stage, ...] = (
         "insert",
         "insert GPCL",
         ("model_gpcl.onnx",),
-        _p("model.onnx", "calib.json"),
+        lambda ctx: [ctx.source, ctx.path("calib.json")],
         _insert,
         insert_file,
         ("input", "output", "calibration", "force"),
@@ -334,10 +358,29 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
             if key not in allowed:
                 raise GpclError(f"{p}: [{section}] unknown option {key!r}; known: {', '.join(sorted(allowed))}")
         options[section] = dict(table)
+    if "quantize" in options:
+        _check_quantize_options(p, options["quantize"])
     backends = options.get("triton", {}).get("backends", list(TRITON_ENTRY_SUFFIX))
     if not isinstance(backends, list) or not backends or not all(b in TRITON_ENTRY_SUFFIX for b in backends):
         raise GpclError(f"{p}: [triton] backends must be a non-empty list of {', '.join(TRITON_ENTRY_SUFFIX)}")
     return validate_model_name(head.get("name", DEFAULT_NAME)), skip, options
+
+
+def _check_quantize_options(p: Path, q: dict[str, Any]) -> None:
+    """[quantize]'s values, checked here so a bad one fails before the export, not after it."""
+    from gpcl_trt.quantize.api import METHODS
+    from gpcl_trt.quantize.rtn import BLOCK_SIZES, WEIGHTS
+
+    choices = {"weights": WEIGHTS, "block_size": BLOCK_SIZES, "method": METHODS}
+    for key, allowed in choices.items():
+        if key in q and (isinstance(q[key], bool) or q[key] not in allowed):
+            raise GpclError(f"{p}: [quantize] {key} must be one of {', '.join(map(str, allowed))}, got {q[key]!r}")
+    for key in ("symmetric", "lm_head"):
+        if key in q and not isinstance(q[key], bool):
+            raise GpclError(f"{p}: [quantize] {key} must be true or false, got {q[key]!r}")
+    keep = q.get("keep", [])
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise GpclError(f'{p}: [quantize] keep must be a list of glob patterns, e.g. keep = ["*layers.0.*"]')
 
 
 def _stage_parameters(stage: Stage) -> set[str]:
@@ -460,8 +503,10 @@ def _run_stages(model_dir: Path, out: Path, name: str, skip: tuple, options: dic
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     statuses: dict[str, str] = {}
-    for i, stage in enumerate(STAGES, 1):
-        label = f"[{i}/{len(STAGES)}] {stage.title}"
+    # An optional stage without its table is not part of this run (nor of its summary).
+    stages = [s for s in STAGES if not s.optional or s.name in options]
+    for i, stage in enumerate(stages, 1):
+        label = f"[{i}/{len(stages)}] {stage.title}"
         if stage.name in skip:
             statuses[stage.name] = "skipped (config)"
             console.print(f"[dim]{label}: skipped by the config[/dim]")

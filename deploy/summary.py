@@ -35,6 +35,14 @@ def _accuracy(diff: dict) -> dict[str, Any]:
     }
 
 
+def _quantize(q: dict) -> dict[str, Any]:
+    """What [quantize] did; empty when the stage was not part of the run."""
+    if not q:
+        return {}
+    keys = ("weights", "block_size", "symmetric", "method", "lm_head", "quantized", "float_bytes", "quantized_bytes")
+    return {k: q.get(k) for k in keys}
+
+
 def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s: float) -> dict[str, Any]:
     r = ctx.results
     export, insert, build = r.get("export", {}), r.get("insert", {}), r.get("build", {})
@@ -54,6 +62,7 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
         "out_dir": str(ctx.out),
         "architecture": export.get("architecture"),
         "task": export.get("task"),
+        "quantize": _quantize(r.get("quantize", {})),
         "stages": {name: {"status": st, "seconds": timings.get(name)} for name, st in statuses.items()},
         "sites": {
             "inserted": insert.get("inserted"),
@@ -118,11 +127,28 @@ def _generation_row(g: dict | None) -> list[tuple[str, str]]:
     ]
 
 
+def _quantize_row(q: dict | None) -> list[tuple[str, str]]:
+    if not q:
+        return []
+    mib = "-"
+    if q.get("float_bytes") and q.get("quantized_bytes") is not None:
+        mib = f"{q['float_bytes'] / 2**20:.2f} -> {q['quantized_bytes'] / 2**20:.2f} MiB"
+    return [
+        (
+            "quantized weights",
+            f"{_fmt(q['weights'])}, block {_fmt(q['block_size'])}, "
+            f"{'symmetric' if q.get('symmetric') else 'asymmetric'} ({_fmt(q.get('method'))}): "
+            f"{_fmt(q.get('quantized'))} projections, {mib}",
+        )
+    ]
+
+
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     s, e, a, v = summary["sites"], summary["engine"], summary["accuracy"], summary["served"]
     mb = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else ""
     out = [
         ("model", f"{summary['model_dir']} ({_fmt(summary['architecture'])}, {_fmt(summary['task'])})"),
+        *_quantize_row(summary.get("quantize")),
         ("GPCL sites", f"{len(s['inserted'] or [])} ({_fmt(s['mode'])})"),
         ("tau", f"{_fmt(s['tau_min'])} .. {_fmt(s['tau_max'])}"),
         (
@@ -176,8 +202,10 @@ def report_md(summary: dict[str, Any]) -> str:
             "",
             summary["accuracy"]["summary"],
             "",
-            "Reference: the Hugging Face model in PyTorch; candidate: the GPCL ONNX model in ONNX Runtime. "
-            "Details and site statistics: `accuracy/report.md`.",
+            "Reference: the Hugging Face model in PyTorch (or the input ONNX model); candidate: the GPCL ONNX "
+            "model in ONNX Runtime"
+            + (", made from the weight-quantized model (model_q.onnx)" if summary.get("quantize") else "")
+            + ". Details and site statistics: `accuracy/report.md`.",
         ]
     if summary["sites"]["names"]:
         lines += ["", "## GPCL sites", ""] + [f"- `{n}`" for n in summary["sites"]["names"]]

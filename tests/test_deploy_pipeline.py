@@ -158,6 +158,12 @@ def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
         ("pipeline = 3\n", r"pipeline must be a table"),
         ('[pipeline]\nskip = "build"\n', r"skip must be a list of stage names"),
         ('[triton]\nbackends = ["bogus"]\n', r"\[triton\] backends must be a non-empty list"),
+        ("[quantize]\nbits = 4\n", r"\[quantize\] unknown option 'bits'; known: block_size, keep, lm_head"),
+        ('[quantize]\noutput = "q.onnx"\n', r"\[quantize\] output is set by the pipeline"),
+        ('[quantize]\nweights = "int3"\n', r"\[quantize\] weights must be one of int8, int4, got 'int3'"),
+        ("[quantize]\nblock_size = 48\n", r"\[quantize\] block_size must be one of 32, 64, 128"),
+        ('[quantize]\nsymmetric = "yes"\n', r"\[quantize\] symmetric must be true or false"),
+        ('[quantize]\nkeep = "*mlp*"\n', r"\[quantize\] keep must be a list of glob patterns"),
     ],
 )
 def test_pipeline_config_errors(tmp_path, minilm_dir, text, message):
@@ -203,3 +209,58 @@ def test_documented_config_is_valid(tmp_path):
     name, skip, options = load_config(_config(tmp_path, block))
     assert name == "minilm_gpcl" and skip == ()
     assert options["serve"] == {"requests": 1000, "concurrency": 16}
+
+
+def test_pipeline_quantize_stage(tiny_llama_dir, tmp_path):
+    """[quantize] turns on the quantize stage: model_q.onnx (block-wise DequantizeLinear) is what
+    calibrate and insert read, so the GPCL model, its engine and Triton entries are quantized; the
+    diff's reference stays the PyTorch model. Reruns hit the cache; new quantize options rerun
+    quantize and everything after it, not the export."""
+    import onnx
+
+    out = tmp_path / "out"
+    # The diff's default tolerance is for one precision (1e-4): int8 weights need their own.
+    base = FAST.replace("[diff]\n", "[diff]\natol = 0.05\n") + '[pipeline]\nskip = ["serve"]\n'
+    cfg = _config(tmp_path, base + '[quantize]\nweights = "int8"\n')
+    s = run_pipeline(tiny_llama_dir, out, config=cfg)
+    assert s["ok"], s
+    # Judged against PyTorch, the GPCL model shows what quantization changed (fp32 alone: < 1e-4).
+    assert 1e-4 < s["accuracy"]["max_abs"] < 0.05 and s["accuracy"]["passed"]
+    assert {k: v["status"] for k, v in s["stages"].items()} == {
+        **dict.fromkeys(["export", "quantize", "calibrate", "insert", "build", "diff", "triton"], "done"),
+        "serve": "skipped (config)",
+    }
+    assert list(s["stages"])[:3] == ["export", "quantize", "calibrate"]
+    q = onnx.load(out / "model_q.onnx", load_external_data=False)
+    assert any(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    assert s["quantize"]["weights"] == "int8" and s["quantize"]["quantized"] > 0
+    assert s["quantize"]["quantized_bytes"] < s["quantize"]["float_bytes"]
+    for rel in ("calib.json", "model_gpcl.onnx"):
+        assert Path(read_manifest(out / rel)["inputs"]["source"]).resolve() == (out / "model_q.onnx").resolve(), rel
+    g = onnx.load(out / "model_gpcl.onnx", load_external_data=False)
+    assert any(n.op_type == "DequantizeLinear" for n in g.graph.node)
+    assert json.loads((out / "accuracy.json").read_text())["reference_kind"] == "torch"
+    assert "quantized weights | int8, block 32, symmetric" in (out / "report.md").read_text()
+
+    again = run_pipeline(tiny_llama_dir, out, config=cfg)
+    assert {v["status"] for v in again["stages"].values()} == {"cached", "skipped (config)"}, again["stages"]
+    assert again["quantize"] == s["quantize"]
+
+    # Other quantize options: quantize and every stage after it run again, the export does not.
+    q_sha = sha256_file(out / "model_q.onnx")
+    cfg64 = _config(tmp_path, base + '[quantize]\nweights = "int8"\nblock_size = 64\n', "q64.toml")
+    s64 = run_pipeline(tiny_llama_dir, out, config=cfg64)
+    assert {k: v["status"] for k, v in s64["stages"].items()} == {
+        "export": "cached",
+        **dict.fromkeys(["quantize", "calibrate", "insert", "build", "diff", "triton"], "done"),
+        "serve": "skipped (config)",
+    }
+    assert sha256_file(out / "model_q.onnx") != q_sha and s64["quantize"]["block_size"] == 64
+
+    # Without [quantize] the stage is not part of the run, and the GPCL stages read model.onnx again.
+    plain = run_pipeline(tiny_llama_dir, out, config=_config(tmp_path, base, "plain.toml"))
+    assert "quantize" not in plain["stages"] and plain["quantize"] == {}
+    assert Path(read_manifest(out / "model_gpcl.onnx")["inputs"]["source"]).resolve() == (out / "model.onnx").resolve()
+    g = onnx.load(out / "model_gpcl.onnx", load_external_data=False)
+    assert not any(n.op_type == "DequantizeLinear" for n in g.graph.node)
+    assert plain["accuracy"]["max_abs"] < 1e-4
