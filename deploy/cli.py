@@ -154,8 +154,8 @@ def register(main: click.Group) -> None:
         "config",
         type=click.Path(dir_okay=False),
         default=None,
-        help="pipeline.toml with per-stage options ([export], [calibrate], [insert], [build], [diff], [triton], "
-        "[serve]).",
+        help="pipeline.toml with per-stage options ([export], [quantize] (optional stage), [calibrate], [insert], "
+        "[build], [diff], [triton], [serve]).",
     )
     @click.option("--rerun", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
     @click.option(
