@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
+import signal
 from types import ModuleType
 from typing import Any, Iterator
 
@@ -51,7 +53,53 @@ class CallbackErrors:
     TensorRT call raises it once the call returns."""
 
     def __init__(self) -> None:
-        self.pending: BaseException | None = None
+        self._pending: BaseException | None = None
+        self._wakeup: int | None = None  # read end of the signal wake-up pipe while a call runs
+
+    @property
+    def pending(self) -> BaseException | None:
+        """The exception to raise, also a signal received since ``watching_signals()`` began: the
+        Python handler runs only on the main thread between bytecodes, never while the main thread
+        waits inside TensorRT (callbacks may run on TensorRT's threads), but the wake-up pipe is
+        written by the C handler at once, so every callback sees Ctrl-C or SIGTERM as it lands."""
+        if self._pending is None and self._wakeup is not None:
+            try:
+                got = os.read(self._wakeup, 64)
+            except (BlockingIOError, OSError):
+                got = b""
+            if signal.SIGTERM in got:
+                from gpcl_trt.common import Terminated
+
+                self._pending = Terminated()
+            elif signal.SIGINT in got:
+                self._pending = KeyboardInterrupt()
+        return self._pending
+
+    @pending.setter
+    def pending(self, exc: BaseException | None) -> None:
+        self._pending = exc
+
+    @contextlib.contextmanager
+    def watching_signals(self) -> Iterator[None]:
+        """Around a long TensorRT call made on the main thread: SIGINT / SIGTERM also reach
+        ``pending`` through a wake-up pipe (see there)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wakeup = r
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(old)
+            self._wakeup = None
+            os.close(r)
+            os.close(w)
 
     @contextlib.contextmanager
     def catch(self) -> Iterator[None]:

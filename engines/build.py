@@ -216,7 +216,7 @@ def _build(be: Any, builder: Any, network: Any, config: Any, onnx_path: Path, ou
 
     errors = be.logger.errors
     t0 = time.perf_counter()
-    with errors.reraising():
+    with errors.reraising(), errors.watching_signals():
         with BuildProgress(be.trt, config, errors) as progress, open(out, "wb") as f:
             ok = builder.build_serialized_network_to_stream(network, config, _stream_writer(be.trt, f, errors))
         if not ok or out.stat().st_size == 0:

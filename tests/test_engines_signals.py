@@ -2,8 +2,8 @@
 nothing at the final path and nothing in its (private) TMPDIR, and exits non-zero.
 
 The child blocks inside TensorRT's logger callback once the builder has started (it prints
-``building`` first), so the signal lands where the bindings used to swallow it: no timing, the
-parent signals a build known to be running. fp16 on TensorRT-RTX lowers the model into a
+``building`` first) until the interrupt is recorded, so the parent signals a build known to be
+running: no timing. fp16 on TensorRT-RTX lowers the model into a
 temporary directory first, whose fate the tests check too."""
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def log(self, severity, msg):
         state["blocked"] = True
         print("building", flush=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the parent's signal arrives here
+        # The parent's signal arrives meanwhile (on the main thread, which waits for the build).
+        while self.errors.pending is None and time.monotonic() < deadline:
             time.sleep(0.01)
     return real_log(self, severity, msg)
 
