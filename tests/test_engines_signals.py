@@ -22,7 +22,11 @@ from gpcl_trt.plugins.onnx_function import gpcl_model
 pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (pip install 'gpcl-trt[rtx]')")
 
 CHILD = """
-import sys, time
+import signal, sys, time
+
+# A job started in the background by a non-interactive shell (make test &) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: give the child a terminal's.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from gpcl_trt.engines import backend, monitor
 
 state = {"started": False, "blocked": False}
