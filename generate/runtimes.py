@@ -55,7 +55,10 @@ class OrtRuntime:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None):
+        from gpcl_trt.weightfiles import verify_onnx
+
         self.path = Path(onnx_path)
+        verify_onnx(self.path)  # weight files missing, truncated or replaced since: one line
         self.session = ort_session(self.path, threads=threads)
         specs = {s.name: s for s in specs_from_session(self.session)}
         outputs = [o.name for o in self.session.get_outputs()]

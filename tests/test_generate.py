@@ -418,3 +418,27 @@ def test_cli_refuses_what_it_cannot_run(decoders, tmp_path):
     ]:
         res = _cli(str(artifact), "--prompt", "x", *extra)
         assert res.exit_code == 2 and message in res.stderr, res.output
+
+
+def test_cli_refuses_weights_replaced_since_export(decoders, tmp_path):
+    """generate opens an artifact like every command: a weight file replaced since the artifact's
+    manifest recorded it is one line, not text from other weights."""
+    import os
+
+    import onnx
+
+    from gpcl_trt.common import write_manifest
+
+    model_dir, onnx_path = decoders("llama")
+    ext = tmp_path / "ext.onnx"
+    onnx.save(
+        onnx.load(str(onnx_path)), str(ext), save_as_external_data=True, location="ext.onnx.data", size_threshold=1024
+    )
+    write_manifest(ext, "export", inputs={"model_dir": str(model_dir)}, options={})
+    assert _cli(str(ext), "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0
+    data = tmp_path / "ext.onnx.data"
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(os.urandom(data.stat().st_size))
+    os.replace(fresh, data)
+    res = _cli(str(ext), "--prompt", "hi", "--max-new-tokens", "2")
+    assert res.exit_code == 2 and "weight file replaced since ext.onnx was written" in res.stderr, res.output
