@@ -197,9 +197,13 @@ def test_phi3_rule_followed_per_row(tmp_path):
 
     seen: dict = {}
     with_rule, without = serve(16), serve(None)
+    drift = []
     for ids in sorted(prompts, key=len):
         rec = _Recording(OrtRuntime(onnx))
         decode(rec, [ids], max_new_tokens=20, reprefill_at=16)
         alone = np.concatenate(rec.logits)
         assert np.abs(with_rule[tuple(ids)] - alone).max() < 1e-4
-        assert np.abs(without[tuple(ids)] - alone).max() > 1e-3
+        drift.append(float(np.abs(without[tuple(ids)] - alone).max()))
+    # The control: without the rule the logits drift. How far for each row depends on which rows
+    # shared a batch step (scheduling), so the set as a whole must show it (measured 7.6e-4 to >1e-2).
+    assert max(drift) > 1e-3, drift
