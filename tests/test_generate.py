@@ -252,16 +252,10 @@ class _Recording:
         return self.logits[-1]
 
 
-def test_phi3_longrope_reprefills_like_transformers(tmp_path):
-    """Phi-3 with LongRoPE: once the sequence passes original_max_position_embeddings (16), the
-    cache is dropped and the sequence prefilled again with the long factors, as transformers'
-    Phi3ForCausalLM does; every step's logits then match transformers' generate, and without the
-    re-prefill they drift."""
+def tiny_phi3_longrope(d: Path) -> Path:
+    """A tiny Phi-3 with LongRoPE (original_max_position_embeddings 16) and our tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
-
-    from gpcl_trt.exporter import export_model
-    from gpcl_trt.generate import OrtRuntime, decode, generate
+    from transformers import Phi3Config, Phi3ForCausalLM
 
     cfg = Phi3Config(
         vocab_size=VOCAB,
@@ -277,10 +271,24 @@ def test_phi3_longrope_reprefills_like_transformers(tmp_path):
         eos_token_id=1,
         pad_token_id=0,
     )
-    d = tmp_path / "phi3"
     torch.manual_seed(0)
     Phi3ForCausalLM(cfg).eval().save_pretrained(d)
     _tokenizer(d)
+    return d
+
+
+def test_phi3_longrope_reprefills_like_transformers(tmp_path):
+    """Phi-3 with LongRoPE: once the sequence passes original_max_position_embeddings (16), the
+    cache is dropped and the sequence prefilled again with the long factors, as transformers'
+    Phi3ForCausalLM does; every step's logits then match transformers' generate, and without the
+    re-prefill they drift."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpcl_trt.exporter import export_model
+    from gpcl_trt.generate import OrtRuntime, decode, generate
+
+    d = tiny_phi3_longrope(tmp_path / "phi3")
     onnx_path = tmp_path / "phi3.onnx"
     assert export_model(d, onnx_path, task=TGP)["ok"]
     ids = AutoTokenizer.from_pretrained(d)(PROMPTS[0])["input_ids"]

@@ -144,9 +144,7 @@ def test_phi3_rule_followed_per_row(tmp_path):
     long factors from the batch's longest position, so such a model is served one request at a
     time (sharing a step, a short row next to a long one drifted: steps 6-15 of a 1-token prompt)."""
     import numpy as np
-    import torch
-    from test_generate import TGP, VOCAB, _Recording, _tokenizer
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from test_generate import TGP, _Recording, tiny_phi3_longrope
 
     from gpcl_trt.exporter import export_model
     from gpcl_trt.generate import OrtRuntime, decode
@@ -154,24 +152,7 @@ def test_phi3_rule_followed_per_row(tmp_path):
     from gpcl_trt.generate.detok import load_tokenizer
     from gpcl_trt.generate.inflight import InflightBatcher
 
-    cfg = Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        original_max_position_embeddings=16,
-        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5 + i for i in range(8)]},
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    d = tmp_path / "phi3"
-    torch.manual_seed(0)
-    Phi3ForCausalLM(cfg).eval().save_pretrained(d)
-    _tokenizer(d)
+    d = tiny_phi3_longrope(tmp_path / "phi3")
     onnx = tmp_path / "phi3.onnx"
     assert export_model(d, onnx, task=TGP)["ok"]
     tok = load_tokenizer(d)
