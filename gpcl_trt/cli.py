@@ -112,9 +112,11 @@ def _register() -> None:
     from gpcl_trt.exporter import cli as exporter_cli
     from gpcl_trt.generate import cli as generate_cli
     from gpcl_trt.passes import cli as passes_cli
+    from gpcl_trt.passes import optimize_cli
     from gpcl_trt.quantize import cli as quantize_cli
 
-    for area in (exporter_cli, passes_cli, engines_cli, accuracy_cli, deploy_cli, generate_cli, quantize_cli):
+    areas = (exporter_cli, passes_cli, optimize_cli, engines_cli, accuracy_cli, deploy_cli, generate_cli, quantize_cli)
+    for area in areas:
         area.register(main)
 
 

@@ -1,0 +1,50 @@
+"""CLI for ``gpcl-trt optimize``: a runtime-specific rewrite of an exported model
+(passes/fuse_ort.py). Nothing heavy is imported until the command runs."""
+
+from __future__ import annotations
+
+import click
+
+from gpcl_trt.cli import result_command
+
+
+def register(main: click.Group) -> None:
+    @result_command(
+        main,
+        "optimize",
+        short_help="Rewrite a decoder for ONNX Runtime (faster generate).",
+        help="Rewrite an exported decoder so that ONNX Runtime runs it faster, in standard ONNX ops: "
+        "grouped-query attention without the repeat-KV copy of the cache, and RMSNorm in the form "
+        "ORT fuses into one kernel. Inputs, outputs and the logits stay the same (within fp32 "
+        "rounding); GPCL nodes survive, and `sites`, `insert` and `calibrate` work before or after. "
+        "Run it once and give OUT.onnx to `generate`, `eval` or `triton`. Idempotent.",
+    )
+    @click.argument("model", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write (.onnx).")
+    @click.option(
+        "--for",
+        "target",
+        type=click.Choice(["ort"]),
+        default="ort",
+        show_default=True,
+        help="The runtime to optimize for.",
+    )
+    @click.option(
+        "--variant",
+        type=click.Choice(["standard"]),
+        default="standard",
+        show_default=True,
+        help="standard: standard ONNX ops only (a TensorRT build parses the result too).",
+    )
+    @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+    def optimize(model, output, target, variant, force) -> dict:
+        from gpcl_trt.passes.fuse_ort import optimize_file
+
+        result = optimize_file(model, output, target=target, variant=variant, force=force)
+        click.echo(
+            f"wrote {output}: {len(result['grouped_attention'])} repeat-KV copies removed, "
+            f"{len(result['rmsnorm_div'])} RMSNorms rewritten, nodes {result['nodes_before']} -> "
+            f"{result['nodes_after']}" + ("" if result["changed"] else " (nothing to change)"),
+            err=True,
+        )
+        return result
