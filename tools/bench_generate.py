@@ -1,5 +1,7 @@
 """Generation side by side: our loop over our export (ONNX Runtime, IOBinding) against
 onnxruntime-genai's builder output and its og.Generator, on one random-init Llama checkpoint.
+``ours_ort`` is the same loop over our export rewritten by ``gpcl-trt optimize --for ort``
+(passes/fuse_ort.py: grouped attention without the repeat-KV copy, RMSNorm in the form ORT fuses).
 
 Every measurement runs in a fresh worker process (so peak RSS is that runtime's alone), rounds
 alternating between the two runtimes; greedy, no EOS (the same number of tokens on both sides),
@@ -8,6 +10,7 @@ the same random prompt ids, the same thread count. onnxruntime-genai lives in it
 its model builder runs in this venv (it needs torch and transformers) from that venv's package.
 
     .venv/bin/python tools/bench_generate.py --work /tmp/bg --shape small --batches 1,8 --rounds 3
+    .venv/bin/python tools/bench_generate.py --work /tmp/bg --runtimes ours,ours_ort,genai
 
 Prints one JSON object: per runtime and batch, the median time to first token (prefill + first
 pick), decode tokens/s (tokens after the first, all rows, over the time after the first pick)
@@ -94,7 +97,14 @@ def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
     opts = cfg["model"]["decoder"].setdefault("session_options", {})
     opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
     cfg_path.write_text(json.dumps(cfg, indent=4))
-    return {"ckpt": ckpt, "ours": ours, "genai": genai}
+    ours_ort = ours.with_name("model_ort.onnx")
+    if not ours_ort.is_file():
+        from gpcl_trt.passes.fuse_ort import optimize_file
+
+        t = time.perf_counter()
+        optimize_file(ours, ours_ort)
+        print(f"optimized ours for ort in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return {"ckpt": ckpt, "ours": ours, "ours_ort": ours_ort, "genai": genai}
 
 
 def _prompt(batch: int, length: int, vocab: int):
@@ -160,6 +170,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
+    ap.add_argument(
+        "--runtimes",
+        default="ours,ours_ort,genai",
+        help="comma list of ours (the export as it is), ours_ort (optimized --for ort), genai",
+    )
     ap.add_argument("--worker", choices=["ours", "genai"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -172,13 +187,15 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     paths = prepare(a.work, a.shape, a.genai_python, a.threads)
     runs: dict = {}
+    names = [n.strip() for n in a.runtimes.split(",") if n.strip()]
+    if "genai" not in names or not set(names) <= {"ours", "ours_ort", "genai"}:
+        ap.error("--runtimes: a comma list of ours, ours_ort, genai that includes genai")
+    sides = [(n, a.genai_python if n == "genai" else sys.executable, paths[n]) for n in names]
     for r in range(a.rounds):
         for batch in [int(b) for b in a.batches.split(",")]:
-            for name, python, model in (
-                ("ours", sys.executable, paths["ours"]),
-                ("genai", a.genai_python, paths["genai"]),
-            )[:: 1 if r % 2 == 0 else -1]:
-                cmd = [python, __file__, "--worker", name, "--model", str(model), "--shape", a.shape]
+            for name, python, model in sides[:: 1 if r % 2 == 0 else -1]:
+                worker = "genai" if name == "genai" else "ours"
+                cmd = [python, __file__, "--worker", worker, "--model", str(model), "--shape", a.shape]
                 cmd += ["--batches", str(batch), "--prompt", str(a.prompt), "--new", str(a.new)]
                 cmd += ["--threads", str(a.threads)]
                 out = subprocess.run(
@@ -192,13 +209,24 @@ def main() -> None:
         for k, v in runs.items()
     }
     ratios = {}
-    for batch in a.batches.split(","):
-        o, g = summary[f"ours/b{batch}"], summary[f"genai/b{batch}"]
-        ratios[f"b{batch}"] = {
-            "decode_tokens_per_s": o["decode_tokens_per_s"] / g["decode_tokens_per_s"],
-            "ttft": o["ttft_s"] / g["ttft_s"],
-            "peak_rss": o["peak_rss_mb"] / g["peak_rss_mb"],
-        }
+    for name in (n for n in names if n != "genai"):
+        for batch in a.batches.split(","):
+            o, g = summary[f"{name}/b{batch}"], summary[f"genai/b{batch}"]
+            ratios[f"{name}/b{batch}"] = {
+                "decode_tokens_per_s": o["decode_tokens_per_s"] / g["decode_tokens_per_s"],
+                "ttft": o["ttft_s"] / g["ttft_s"],
+                "peak_rss": o["peak_rss_mb"] / g["peak_rss_mb"],
+            }
+    # per-round ratios (each round runs both sides back to back): the spread shows the noise
+    per_round = {
+        f"{name}/b{batch}": [
+            x["decode_tokens_per_s"] / y["decode_tokens_per_s"]
+            for x, y in zip(runs[f"{name}/b{batch}"], runs[f"genai/b{batch}"])
+        ]
+        for name in names
+        if name != "genai"
+        for batch in a.batches.split(",")
+    }
     print(
         json.dumps(
             {
@@ -209,6 +237,7 @@ def main() -> None:
                 "rounds": a.rounds,
                 "median": summary,
                 "ours_over_genai": ratios,
+                "decode_ratio_per_round": per_round,
                 "runs": runs,
             },
             indent=1,
