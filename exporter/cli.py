@@ -19,6 +19,7 @@ TASK_CHOICES = (
     "zero-shot-image-classification",
     "automatic-speech-recognition",
     "audio-classification",
+    "text2text-generation",
 )
 
 
@@ -112,6 +113,32 @@ def register(main: click.Group) -> None:
         "own weights (an error where the layers are not one module); auto: replicate from 8 layers when every layer "
         "is the same module and the copies line up, else all, and the result says why; all: every layer.",
     )
+    @click.option(
+        "--quantize",
+        "quantize",
+        type=click.Choice(("int8", "int4")),
+        default=None,
+        help="Then quantize the projection weights (as gpcl-trt quantize, streamed) into OUT.onnx: the float export "
+        "is validated against PyTorch in a temporary, the quantized model against the same weights dequantized, "
+        "and the float export is removed (--keep-float keeps it as OUT.float.onnx). One manifest records both.",
+    )
+    @click.option(
+        "--block-size", type=int, default=None, help="With --quantize: elements per scale along K, 32, 64, 128 [32]."
+    )
+    @click.option("--asymmetric", is_flag=True, help="With --quantize: unsigned values with a zero point per block.")
+    @click.option(
+        "--method",
+        default=None,
+        help="With --quantize: rtn (round to nearest) or awq (activation-aware scales from sample sentences) [rtn].",
+    )
+    @click.option(
+        "--keep",
+        multiple=True,
+        metavar="PATTERN",
+        help="With --quantize: also keep in float the weights whose name matches this glob (repeatable).",
+    )
+    @click.option("--lm-head", is_flag=True, help="With --quantize: quantize the output projection (lm_head) too.")
+    @click.option("--keep-float", is_flag=True, help="With --quantize: keep the float export as OUT.float.onnx.")
     @click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
     @click.option(
         "--trust-remote-code",
@@ -134,6 +161,13 @@ def register(main: click.Group) -> None:
         memory_budget,
         external_data,
         trace_layers,
+        quantize,
+        block_size,
+        asymmetric,
+        method,
+        keep,
+        lm_head,
+        keep_float,
         force,
         trust_remote_code,
         allow_pickle,
@@ -150,11 +184,18 @@ def register(main: click.Group) -> None:
         and multimodal models are refused.
         Example: gpcl-trt export ./all-MiniLM-L6-v2 -o minilm.onnx --json
         """
-        from gpcl_trt.exporter.api import export_model
+        from gpcl_trt.exporter.options import quantize_options
+
+        q = quantize_options(quantize, block_size, asymmetric, method, keep, lm_head, keep_float)
+        if q is not None:
+            from gpcl_trt.quantize.chain import export_quantized as export_model
+        else:
+            from gpcl_trt.exporter.api import export_model
 
         result = export_model(
             model_dir,
             output,
+            **({"quantize": q, "keep_float": keep_float} if q is not None else {}),
             task=task,
             opset=opset,
             dtype=dtype,
@@ -168,6 +209,8 @@ def register(main: click.Group) -> None:
             allow_pickle=allow_pickle,
             replicate={"auto": None, "replicate": True, "all": False}[trace_layers],
         )
+        if q is not None:
+            return _echo_quantized(result)
         v = result["validation"]
         if v.get("skipped"):
             summary = "validation skipped (--validate none)"
@@ -180,3 +223,35 @@ def register(main: click.Group) -> None:
         what = "wrote" if result.get("written", True) else "nothing written for"
         click.echo(f"{what} {result['output']} ({result['architecture']}, {result['task']}); {summary}", err=True)
         return result
+
+
+def _validation_line(v: dict) -> str:
+    if v.get("skipped"):
+        return "validation skipped (--validate none)"
+    verdict = "passed" if v["passed"] else "FAILED"
+    return (
+        f"validation ({v['mode']}) {verdict}: max abs diff {v['max_abs_diff']:.3g} "
+        f"(atol {v['atol']:g}, rtol {v['rtol']:g}: {v['tolerance_used']:.2f} of the tolerance used)"
+    )
+
+
+def _echo_quantized(result: dict) -> dict:
+    """export --quantize: the float validation, then the quantized model's check."""
+    e, q = result["export"], result["quantize"]
+    line = f"float export ({e['architecture']}, {e['task']}): {_validation_line(e['validation'])}"
+    if q is not None:
+        c = q["check"]
+        check = (
+            "check skipped (" + c["reason"] + ")"
+            if c.get("skipped")
+            else f"vs the same weights dequantized: max abs diff {c['max_abs_diff']:.3g} "
+            f"({'passed' if c['passed'] else 'FAILED'}, atol {c['atol']:g}, rtol {c['rtol']:g})"
+        )
+        line += (
+            f"; {q['quantized']} weights {q['weights']} (block {q['block_size']}, {q['method']}), "
+            f"{q['float_bytes'] / 1e6:.1f} MB -> {q['quantized_bytes'] / 1e6:.1f} MB; {check}"
+        )
+    what = "wrote" if result["written"] else "nothing written for"
+    kept = f" (float export kept: {result['float_kept']})" if result.get("float_kept") else ""
+    click.echo(f"{what} {result['output']}{kept}; {line}", err=True)
+    return result

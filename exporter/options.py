@@ -159,3 +159,40 @@ def check_options(
     if dtype == "bf16" and lazy is False:
         raise GpclError("--dtype bf16 is exported lazily only (safetensors checkpoints)")
     return Options(dtype, int(opset), atol, rtol, mode, budget)
+
+
+def quantize_options(
+    weights: str | None,
+    block_size: int | None,
+    asymmetric: bool,
+    method: str | None,
+    keep: tuple,
+    lm_head: bool,
+    keep_float: bool,
+) -> dict | None:
+    """``export --quantize``'s options as quantize_model's keywords, or None without --quantize
+    (then a quantize-only option is an error, not silently ignored)."""
+    if weights is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--block-size", block_size is not None),
+                ("--asymmetric", asymmetric),
+                ("--method", method is not None),
+                ("--keep", bool(keep)),
+                ("--lm-head", lm_head),
+                ("--keep-float", keep_float),
+            )
+            if value
+        ]
+        if given:
+            raise GpclError(f"{', '.join(given)} only apply with --quantize int8|int4")
+        return None
+    return {
+        "weights": weights,
+        "block_size": 32 if block_size is None else block_size,
+        "symmetric": not asymmetric,
+        "method": method or "rtn",
+        "keep": tuple(keep),
+        "lm_head": lm_head,
+    }

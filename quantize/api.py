@@ -29,7 +29,7 @@ import numpy as np
 from gpcl_trt.common import GpclError, check_can_write, load_onnx, manifest_path, sha256_file, write_manifest
 from gpcl_trt.quantize.rtn import BLOCK_SIZES, WEIGHTS, Scheme, encode, quantize_blocks
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "awq")  # awq: activation-aware scales (quantize/awq.py)
 QUANT_OPSET = 21  # blocked DequantizeLinear and int4/uint4 arrived in opset 21
 MIN_OPSET = 18  # 18 -> 21 changes no op's meaning (types only) except those in CHANGED_OPS
 CHANGED_OPS = {"GroupNormalization", "GridSample", "DFT"}  # their meaning changed between 18 and 21
@@ -319,7 +319,9 @@ def _bump_opset(model: Any) -> int:
     return before
 
 
-def _rewrite(model: Any, weights: list[Weight], new_tensors: dict[str, list], block: int) -> None:
+def _rewrite(
+    model: Any, weights: list[Weight], new_tensors: dict[str, list], block: int, extra: dict | None = None
+) -> None:
     """Put one DequantizeLinear per weight right before its first projection, point the
     projections at it, drop the weight's Transpose/Cast chain and its float initializer."""
     from onnx import helper
@@ -327,7 +329,7 @@ def _rewrite(model: Any, weights: list[Weight], new_tensors: dict[str, list], bl
     g = model.graph
     drop_nodes = {id(n) for w in weights for n in w.chain}
     drop_inits = {w.name for w in weights}
-    before: dict[int, list] = {}
+    before: dict[int, list] = {k: list(v) for k, v in (extra or {}).items()}  # AWQ's Muls
     index = {id(n): i for i, n in enumerate(g.node)}
     for w in weights:
         q, s, z = new_tensors[w.name]
@@ -365,9 +367,10 @@ def _rewrite(model: Any, weights: list[Weight], new_tensors: dict[str, list], bl
 
 # ----------------------------------------------------------------------------- streaming
 def _quantize_weight(
-    w: Weight, reader: SourceReader, writer: DataWriter, scheme: Scheme, block: int
+    w: Weight, reader: SourceReader, writer: DataWriter, scheme: Scheme, block: int, row_scale: Any = None
 ) -> tuple[list, dict[str, Any]]:
-    """Stream one weight: chunks of whole blocks along K, each quantized and appended."""
+    """Stream one weight: chunks of whole blocks along K, each quantized and appended.
+    ``row_scale`` [K] (AWQ): each row of K is multiplied by it before quantization."""
     from onnx import TensorProto
 
     k, n = w.kn
@@ -386,6 +389,8 @@ def _quantize_weight(
         k1 = min(k, k0 + rows)
         chunk = src[k0:k1, :] if w.k_axis == 0 else src[:, k0:k1].T
         chunk = np.asarray(chunk, dtype=np.float32)
+        if row_scale is not None:
+            chunk = chunk * row_scale[k0:k1, None]
         if not np.isfinite(chunk).all():
             raise GpclError(f"weight {w.name!r} has non-finite values (inf or NaN): it cannot be quantized")
         qv, sv, zv = quantize_blocks(chunk, block, scheme, scale_np)
@@ -427,13 +432,15 @@ def _copy_external(t: Any, reader: SourceReader, writer: DataWriter) -> int:
 
 
 # ----------------------------------------------------------------------------- the command
-def _check_options(weights: str, block_size: int, method: str) -> None:
+def _check_options(weights: str, block_size: int, method: str, samples: int = 1) -> None:
     if weights not in WEIGHTS:
         raise GpclError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if block_size not in BLOCK_SIZES:
         raise GpclError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if method not in METHODS:
         raise GpclError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if samples < 1:
+        raise GpclError(f"--samples must be >= 1, got {samples}")
 
 
 def quantize_model(
@@ -446,6 +453,9 @@ def quantize_model(
     keep: Iterable[str] = (),
     lm_head: bool = False,
     force: bool = False,
+    data: str | os.PathLike | None = None,
+    samples: int = 64,
+    chain: dict | None = None,
 ) -> dict:
     """Quantize the projection weights of ``onnx_path`` (int8 or int4, blocks of ``block_size``
     along K, RTN) and write ``output`` (+ OUT.onnx.data when the source's weights are external,
@@ -453,7 +463,16 @@ def quantize_model(
     (``DEFAULT_KEEP`` and the graph's structure); ``keep`` adds glob patterns matched against
     initializer and node names. ``lm_head``: quantize the output projection too (what
     onnxruntime-genai's builder does by default: at 0.5B with a 152k vocabulary the fp32 lm_head is
-    half of what a decode step reads)."""
+    half of what a decode step reads).
+
+    ``method``: ``rtn``, or ``awq`` (activation-aware per-channel scales searched on calibration
+    data: ``data``, a text file or .npz as for calibrate, else the shipped sentences with the
+    model's tokenizer, else random ids; ``samples`` sequences; quantize/awq.py).
+
+    The result is checked against the same weights dequantized in numpy (quantize/check.py)
+    when its weights are small; ``ok`` is False when that check fails, and then nothing is
+    written. ``chain``: recorded as the manifest's inputs instead of the source's (export
+    --quantize: the float export is a temporary, its export manifest is kept there)."""
     from onnx.external_data_helper import uses_external_data
 
     from gpcl_trt import weightfiles
@@ -461,7 +480,7 @@ def quantize_model(
     from gpcl_trt.passes.modelio import check_model, weights_as_inputs
 
     t0 = time.perf_counter()
-    _check_options(weights, block_size, method)
+    _check_options(weights, block_size, method, samples)
     src, out = Path(onnx_path), Path(output)
     if out.suffix != ".onnx":
         raise GpclError(f"output {out} must end in .onnx")
@@ -475,6 +494,10 @@ def quantize_model(
     todo, kept = plan(model, keep_patterns, lm_head)
     if not todo:
         raise GpclError(f"{src}: no projection weight to quantize (kept: {len(kept)} float weights)")
+    awq_info = None
+    scales: dict[str, Any] = {}
+    if method == "awq":
+        awq_info = _awq(model, src, todo, scheme, block_size, samples, data, scales)
     opset_before = _bump_opset(model)
     external = any(uses_external_data(t) for t in model.graph.initializer)
     src_sha = sha256_file(src)
@@ -486,7 +509,17 @@ def quantize_model(
         try:
             new: dict[str, list] = {}
             for w in todo:
-                new[w.name], layers[w.name] = _quantize_weight(w, reader, writer, scheme, block_size)
+                new[w.name], layers[w.name] = _quantize_weight(
+                    w, reader, writer, scheme, block_size, scales.get(w.name)
+                )
+            awq_nodes = None
+            if awq_info is not None:
+                from gpcl_trt.quantize import awq
+
+                # before the copy: folded norm weights go inline
+                groups = awq_info.pop("_groups")
+                awq_nodes = awq.place(model, groups, reader)
+                awq_info = awq.summary(groups, awq_info["plain"], awq_info["data"])
             kept_bytes = 0
             if external:
                 quantized = {w.name for w in todo}
@@ -496,7 +529,7 @@ def quantize_model(
             writer.finish()
         finally:
             writer.close()
-        _rewrite(model, todo, new, block_size)
+        _rewrite(model, todo, new, block_size, awq_nodes)
         _reattach_gpcl(model)
         staged = stage.file(out.name)
         staged.write_bytes(model.SerializeToString())
@@ -508,6 +541,13 @@ def quantize_model(
         else:
             small = True
             check_model(str(staged), "quantize")
+        if small:
+            from gpcl_trt.quantize.check import check_quantized
+
+            check = check_quantized(staged, _FLOAT_NAMES.get(todo[0].out_type, "fp32"))
+        else:
+            check = {"skipped": True, "reason": "weights above gpcl.LARGE_WEIGHT_BYTES: not held in memory twice"}
+        ok = bool(check.get("passed", True))
         results = {
             "quantized": len(todo),
             "kept": kept,
@@ -517,6 +557,8 @@ def quantize_model(
             "kept_bytes": kept_bytes,
             "external_data": [data_name] if external else [],
             "ort_check": small,
+            "check": check,
+            **({"awq": awq_info} if awq_info is not None else {}),
         }
         options = {
             "weights": weights,
@@ -525,9 +567,12 @@ def quantize_model(
             "method": method,
             "keep": list(keep_patterns),
             "lm_head": lm_head,
+            **({"samples": samples, "data": None if data is None else str(data)} if method == "awq" else {}),
         }
         model_dir = model_dir_of(src)
         inputs = pass_inputs(src, src_sha, str(model_dir) if model_dir else None)
+        if chain is not None:
+            inputs = {**inputs, **chain}
         write_manifest(
             staged,
             "quantize",
@@ -538,15 +583,44 @@ def quantize_model(
             weight_files=weightfiles.record(model, stage.path),
         )
         files = ([data_name] if external else []) + [out.name, manifest_path(out).name]
-        stage.commit(files, force)
+        if ok:
+            stage.commit(files, force)
     return {
-        "ok": True,
+        "ok": ok,
+        "written": ok,
         "output": str(out),
         **options,
         **{k: v for k, v in results.items() if v is not None},
         "layers": layers,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+_FLOAT_NAMES = {1: "fp32", 10: "fp16", 16: "bf16"}
+
+
+def _awq(model: Any, src: Path, todo: list, scheme: Scheme, block: int, samples: int, data: Any, scales: dict) -> dict:
+    """Calibrate and search the AWQ scales (quantize/awq.py); fills ``scales`` (weight -> s [K])
+    and returns the groups to place, the weights left to RTN and where the data came from."""
+    from gpcl_trt import progress
+    from gpcl_trt.quantize import awq
+
+    groups, plain = awq.groups_of(model, todo)
+    with progress.step(f"awq: calibrate {len(groups)} projection inputs"):
+        data_desc = awq.collect(model, src, groups, samples, None if data is None else str(data))
+    reader = SourceReader(src.parent)
+
+    def load(w: Weight) -> np.ndarray:
+        a = reader.array(w.tensor)
+        return np.array(a if w.k_axis == 0 else a.T, dtype=np.float32)
+
+    with progress.step("awq: search the scales"):
+        for g in groups:
+            awq.search(g, load, block, scheme)
+            for w in g.weights:
+                if g.scale is not None:
+                    scales[w.name] = g.scale
+    return {"_groups": groups, "plain": plain, "data": data_desc}
 
 
 def _ort_check(path: Path) -> None:
