@@ -31,7 +31,22 @@ def register(main: click.Group) -> None:
         is_flag=True,
         help="Unsigned values with a zero point per block (default: symmetric, no zero point).",
     )
-    @click.option("--method", default="rtn", show_default=True, help="rtn (round to nearest).")
+    @click.option(
+        "--method",
+        default="rtn",
+        show_default=True,
+        help="rtn (round to nearest), or awq: per-input-channel scales from the mean |activation| on sample data, "
+        "searched per projection input to minimise the output error, the inverse folded into the preceding norm "
+        "(else a Mul on the input).",
+    )
+    @click.option(
+        "--data",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="--method awq: sample inputs, a text file (one sentence a line, the model's tokenizer) or an .npz "
+        "[default: the shipped sentences with the tokenizer of the export's model directory, else random ids].",
+    )
+    @click.option("--samples", type=int, default=64, show_default=True, help="--method awq: sample sequences used.")
     @click.option(
         "--keep",
         multiple=True,
@@ -46,7 +61,7 @@ def register(main: click.Group) -> None:
         "where the vocabulary is large, at some accuracy.",
     )
     @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-    def quantize(model, output, weights, block_size, asymmetric, method, keep, lm_head, force) -> dict:
+    def quantize(model, output, weights, block_size, asymmetric, method, data, samples, keep, lm_head, force) -> dict:
         from gpcl_trt.quantize import quantize_model
 
         result = quantize_model(
@@ -59,12 +74,26 @@ def register(main: click.Group) -> None:
             keep=keep,
             lm_head=lm_head,
             force=force,
+            data=data,
+            samples=samples,
+        )
+        c = result["check"]
+        check = (
+            f"check skipped ({c['reason']})"
+            if c.get("skipped")
+            else f"vs the same weights dequantized: max abs diff {c['max_abs_diff']:.3g} "
+            f"({'passed' if c['passed'] else 'FAILED: nothing written'})"
+        )
+        awq = result.get("awq")
+        how = (
+            method if awq is None else f"awq: {awq['scaled']} of {awq['groups']} inputs scaled, {awq['folded']} folded"
         )
         click.echo(
-            f"wrote {result['output']}: {result['quantized']} weights {weights} (block {block_size}, "
-            f"{'symmetric' if not asymmetric else 'asymmetric'}), {len(result['kept'])} kept float; "
+            f"{'wrote' if result['ok'] else 'nothing written for'} {result['output']}: {result['quantized']} weights "
+            f"{weights} (block {block_size}, {'symmetric' if not asymmetric else 'asymmetric'}, {how}), "
+            f"{len(result['kept'])} kept float; "
             f"{result['float_bytes'] / 1e6:.1f} MB -> {result['quantized_bytes'] / 1e6:.1f} MB "
-            f"({result['seconds']:.1f} s)",
+            f"({result['seconds']:.1f} s); {check}",
             err=True,
         )
         return result

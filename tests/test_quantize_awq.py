@@ -1,0 +1,131 @@
+"""AWQ (quantize --method awq) and the quantized model's check against the same weights
+dequantized: on a small graph whose norm has a few large channels (what makes AWQ matter in
+trained models), AWQ's output error is below RTN's on fresh inputs; its 1/s is folded into the
+LayerNormalization feeding Q/K/V-like projections and goes in as a Mul elsewhere; the model still
+computes its dequantized weights exactly; a format disagreement fails the check and writes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from gpcl_trt.cli import main
+from gpcl_trt.quantize import quantize_model
+from gpcl_trt.quantize.check import dequantized_reference
+
+K, N = 128, 96
+
+
+def _outlier_model(path, seed: int = 0):
+    """x [B, S, K] -> LayerNorm (a few channels scaled x30) -> two projections that read it (the
+    norm fold) -> Relu -> a projection (a Mul) -> Tanh -> y."""
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(K, np.float32)
+    gamma[rng.choice(K, 4, replace=False)] = 30.0
+    beta = (0.1 * rng.standard_normal(K)).astype(np.float32)
+    wa, wb = (rng.standard_normal((K, N)).astype(np.float32) * 0.05 for _ in range(2))
+    wc = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln.weight", "ln.bias"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "wa"], ["a"], name="proj_a"),
+        helper.make_node("MatMul", ["h", "wb"], ["b"], name="proj_b"),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("Relu", ["ab"], ["r"]),
+        helper.make_node("MatMul", ["r", "wc"], ["c"], name="proj_c"),
+        helper.make_node("Tanh", ["c"], ["y"]),  # not an output head (those stay float)
+    ]
+    inits = [numpy_helper.from_array(v, n) for n, v in (("ln.weight", gamma), ("ln.bias", beta))]
+    inits += [numpy_helper.from_array(v, n) for n, v in (("wa", wa), ("wb", wb), ("wc", wc))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", K])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    return path
+
+
+def _run(model, x):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_awq_beats_rtn_and_folds(tmp_path, block):
+    src = _outlier_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(7).standard_normal((4, 16, K)).astype(np.float32)  # not the calibration draw
+    ref = _run(src, x)
+    err = {}
+    for method in ("rtn", "awq"):
+        out = tmp_path / f"{method}.onnx"
+        res = quantize_model(src, out, weights="int4", block_size=block, method=method, samples=16)
+        assert res["ok"] and res["check"]["passed"], res["check"]
+        got = _run(out, x)
+        # the model computes exactly the weights it stores (with AWQ's scales folded in)
+        np.testing.assert_allclose(got, _run(dequantized_reference(onnx.load(out)), x), rtol=0, atol=1e-5)
+        err[method] = float(np.square(got - ref).mean())
+        if method == "awq":
+            a = res["awq"]
+            assert a["groups"] == 2 and a["scaled"] == 2, a
+            assert a["folded"] == 1 and a["muls"] == 1, a  # h: the LayerNorm's only readers; r: after a Relu
+            assert a["calibration_error_vs_rtn"] < 1
+            m = onnx.load(out)
+            ln = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+            assert not np.allclose(ln["ln.weight"], numpy_helper.to_array(onnx.load(src).graph.initializer[0]))
+            assert sum(n.op_type == "Mul" for n in m.graph.node) == 1
+            assert res["method"] == "awq" and res["samples"] == 16
+    assert err["awq"] < 0.7 * err["rtn"], err
+
+
+def test_awq_on_exported_llama_folds_rmsnorm(exports, tmp_path):
+    """The exporter's RMSNorm (a final Mul by the norm weight) takes the fold: Q/K/V and gate/up
+    of each layer; o_proj and down_proj get a Mul. Logits equal the dequantized reference."""
+    src, _ = exports("llama", "text-generation")
+    out = tmp_path / "q.onnx"
+    res = quantize_model(src, out, weights="int4", method="awq", samples=8)
+    assert res["ok"] and res["check"]["passed"]
+    a = res["awq"]
+    assert a["groups"] == 8 and a["folded"] + a["muls"] == a["scaled"], a  # 2 layers x (qkv, o, gate/up, down)
+    assert a["folded"] >= 2, a
+
+
+def test_check_catches_a_format_disagreement(tmp_path, monkeypatch):
+    """The check compares ONNX Runtime's reading of the stored int4 with ours (rtn.unpack_int4):
+    were they to disagree (here: ours made to read the high nibble first), the result is ok
+    False, nothing is written and the CLI exits 1."""
+    from gpcl_trt.quantize import check, rtn
+
+    src = _outlier_model(tmp_path / "m.onnx")
+
+    def high_first(packed, count, signed):
+        p = np.asarray(packed, np.uint8)
+        return rtn.unpack_int4(((p >> 4) | (p << 4)).astype(np.uint8), count, signed)
+
+    monkeypatch.setattr(check, "unpack_int4", high_first)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = quantize_model(src, tmp_path / "q.onnx", weights="int4")
+    assert not res["ok"] and not res["written"] and not res["check"]["passed"], res["check"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 1 and "FAILED: nothing written" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_awq_bad_input(tmp_path):
+    src = _outlier_model(tmp_path / "m.onnx")
+    for args, needle in (
+        (["--method", "gptq"], "--method"),
+        (["--method", "awq", "--samples", "0"], "--samples"),
+    ):
+        r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), *args])
+        assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
