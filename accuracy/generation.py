@@ -131,8 +131,9 @@ def evaluate(
     """Greedy agreement (``prompts``) and teacher-forced NLL (``text``) of CANDIDATE against
     REFERENCE. ``ok`` is False when the greedy agreement is below ``min_agreement`` or the
     candidate's NLL exceeds the reference's by more than ``nll_rtol`` (relative)."""
-    from gpcl_trt.generate.api import model_settings, open_runtime, resolve
+    from gpcl_trt.generate.api import open_runtime, resolve
     from gpcl_trt.generate.detok import load_tokenizer
+    from gpcl_trt.generate.rules import model_settings
 
     if prompts is None and text is None and not prompt_lines and not text_lines:
         raise GpclError("nothing to evaluate: give --prompts FILE and/or --text FILE")
@@ -146,7 +147,9 @@ def evaluate(
         raise GpclError("neither side has a model directory in its manifest chain: pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
     config_dir = next((d for d in dirs if d is not None), None) or tok_dir
-    settings = model_settings(config_dir, tok)
+    # the model's rules from either side's manifest chain (the same model), else its config files
+    found = (model_settings(config_dir, tok, artifact=a) for a in (candidate, reference))
+    settings = next((s for s in found if s["from"] == "manifest"), None) or model_settings(config_dir, tok)
     limit = settings["max_positions"]
     prompt_ids = [list(tok(p)["input_ids"]) for p in prompt_lines]
     for i, ids in enumerate(prompt_ids):
@@ -162,6 +165,7 @@ def evaluate(
         "candidate": str(candidate),
         "tokenizer": str(tok_dir),
         "max_new_tokens": max_new_tokens,
+        "generation_rules": {"rules": settings["rules"], "from": settings["from"]},
     }
     sides = {}
     for role, artifact in (("reference", reference), ("candidate", candidate)):

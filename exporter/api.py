@@ -184,6 +184,10 @@ def _record(
         "weights": done.weights,
         "validation": validation,
     }
+    if task.startswith("text-generation"):  # what every runtime generates by (gpcl_trt.generate.rules)
+        from gpcl_trt.generate.rules import generation_section
+
+        results["generation"] = generation_section(d)
     return inputs, options, results
 
 

@@ -12,13 +12,11 @@ from typing import Any, Callable, Sequence
 from gpcl_trt.common import GpclError
 from gpcl_trt.generate.detok import TextStream, load_tokenizer
 from gpcl_trt.generate.loop import Sampling, decode
+from gpcl_trt.generate.rules import model_settings  # noqa: F401  (EOS ids, positions, rules: manifest, else config)
 
 # config.json keys that hold the number of positions, in the order transformers' configs use them
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 ENGINE_SUFFIXES = (".engine", ".plan")
-# Causal LM classes whose prepare_inputs_for_generation drops the cache once the sequence passes
-# original_max_position_embeddings (LongRoPE's switch to its long factors)
-REPREFILL_MODEL_TYPES = ("phi3", "phimoe", "phi4_multimodal")
 
 # (prompt index, text piece) as it becomes stable
 OnText = Callable[[int, str], None]
@@ -36,32 +34,6 @@ def _ids(value: Any) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def model_settings(config_dir: Path | None, tokenizer: Any) -> dict:
-    """EOS ids (generation_config.json, else config.json, else the tokenizer's), the padding id
-    and the number of positions (None when nothing says)."""
-    cfg = _read_json(config_dir / "config.json") if config_dir else {}
-    gen = _read_json(config_dir / "generation_config.json") if config_dir else {}
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    eos = _ids(gen.get("eos_token_id", cfg.get("eos_token_id", text_cfg.get("eos_token_id"))))
-    if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
-        eos = [int(tokenizer.eos_token_id)]
-    pad = next(
-        (
-            int(v)
-            for v in (gen.get("pad_token_id"), cfg.get("pad_token_id"), getattr(tokenizer, "pad_token_id", None))
-            if isinstance(v, int)
-        ),
-        eos[0] if eos else 0,
-    )
-    positions = next((int(c[k]) for c in (cfg, text_cfg) for k in POSITION_KEYS if isinstance(c.get(k), int)), None)
-    reprefill = None
-    if cfg.get("model_type") in REPREFILL_MODEL_TYPES:
-        rope = [r for r in (cfg.get("rope_parameters"), cfg.get("rope_scaling")) if isinstance(r, dict)]
-        original = [c.get("original_max_position_embeddings") for c in (cfg, *rope)]
-        reprefill = next((int(v) for v in original if isinstance(v, int)), None)
-    return {"eos_ids": eos, "pad_id": pad, "max_positions": positions, "reprefill_at": reprefill}
 
 
 def resolve(artifact: str | os.PathLike) -> tuple[str, Path | None]:
@@ -141,7 +113,7 @@ def generate(
         raise GpclError(f"{Path(artifact).name} has no model directory in its manifest chain: pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
     config_dir = model_dir or (tok_dir if (tok_dir / "config.json").is_file() else None)
-    settings = model_settings(config_dir, tok)
+    settings = model_settings(config_dir, tok, artifact=artifact)
     prompt_ids = encode_prompts(tok, prompts, chat)
     for i, ids in enumerate(prompt_ids):  # before loading the model: a long prompt fails fast
         if settings["max_positions"] is not None and len(ids) >= settings["max_positions"]:

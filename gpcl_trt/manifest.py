@@ -41,6 +41,45 @@ def pass_inputs(source: str | os.PathLike, source_sha256: str, model_dir: str | 
     return {"source": str(source), "source_sha256": source_sha256, "model_dir": model_dir, **extra}
 
 
+# Generation rules a runtime follows to generate what transformers' class generates. One kind so
+# far: "reprefill_at" (Phi-3 / PhiMoE LongRoPE: once the sequence first grows past ``length``, the
+# cache is dropped and the whole sequence prefilled again). A reader that meets a kind it does not
+# know refuses the artifact rather than generate something else.
+GENERATION_RULE_KINDS = ("reprefill_at",)
+
+
+def generation(
+    eos_ids: list[int],
+    pad_id: int | None,
+    max_positions: int | None,
+    rules: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """An export's ``results.generation``: the model's EOS ids, padding id and number of positions
+    (None when its config says nothing) and its rules ([{"kind", "length", ...}]); ``extra``:
+    informative keys (bos_id, sliding_window, model_type, source)."""
+    section = {"eos_ids": [int(e) for e in eos_ids], "pad_id": pad_id, "max_positions": max_positions}
+    return {**section, "rules": [dict(r) for r in rules], **extra}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_generation(section: Any) -> dict[str, Any]:
+    ok = (
+        isinstance(section, dict)
+        and isinstance(section.get("eos_ids"), list)
+        and all(_is_int(e) for e in section["eos_ids"])
+        and all(section.get(k) is None or _is_int(section.get(k)) for k in ("pad_id", "max_positions"))
+        and isinstance(section.get("rules"), list)
+        and all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in section["rules"])
+    )
+    if not ok:
+        raise ValueError("results.generation is malformed")
+    return section
+
+
 # ----------------------------------------------------------------------------- readers
 @dataclass(frozen=True)
 class Manifest:
@@ -112,6 +151,17 @@ class Manifest:
     def profiles(self) -> list[dict[str, Any]]:
         return list(self.results.get("profiles") or [])
 
+    @property
+    def generation(self) -> dict[str, Any] | None:
+        """The generation rules the export recorded (see ``generation``); None when it recorded
+        none (not a decoder, or an export made before they were recorded)."""
+        if "generation" not in self.results:
+            return None
+        try:
+            return _check_generation(self.results["generation"])
+        except ValueError as exc:
+            raise GpclError(f"{manifest_path(self.artifact_path)}: {exc}") from None
+
 
 def model_dir_of(artifact: str | os.PathLike, depth: int = 4) -> Path | None:
     """The HF model directory behind an artifact: its own manifest's, else its source's (an
@@ -123,3 +173,15 @@ def model_dir_of(artifact: str | os.PathLike, depth: int = 4) -> Path | None:
         return m.model_dir
     src = m.source
     return model_dir_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+
+
+def generation_of(artifact: str | os.PathLike, depth: int = 4) -> dict[str, Any] | None:
+    """The generation rules behind an artifact: its own manifest's, else its source's (a GPCL
+    model -> export chain, an engine -> ONNX chain); None when no manifest in the chain has them."""
+    m = Manifest.read(artifact) if Path(artifact).is_file() else None
+    if m is None:
+        return None
+    if m.generation is not None:
+        return m.generation
+    src = m.source
+    return generation_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None

@@ -231,9 +231,11 @@ def test_eos_ids_from_generation_config_then_config(tmp_path):
     from gpcl_trt.generate.api import model_settings
 
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "n_positions": 99}))
-    assert model_settings(tmp_path, None) == {"eos_ids": [2], "pad_id": 2, "max_positions": 99, "reprefill_at": None}
+    keys = ("eos_ids", "pad_id", "max_positions", "reprefill_at")
+    got = model_settings(tmp_path, None)
+    assert [got[k] for k in keys] == [[2], 2, 99, None] and got["from"] == "config.json"
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4], "pad_token_id": 0}))
-    assert model_settings(tmp_path, None) == {"eos_ids": [3, 4], "pad_id": 0, "max_positions": 99, "reprefill_at": None}
+    assert [model_settings(tmp_path, None)[k] for k in keys] == [[3, 4], 0, 99, None]
 
 
 # ----------------------------------------------------------------------------- model rules
