@@ -16,9 +16,12 @@ MODES = ("clamp", "soft", "hopf")
 MODE_IDS = {m: i for i, m in enumerate(MODES)}  # also the `mode` int of the C ABI
 DEFAULT_EPS = 1e-6
 
-# Site kinds: in front of a block's attention, its MLP, or one norm that feeds both.
+# Site kinds: in front of a block's (self-)attention, its MLP, or one norm that feeds both; in an
+# encoder-decoder's decoder block also in front of the cross-attention's query projection (its
+# keys and values read the encoder's states, not the site).
 PRE_ATTENTION, PRE_MLP, SHARED = "pre-attention", "pre-mlp", "shared"
-KINDS = (PRE_ATTENTION, PRE_MLP, SHARED)
+PRE_CROSS_ATTENTION = "pre-cross-attention"
+KINDS = (PRE_ATTENTION, PRE_CROSS_ATTENTION, PRE_MLP, SHARED)  # block order: sites sort by it
 
 # Protobuf cannot serialise a message of 2 GiB or more: above this many bytes a model's weights
 # go to external data (OUT.onnx.data), with a margin for the graph itself.

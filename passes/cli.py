@@ -42,10 +42,10 @@ def register(main: click.Group) -> None:
             f"{result['model']}: {len(result['sites'])} sites in {result['layers']} layers (found by "
             f"{result['method']})"
         )
-        _say(f"{'layer':>5}  {'kind':<13}  {'hidden':>6}  {'tensor':<24}  {'norm':<24}  consumers")
+        _say(f"{'layer':>5}  {'kind':<19}  {'hidden':>6}  {'tensor':<24}  {'norm':<24}  consumers")
         for s in result["sites"]:
             _say(
-                f"{s['layer']:>5}  {s['kind']:<13}  {s['hidden']!s:>6}  {s['tensor']:<24}  {s['norm']:<24}  "
+                f"{s['layer']:>5}  {s['kind']:<19}  {s['hidden']!s:>6}  {s['tensor']:<24}  {s['norm']:<24}  "
                 f"{', '.join(s['consumers'])}" + (f"  [GPCL: {s['gpcl']}]" if s["gpcl"] else "")
             )
         return result
@@ -63,10 +63,11 @@ def register(main: click.Group) -> None:
     @click.option(
         "--sites",
         "kinds",
-        default="pre-attention,pre-mlp",
+        default="pre-attention,pre-cross-attention,pre-mlp",
         show_default=True,
-        help="Comma list of site kinds: pre-attention, pre-mlp, shared (one norm feeding both, as in "
-        "GPT-J or Falcon; chosen by shared or by naming both others).",
+        help="Comma list of site kinds: pre-attention, pre-cross-attention (an encoder-decoder's decoder "
+        "block: the cross-attention's query input), pre-mlp, shared (one norm feeding both attention and "
+        "MLP, as in GPT-J or Falcon; chosen by shared or by naming pre-attention and pre-mlp).",
     )
     @click.option("--layers", default=None, help="Layer indices and ranges, e.g. 0,2,5-7 (default: all layers).")
     @click.option(

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gpcl_trt.gpcl import BLOCK_RE, KINDS, PRE_ATTENTION, PRE_MLP, SHARED, node_name, output_name
+from gpcl_trt.gpcl import BLOCK_RE, KINDS, PRE_ATTENTION, PRE_CROSS_ATTENTION, PRE_MLP, SHARED, node_name, output_name
 from gpcl_trt.passes.graph import (
     NORM_OPS,
     LoadedModel,
@@ -62,13 +62,20 @@ from gpcl_trt.passes.graph import (
 )
 
 # The one piece of architecture knowledge: which block submodule names are attention and which
-# are MLP, across the families we export (Llama/Mistral/Qwen, BERT, GPT-2, and common others).
+# are MLP, across the families we export (Llama/Mistral/Qwen, BERT, GPT-2, and common others), and
+# which are an encoder-decoder's cross-attention (BART/Marian/Pegasus/Whisper, T5, BERT-decoders).
 # Names not here still work: their kind is read from the graph structure.
 SUBMODULE_KIND = {
     "self_attn": PRE_ATTENTION,
     "attention": PRE_ATTENTION,
     "attn": PRE_ATTENTION,
     "self_attention": PRE_ATTENTION,
+    "SelfAttention": PRE_ATTENTION,  # T5
+    "encoder_attn": PRE_CROSS_ATTENTION,
+    "EncDecAttention": PRE_CROSS_ATTENTION,  # T5
+    "crossattention": PRE_CROSS_ATTENTION,  # BERT as a decoder
+    "cross_attn": PRE_CROSS_ATTENTION,
+    "DenseReluDense": PRE_MLP,  # T5
     "mlp": PRE_MLP,
     "intermediate": PRE_MLP,
     "feed_forward": PRE_MLP,
@@ -221,7 +228,7 @@ def _norm_label(root: gs.Tensor, norms: dict[int, str]) -> str:
 
 
 def _merge_kind(kinds: set[str]) -> str:
-    return SHARED if SHARED in kinds or {PRE_ATTENTION, PRE_MLP} <= kinds else next(iter(kinds))
+    return SHARED if SHARED in kinds or {PRE_ATTENTION, PRE_MLP} <= kinds else min(kinds, key=KINDS.index)
 
 
 @dataclass
@@ -294,16 +301,23 @@ def _pick_roots(
 
 
 # ----------------------------------------------------------------------------- metadata
+_SUBLAYER_RE = re.compile(r"^(.*[./]\d+)[./]layer[./]\d+$")
+
+
 def _scope_site(scope_list: list[str]) -> tuple[str, str | None, str] | None:
     """(block, kind, submodule scope prefix) from a node's module scopes, innermost first. The
     block is its whole scope (``encoder.layers.1.blocks.0``), so the blocks of hierarchical stages
     (Swin, ConvNeXt, MobileViT) and of two towers (CLIP's text and vision encoders) stay apart.
-    The kind is None for a projection directly in a numbered block under a name we do not know."""
+    The kind is None for a projection directly in a numbered block under a name we do not know.
+    A numbered sublayer list inside a block (T5's ``decoder.block.0.layer.1.EncDecAttention``) is
+    part of that block."""
     unknown = None
     for s in reversed(scope_list):
         for m in reversed(list(BLOCK_RE.finditer(s))):
             kind = SUBMODULE_KIND.get(m.group(2))
             block = s[: m.start(2) - 1]
+            sub = _SUBLAYER_RE.match(block)
+            block = sub.group(1) if sub else block
             if kind:
                 return block, kind, s[: m.end()]
             if unknown is None:
@@ -324,15 +338,62 @@ def _keeps_last_axis(node: gs.Node) -> bool:
     return False
 
 
+def _rank(t: gs.Tensor, depth: int = 8) -> int | None:
+    """``t``'s rank: declared, or read back through the ops that set it in a window partition
+    (exported graphs declare no intermediate shapes)."""
+    if t.shape is not None:
+        return len(t.shape)
+    p = producer(t)
+    if p is None or depth == 0 or not p.inputs:
+        return None
+    if p.op == "Reshape":
+        shape = _const_value(p.inputs[1])
+        return int(shape.size) if shape is not None else None
+    if p.op == "Pad":
+        pads = _const_value(p.inputs[1])
+        return int(pads.size // 2) if pads is not None else None
+    if p.op in ("Transpose", "Concat", "Slice", "Cast", "Identity"):
+        return _rank(p.inputs[0], depth - 1)
+    return None
+
+
+def _roll_source(node: gs.Node) -> gs.Tensor | None:
+    """The tensor a roll along a token axis re-presents (Swin's shifted windows: torch.roll is a
+    Concat of two Slices of one tensor along one axis, never the channel axis), else None."""
+    if node.op != "Concat" or len(node.inputs) < 2:
+        return None
+    axis = int(node.attrs.get("axis", 0))
+    slices = [producer(i) for i in node.inputs]
+    if any(p is None or p.op != "Slice" or len(p.inputs) < 4 for p in slices):
+        return None
+    src = slices[0].inputs[0]
+    if any(p.inputs[0] is not src for p in slices):
+        return None
+    rank = _rank(src)
+    if rank is None or not 0 <= (axis % rank) < rank - 1:
+        return None
+    for p in slices:
+        axes = _const_value(p.inputs[3])
+        if axes is None or axes.size != 1 or int(axes.reshape(())) % rank != axis % rank:
+            return None
+    return src
+
+
 def _root(t: gs.Tensor) -> gs.Tensor:
-    """What a projection input re-presents: back through view/cast ops, GPCL, and permutes or
-    pads that keep the channel axis last."""
+    """What a projection input re-presents: back through view/cast ops, GPCL, permutes or pads
+    that keep the channel axis last, and rolls along token axes (Swin's shifted windows)."""
     while True:
         t = see_through(t)
         p = producer(t)
-        if p is None or not p.inputs or not _keeps_last_axis(p):
+        if p is None or not p.inputs:
             return t
-        t = p.inputs[0]
+        rolled = _roll_source(p)
+        if rolled is not None:
+            t = rolled
+        elif _keeps_last_axis(p):
+            t = p.inputs[0]
+        else:
+            return t
 
 
 def _block_order(first: dict[str, int]) -> Any:
@@ -413,6 +474,8 @@ def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: di
     rank = {p: i for i, p in enumerate(sorted({p for p, _ in groups} | set(untyped), key=_block_order(first)))}
     cands = []
     for (path, kind), entries in groups.items():
+        if kind == PRE_CROSS_ATTENTION:  # the query projection; keys and values read the encoder's states
+            entries = [(r, p) for r, p in entries if _score_sides([p], norms) == {0}] or entries
         for root, projs in _pick_roots(entries, norms, scopes):
             cands.append(_Candidate(rank[path], kind, root, projs, order.get(id(producer(root)), -1)))
     for path, roots in untyped.items():
@@ -430,7 +493,7 @@ _HEAD_PATH_OPS = {"Reshape", "Flatten", "Cast", "Identity", "Squeeze", "Unsqueez
 
 def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
     """Projections reading ``t`` directly or through view/cast/broadcast ops and GPCL."""
-    found, stack = [], [t]
+    found, stack, rolls = [], [t], set()
     while stack:
         cur = stack.pop()
         for c in cur.outputs:
@@ -438,6 +501,11 @@ def _projection_heads(t: gs.Tensor) -> list[gs.Node]:
                 found.append(c)
             elif (c.op in _HEAD_PATH_OPS or is_gpcl(c) or _keeps_last_axis(c)) and c.inputs[0] is cur:
                 stack.extend(c.outputs)
+            elif c.op == "Slice" and c.inputs[0] is cur:  # a roll: both slices meet in one Concat
+                for cc in c.outputs[0].outputs:
+                    if id(cc) not in rolls and _roll_source(cc) is cur:
+                        rolls.add(id(cc))
+                        stack.extend(cc.outputs)
     return found
 
 
@@ -470,6 +538,38 @@ def _reach(projs: list[gs.Node], norms: dict[int, str]) -> tuple[set[int], bool,
     return seen, softmax, projection
 
 
+def _is_pairwise(node: gs.Node) -> bool:
+    return node.op in ("MatMul", "Einsum") and not any(is_const(i) for i in node.inputs)
+
+
+def _score_sides(projs: list[gs.Node], norms: dict[int, str]) -> set[int]:
+    """Which operand of the first product of two activations each path from ``projs`` reaches:
+    0 the query side of ``Q x K^T``, 1 the key side (or the values' side of ``P x V``). A self-
+    attention's projections reach both; a cross-attention's query projection only side 0 (its
+    keys and values are projections of the encoder's states, or cached ones)."""
+    queue = deque(o for p in projs for o in p.outputs)
+    seen: set[int] = set()
+    sides: set[int] = set()
+    while queue and len(seen) < _BFS_LIMIT:
+        t = queue.popleft()
+        if id(t) in norms and _projection_heads(t):
+            continue
+        for c in t.outputs:
+            if _is_pairwise(c):
+                sides.update(i for i, x in enumerate(c.inputs) if x is t)
+                continue
+            if id(c) in seen or is_projection(c) or is_expert_projection(c):
+                continue
+            seen.add(id(c))
+            queue.extend(c.outputs)
+    return sides
+
+
+def _attention_kind(projs: list[gs.Node], norms: dict[int, str]) -> str:
+    """pre-cross-attention where the root's attention projections reach only the query side."""
+    return PRE_CROSS_ATTENTION if _score_sides(projs, norms) == {0} else PRE_ATTENTION
+
+
 def _classify(projs: list[gs.Node], norms: dict[int, str]) -> str | None:
     """pre-attention if a Softmax follows before any further projection, pre-mlp if another
     projection follows (the down projection), None otherwise (e.g. lm_head)."""
@@ -490,7 +590,7 @@ def _split_kinds(projs: list[gs.Node], norms: dict[int, str]) -> list[tuple[str,
     rest = [p for p in projs if p not in attn]
     attn += [p for p in rest if reach[id(p)][0] & attn_nodes]
     mlp = [p for p in rest if p not in attn and reach[id(p)][2]]
-    return [(PRE_ATTENTION, attn)] + ([(PRE_MLP, mlp)] if mlp else [])
+    return [(_attention_kind(attn, norms), attn)] + ([(PRE_MLP, mlp)] if mlp else [])
 
 
 def _biased(t: gs.Tensor) -> gs.Tensor:
@@ -526,16 +626,58 @@ def sites_from_structure(graph: gs.Graph, norms: dict[int, str]) -> list[Site]:
             if parts:
                 kind = _merge_kind({k for k, _ in parts})
                 found.append((order.get(id(producer(root)), -1), kind, root, [p for _, ps in parts for p in ps]))
-    cands = []
-    layer, kinds_here = -1, set()
-    for pos, kind, t, projs in sorted(found, key=lambda f: f[0]):
-        # a new block at each attention (or shared) site, and at an MLP site where the block has
-        # one already (MLP-only blocks: ConvNeXt)
-        if layer < 0 or kind in (PRE_ATTENTION, SHARED) or kind in kinds_here:
-            layer, kinds_here = layer + 1, set()
-        kinds_here.add(kind)
-        cands.append(_Candidate(layer, kind, t, projs, pos))
+    found.sort(key=lambda f: f[0])
+    tower_of = _towers(graph, [f[2] for f in found])
+    cands: list[_Candidate] = []
+    for tower in dict.fromkeys(tower_of):  # tower by tower, in the order the graph reaches them
+        blocks: list[list[_Candidate]] = []
+        for (pos, kind, t, projs), tw in zip(found, tower_of):
+            if tw != tower:
+                continue
+            # a new block at each (self-)attention or shared site, and at a site whose kind the
+            # block has already (MLP-only blocks: ConvNeXt)
+            if not blocks or kind in (PRE_ATTENTION, SHARED) or kind in {c.kind for c in blocks[-1]}:
+                blocks.append([])
+            blocks[-1].append(_Candidate(0, kind, t, projs, pos))
+        # an MLP after a tower's last attention block, with no attention of its own, is a head
+        # (wav2vec2's classifier projector reading a post-LN block's last norm, SigLIP's pooling MLP)
+        attention = {PRE_ATTENTION, SHARED}
+        if len(blocks) > 1 and {c.kind for c in blocks[-1]} == {PRE_MLP} and attention & {c.kind for c in blocks[-2]}:
+            blocks.pop()
+        for block in blocks:
+            layer = (cands[-1].layer + 1) if cands else 0
+            for c in block:
+                c.layer = layer
+            cands.extend(block)
     return _make_sites(cands, norms, "structure")
+
+
+def _towers(graph: gs.Graph, roots: list[gs.Tensor]) -> list[int]:
+    """A tower label per root: roots are in one tower when one is computed from the other (a
+    residual stream's sites all are); a dual encoder's two towers share none, so their blocks,
+    which interleave in graph order, are numbered tower by tower as the metadata pass does."""
+    index = {id(r): i for i, r in enumerate(roots)}
+    bits: dict[int, int] = {}  # tensor -> bitset of the roots it is computed from (itself included)
+    for node in graph.nodes:  # topologically sorted
+        b = 0
+        for t in node.inputs:
+            b |= bits.get(id(t), 0)
+        for o in node.outputs:
+            bits[id(o)] = b | (1 << index[id(o)] if id(o) in index else 0)
+    parent = list(range(len(roots)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for j, r in enumerate(roots):
+        b = bits.get(id(r), 0)
+        for i in range(j):
+            if b >> i & 1:
+                parent[find(i)] = find(j)
+    return [find(i) for i in range(len(roots))]
 
 
 # ----------------------------------------------------------------------------- API
@@ -557,9 +699,9 @@ def find_sites_loaded(lm: LoadedModel) -> list[Site]:
 
 
 def site_counts(sites: list[Site]) -> dict[str, int]:
-    """Sites per kind; ``shared`` is listed only for models that have shared sites."""
+    """Sites per kind; ``shared`` and ``pre-cross-attention`` are listed only for models that have them."""
     per_kind = Counter(s.kind for s in sites)
-    return {k: per_kind.get(k, 0) for k in KINDS if k != SHARED or per_kind.get(k)}
+    return {k: per_kind.get(k, 0) for k in KINDS if k in (PRE_ATTENTION, PRE_MLP) or per_kind.get(k)}
 
 
 def no_sites_reason(graph: gs.Graph) -> str:

@@ -283,12 +283,14 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
         "image-classification",
         {"pre-attention": 0, "pre-mlp": 2},
     ),
-    "swin": (  # windowed attention (pad + permute between norm and projections), patch merging
+    # windowed attention (pad + permute between norm and projections), patch merging; windows of 2
+    # over 8x8 and 4x4 tokens: the second block of stage 0 shifts its windows (a roll)
+    "swin": (
         "swin",
         "SwinForImageClassification",
-        dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3),
+        dict(image_size=32, patch_size=4, embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=2, num_labels=3),
         "image-classification",
-        TWO,
+        {"pre-attention": 3, "pre-mlp": 3},
     ),
     "mobilevit": (  # its three transformer stages are 2 + 4 + 3 blocks deep whatever the config
         "mobilevit",
@@ -336,6 +338,14 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
 VISION_STAGED = ["resnet", "convnext", "swin", "mobilevit"]
 DUAL = [n for n, c in CORPUS.items() if c[3] == "zero-shot-image-classification"]
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
+# CI's lane (`make test-lane`, marker `lane`): one family of each kind through every corpus test,
+# next to the tests not marked slow. Encoder-decoder models: tests/test_passes_seq2seq.py.
+LANE = {"bert", "mistral", "vit", "swin", "clip", "wav2vec2-ctc"}
+
+
+def lane(names) -> list:
+    """``names`` as parameters, the lane's families marked ``lane``."""
+    return [pytest.param(n, marks=pytest.mark.lane) if n in LANE else n for n in names]
 
 
 # module -> the package that provides it and the extra that installs it
@@ -406,7 +416,7 @@ def family(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the corpus
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CORPUS))
+@pytest.mark.parametrize("name", lane(CORPUS))
 def test_export_sites_insert_strip_diff(family, name, tmp_path):
     from gpcl_trt.accuracy import diff
     from gpcl_trt.feeds import complete_feed, ort_run, ort_session, specs_from_session
@@ -461,7 +471,7 @@ WITH_SITES = [n for n, c in CORPUS.items() if sum(c[4].values())]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", WITH_SITES)
+@pytest.mark.parametrize("name", lane(WITH_SITES))
 def test_pipeline_calibrates_builds_and_deploys(family, name, tmp_path):
     """The stages after export on each family: calibrate, insert, a real TensorRT-RTX engine
     build, diff, the Triton repository, and (SERVED) a served-model check."""
@@ -502,15 +512,12 @@ def _sample(res: dict, sess) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CORPUS))
+@pytest.mark.parametrize("name", lane(CORPUS))
 def test_structural_sites_match_metadata(family, name, tmp_path):
-    """The same sites with the exporter's metadata stripped (ONNX from elsewhere)."""
+    """The same sites with the exporter's metadata stripped (ONNX from elsewhere): dual encoders'
+    towers interleave in graph order and are told apart by what each block is computed from;
+    wav2vec2's post-LN classifier projector reads the last block's norm and is a head, no MLP."""
     from gpcl_trt.passes import sites_file
-
-    if name in DUAL:
-        pytest.skip("two towers interleave in graph order; without scopes their blocks cannot be told apart")
-    if name == "wav2vec2-cls":  # known gap of the structural pass
-        pytest.skip("post-LN: the head's projector reads the last block's norm and, without scopes, looks like an MLP")
 
     _, path, _ = family(name)
     m = onnx.load(str(path))
@@ -524,7 +531,31 @@ def test_structural_sites_match_metadata(family, name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", VISION_STAGED)
+@pytest.mark.lane
+def test_swin_shifted_windows_sites_are_the_norms(family, tmp_path):
+    """A shifted block rolls its tokens between the norm and the window partition (Concat of two
+    Slices per axis): the site is the norm output, not the roll, with and without metadata."""
+    import transformers
+
+    from gpcl_trt.passes import sites_file
+
+    model_dir, path, _ = family("swin")
+    model = transformers.SwinForImageClassification.from_pretrained(model_dir)
+    shifts = [b.shift_size for stage in model.swin.encoder.layers for b in stage.blocks]
+    assert shifts[1] > 0 and shifts[0] == 0, shifts
+    m = onnx.load(str(path))
+    rolls = {n.output[0] for n in m.graph.node if n.op_type == "Concat" and "roll" in n.name}
+    assert rolls, "the shifted block exports its roll as a Concat"
+    for n in m.graph.node:
+        del n.metadata_props[:]
+    onnx.save(m, str(tmp_path / "bare.onnx"))
+    for s in (sites_file(path), sites_file(tmp_path / "bare.onnx")):
+        assert s["counts"] == {"pre-attention": 3, "pre-mlp": 3}, s["counts"]
+        assert all(x["norm"] == "LayerNormalization" and x["tensor"] not in rolls for x in s["sites"]), s["sites"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", lane(VISION_STAGED))
 def test_staged_vision_feature_extraction(family, name, tmp_path):
     """feature-extraction of the convolutional and hierarchical vision models: Swin's tokens,
     the others' [batch, channels, height, width] map; validated, the same sites as the head."""
@@ -542,7 +573,7 @@ def test_staged_vision_feature_extraction(family, name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", lane(DECODERS))
 def test_greedy_decode_with_past_matches_pytorch(family, name):
     """4 greedy tokens from a 6-token prompt (past the sliding windows of 4): ORT with past ==
     our PyTorch module == HF generate with its own cache classes."""

@@ -1,0 +1,193 @@
+"""GPCL sites of encoder-decoder models: the decoder block's pre-cross-attention site (the tensor
+that feeds the cross-attention's query projection; its keys and values read the encoder's states).
+Tiny random-init BART (post-LN: the site is the self-attention sublayer's norm) and Whisper (pre-LN:
+``encoder_attn_layer_norm``), each split into an encoder graph and a decoder graph (no cache) by
+the dynamo exporter directly, so that the passes are tested on real module scopes before
+``gpcl-trt export`` writes encoder-decoder models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from gpcl_trt.common import GpclError
+from gpcl_trt.passes import insert_file, sites_file, strip_file
+from gpcl_trt.passes.graph import load_graph
+
+TINY = dict(
+    vocab_size=128,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    decoder_start_token_id=1,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MODELS = {
+    "bart": ("bart", "BartForConditionalGeneration", dict(TINY, max_position_embeddings=64)),
+    "whisper": (
+        "whisper",
+        "WhisperForConditionalGeneration",
+        dict(TINY, num_mel_bins=8, max_source_positions=8, max_target_positions=32),
+    ),
+}
+DECODER = {"pre-attention": 2, "pre-cross-attention": 2, "pre-mlp": 2}
+ENCODER = {"pre-attention": 2, "pre-mlp": 2}
+
+
+def _export(name: str, root):
+    """(encoder.onnx, decoder.onnx, feeds of each) of a tiny checkpoint, static shapes."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    model_type, cls, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(AutoConfig.for_model(model_type, **kwargs)).eval()
+    with torch.no_grad():  # norms away from their init (ones), as real checkpoints are
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in n:
+                p.add_(torch.randn(p.shape) * 0.1)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.get_encoder()
+
+        def forward(self, x):
+            return self.encoder(x).last_hidden_state
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, encoder_hidden_states):
+            out = self.model(decoder_input_ids=input_ids, encoder_outputs=(encoder_hidden_states,), use_cache=False)
+            return out.logits
+
+    rng = np.random.default_rng(0)
+    source = (
+        rng.standard_normal((2, 8, 16)).astype(np.float32)  # log-mel features: 8 bins, 16 frames
+        if name == "whisper"
+        else rng.integers(3, 100, (2, 7)).astype(np.int64)
+    )
+    ids = rng.integers(3, 100, (2, 5)).astype(np.int64)
+    enc, dec = root / "encoder_model.onnx", root / "decoder_model.onnx"
+    with torch.no_grad():
+        states = Encoder()(torch.from_numpy(source))
+        torch.onnx.export(Encoder().eval(), (torch.from_numpy(source),), str(enc), dynamo=True, input_names=["x"])
+        torch.onnx.export(
+            Decoder().eval(),
+            (torch.from_numpy(ids), states),
+            str(dec),
+            dynamo=True,
+            input_names=["input_ids", "encoder_hidden_states"],
+            output_names=["logits"],
+        )
+    return enc, dec, {"x": source}, {"input_ids": ids, "encoder_hidden_states": states.numpy()}
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tmp_path_factory):
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = _export(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+def _run(path, feed) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _bare(path, out):
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        del n.metadata_props[:]
+    onnx.save(m, str(out))
+    return out
+
+
+# BART in CI's lane (`make test-lane`), Whisper in the full run; each export takes ~15-30 s.
+SEQ2SEQ = [
+    pytest.param("bart", marks=[pytest.mark.slow, pytest.mark.lane]),
+    pytest.param("whisper", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name", SEQ2SEQ)
+def test_decoder_blocks_have_a_pre_cross_attention_site(seq2seq, name, tmp_path):
+    enc, dec, _, _ = seq2seq(name)
+    assert sites_file(enc)["counts"] == ENCODER
+    s = sites_file(dec)
+    assert s["method"] == "metadata" and s["counts"] == DECODER, s["counts"]
+    kinds = [(x["layer"], x["kind"]) for x in s["sites"]]
+    assert kinds == [(i, k) for i in range(2) for k in DECODER]  # self-attention, cross-attention, MLP
+    # only the query projection is the site's: the keys and values read the encoder's states
+    lm = load_graph(dec)
+    for x in s["sites"]:
+        if x["kind"] == "pre-cross-attention":
+            assert len(x["projections"]) == 1
+            assert any(sc.endswith("encoder_attn.q_proj") for sc in lm.scopes[x["projections"][0]])
+    kv = [n for n in lm.graph.nodes if n.op == "MatMul" and n.inputs[0].name == "encoder_hidden_states"]
+    assert len(kv) == 4 and not {n.name for n in kv} & {p for x in s["sites"] for p in x["projections"]}
+    # the same sites from the graph structure alone
+    key = lambda d: [(x["layer"], x["kind"], x["tensor"], tuple(x["consumers"])) for x in d["sites"]]  # noqa: E731
+    for path in (enc, dec):
+        bare = sites_file(_bare(path, tmp_path / "bare.onnx"))
+        assert bare["method"] == "structure" and key(bare) == key(sites_file(path))
+
+
+@pytest.mark.parametrize("name", SEQ2SEQ)
+def test_insert_strip_round_trip_on_both_graphs(seq2seq, name, tmp_path):
+    enc, dec, enc_feed, dec_feed = seq2seq(name)
+    for path, feed, counts in ((enc, enc_feed, ENCODER), (dec, dec_feed, DECODER)):
+        base = _run(path, feed)
+        g, tight, stripped = tmp_path / "g.onnx", tmp_path / "t.onnx", tmp_path / "s.onnx"
+        # a generous tau (above every radius): GPCL is the identity
+        ins = insert_file(path, g, tau=1e3, force=True)
+        assert len(ins["inserted"]) == sum(counts.values())
+        assert np.abs(_run(g, feed) - base).max() == 0.0
+        insert_file(path, tight, tau=0.05, force=True)
+        assert np.abs(_run(tight, feed) - base).max() > 1e-4
+        assert len(strip_file(tight, stripped, force=True)["removed"]) == sum(counts.values())
+        assert np.abs(_run(stripped, feed) - base).max() == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.lane
+def test_cross_attention_sites_alone_and_in_the_cli_default(seq2seq, tmp_path):
+    from click.testing import CliRunner
+
+    from gpcl_trt.cli import main
+
+    _, dec, _, feed = seq2seq("bart")
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False)  # noqa: E731
+    res = run("insert", dec, "-o", tmp_path / "x.onnx", "--sites", "pre-cross-attention", "--tau", "0.05", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["inserted"] == ["layer0/pre-cross-attention", "layer1/pre-cross-attention"]
+    # GPCL on the query path only: the keys and values still read the encoder's states directly
+    lm = load_graph(tmp_path / "x.onnx")
+    gpcl_out = {n.outputs[0].name for n in lm.graph.nodes if n.domain == "gpcl"}
+    readers = [n for n in lm.graph.nodes if gpcl_out & {i.name for i in n.inputs}]
+    assert len(readers) == 2
+    assert all(any(sc.endswith("encoder_attn.q_proj") for sc in lm.scopes[n.name]) for n in readers)
+    assert np.abs(_run(tmp_path / "x.onnx", feed) - _run(dec, feed)).max() > 1e-6  # random init: a small query effect
+    res = run("insert", dec, "-o", tmp_path / "all.onnx", "--tau", "1e3", "--json")  # the default: every kind
+    assert res.exit_code == 0 and len(json.loads(res.stdout)["inserted"]) == sum(DECODER.values())
+    with pytest.raises(GpclError, match="pre-cross-attention"):  # the kinds are listed when one is wrong
+        insert_file(dec, tmp_path / "y.onnx", sites="cross", tau=1.0)
+    assert not (tmp_path / "y.onnx").exists()
