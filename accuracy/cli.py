@@ -46,13 +46,21 @@ def register(main: click.Group) -> None:
     @click.option("--seed", default=0, show_default=True, help="Seed of the input generator.")
     @click.option(
         "--atol",
-        default=tolerance.DIFF_ATOL,
-        show_default=True,
+        type=float,
+        default=None,
         help="Absolute tolerance (an element fails only if it exceeds both tolerances: |ref - cand| > atol and > "
-        "rtol * |cand|, polygraphy's rule).",
+        f"rtol * |cand|, polygraphy's rule) [default: {tolerance.DIFF_ATOL:g}; a candidate with quantized weights "
+        "(its manifest chain) against a float reference: "
+        + ", ".join(f"{w} {a:g}" for w, (a, _) in tolerance.QUANT_DIFF.items())
+        + "; the rule used is printed].",
     )
     @click.option(
-        "--rtol", default=tolerance.DIFF_RTOL, show_default=True, help="Relative tolerance, against the candidate."
+        "--rtol",
+        type=float,
+        default=None,
+        help=f"Relative tolerance, against the candidate [default: {tolerance.DIFF_RTOL:g}; quantized: "
+        + ", ".join(f"{w} {r:g}" for w, (_, r) in tolerance.QUANT_DIFF.items())
+        + "].",
     )
     @click.option(
         "--save-golden",

@@ -272,8 +272,8 @@ def diff(
     seq: int = 32,
     batch: int = 1,
     seed: int = 0,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     save_golden_path: str | Path | None = None,
     golden: str | Path | None = None,
     per_layer: bool = False,
@@ -292,6 +292,13 @@ def diff(
         raise GpclError("--golden replaces --reference: it cannot be combined with --per-layer or --save-golden")
     if samples < 1 or seq < 1 or batch < 1:
         raise GpclError("--samples, --seq and --batch must be >= 1")
+    rule = "given"
+    if atol is None or rtol is None:  # defaults by what the candidate is (tolerance.diff_defaults)
+        from gpcl_trt.quantize.chain import quantization_of
+
+        quant = quantization_of(candidate), quantization_of(reference)
+        d_atol, d_rtol, rule = tolerance.diff_defaults(*quant)
+        atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     if not (atol >= 0 and rtol >= 0):
         raise GpclError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     for out in (save_golden_path, report):
@@ -318,7 +325,7 @@ def diff(
         "candidate": str(candidate) if candidate is not None else None,
         "candidate_kind": cand_side.kind if cand_side else None,
         "inputs": {"source": source, **inp.describe_feeds(feeds)},
-        "tolerances": {"atol": atol, "rtol": rtol},
+        "tolerances": {"atol": atol, "rtol": rtol, "rule": rule},
     }
     ref_iters = iters.get("reference") or golden_iters
     ref_outputs = (_real_outputs(ref_side) if ref_side else None) or list(ref_iters[0])
@@ -378,7 +385,7 @@ def _summary(result: dict) -> str:
     tol = result["tolerances"]
     line = (
         f"{verdict}: {result['candidate']} vs {result['reference']}: max abs error {worst:.3g} "
-        f"(atol {tol['atol']:g}, rtol {tol['rtol']:g})"
+        f"(atol {tol['atol']:g}, rtol {tol['rtol']:g}: {tol.get('rule', 'given')})"
     )
     first = result.get("per_layer", {}).get("first_divergence")
     if first:

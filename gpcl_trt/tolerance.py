@@ -35,6 +35,24 @@ DEFAULT_RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 DIFF_ATOL = 1e-4
 DIFF_RTOL = 1e-3
 
+# Defaults of ``diff`` when the candidate's weights were quantized and the reference's were not
+# (a quantize stage in the candidate's manifest chain: quantize, export --quantize, a GPCL model
+# or an engine made from one). Measured, RTN against fp32 (BENCHMARKS.md, Quantize): max |diff|
+# 0.0065 (int8) / 0.082 (int4) on the tiny test Llama's logits, 0.097 / 0.98 on MiniLM's
+# last_hidden_state (|x| up to ~10): the bounds cover int8 and int4 at block 128 with room, and a
+# wrong scale (x100, or zeroed in a trained model) still fails.
+QUANT_DIFF = {"int8": (0.15, 0.05), "int4": (1.0, 0.25)}
+
+
+def diff_defaults(candidate_quant: dict | None, reference_quant: dict | None) -> tuple[float, float, str]:
+    """(atol, rtol, which rule) for ``diff`` from the two sides' quantize options (None: float)."""
+    w = (candidate_quant or {}).get("weights")
+    if w in QUANT_DIFF and not reference_quant:
+        where = f"{w}, block {candidate_quant.get('block_size')}, {candidate_quant.get('method', 'rtn')}"
+        return (*QUANT_DIFF[w], f"quantized weights ({where}: the candidate's manifest)")
+    return DIFF_ATOL, DIFF_RTOL, "float default"
+
+
 RULE = "every element |ref - cand| <= max(atol, rtol * |cand|)"
 
 

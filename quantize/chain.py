@@ -89,3 +89,26 @@ def export_quantized(
         "quantize": q,
         "float_kept": str(kept) if keep_float and quantized["ok"] else None,
     }
+
+
+def quantization_of(artifact: str | os.PathLike | None, depth: int = 5) -> dict | None:
+    """The quantize options behind an artifact (its manifest, or its source's: a GPCL model or an
+    engine made from a quantized model), None when there is none or no manifest to follow."""
+    from gpcl_trt.common import GpclError
+    from gpcl_trt.manifest import Manifest
+
+    p = None if artifact is None else Path(artifact)
+    for _ in range(depth):
+        if p is None or not p.is_file():
+            return None
+        try:
+            m = Manifest.read(p)
+        except GpclError:
+            return None
+        if m is None:
+            return None
+        if m.stage == "quantize":
+            return dict(m.options)
+        src = m.source
+        p = None if src is None or src == p else src
+    return None
