@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 from gpcl_trt.common import GpclError, check_can_write, sha256_file
 from gpcl_trt.passes.graph import LoadedModel, is_gpcl, load_graph, producer
 
-VARIANTS = ("standard",)
+VARIANTS = ("standard", "contrib")
+MS = "com.microsoft"
 STAGE = "optimize"
 
 
@@ -180,19 +181,307 @@ def rmsnorm_div(graph: gs.Graph, like: LoadedModel | None = None) -> list[str]:
     return done
 
 
+# ----------------------------------------------------------------------------- contrib (ORT only)
+def _only(t: gs.Tensor, op: str) -> gs.Node | None:
+    p = producer(t)
+    return p if p is not None and p.op == op else None
+
+
+def _heads_input(t: gs.Tensor) -> gs.Tensor | None:
+    """``Transpose([0, 2, 1, 3])(Reshape(x, [B, S, heads, D]))``: x, the projection's [B, S, heads*D]."""
+    tr = _only(t, "Transpose")
+    if tr is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
+        return None
+    rs = _only(tr.inputs[0], "Reshape")
+    return rs.inputs[0] if rs is not None else None
+
+
+def _rotary(t: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor] | None:
+    """``x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin`` (transformers' rotate_half):
+    (x, cos, sin) with cos/sin as the Mul reads them."""
+    add = _only(t, "Add")
+    if add is None:
+        return None
+    for m_cos, m_sin in (
+        (producer(add.inputs[0]), producer(add.inputs[1])),
+        (producer(add.inputs[1]), producer(add.inputs[0])),
+    ):
+        if m_cos is None or m_sin is None or m_cos.op != "Mul" or m_sin.op != "Mul":
+            continue
+        for i in (0, 1):
+            cat = _only(m_sin.inputs[i], "Concat")
+            if cat is None or len(cat.inputs) != 2:
+                continue
+            neg, sl = producer(cat.inputs[0]), producer(cat.inputs[1])
+            if neg is None or sl is None or neg.op != "Neg" or sl.op != "Slice":
+                continue
+            x = sl.inputs[0]
+            if (
+                x not in m_cos.inputs
+                or _only(neg.inputs[0], "Slice") is None
+                or producer(neg.inputs[0]).inputs[0] is not x
+            ):
+                continue
+            return x, m_cos.inputs[1 - m_cos.inputs.index(x)], m_sin.inputs[1 - i]
+    return None
+
+
+def _rope_table(cos: gs.Tensor, sin: gs.Tensor, position_ids: gs.Tensor, max_positions: int, half: int):
+    """cos/sin caches [max_positions, D/2] for RotaryEmbedding, when the graph's tables are
+    ``scale * Cos(Concat(f, f))`` with ``f = positions * inv_freq`` (a constant inv_freq: the
+    default, linear, Llama-3 and YaRN ropes; not dynamic NTK, whose inv_freq depends on length)."""
+    tables = []
+    for t, fn in ((cos, "Cos"), (sin, "Sin")):
+        scale = 1.0
+        while (p := producer(t)) is not None and p.op in ("Unsqueeze", "Cast", "Mul"):
+            if p.op == "Mul":
+                c = [_const_value(i) for i in p.inputs]
+                k = next((j for j in (0, 1) if c[j] is not None and c[j].size == 1), None)
+                if k is None:
+                    return None
+                scale *= float(c[k].reshape(-1)[0])
+                t = p.inputs[1 - k]
+            else:
+                t = p.inputs[0]
+        trig = _only(t, fn)
+        cat = _only(trig.inputs[0], "Concat") if trig is not None else None
+        if cat is None or len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1]:
+            return None
+        f = _only(cat.inputs[0], "Mul")
+        inv = None
+        if f is not None:
+            for j in (0, 1):
+                v = _const_value(f.inputs[j])
+                if v is not None and v.size == half:
+                    inv = v.astype(np.float32).reshape(-1)
+        if inv is None:
+            return None
+        pos = np.arange(max_positions, dtype=np.float32)[:, None]
+        ang = (pos * inv[None, :]).astype(np.float32)  # float32 product, as the graph does
+        tables.append((np.cos(ang.astype(np.float64)) if fn == "Cos" else np.sin(ang.astype(np.float64))) * scale)
+    return [np.asarray(x, np.float32) for x in tables]
+
+
+def contrib_attention(graph: gs.Graph, max_positions: int | None, like: LoadedModel | None = None) -> list[str]:
+    """Each layer's rotary + cache Concat + attention -> RotaryEmbedding (q, k) and one
+    GroupQueryAttention (com.microsoft; ONNX Runtime only), the causal/padding/window mask passed
+    as its attention_bias. Runs after :func:`grouped_attention`. Returns the present keys
+    rewritten."""
+    inputs = {t.name: t for t in graph.inputs}
+    mask_in, pos_in = inputs.get("attention_mask"), inputs.get("position_ids")
+    if mask_in is None or pos_in is None or not max_positions:
+        return []
+    done: list[str] = []
+    shared: dict = {}
+    for out_k in [o for o in graph.outputs if o.name.startswith("present.") and o.name.endswith(".key")]:
+        out_v = next((o for o in graph.outputs if o.name == out_k.name[: -len("key")] + "value"), None)
+        ck, cv = _only(out_k, "Concat"), _only(out_v, "Concat") if out_v is not None else None
+        if ck is None or cv is None or len(ck.inputs) != 2 or len(cv.inputs) != 2:
+            continue
+        past_k, k_rot = ck.inputs
+        past_v, v_t = cv.inputs
+        rot_k = _rotary(k_rot)
+        v3 = _heads_input(v_t)
+        if rot_k is None or v3 is None:
+            continue
+        k3 = _heads_input(rot_k[0])
+        # present.key -> Transpose -> MatMul(fold(q_rot), .) -> unfold [-> Mul scale] -> ... Softmax
+        uses = [c for c in out_k.outputs]
+        if k3 is None or len(uses) != 1 or uses[0].op != "Transpose" or len(uses[0].outputs[0].outputs) != 1:
+            continue
+        mm1 = uses[0].outputs[0].outputs[0]
+        if mm1.op != "MatMul":
+            continue
+        fold = _only(mm1.inputs[0], "Reshape")  # grouped_attention's fold; absent without GQA
+        rot_q = _rotary(fold.inputs[0] if fold is not None else mm1.inputs[0])
+        q3 = _heads_input(rot_q[0]) if rot_q is not None else None
+        shape = past_k.shape if isinstance(past_k.shape, (list, tuple)) and len(past_k.shape) == 4 else None
+        if q3 is None or shape is None or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            continue
+        kv_heads, head = int(shape[1]), int(shape[3])
+        unfold = mm1.outputs[0].outputs[0] if len(mm1.outputs[0].outputs) == 1 else None
+        heads = kv_heads if fold is None else (_int_at(unfold.inputs[1], 1) if unfold is not None else None)
+        if not heads or heads % kv_heads:
+            continue
+        # walk the scores to the Softmax: Reshape / Mul(scalar) / Add(mask)
+        scale, bias, t = 1.0, None, mm1.outputs[0]
+        node = None
+        while len(t.outputs) == 1:
+            node = t.outputs[0]
+            if node.op == "Reshape":
+                pass
+            elif node.op in ("Mul", "Div"):
+                c = [_const_value(i) for i in node.inputs]
+                if c[1] is None or c[1].size != 1:
+                    break
+                scale = scale * float(c[1].reshape(-1)[0]) if node.op == "Mul" else scale / float(c[1].reshape(-1)[0])
+            elif node.op == "Add" and bias is None:
+                bias = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+            else:
+                break
+            t = node.outputs[0]
+        if node is None or node.op != "Softmax" or bias is None:
+            continue
+        # Softmax -> fold -> MatMul(., present.value) -> unfold -> Transpose -> Reshape [B, S, H*D]
+        t = node.outputs[0]
+        while len(t.outputs) == 1 and t.outputs[0].op == "Reshape":
+            t = t.outputs[0].outputs[0]
+        mm2 = t.outputs[0] if len(t.outputs) == 1 else None
+        if mm2 is None or mm2.op != "MatMul" or mm2.inputs[1] is not out_v:
+            continue
+        t = mm2.outputs[0]
+        while len(t.outputs) == 1 and t.outputs[0].op == "Reshape":
+            t = t.outputs[0].outputs[0]
+        tr = t.outputs[0] if len(t.outputs) == 1 else None
+        if tr is None or tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
+            continue
+        rs = tr.outputs[0].outputs[0] if len(tr.outputs[0].outputs) == 1 else None
+        if rs is None or rs.op != "Reshape":
+            continue
+        key = (id(rot_q[1]), id(rot_q[2]))
+        if key not in shared:
+            tables = _rope_table(rot_q[1], rot_q[2], pos_in, max_positions, head // 2)
+            if tables is None:
+                continue
+            shared[key] = (
+                gs.Constant(f"ort_rope_cos_{len(shared)}", tables[0]),
+                gs.Constant(f"ort_rope_sin_{len(shared)}", tables[1]),
+            )
+        if (id(rot_k[1]), id(rot_k[2])) != key:
+            continue
+        cos_c, sin_c = shared[key]
+        if "lens" not in shared:
+            shared["lens"] = _seqlens(graph, mask_in)
+        seqlens, total = shared["lens"]
+        tag = f"/ort_attention/{out_k.name}"
+        q_r = gs.Variable(f"{tag}/q_rot", dtype=q3.dtype)
+        k_r = gs.Variable(f"{tag}/k_rot", dtype=k3.dtype)
+        new = [
+            gs.Node("RotaryEmbedding", f"{tag}/rotary_q", domain=MS, inputs=[q3, pos_in, cos_c, sin_c], outputs=[q_r]),
+            gs.Node("RotaryEmbedding", f"{tag}/rotary_k", domain=MS, inputs=[k3, pos_in, cos_c, sin_c], outputs=[k_r]),
+        ]
+        y = rs.outputs[0]
+        for n in (rs, ck, cv):  # the old producers let go of the tensors GQA now makes
+            n.outputs.clear()
+        empty = gs.Variable.empty
+        new.append(
+            gs.Node(
+                "GroupQueryAttention",
+                f"{tag}/gqa",
+                domain=MS,
+                attrs={"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)},
+                inputs=[q_r, k_r, v3, past_k, past_v, seqlens, total, empty(), empty(), empty(), bias],
+                outputs=[y, out_k, out_v],
+            )
+        )
+        for n in new:
+            _inherit(like, n, mm1)
+        graph.nodes.extend(new)
+        done.append(out_k.name)
+    return done
+
+
+def skip_rmsnorm(graph: gs.Graph, like: LoadedModel | None = None) -> list[str]:
+    """``r = a + b`` followed by the RMSNorm of ``r`` (the Div form of :func:`rmsnorm_div`) times
+    a weight -> one SkipSimplifiedLayerNormalization (com.microsoft), whose fourth output is ``r``
+    under its own name (the next residual Add reads it). Returns the norms' output names."""
+    done = []
+    for div in [n for n in graph.nodes if n.op == "Div"]:
+        x, sq = div.inputs
+        sqrt = _only(sq, "Sqrt")
+        add_eps = _only(sqrt.inputs[0], "Add") if sqrt is not None else None
+        if add_eps is None or len(div.outputs[0].outputs) != 1:
+            continue
+        eps = next((_const_value(i) for i in add_eps.inputs if _const_value(i) is not None), None)
+        mean = next((producer(i) for i in add_eps.inputs if producer(i) is not None), None)
+        if eps is None or eps.size != 1 or mean is None or mean.op != "ReduceMean" or _axes(mean) not in ([-1], [2]):
+            continue
+        mul = div.outputs[0].outputs[0]
+        gamma = next((i for i in mul.inputs if _const_value(i) is not None), None) if mul.op == "Mul" else None
+        res = _only(x, "Add")
+        if gamma is None or res is None or any(_const_value(i) is not None for i in res.inputs):
+            continue
+        y = mul.outputs[0]
+        a, b = res.inputs
+        for n in (mul, res):
+            n.outputs.clear()
+        node = gs.Node(
+            "SkipSimplifiedLayerNormalization",
+            f"{div.name}/skip_rms",
+            domain=MS,
+            attrs={"epsilon": float(eps.reshape(-1)[0])},
+            inputs=[a, b, gamma],
+            outputs=[y, gs.Variable.empty(), gs.Variable.empty(), x],
+        )
+        _inherit(like, node, div)
+        graph.nodes.append(node)
+        done.append(y.name)
+    return done
+
+
+def _seqlens(graph: gs.Graph, mask: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+    """GroupQueryAttention's seqlens_k ([B] int32: total length - 1) and total_sequence_length
+    (int32 scalar) from attention_mask [B, T]. Every row has T: left padding is masked by the
+    attention bias, not by a shorter length."""
+    tag = "/ort_attention/lens"
+    names = [f"{tag}/{n}" for n in ("shape", "total64", "total", "last", "batch", "seqlens")]
+    v = {n: gs.Variable(n) for n in names}
+    shape, total64, total, last, batch, seqlens = (v[n] for n in names)
+    nodes = [
+        gs.Node("Shape", f"{tag}/Shape", inputs=[mask], outputs=[shape]),
+        gs.Node(
+            "Gather",
+            f"{tag}/Gather",
+            attrs={"axis": 0},
+            inputs=[shape, gs.Constant(f"{tag}/one", np.array(1, np.int64))],
+            outputs=[total64],
+        ),
+        gs.Node("Cast", f"{tag}/Cast", attrs={"to": 6}, inputs=[total64], outputs=[total]),
+        gs.Node(
+            "Sub", f"{tag}/Sub", inputs=[total, gs.Constant(f"{tag}/one32", np.array(1, np.int32))], outputs=[last]
+        ),
+        gs.Node(
+            "Slice", f"{tag}/Batch", inputs=[shape, _const(f"{tag}/s0", [0]), _const(f"{tag}/s1", [1])], outputs=[batch]
+        ),
+        gs.Node("Expand", f"{tag}/Expand", inputs=[last, batch], outputs=[seqlens]),
+    ]
+    shape.dtype, total64.dtype, batch.dtype = np.int64, np.int64, np.int64
+    total.dtype, last.dtype, seqlens.dtype = np.int32, np.int32, np.int32
+    graph.nodes.extend(nodes)
+    return seqlens, total
+
+
 # ----------------------------------------------------------------------------- driver
-def fuse_ort(graph: gs.Graph, variant: str = "standard", like: LoadedModel | None = None) -> tuple[gs.Graph, dict]:
+def fuse_ort(
+    graph: gs.Graph, variant: str = "standard", like: LoadedModel | None = None, max_positions: int | None = None
+) -> tuple[gs.Graph, dict]:
     """Apply the ONNX Runtime rewrites to ``graph`` (in place) and report what changed."""
     if variant not in VARIANTS:
         raise GpclError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant}")
-    report = {
+    report: dict[str, Any] = {
         "variant": variant,
         "grouped_attention": grouped_attention(graph, like),
         "rmsnorm_div": rmsnorm_div(graph, like),
     }
+    if variant == "contrib":
+        graph.cleanup(remove_unused_graph_inputs=False)  # the repeat-KV leftovers still read the presents
+        report["contrib_attention"] = contrib_attention(graph, max_positions, like)
+        report["skip_rmsnorm"] = skip_rmsnorm(graph, like)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    report["changed"] = bool(report["grouped_attention"] or report["rmsnorm_div"])
+    report["changed"] = any(bool(v) for k, v in report.items() if k != "variant")
     return graph, report
+
+
+def _max_positions(model_dir: Path | None) -> int | None:
+    """The rotary cache length for RotaryEmbedding: the model's positions, from config.json."""
+    import json
+
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    n = cfg.get("max_position_embeddings")
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def optimize_file(
@@ -208,9 +497,9 @@ def optimize_file(
     check_can_write(output, force)
     lm = load_graph(input)
     before = len(lm.graph.nodes)
-    graph, report = fuse_ort(lm.graph, variant, lm)
-    after = len(graph.nodes)
     model_dir = model_dir_of(input)
+    graph, report = fuse_ort(lm.graph, variant, lm, max_positions=_max_positions(model_dir))
+    after = len(graph.nodes)
     inputs = pass_inputs(input, sha256_file(input), str(model_dir) if model_dir else None)
     results = {**report, "nodes_before": before, "nodes_after": after}
     save_model(

@@ -31,19 +31,27 @@ def register(main: click.Group) -> None:
     )
     @click.option(
         "--variant",
-        type=click.Choice(["standard"]),
+        type=click.Choice(["standard", "contrib"]),
         default="standard",
         show_default=True,
-        help="standard: standard ONNX ops only (a TensorRT build parses the result too).",
+        help="standard: standard ONNX ops only (a TensorRT build parses the result too). contrib: also "
+        "ONNX Runtime's own GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization "
+        "(com.microsoft; ONNX Runtime only: TensorRT cannot parse them, build engines from the export).",
     )
     @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
     def optimize(model, output, target, variant, force) -> dict:
         from gpcl_trt.passes.fuse_ort import optimize_file
 
         result = optimize_file(model, output, target=target, variant=variant, force=force)
+        contrib = (
+            f", {len(result['contrib_attention'])} attentions -> GroupQueryAttention, "
+            f"{len(result['skip_rmsnorm'])} residual norms -> SkipSimplifiedLayerNormalization"
+            if variant == "contrib"
+            else ""
+        )
         click.echo(
             f"wrote {output}: {len(result['grouped_attention'])} repeat-KV copies removed, "
-            f"{len(result['rmsnorm_div'])} RMSNorms rewritten, nodes {result['nodes_before']} -> "
+            f"{len(result['rmsnorm_div'])} RMSNorms rewritten{contrib}, nodes {result['nodes_before']} -> "
             f"{result['nodes_after']}" + ("" if result["changed"] else " (nothing to change)"),
             err=True,
         )

@@ -2,7 +2,9 @@
 GQA decoders (num_key_value_heads < heads) exported with past by our exporter, the optimised graph
 run in real ONNX Runtime next to the original. Logits must agree under the tolerance rule on a
 left-padded batch (prefill and cached steps), greedy generation must give the same tokens, GPCL
-must survive the rewrite, and the repeat-KV copies must be gone from the graph ORT runs."""
+must survive the rewrite, and the repeat-KV copies must be gone from the graph ORT runs. Both
+variants: ``standard`` (standard ONNX ops) and ``contrib`` (ORT's GroupQueryAttention,
+RotaryEmbedding, SkipSimplifiedLayerNormalization)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _config(name: str):
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
-    """``decoders(name) -> (exported.onnx, optimised.onnx)``, each made once per module."""
+    """``decoders(name) -> (exported.onnx, optimised.onnx, contrib.onnx)``, each made once per module."""
     import torch
 
     from gpcl_trt.exporter import export_model
@@ -66,9 +68,10 @@ def decoders(tmp_path_factory):
             out = d / "onnx" / "model.onnx"
             out.parent.mkdir()
             assert export_model(d, out, task=TGP)["ok"]
-            opt = out.with_name("model_ort.onnx")
+            opt, contrib = out.with_name("model_ort.onnx"), out.with_name("model_ortc.onnx")
             optimize_file(out, opt)
-            cache[name] = (out, opt)
+            optimize_file(out, contrib, variant="contrib")
+            cache[name] = (out, opt, contrib)
         return cache[name]
 
     return get
@@ -131,7 +134,7 @@ def _repeat_kv_count(path: Path) -> int:
 def test_llama_logits_ops_and_idempotent(decoders, tmp_path):
     from gpcl_trt.passes.fuse_ort import optimize_file
 
-    src, opt = decoders("llama")
+    src, opt, _ = decoders("llama")
     _assert_same_logits(src, opt)
     assert _repeat_kv_count(src) == 2 * LAYERS  # keys and values of every layer
     assert _repeat_kv_count(opt) == 0
@@ -154,40 +157,59 @@ def test_llama_logits_ops_and_idempotent(decoders, tmp_path):
     assert manifest["stage"] == "optimize" and len(manifest["results"]["grouped_attention"]) == 2 * LAYERS
 
 
+def test_llama_contrib_logits_ops_and_idempotent(decoders, tmp_path):
+    from gpcl_trt.passes.fuse_ort import optimize_file
+
+    src, _, contrib = decoders("llama")
+    _assert_same_logits(src, contrib)
+    after = _ort_ops(contrib, tmp_path)
+    assert after["GroupQueryAttention"] == LAYERS and after["RotaryEmbedding"] == 2 * LAYERS
+    # every norm but the first (it reads the embedding, no residual Add) takes its residual Add in
+    assert after["SkipSimplifiedLayerNormalization"] == 2 * LAYERS and after["SimplifiedLayerNormalization"] == 1
+    assert after["Softmax"] == 0 and after["Neg"] == 0 and _repeat_kv_count(contrib) == 0
+    assert sum(after.values()) < sum(_ort_ops(src.with_name("model_ort.onnx"), tmp_path).values())
+    again = optimize_file(contrib, tmp_path / "again.onnx", variant="contrib")
+    assert not again["changed"] and again["nodes_before"] == again["nodes_after"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mistral", "qwen2"])
 def test_families_logits_and_generate(decoders, name):
     from gpcl_trt.generate import OrtRuntime, decode
 
-    src, opt = decoders(name)
+    src, opt, contrib = decoders(name)
     assert _repeat_kv_count(src) == 2 * LAYERS and _repeat_kv_count(opt) == 0
-    _assert_same_logits(src, opt)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
     ref = decode(OrtRuntime(src, threads=1), prompts, max_new_tokens=16)["tokens"]
-    assert decode(OrtRuntime(opt, threads=1), prompts, max_new_tokens=16)["tokens"] == ref
+    for cand in (opt, contrib):
+        _assert_same_logits(src, cand)
+        assert decode(OrtRuntime(cand, threads=1), prompts, max_new_tokens=16)["tokens"] == ref
 
 
-def test_greedy_generate_equal(decoders):
+@pytest.mark.parametrize("variant", [1, 2])
+def test_greedy_generate_equal(decoders, variant):
     from gpcl_trt.generate import OrtRuntime, decode
 
-    src, opt = decoders("llama")
+    paths = decoders("llama")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [40, 41, 42, 43]]  # a ragged (left-padded) batch
-    ref = decode(OrtRuntime(src, threads=1), prompts, max_new_tokens=24)
-    cand = decode(OrtRuntime(opt, threads=1), prompts, max_new_tokens=24)
+    ref = decode(OrtRuntime(paths[0], threads=1), prompts, max_new_tokens=24)
+    cand = decode(OrtRuntime(paths[variant], threads=1), prompts, max_new_tokens=24)
     assert cand["tokens"] == ref["tokens"]
 
 
-def test_gpcl_survives_both_orders(decoders, tmp_path):
+@pytest.mark.parametrize("variant", ["standard", "contrib"])
+def test_gpcl_survives_both_orders(decoders, tmp_path, variant):
     """insert then optimize, and optimize then insert: the same logits as the GPCL model not
     optimised, and the same sites found on the optimised graph."""
     from gpcl_trt.passes import insert_file, sites_file
     from gpcl_trt.passes.fuse_ort import optimize_file
 
-    src, opt = decoders("llama")
+    src, opt, contrib = decoders("llama")
+    opt = opt if variant == "standard" else contrib
     tau = 0.05  # small: GPCL clamps, so a GPCL node dropped by the rewrite would show in the logits
     gpcl = tmp_path / "gpcl.onnx"
     insert_file(src, gpcl, tau=tau)
-    gpcl_opt = optimize_file(gpcl, tmp_path / "gpcl_ort.onnx")
+    gpcl_opt = optimize_file(gpcl, tmp_path / "gpcl_ort.onnx", variant=variant)
     assert gpcl_opt["changed"]
     opt_gpcl = tmp_path / "ort_gpcl.onnx"
     insert_file(opt, opt_gpcl, tau=tau)
@@ -208,7 +230,7 @@ def test_gpcl_survives_both_orders(decoders, tmp_path):
 
 
 def test_cli_optimize_and_errors(decoders, tmp_path):
-    src, _ = decoders("llama")
+    src = decoders("llama")[0]
     out = tmp_path / "o.onnx"
     r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
