@@ -83,10 +83,12 @@ def export_model(
     from gpcl_trt.exporter import lazy as lz
 
     # options and inputs, before any work
-    out = check_output(output, force)
     opts = check_options(dtype, opset, atol, rtol, validate, memory_budget, lazy)
     d, raw = read_model_dir(model_dir)
     arch_cls = family_class(raw, d / "config.json", trust_remote_code)
+    if arch_cls.family == "encoder-decoder":  # a directory of two graphs (exporter/seq2seq.py)
+        return _export_seq2seq(d, output, opts, task, force, trust_remote_code, allow_pickle, external_data, lazy)
+    out = check_output(output, force)
     if not any(d.glob("*.safetensors")):
         check_weights(d, allow_pickle)  # the pickle refusal, or "no weights"
     opts.resolve(d)
@@ -130,6 +132,29 @@ def export_model(
         "outputs": done.module.output_names,
         "options": options,
     }
+
+
+def _export_seq2seq(
+    d: Path,
+    output: Any,
+    opts: Any,
+    task: str,
+    force: bool,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    external_data: Any,
+    lazy: bool | None,
+) -> dict[str, Any]:
+    from gpcl_trt.exporter.seq2seq import export_seq2seq
+
+    if lazy is True:
+        raise GpclError(f"lazy export of encoder-decoder models is not supported yet ({d}); the model is loaded")
+    if not any(d.glob("*.safetensors")):
+        check_weights(d, allow_pickle)
+    opts.resolve(d)
+    return export_seq2seq(
+        d, Path(output), opts, task, force, trust_remote_code, allow_pickle, external_data, packages=PACKAGES
+    )
 
 
 def _validate(done: "_Exported", staged: Path, opts: Any) -> dict[str, Any]:

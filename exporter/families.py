@@ -16,6 +16,7 @@ from gpcl_trt.exporter.configs import (
     VisionEncoder,
 )
 from gpcl_trt.exporter.overrides import OVERRIDES
+from gpcl_trt.exporter.seq2seq import Seq2Seq
 from gpcl_trt.exporter.tasks import (
     AUDIO_CLASSIFICATION,
     AUTOMATIC_SPEECH_RECOGNITION,
@@ -37,14 +38,11 @@ from gpcl_trt.exporter.tasks import (
     task_of_class,
 )
 
+# Encoder-decoder heads (exporter/seq2seq.py): text2text-generation and Whisper-style speech.
+SEQ2SEQ_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES")
+
 # Families that are out of scope for now: mapping -> (what the model is, the task it would need).
 REFUSED: tuple[tuple[str, str, str], ...] = (
-    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder model", "text2text-generation"),
-    (
-        "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
-        "an audio (speech encoder-decoder) model",
-        "automatic-speech-recognition",
-    ),
     ("MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES", "an audio model", "text-to-audio"),
     ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "a multimodal (image + text) model", "image-text-to-text"),
@@ -53,7 +51,14 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
 
 
 # The generic families; a model_type in OVERRIDES (exporter/overrides.py) takes its own class.
-FAMILIES: tuple[type[ArchConfig], ...] = (TextEncoder, DecoderOnly, VisionEncoder, DualEncoder, AudioEncoder)
+FAMILIES: tuple[type[ArchConfig], ...] = (
+    TextEncoder,
+    DecoderOnly,
+    VisionEncoder,
+    DualEncoder,
+    AudioEncoder,
+    Seq2Seq,
+)
 
 
 # Heads refused by their class only: the same model types also have heads that are exported
@@ -134,6 +139,15 @@ def _family_by_names(raw: dict) -> type[ArchConfig] | None:
     return None
 
 
+def _is_seq2seq(model_type: str, head: str | None, raw: dict) -> bool:
+    """An encoder-decoder generation head (T5ForConditionalGeneration, MarianMTModel,
+    WhisperForConditionalGeneration...), or no head named and an encoder-decoder model_type
+    that has one."""
+    if head:
+        return any(class_in_mapping(m, head) for m in SEQ2SEQ_MAPPINGS)
+    return bool(raw.get("is_encoder_decoder", True)) and any(in_mapping(m, model_type) for m in SEQ2SEQ_MAPPINGS)
+
+
 def resolve_family(raw: dict, where: str, trust_remote_code: bool = False) -> type[ArchConfig]:
     """The family class for a parsed config.json (``where`` names it in messages). Raises
     GpclError with one line saying what the model is and what the user can do."""
@@ -161,11 +175,21 @@ def resolve_family(raw: dict, where: str, trust_remote_code: bool = False) -> ty
         )
     if model_type in OVERRIDES:
         return OVERRIDES[model_type]
+    if _is_seq2seq(model_type, head, raw):
+        return Seq2Seq
+    if any(in_mapping(m, model_type) for m in SEQ2SEQ_MAPPINGS) and raw.get("is_encoder_decoder", True):
+        # the bare model (T5Model, BartModel): no LM head, nothing to decode with
+        raise GpclError(
+            f"unsupported architecture ({where}): {model_type} ({head or 'no head'}) is an encoder-decoder model "
+            "(task text2text-generation) without its generation head; export a checkpoint whose architectures "
+            "name its ...ForConditionalGeneration class"
+        )
     task = task_of_class(head) if head else None
     refusal = _refusal(model_type, head if task is None else None)
     if task is None and refusal is None and raw.get("is_encoder_decoder"):
         refusal = (
-            f"{model_type} is an encoder-decoder model (task text2text-generation), which gpcl-trt does not export yet"
+            f"{model_type} is an encoder-decoder model without a text2text-generation or speech-to-text head in "
+            "transformers, which gpcl-trt does not export"
         )
     if refusal:
         raise GpclError(f"unsupported architecture ({where}): {refusal}")

@@ -18,6 +18,8 @@ IMAGE_CLASSIFICATION = "image-classification"
 ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
 AUTOMATIC_SPEECH_RECOGNITION = "automatic-speech-recognition"  # CTC heads (wav2vec2-style encoders)
 AUDIO_CLASSIFICATION = "audio-classification"
+# encoder-decoder text models (T5, BART, Marian, Pegasus): an encoder graph and a decoder graph with past
+TEXT2TEXT_GENERATION = "text2text-generation"
 TASKS = (
     FEATURE_EXTRACTION,
     FILL_MASK,
@@ -30,6 +32,7 @@ TASKS = (
     ZERO_SHOT_IMAGE_CLASSIFICATION,
     AUTOMATIC_SPEECH_RECOGNITION,
     AUDIO_CLASSIFICATION,
+    TEXT2TEXT_GENERATION,
 )
 
 # task -> (transformers auto mapping holding model_type -> head class name, Auto class)
@@ -48,7 +51,10 @@ TASK_HEADS: dict[str, tuple[str, str]] = {
     ),
     AUTOMATIC_SPEECH_RECOGNITION: ("MODEL_FOR_CTC_MAPPING_NAMES", "AutoModelForCTC"),
     AUDIO_CLASSIFICATION: ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "AutoModelForAudioClassification"),
+    TEXT2TEXT_GENERATION: ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
 }
+# Whisper-style speech encoder-decoders serve automatic-speech-recognition through this mapping (CTC heads above)
+SPEECH_SEQ2SEQ_HEADS = ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "AutoModelForSpeechSeq2Seq")
 
 
 def auto_mapping(name: str) -> dict[str, Any]:

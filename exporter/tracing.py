@@ -17,22 +17,40 @@ from gpcl_trt.exporter.build import quiet
 from gpcl_trt.exporter.postprocess import intermediate_types_only, normalise, residual_adds_as_sum
 
 # Shapes: the trace uses one, validation a different one, so a shape baked in by mistake shows.
-EXPORT_SHAPE = {"batch": 2, "sequence": 8, "past": 5}
+EXPORT_SHAPE = {"batch": 2, "sequence": 8, "past": 5, "encoder_sequence": 6}
 
 
 # ----------------------------------------------------------------------------- dummy inputs
 def make_dummy_inputs(
-    arch_config: Any, task: str, batch: int, seq: int, seed: int, past: int | None = None
+    arch_config: Any,
+    task: str,
+    batch: int,
+    seq: int,
+    seed: int,
+    past: int | None = None,
+    encoder_sequence: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Random but valid inputs for ``arch_config``/``task`` (gpcl_trt.feeds, keyed by ONNX input
     name), with the last row's mask tail padded (batch > 1) so masking is exercised, and
-    ``past`` cached tokens (default ``seq // 2 + 1``; 0 means a prefill)."""
+    ``past`` cached tokens (default ``seq // 2 + 1``; 0 means a prefill); ``encoder_sequence``:
+    an encoder-decoder's source length (default ``seq``)."""
     from gpcl_trt import feeds
 
     float_dtype = np.float16 if getattr(arch_config, "dtype", "fp32") == "fp16" else np.float32
     specs = feeds.specs_from_axes(arch_config.inputs(task), float_dtype)
     past = seq // 2 + 1 if past is None else past
-    return dict(feeds.make_feeds(specs, batch, seq, past, seed=seed, vocab=arch_config.vocab_size, pad_last_row=True))
+    return dict(
+        feeds.make_feeds(
+            specs,
+            batch,
+            seq,
+            past,
+            seed=seed,
+            vocab=arch_config.vocab_size,
+            pad_last_row=True,
+            encoder_sequence=encoder_sequence,
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -68,10 +86,16 @@ def trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold_
     their own weights (exporter/replicate.py copies them)."""
     import torch
 
-    from gpcl_trt.exporter.tasks import TEXT_GENERATION_WITH_PAST
-
     shape = EXPORT_SHAPE
-    feeds = make_dummy_inputs(arch, task, shape["batch"], shape["sequence"], seed=0, past=shape["past"])
+    feeds = make_dummy_inputs(
+        arch,
+        task,
+        shape["batch"],
+        shape["sequence"],
+        seed=0,
+        past=shape["past"],
+        encoder_sequence=shape["encoder_sequence"],
+    )
     kwargs = module.core_kwargs(feeds)
     if getattr(arch, "dtype", "fp32") == "bf16":  # numpy has no bfloat16: the float feeds are cast here
         cast = lambda t: t.to(torch.bfloat16) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
@@ -85,7 +109,7 @@ def trace(module: Any, arch: Any, task: str, opset: int, bind: Any = None, fold_
         return {i: dims[a] for i, a in enumerate(spec.axes) if isinstance(a, str)}
 
     dynamic_shapes: dict[str, Any] = {n: dyn(specs[n]) for n in kwargs if n != "past_key_values"}
-    if task == TEXT_GENERATION_WITH_PAST:
+    if module._past:  # with past: a decoder's cache, an encoder-decoder's self- and cross-attention caches
         dynamic_shapes["past_key_values"] = tuple(dyn(specs[n]) for n in module._past)
     with torch.no_grad(), quiet():
         program = torch.onnx.export(

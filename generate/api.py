@@ -94,14 +94,27 @@ def generate(
     threads: int | None = None,
     allow_pickle: bool = False,
     runtime: Any = None,
+    audio: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Generate text for each prompt. ARTIFACT: a with-past .onnx (ONNX Runtime) or a Hugging
     Face model directory (PyTorch). ``on_text(i, piece)`` receives prompt i's text as it becomes
     stable (whole characters, never part of a stop string); the pieces of a prompt join to its
-    ``text``. ``runtime``: an open runtime for ARTIFACT, to reuse a loaded session."""
+    ``text``. ``runtime``: an open runtime for ARTIFACT, to reuse a loaded session. An
+    encoder-decoder export (its directory, or either graph in it) goes to generate/seq2seq.py;
+    ``audio``: WAV files for a speech one (Whisper)."""
+    from gpcl_trt.generate import seq2seq
+
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
+    if seq2seq.export_files(artifact) is not None:
+        sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed))
+        return seq2seq.generate_seq2seq(
+            artifact, prompts, audio=audio, tokenizer=tokenizer, max_new_tokens=max_new_tokens, sampling=sampling,
+            stop=stop, on_text=on_text, batch_size=batch_size, threads=threads,
+        )  # fmt: skip
+    if audio:
+        raise GpclError(f"--audio needs a speech encoder-decoder export (a Whisper directory); {artifact} is not one")
     if not prompts:
         raise GpclError("no prompt: give --prompt TEXT or --prompts FILE")
     sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed)).check()

@@ -76,6 +76,9 @@ def register(main: click.Group) -> None:
         "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the runtime's)."
     )
     @click.option("--allow-pickle", is_flag=True, help="Let PyTorch load a pickled (.bin) checkpoint.")
+    @click.option(
+        "--audio", multiple=True, type=click.Path(dir_okay=False), help="A WAV file to transcribe (Whisper export)."
+    )
     def generate(
         artifact,
         prompt,
@@ -92,6 +95,7 @@ def register(main: click.Group) -> None:
         batch_size,
         threads,
         allow_pickle,
+        audio,
     ) -> dict:
         from gpcl_trt.generate import generate as run
 
@@ -100,7 +104,7 @@ def register(main: click.Group) -> None:
         if prompt and prompts_file:
             raise GpclError("give --prompt or --prompts, not both")
         prompts = list(prompt) if prompt else _read_prompts(prompts_file) if prompts_file else []
-        if not prompts:
+        if not prompts and not audio:
             raise GpclError("no prompt: give --prompt TEXT or --prompts FILE")
 
         current: list[int] = []
@@ -127,6 +131,7 @@ def register(main: click.Group) -> None:
             batch_size=1 if stream else batch_size,
             threads=threads,
             allow_pickle=allow_pickle,
+            audio=list(audio),
         )
         if stream and current:
             click.echo("", err=as_json)

@@ -3,13 +3,17 @@
 Every stage that runs a model (export validation, calibration, accuracy, the served-model check,
 the benchmarks) builds its feeds here, from the model's input names and axes:
 
-- axes ``batch``, ``sequence``, ``past_sequence`` and ``total_sequence`` (= past + sequence);
+- axes ``batch``, ``sequence``, ``past_sequence`` and ``total_sequence`` (= past + sequence),
+  ``encoder_sequence`` (an encoder-decoder model's source length; the sequence unless given);
   an unnamed dynamic axis is the batch when it leads, else the sequence;
 - ``input_ids`` (token ids below the vocabulary size), ``attention_mask`` (ones over past and
   new tokens), ``token_type_ids`` (zeros), ``position_ids`` (past, past + 1, ...; or following the
   mask of a padded text batch), ``past_key_values.{i}.key|value`` (normal floats),
-  ``pixel_values`` (normal floats), ``input_values`` (a waveform: ``samples`` = 320 per
-  ``sequence`` step; normal floats); a dual encoder's ``text_batch`` and ``image_batch`` take
+  ``encoder_attention_mask`` (like ``attention_mask``, over ``encoder_sequence``),
+  ``past_key_values.{i}.decoder|encoder.key|value`` (an encoder-decoder's self- and cross-attention
+  caches: normal floats), ``input_features`` (log-mel frames: normal floats), ``pixel_values``
+  (normal floats), ``input_values`` (a waveform: ``samples`` = 320 per ``sequence`` step; normal
+  floats); a dual encoder's ``text_batch`` and ``image_batch`` take
   the batch size unless given;
 - optional text: a tokenizer's ids, mask and token types replace the random ones.
 
@@ -38,10 +42,13 @@ SAMPLES = "samples"
 # Waveform samples per frame: 20 ms at 16 kHz, wav2vec2's feature-encoder stride; a ``sequence``
 # of N means N frames, so random audio is long enough for any such encoder's convolutions.
 SAMPLES_PER_FRAME = 320
+INPUT_FEATURES = "input_features"  # log-mel frames [batch, mel bins, frames] (Whisper's encoder)
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"  # the source's mask, read by an encoder-decoder's decoder
+ENCODER_SEQUENCE = "encoder_sequence"
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 TEXT_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
-AXES = ("batch", "sequence", "past_sequence", "total_sequence")
+AXES = ("batch", "sequence", "past_sequence", "total_sequence", ENCODER_SEQUENCE)
 DEFAULT_VOCAB = 100  # ids drawn when the vocabulary size is unknown: valid for any real model
 
 _VIEW_OPS = {"Reshape", "Flatten", "Cast", "Identity", "Squeeze", "Unsqueeze", "View"}
@@ -134,15 +141,18 @@ def make_feeds(
     vocab: int | None = None,
     pad_last_row: bool = False,
     text: Mapping[str, np.ndarray] | None = None,
+    encoder_sequence: int | None = None,
 ) -> "OrderedDict[str, np.ndarray]":
     """One feed for ``specs`` (in their order). ``past`` tokens of cache precede the
-    ``sequence`` new ones. ``pad_last_row`` pads the tail of the last row's mask (batch > 1) so
+    ``sequence`` new ones; ``encoder_sequence`` (default: ``sequence``) is the source length of
+    an encoder-decoder model. ``pad_last_row`` pads the tail of the last row's mask (batch > 1) so
     masking is exercised. ``text`` (a tokenizer's ids/mask/type ids, [batch, sequence]) replaces
     the random ids and sets batch and sequence; positions then follow its mask."""
     if text is not None:
         batch, sequence = (int(n) for n in text[INPUT_IDS].shape)
     rng = np.random.default_rng(seed)
     sizes = {"batch": batch, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence}
+    sizes[ENCODER_SEQUENCE] = sequence if encoder_sequence is None else encoder_sequence
     feed: OrderedDict[str, np.ndarray] = OrderedDict()
     for spec in specs:
         shape, dtype, name = _shape(spec.dims, sizes), spec.dtype, spec.name
@@ -150,7 +160,7 @@ def make_feeds(
             feed[name] = np.asarray(text[name]).astype(dtype).reshape(shape)
         elif name == INPUT_IDS:
             feed[name] = rng.integers(0, vocab or DEFAULT_VOCAB, size=shape).astype(dtype)
-        elif name == ATTENTION_MASK:
+        elif name in (ATTENTION_MASK, ENCODER_ATTENTION_MASK):
             mask = np.ones(shape, dtype)
             if pad_last_row and shape[0] > 1 and shape[-1] > 2:
                 mask[-1, shape[-1] - max(1, shape[-1] // 4) :] = 0
