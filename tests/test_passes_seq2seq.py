@@ -1,9 +1,9 @@
 """GPCL sites of encoder-decoder models: the decoder block's pre-cross-attention site (the tensor
 that feeds the cross-attention's query projection; its keys and values read the encoder's states).
-Tiny random-init BART (post-LN: the site is the self-attention sublayer's norm) and Whisper (pre-LN:
-``encoder_attn_layer_norm``), each split into an encoder graph and a decoder graph (no cache) by
-the dynamo exporter directly, so that the passes are tested on real module scopes before
-``gpcl-trt export`` writes encoder-decoder models."""
+Tiny random-init T5 (``layer.1.layer_norm``), BART (post-LN: the site is the self-attention
+sublayer's norm) and Whisper (pre-LN: ``encoder_attn_layer_norm``), each split into an encoder
+graph and a decoder graph (no cache) by the dynamo exporter directly, so that the passes are
+tested on real module scopes before ``gpcl-trt export`` writes encoder-decoder models."""
 
 from __future__ import annotations
 
@@ -33,6 +33,22 @@ TINY = dict(
     eos_token_id=2,
 )
 MODELS = {
+    # T5 with eager attention: the dynamo exporter's decompositions refuse its sdpa path's reshape
+    "t5": (
+        "t5",
+        "T5ForConditionalGeneration",
+        dict(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            attn_implementation="eager",
+        ),
+    ),
     "bart": ("bart", "BartForConditionalGeneration", dict(TINY, max_position_embeddings=64)),
     "whisper": (
         "whisper",
@@ -124,8 +140,10 @@ def _bare(path, out):
 # BART in CI's lane (`make test-lane`), Whisper in the full run; each export takes ~15-30 s.
 SEQ2SEQ = [
     pytest.param("bart", marks=[pytest.mark.slow, pytest.mark.lane]),
+    pytest.param("t5", marks=pytest.mark.slow),
     pytest.param("whisper", marks=pytest.mark.slow),
 ]
+QUERY = ("encoder_attn.q_proj", "EncDecAttention.q")  # the cross-attention's query projection
 
 
 @pytest.mark.parametrize("name", SEQ2SEQ)
@@ -141,7 +159,7 @@ def test_decoder_blocks_have_a_pre_cross_attention_site(seq2seq, name, tmp_path)
     for x in s["sites"]:
         if x["kind"] == "pre-cross-attention":
             assert len(x["projections"]) == 1
-            assert any(sc.endswith("encoder_attn.q_proj") for sc in lm.scopes[x["projections"][0]])
+            assert any(sc.endswith(QUERY) for sc in lm.scopes[x["projections"][0]])
     kv = [n for n in lm.graph.nodes if n.op == "MatMul" and n.inputs[0].name == "encoder_hidden_states"]
     assert len(kv) == 4 and not {n.name for n in kv} & {p for x in s["sites"] for p in x["projections"]}
     # the same sites from the graph structure alone
@@ -184,10 +202,31 @@ def test_cross_attention_sites_alone_and_in_the_cli_default(seq2seq, tmp_path):
     gpcl_out = {n.outputs[0].name for n in lm.graph.nodes if n.domain == "gpcl"}
     readers = [n for n in lm.graph.nodes if gpcl_out & {i.name for i in n.inputs}]
     assert len(readers) == 2
-    assert all(any(sc.endswith("encoder_attn.q_proj") for sc in lm.scopes[n.name]) for n in readers)
+    assert all(any(sc.endswith(QUERY) for sc in lm.scopes[n.name]) for n in readers)
     assert np.abs(_run(tmp_path / "x.onnx", feed) - _run(dec, feed)).max() > 1e-6  # random init: a small query effect
     res = run("insert", dec, "-o", tmp_path / "all.onnx", "--tau", "1e3", "--json")  # the default: every kind
     assert res.exit_code == 0 and len(json.loads(res.stdout)["inserted"]) == sum(DECODER.values())
     with pytest.raises(GpclError, match="pre-cross-attention"):  # the kinds are listed when one is wrong
         insert_file(dec, tmp_path / "y.onnx", sites="cross", tau=1.0)
     assert not (tmp_path / "y.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "scope, block, kind",
+    [
+        ("decoder.block.1.layer.0.SelfAttention.q", "decoder.block.1", "pre-attention"),
+        ("decoder.block.1.layer.1.EncDecAttention.q", "decoder.block.1", "pre-cross-attention"),
+        ("decoder.block.1.layer.2.DenseReluDense.wi", "decoder.block.1", "pre-mlp"),
+        ("encoder.block.0.layer.1.DenseReluDense.wo", "encoder.block.0", "pre-mlp"),
+        ("model.decoder.layers.3.encoder_attn.q_proj", "model.decoder.layers.3", "pre-cross-attention"),
+        ("bert.encoder.layer.2.crossattention.self.query", "bert.encoder.layer.2", "pre-cross-attention"),
+        ("bert.encoder.layer.2.attention.self.query", "bert.encoder.layer.2", "pre-attention"),  # unchanged
+    ],
+)
+def test_scopes_name_the_block_and_kind(scope, block, kind):
+    """T5's sublayer list (``block.N.layer.M``) is part of block N, not a block of its own."""
+    from gpcl_trt.passes.sites import _scope_site
+
+    parts = scope.split(".")
+    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    assert _scope_site(scopes)[:2] == (block, kind)
