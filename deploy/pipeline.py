@@ -251,7 +251,7 @@ STAGES: tuple[Stage, ...] = (
         _p("model.onnx"),
         _quantize,
         quantize_model,
-        ("onnx_path", "output", "force"),
+        ("onnx_path", "output", "force", "chain"),  # chain: export --quantize's record, not a pipeline option
         optional=True,
     ),
     Stage(
