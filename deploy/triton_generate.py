@@ -7,6 +7,7 @@ and the tokenizer / config files of the model directory (linked through gpcl_trt
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,25 @@ INPUTS = (
     ("top_p", "TYPE_FP32", [1], True),
     ("random_seed", "TYPE_UINT64", [1], True),
     ("stop_words", "TYPE_STRING", [-1], True),
+    ("bad_words", "TYPE_STRING", [-1], True),
     ("end_id", "TYPE_INT32", [1], True),
     ("pad_id", "TYPE_INT32", [1], True),
+    ("return_log_probs", "TYPE_BOOL", [1], True),
+)
+# text_output, and TensorRT-LLM's token outputs: output_ids (the new ids; a whole answer padded with
+# pad_id to max_tokens when the request gives one), sequence_length (new ids so far), and with
+# return_log_probs each new id's log-probability (output_log_probs) and their sum (cum_log_probs)
+OUTPUTS = (
+    ("text_output", "TYPE_STRING", [-1]),
+    ("output_ids", "TYPE_INT32", [-1]),
+    ("sequence_length", "TYPE_INT32", [1]),
+    ("output_log_probs", "TYPE_FP32", [-1]),
+    ("cum_log_probs", "TYPE_FP32", [1]),
 )
 CONFIG_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json")
+# the model's generation rules (gpcl_trt.generate.rules), from the artifact's manifest chain at write time: the
+# version directory's model.onnx has no manifest, so the served model reads them from here
+RULES_FILE = "gpcl_generation.json"
 
 
 def generate_name(name: str) -> str:
@@ -58,7 +74,8 @@ def build_generate_config(name: str, slots: int, params: dict[str, str]):
     cfg.model_transaction_policy.decoupled = True
     for input_name, dtype, dims, optional in INPUTS:
         cfg.input.add(name=input_name, data_type=mc.DataType.Value(dtype), dims=dims, optional=optional)
-    cfg.output.add(name="text_output", data_type=mc.DataType.Value("TYPE_STRING"), dims=[-1])
+    for output_name, dtype, dims in OUTPUTS:
+        cfg.output.add(name=output_name, data_type=mc.DataType.Value(dtype), dims=dims)
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.Kind.Value("KIND_CPU"))
     for key, value in sorted((params | {"slots": str(slots)}).items()):
         cfg.parameters[key].string_value = value
@@ -78,6 +95,8 @@ def write_generate_model(
     """Write ``repo/name`` (already ``NAME_generate``); returns its paths and config text."""
     # the tensor model's helpers: weights linked under the model file's names, the stub's site dirs
     from gpcl_trt.deploy.triton import _python_path, _save_onnx, config_text, parse_config
+    from gpcl_trt.generate.rules import generation_section, settings_from
+    from gpcl_trt.manifest import generation_of
 
     if slots < 1:
         raise GpclError(f"--generate-slots must be >= 1, got {slots}")
@@ -93,6 +112,11 @@ def write_generate_model(
                 if (d / f).is_file() and not (vdir / f).exists():
                     weightfiles.link_or_copy(d / f, vdir / f)
                     linked.append(f)
+        section = generation_of(artifact)
+        source = "manifest" if section is not None else "config.json"  # config.json: exports made before
+        section = section if section is not None else generation_section(config_dir)
+        rules = settings_from(section, source=source)  # a rule this version does not follow: refused here
+        (vdir / RULES_FILE).write_text(json.dumps(section, indent=1) + "\n")
         params = {
             "onnx_file": "model.onnx",
             "gpcl_python_path": _python_path(),
@@ -107,7 +131,13 @@ def write_generate_model(
             stage="triton",
             inputs={"artifact": {"path": str(artifact), "sha256": sha256_file(artifact)}},
             options={"backend": "python", "generate": True, "slots": slots, "tokenizer": str(tokenizer_dir)},
-            results={"inputs": [i[0] for i in INPUTS], "outputs": ["text_output"], "files": sorted(linked)},
+            results={
+                "inputs": [i[0] for i in INPUTS],
+                "outputs": [o[0] for o in OUTPUTS],
+                "files": sorted(linked),
+                "generation": section,
+                "generation_from": rules["from"],
+            },
             packages=("tritonclient", "onnx", "transformers"),
             weight_files={
                 f"1/{f.name}": weightfiles.file_identity(f)
@@ -115,7 +145,14 @@ def write_generate_model(
                 if f.name.startswith("model.onnx")
             },
         )
-    return {"name": name, "model_dir": str(final), "config": str(final / "config.pbtxt"), "slots": slots}
+    return {
+        "name": name,
+        "model_dir": str(final),
+        "config": str(final / "config.pbtxt"),
+        "slots": slots,
+        "rules": rules["rules"],
+        "rules_from": rules["from"],
+    }
 
 
 def _readme(name: str) -> str:
@@ -127,8 +164,11 @@ def _readme(name: str) -> str:
         '      -d \'{"text_input": "Once upon a time", "max_tokens": 32}\'\n'
         f"    curl -sN localhost:8000/v2/models/{name}/generate_stream \\\n"
         '      -d \'{"text_input": "Once upon a time", "max_tokens": 32, "stream": true}\'\n\n'
-        "Fields: text_input, max_tokens, stream, temperature, top_k, top_p, random_seed, stop_words,\n"
-        "end_id, pad_id (accepted; padding is internal). Answer: text_output. The KV cache stays in\n"
-        "the server: requests share one in-flight batch of `slots` rows, the rest wait.\n"
+        "Fields: text_input, max_tokens, stream, temperature, top_k, top_p, random_seed, stop_words and\n"
+        "bad_words (lists of strings), end_id (-1: no end id), pad_id, return_log_probs. Answer:\n"
+        "text_output, output_ids (padded with pad_id to max_tokens when given, not streaming),\n"
+        "sequence_length, and with return_log_probs output_log_probs and cum_log_probs. The KV cache\n"
+        "stays in the server: requests share one in-flight batch of `slots` rows, the rest wait.\n"
+        f"`1/{RULES_FILE}` holds the model's generation rules (EOS ids, positions, re-prefill).\n"
         "`gpcl_python_path` lists where gpcl_trt, onnxruntime and transformers are found.\n"
     )

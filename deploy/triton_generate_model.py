@@ -5,8 +5,12 @@ Copied as ``model.py`` by ``gpcl-trt triton`` for a decoder exported with past. 
 KV cache stays in this process, in gpcl_trt's in-flight batcher (one background thread owns the
 running batch; a request joins it at the next step and leaves when done; beyond the slots it
 waits). Request fields are those of TensorRT-LLM's and vLLM's Triton backends: text_input,
-max_tokens, stream, temperature, top_k, top_p, random_seed, stop_words, end_id, pad_id; the
-answer is text_output (pieces when ``stream`` is true, else the whole text in one response).
+max_tokens, stream, temperature, top_k, top_p, random_seed, stop_words, bad_words, end_id (-1:
+none), pad_id, return_log_probs; the answer is text_output (pieces when ``stream`` is true, else
+the whole text in one response) with output_ids and sequence_length (and output_log_probs,
+cum_log_probs when asked). Fields Triton passes as request parameters (the generate endpoint's
+``parameters`` object, keys that are no input) are read too. A value out of range is this
+request's 400 (one line); the others go on.
 Config parameters:
   onnx_file           the decoder in the version directory (model.onnx)
   gpcl_python_path    site directories (os.pathsep separated) with gpcl_trt, onnxruntime and
@@ -14,7 +18,8 @@ Config parameters:
   slots               requests decoded together (the in-flight batch)
   default_max_tokens  max_tokens when a request gives none
   intra_op_threads    ONNX Runtime threads (0: its default)
-The tokenizer, config.json and generation_config.json lie in the version directory.
+The tokenizer, config.json and generation_config.json lie in the version directory, and
+gpcl_generation.json: the model's generation rules from the export's manifest chain.
 """
 
 import json
@@ -26,7 +31,19 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-FIELDS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "random_seed", "end_id", "pad_id")
+# field -> the Python type its value must have (bool before int: a JSON true is no token count)
+FIELDS = {
+    "max_tokens": int,
+    "stream": bool,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "random_seed": int,
+    "end_id": int,
+    "pad_id": int,
+    "return_log_probs": bool,
+}
+RULES_FILE = "gpcl_generation.json"
 
 
 def _error(message):
@@ -34,14 +51,35 @@ def _error(message):
     return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
-def _scalar(request, name):
+def _parameters(request):
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def _scalar(request, name, params):
+    """The field as a tensor input, else as a request parameter; None when absent. A value of the
+    wrong type (a parameter Triton passed as it came) is refused in one line."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
+        value = params.get(name)
+    else:
+        arr = tensor.as_numpy().reshape(-1)
+        if arr.size != 1:
+            raise ValueError(f"{name} must be one value, got {arr.size}")
+        value = arr[0].item()
+    want = FIELDS[name]
+    if value is None:
         return None
-    arr = tensor.as_numpy().reshape(-1)
-    if arr.size != 1:
-        raise ValueError(f"{name} must be one value, got {arr.size}")
-    return arr[0].item()
+    if want is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if want is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return want(value)
 
 
 def _strings(request, name):
@@ -58,10 +96,10 @@ class TritonPythonModel:
         for entry in params.get("gpcl_python_path", "").split(os.pathsep):
             if entry and entry not in sys.path:
                 site.addsitedir(entry)  # appended, and its .pth files run (gpcl_trt's editable install)
-        from gpcl_trt.generate.api import model_settings
         from gpcl_trt.generate.detok import load_tokenizer
         from gpcl_trt.generate.inflight import InflightBatcher
         from gpcl_trt.generate.loop import Sampling
+        from gpcl_trt.generate.rules import model_settings
         from gpcl_trt.generate.runtimes import OrtRuntime
 
         self.Sampling = Sampling
@@ -69,52 +107,97 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0") or 0) or None
         runtime = OrtRuntime(os.path.join(vdir, params.get("onnx_file", "model.onnx")), threads=threads)
         self.tokenizer = load_tokenizer(vdir)
-        settings = model_settings(Path(vdir), self.tokenizer)
+        rules = Path(vdir) / RULES_FILE  # the export's rules; a repository written before: config.json
+        section = json.loads(rules.read_text()) if rules.is_file() else None
+        settings = model_settings(Path(vdir), self.tokenizer, section=section)
+        self.vocab = runtime.session.get_outputs()[0].shape[-1]
+        self.vocab = self.vocab if isinstance(self.vocab, int) else None
         self.default_max_tokens = int(params.get("default_max_tokens", "16") or 16)
         self.batcher = InflightBatcher(runtime, self.tokenizer, settings, capacity=int(params.get("slots", "8") or 8))
         self.logger = pb_utils.Logger
 
+    def _check_id(self, name, value):
+        if value is None or (name == "end_id" and value == -1):
+            return
+        if value < 0 or (self.vocab is not None and value >= self.vocab):
+            bound = f"{self.vocab - 1}" if self.vocab is not None else "the vocabulary size"
+            none = " or -1 (none)" if name == "end_id" else ""
+            raise ValueError(f"{name} must be a token id from 0 to {bound}{none}, got {value}")
+
+    def _request(self, request):
+        """The request's fields, checked: (text, batcher keywords, stream, pad_id, max_tokens)."""
+        texts = _strings(request, "text_input")
+        if len(texts) != 1:
+            raise ValueError(f"text_input must be one string, got {len(texts)}")
+        params = _parameters(request)
+        values = {name: _scalar(request, name, params) for name in FIELDS}
+        for name in ("end_id", "pad_id"):
+            self._check_id(name, values[name])
+        max_tokens = values["max_tokens"] if values["max_tokens"] is not None else self.default_max_tokens
+        temperature = values["temperature"] or 0.0
+        sampling = self.Sampling(
+            temperature=temperature,
+            top_k=values["top_k"] or 0,
+            top_p=values["top_p"] if values["top_p"] is not None and temperature > 0 else 1.0,
+            seed=values["random_seed"] or 0,
+        )
+        if sampling.temperature == 0:  # greedy: top_k / top_p have no effect (clients send defaults)
+            sampling = self.Sampling(seed=sampling.seed)
+        end_id = values["end_id"]
+        kw = {
+            "max_tokens": max_tokens,
+            "sampling": sampling,
+            "stop": [w for w in _strings(request, "stop_words") if w],
+            "bad_words": [w for w in _strings(request, "bad_words") if w],
+            "eos_ids": None if end_id is None else ([] if end_id == -1 else [end_id]),
+            "details": True,
+            "log_probs": bool(values["return_log_probs"]),
+        }
+        return texts[0], kw, bool(values["stream"]), values["pad_id"], max_tokens
+
     def _submit(self, request):
         sender = request.get_response_sender()
         try:
-            texts = _strings(request, "text_input")
-            if len(texts) != 1:
-                raise ValueError(f"text_input must be one string, got {len(texts)}")
-            values = {name: _scalar(request, name) for name in FIELDS}
-            max_tokens = values["max_tokens"] if values["max_tokens"] is not None else self.default_max_tokens
-            temperature = float(values["temperature"] or 0.0)
-            sampling = self.Sampling(
-                temperature=temperature,
-                top_k=int(values["top_k"] or 0),
-                top_p=float(values["top_p"]) if values["top_p"] is not None and temperature > 0 else 1.0,
-                seed=int(values["random_seed"] or 0),
-            )
-            stream = bool(values["stream"])
-            eos = None if values["end_id"] is None else [int(values["end_id"])]
-            if sampling.temperature == 0:  # greedy: top_k / top_p have no effect (clients send defaults)
-                sampling = self.Sampling(seed=sampling.seed)
+            text, kw, stream, pad_id, max_tokens = self._request(request)
         except Exception as exc:
             sender.send(
                 pb_utils.InferenceResponse(error=_error(str(exc))), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
             )
             return
-        whole = []
+        whole, ids, log_probs = [], [], []
 
-        def emit(piece, final, finish, error):
+        def emit(piece, final, finish, error, tokens=(), log_probs_=None):
             if error is not None:
                 response = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
                 sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
+            ids.extend(tokens)
+            log_probs.extend(log_probs_ or ())
             if not stream:
                 whole.append(piece)
                 if not final:
                     return
                 piece = "".join(whole)
-            elif not final and not piece:
-                return
-            out = pb_utils.Tensor("text_output", np.array([piece.encode("utf-8")], dtype=np.object_))
-            response = pb_utils.InferenceResponse(output_tensors=[out])
+                new_ids, new_lp = list(ids), list(log_probs)
+                if pad_id is not None:  # TensorRT-LLM's fixed-shape answer: padded past the sequence's end
+                    new_ids += [pad_id] * (max_tokens - len(new_ids))
+            else:
+                if not final and not piece:
+                    return
+                new_ids, new_lp = ids[emit.sent :], log_probs[emit.sent :]
+                emit.sent = len(ids)
+            outputs = [
+                pb_utils.Tensor("text_output", np.array([piece.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("output_ids", np.array(new_ids, np.int32)),
+                pb_utils.Tensor("sequence_length", np.array([len(ids)], np.int32)),
+            ]
+            if kw["log_probs"]:
+                outputs.append(pb_utils.Tensor("output_log_probs", np.array(new_lp, np.float32)))
+                outputs.append(pb_utils.Tensor("cum_log_probs", np.array([sum(log_probs)], np.float32)))
+            response = pb_utils.InferenceResponse(output_tensors=outputs)
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+        emit.sent = 0
 
         def cancelled():
             if not sender.is_cancelled():
@@ -128,13 +211,12 @@ class TritonPythonModel:
 
         try:
             self.batcher.submit(
-                texts[0],
-                emit,
-                max_tokens=int(max_tokens),
-                sampling=sampling,
-                stop=[s for s in _strings(request, "stop_words") if s],
-                eos_ids=eos,
+                text,
+                lambda piece, final, finish, error, tokens=(), log_probs=None: emit(
+                    piece, final, finish, error, tokens, log_probs
+                ),
                 cancelled=cancelled,
+                **kw,
             )
         except Exception as exc:  # bad input: this request's error, the others go on
             sender.send(

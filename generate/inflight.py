@@ -34,8 +34,10 @@ from gpcl_trt.generate.loop import Sampling, pick
 from gpcl_trt.generate.runtimes import LOGITS
 
 # emit(piece, final, finish, error): a stable text piece ('' allowed); final once per request with
-# finish in eos / stop / length / cancelled, or error (a one-line message) instead
-Emit = Callable[[str, bool, "str | None", "str | None"], None]
+# finish in eos / stop / length / cancelled, or error (a one-line message) instead. A request
+# submitted with ``details`` also gets ``tokens=`` (the ids picked since its previous emit) and,
+# with ``log_probs``, ``log_probs=`` (each one's log-probability under the model's logits).
+Emit = Callable[..., None]
 
 
 @dataclass
@@ -47,8 +49,13 @@ class _Row:
     stream: TextStream
     emit: Emit
     cancelled: Callable[[], bool]
+    bad: list[list[int]] = field(default_factory=list)  # banned token sequences (bad_words)
+    details: bool = False
+    log_probs: bool = False
     rng: np.random.Generator = field(init=False)
     tokens: list[int] = field(default_factory=list)
+    token_log_probs: list[float] = field(default_factory=list)
+    emitted: int = 0  # tokens already handed to emit (details)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)
@@ -99,8 +106,13 @@ class InflightBatcher:
         stop: Sequence[str] = (),
         eos_ids: Sequence[int] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        bad_words: Sequence[str] = (),
+        details: bool = False,
+        log_probs: bool = False,
     ) -> None:
-        """Queue one request; bad input raises GpclError here, before anything is queued."""
+        """Queue one request; bad input raises GpclError here, before anything is queued.
+        ``bad_words``: texts whose token sequences are never completed (TensorRT-LLM's rule: the
+        last token of a word is banned where the tokens before it were just generated)."""
         if not isinstance(text, str) or not text:
             raise GpclError("text_input must be a non-empty string")
         if int(max_tokens) < 1:
@@ -114,7 +126,10 @@ class InflightBatcher:
             raise GpclError(f"text_input has {len(prompt)} tokens: the model has {limit} positions")
         budget = min(int(max_tokens), limit - len(prompt)) if limit is not None else int(max_tokens)
         eos = set(self.settings.get("eos_ids", ())) if eos_ids is None else {int(e) for e in eos_ids}
-        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled)
+        bad = [[int(t) for t in self.tok(w, add_special_tokens=False)["input_ids"]] for w in bad_words if w]
+        if any(not ids for ids in bad):
+            raise GpclError("a bad word encodes to no token")
+        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled, bad, details, log_probs)
         with self._cond:
             if self._closed:
                 raise GpclError("the batcher is closed")
@@ -150,8 +165,14 @@ class InflightBatcher:
 
     @staticmethod
     def _send(row: _Row, piece: str, final: bool, finish: str | None, error: str | None = None) -> None:
+        extra: dict[str, Any] = {}
+        if row.details and error is None:
+            extra["tokens"] = row.tokens[row.emitted :]
+            if row.log_probs:
+                extra["log_probs"] = row.token_log_probs[row.emitted :]
+            row.emitted = len(row.tokens)
         try:
-            row.emit(piece, final, finish, error)
+            row.emit(piece, final, finish, error, **extra)
         except Exception:  # a client that is gone: its row is dropped at the next check
             row.cancelled = lambda: True
 
@@ -244,8 +265,19 @@ class InflightBatcher:
 
     def _take(self, row: _Row, logits: np.ndarray) -> bool:
         """Pick the row's next token and send its text; True when the row is done."""
+        if row.bad:
+            ids = row.ids
+            n = len(ids)
+            banned = [w[-1] for w in row.bad if len(w) == 1 or (n >= len(w) - 1 and ids[n - len(w) + 1 :] == w[:-1])]
+            if banned:
+                logits = logits.copy()
+                logits[banned] = -np.inf
         t = int(pick(logits[None], row.sampling, row.rng)[0])
         row.tokens.append(t)
+        if row.log_probs:
+            x = np.asarray(logits, np.float64)
+            m = x[np.isfinite(x)].max()
+            row.token_log_probs.append(float(x[t] - m - np.log(np.exp(x - m).sum())))
         finish = None
         if t in row.eos:
             finish = "eos"

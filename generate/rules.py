@@ -75,13 +75,15 @@ def generation_section(model_dir: str | os.PathLike | None) -> dict[str, Any]:
         rules,
         bos_id=_first_int(gen.get("bos_token_id"), cfg.get("bos_token_id"), text.get("bos_token_id")),
         sliding_window=_first_int(cfg.get("sliding_window"), text.get("sliding_window")),
+        vocab_size=_first_int(cfg.get("vocab_size"), text.get("vocab_size")),
         model_type=cfg.get("model_type"),
     )
 
 
 def settings_from(section: dict[str, Any], tokenizer: Any = None, source: str | None = None) -> dict[str, Any]:
     """The loop's settings from a generation section: ``eos_ids`` (else the tokenizer's),
-    ``pad_id`` (else the tokenizer's, else the first EOS id, else 0), ``max_positions``,
+    ``pad_id`` (the first of the section's, the tokenizer's, the EOS ids and 0 that the vocabulary
+    has), ``max_positions``,
     ``reprefill_at`` (the rule's length, None without it), ``rules`` and ``from`` (where they
     were read). A rule this version does not know is refused in one line."""
     unknown = sorted({r["kind"] for r in section["rules"]} - set(GENERATION_RULE_KINDS))
@@ -93,11 +95,15 @@ def settings_from(section: dict[str, Any], tokenizer: Any = None, source: str | 
     eos = list(section["eos_ids"])
     if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
         eos = [int(tokenizer.eos_token_id)]
-    pad = _first_int(section.get("pad_id"), getattr(tokenizer, "pad_token_id", None))
+    # the padding id fills masked slots, so it only has to be a row of the embedding: the config's
+    # may lie outside a vocabulary that was cut (GPT-J's 50256 over a 128-token tiny model)
+    vocab = section.get("vocab_size")
+    candidates = (section.get("pad_id"), getattr(tokenizer, "pad_token_id", None), *eos, 0)
+    pad = next(v for v in candidates if _first_int(v) is not None and 0 <= v and (vocab is None or v < vocab))
     reprefill = next((int(r["length"]) for r in section["rules"] if r["kind"] == "reprefill_at"), None)
     return {
         "eos_ids": eos,
-        "pad_id": pad if pad is not None else (eos[0] if eos else 0),
+        "pad_id": int(pad),
         "max_positions": section.get("max_positions"),
         "reprefill_at": reprefill,
         "rules": list(section["rules"]),

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 from test_generate import VOCAB, _tokenizer
 
@@ -108,7 +109,8 @@ def test_generation_model_config(served):
     cfg = parse_config((server.repo / GEN / "config.pbtxt").read_text())
     assert cfg.model_transaction_policy.decoupled and cfg.backend == "python"
     assert [i.name for i in cfg.input][:3] == ["text_input", "max_tokens", "stream"]
-    assert [o.name for o in cfg.output] == ["text_output"]
+    assert [o.name for o in cfg.output][:3] == ["text_output", "output_ids", "sequence_length"]
+    assert json.loads((server.repo / GEN / "1" / "gpcl_generation.json").read_text())["eos_ids"] == [1]
     assert (server.repo / GEN / "1" / "tokenizer.json").is_file()
 
 
@@ -236,3 +238,67 @@ def test_tritonclient_grpc_streaming(served):
         client.close()
     assert "".join(pieces) == generate(onnx, ["héllo wörld"], max_new_tokens=14)["outputs"][0]["text"]
     assert len(pieces) > 1
+
+
+def test_end_id_pad_id_bad_words_stop_words_and_log_probs(served):
+    """TensorRT-LLM's fields, each against the local loop over the same decoder: output_ids and
+    sequence_length are the greedy tokens; end_id stops there (-1: no end id at all); pad_id pads a
+    whole answer's output_ids to max_tokens; bad_words bans a word's last token; stop_words is a
+    list; return_log_probs gives each token's log-probability under the model's logits. Ids out of
+    the vocabulary are 400s with one line."""
+    from test_generate import _Recording
+    from transformers import AutoTokenizer
+
+    from gpcl_trt.generate import OrtRuntime, decode
+    from gpcl_trt.manifest import model_dir_of
+
+    server, onnx = served
+    tok = AutoTokenizer.from_pretrained(model_dir_of(onnx))
+    prompt = "the"  # 12 distinct greedy tokens on this model
+    ids = tok(prompt)["input_ids"]
+    rec = _Recording(OrtRuntime(onnx))
+    local = decode(rec, [ids], max_new_tokens=12, eos_ids=())["tokens"][0]
+    logits = np.concatenate(rec.logits).astype(np.float64)
+
+    def ask(**fields):
+        status, body = _post(server.http_port, f"/v2/models/{GEN}/generate", {"text_input": prompt, **fields})
+        out = json.loads(body)
+        for key in ("output_ids", "output_log_probs"):  # the generate extension writes one element bare
+            if key in out:
+                out[key] = np.atleast_1d(out[key]).tolist()
+        return status, out
+
+    status, out = ask(max_tokens=12, end_id=-1, return_log_probs=True)
+    assert status == 200 and out["output_ids"] == local and out["sequence_length"] == 12, out
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = logp[np.arange(12), local]
+    np.testing.assert_allclose(out["output_log_probs"], want, atol=1e-4)
+    np.testing.assert_allclose(out["cum_log_probs"], want.sum(), atol=1e-3)
+
+    k = local.index(local[3])  # the first time that token comes
+    status, out = ask(max_tokens=12, end_id=local[3], pad_id=7)
+    assert k == 3 and status == 200 and out["output_ids"] == local[:4] + [7] * 8 and out["sequence_length"] == 4, out
+    assert "output_log_probs" not in out
+    whole = ask(max_tokens=12, end_id=-1)[1]["text_output"]
+    assert whole.startswith(out["text_output"]) and len(out["text_output"]) < len(whole)
+
+    word = tok.decode([local[0]])
+    assert tok(word, add_special_tokens=False)["input_ids"] == [local[0]]  # a word of one token: banned outright
+    status, out = ask(max_tokens=1, bad_words=[word, "zzzz"])
+    masked = logits[0].copy()
+    masked[local[0]] = -np.inf
+    assert status == 200 and out["output_ids"] == [int(np.argmax(masked))] != [local[0]], out
+
+    start = next(i for i in range(len(whole) // 3, len(whole)) if "\ufffd" not in whole[i : i + 2])
+    cut = whole[start : start + 2]
+    status, out = ask(max_tokens=12, end_id=-1, stop_words=["\u2603\u2603", cut])
+    assert status == 200 and out["text_output"] == whole[: whole.index(cut)], (whole, cut, out)
+
+    for fields, message in (
+        ({"pad_id": 10**6}, "pad_id must be a token id from 0 to"),
+        ({"end_id": -7}, "end_id must be a token id from 0 to"),
+        ({"end_id": VOCAB}, f"end_id must be a token id from 0 to {VOCAB - 1} or -1 (none), got {VOCAB}"),
+    ):
+        status, out = ask(max_tokens=4, **fields)
+        assert status == 400 and message in out["error"] and "\n" not in out["error"], (fields, out)
