@@ -44,6 +44,16 @@ def _config(name: str):
     return tf.Qwen2ForCausalLM, tf.Qwen2Config(**dec)  # q/k/v biases
 
 
+def _tokenizer(out: Path) -> None:
+    """A word-level tokenizer over VOCAB words (w0 w1 ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     """``decoders(name) -> (exported.onnx, optimised.onnx, contrib.onnx)``, each made once per module."""
@@ -65,6 +75,7 @@ def decoders(tmp_path_factory):
                     if "norm" in n:
                         p.uniform_(0.5, 1.5)
             model.save_pretrained(d)
+            _tokenizer(d)
             out = d / "onnx" / "model.onnx"
             out.parent.mkdir()
             assert export_model(d, out, task=TGP)["ok"]
@@ -249,3 +260,18 @@ def test_help_documents_every_option():
 
     cmd = main.commands["optimize"]
     assert cmd.help and all(p.help for p in cmd.params if isinstance(p, click.Option))
+
+
+def test_cli_generate_reads_the_optimised_artifact(decoders):
+    """``gpcl-trt generate`` takes the optimised file as it is: the tokenizer is found through its
+    manifest (optimize -> export -> model directory), and the text is the export's."""
+    src, opt, contrib = decoders("llama")
+    texts = []
+    for path in (src, opt, contrib):
+        r = CliRunner().invoke(
+            main, ["generate", str(path), "--prompt", "w5 w6 w7", "--prompt", "w9", "--max-new-tokens", "6", "--json"]
+        )
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)
+        texts.append({k: v for k, v in res.items() if k not in ("artifact", "measurements")})
+    assert texts[0]["outputs"] and texts[1] == texts[0] and texts[2] == texts[0]
