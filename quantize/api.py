@@ -610,9 +610,9 @@ def _awq(model: Any, src: Path, todo: list, scheme: Scheme, block: int, samples:
         data_desc = awq.collect(model, src, groups, samples, None if data is None else str(data))
     reader = SourceReader(src.parent)
 
-    def load(w: Weight) -> np.ndarray:
+    def load(w: Weight, n0: int, n1: int) -> np.ndarray:
         a = reader.array(w.tensor)
-        return np.array(a if w.k_axis == 0 else a.T, dtype=np.float32)
+        return np.array(a[:, n0:n1] if w.k_axis == 0 else a[n0:n1, :].T, dtype=np.float32)
 
     with progress.step("awq: search the scales"):
         for g in groups:

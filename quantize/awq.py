@@ -34,6 +34,8 @@ from gpcl_trt.quantize.rtn import Scheme, dequantize, quantize_blocks
 
 ALPHAS = tuple(round(i * 0.1, 1) for i in range(11))  # 0 is RTN
 MAX_ROWS = 512  # rows of x kept per group for the search (sampled evenly over the calibration tokens)
+ROWS_BYTES = 256 << 20  # all groups' kept rows together (float32): fewer rows per group in a large model
+CHUNK_BYTES = 16 << 20  # float32 bytes of the columns of one weight searched at a time
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}  # input 1 (and 2): scale (bias)
 
 
@@ -95,6 +97,8 @@ def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str 
     kept: dict[str, list] = {n: [] for n in names}
     tokens = dict.fromkeys(names, 0)
     rng = np.random.default_rng(0)
+    widest = max(int(g.weights[0].kn[0]) for g in groups)
+    max_rows = max(32, min(MAX_ROWS, ROWS_BYTES // (4 * widest * max(len(groups), 1))))
     for batch in batches:
         feed = complete_feed(specs, batch)
         try:
@@ -110,14 +114,14 @@ def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str 
             x = x.reshape(-1, k)
             s = np.abs(x).sum(0, dtype=np.float64)
             sums[name] = s if sums[name] is None else sums[name] + s
-            take = min(len(x), max(1, MAX_ROWS // max(len(batches), 1)))
+            take = min(len(x), max(1, -(-max_rows // max(len(batches), 1))))
             kept[name].append(x[rng.choice(len(x), take, replace=False)])
             tokens[name] += len(x)
     if min(tokens.values(), default=0) == 0:
         raise GpclError("the calibration data has no tokens")
     for g in groups:
         g.mean_abs = (sums[g.tensor] / tokens[g.tensor]).astype(np.float32)
-        g.rows = np.concatenate(kept[g.tensor])[:MAX_ROWS]
+        g.rows = np.concatenate(kept[g.tensor])[:max_rows]
     return {**desc, "tokens": max(tokens.values())}
 
 
@@ -136,17 +140,23 @@ def _fake_quant(w: np.ndarray, block: int, scheme: Scheme) -> np.ndarray:
 
 def search(group: Group, load: Any, block: int, scheme: Scheme, alphas: tuple = ALPHAS) -> None:
     """Pick the group's alpha: the squared error of x W against (x / s) Q(s W), summed over the
-    group's weights on the kept rows. ``load(w)`` gives a weight as float32 [K, N] (one at a time)."""
+    group's weights on the kept rows. The error and the blocks (along K) are column by column,
+    so each weight is searched in chunks of columns: ``load(w, n0, n1)`` gives its columns
+    n0:n1 as float32 [K, n1 - n0]."""
     x = group.rows
     err = np.zeros(len(alphas))
     cands = [_scales(group.mean_abs, a) for a in alphas]
+    xs = [x / s for s in cands]
     for w in group.weights:
-        wf = load(w)
-        ref = x @ wf
-        for i, s in enumerate(cands):
-            y = (x / s) @ _fake_quant(wf * s[:, None], block, scheme)
-            err[i] += float(np.square(y - ref).sum())
-        del wf, ref
+        k, n = w.kn
+        step = max(1, CHUNK_BYTES // (4 * k))
+        for n0 in range(0, n, step):
+            wf = load(w, n0, min(n, n0 + step))
+            ref = x @ wf
+            for i, s in enumerate(cands):
+                y = xs[i] @ _fake_quant(wf * s[:, None], block, scheme)
+                err[i] += float(np.square(y - ref).sum())
+            del wf, ref
     best = int(np.argmin(err))
     group.alpha = float(alphas[best])
     group.scale = cands[best] if alphas[best] != 0 else None

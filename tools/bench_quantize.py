@@ -5,6 +5,7 @@ decode speed and peak RSS of our fp32 / int8 / int4 exports against onnxruntime-
 
     .venv/bin/python tools/bench_quantize.py --work /tmp/bq --shape 0.5b --rounds 3
     .venv/bin/python tools/bench_quantize.py --work /tmp/bq --scale 1.1b,7b   # quantize memory only
+    .venv/bin/python tools/bench_quantize.py --work /tmp/bq --awq --variants "ours int4,ours int4 awq"
 
 Decode: every measurement runs in a fresh worker process (its peak RSS is that runtime's alone),
 the variants in alternating order each round; batch 1, a 128-token random prompt, 64 greedy new
@@ -252,6 +253,9 @@ def main() -> None:
     ap.add_argument(
         "--variants", default="", help="decode only these (comma list of names, e.g. 'ours int4,genai int4')"
     )
+    ap.add_argument(
+        "--awq", action="store_true", help="also int4 --method awq (16 sample sentences): its time, memory, decode"
+    )
     ap.add_argument("--scale", default="", help="also quantize these bench_scale.py sizes (e.g. 1.1b,7b)")
     ap.add_argument("--worker", choices=["ours", "genai"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -267,8 +271,11 @@ def main() -> None:
     ckpt = checkpoint(a.work, a.shape)
     fp32 = export(ckpt, a.work / f"ours_{a.shape}" / "model.onnx", ["--validate", "none"])
     variants = {"ours fp32": ("ours", fp32)}
-    for name, weights, extra in (("int8", "int8", []), ("int4", "int4", []), ("int4 +lm_head", "int4", ["--lm-head"])):
-        out = a.work / f"ours_{a.shape}_{name.replace(' +', '_')}" / "model.onnx"
+    todo = [("int8", "int8", []), ("int4", "int4", []), ("int4 +lm_head", "int4", ["--lm-head"])]
+    if a.awq:
+        todo.append(("int4 awq", "int4", ["--method", "awq", "--samples", "16"]))
+    for name, weights, extra in todo:
+        out = a.work / f"ours_{a.shape}_{name.replace(' +', '_').replace(' ', '_')}" / "model.onnx"
         out.parent.mkdir(exist_ok=True)
         if not out.is_file() or a.requantize:
             report[f"quantize {a.shape} {name}"] = quantize(fp32, out, weights, a.block, extra)
