@@ -57,8 +57,12 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     dtype: str = "fp32",
+    graph: str | None = None,
 ):
     """Load a local HF model directory and wrap it exactly as it is exported.
+    ``graph``: which graph of an encoder-decoder model (``encoder`` or ``decoder``, the default;
+    an export's manifest says which in ``results.graph``); the returned arch config then
+    describes that graph's I/O.
 
     Returns ``(module, arch_config, task)``: ``module(**feeds)`` takes the ONNX input names
     (numpy arrays or tensors) and returns the outputs as a tuple in ONNX output order
@@ -78,7 +82,13 @@ def load_model(
 
     with quiet():
         hf_config, arch, task = bind_config(d, arch_cls, dtype, task, trust_remote_code)
-        if use_safetensors:
+        if use_safetensors and getattr(arch, "eager_only", False):
+            # the layer counts only: such checkpoints omit tensors the model computes (Marian's
+            # sinusoidal positions), which the lazy binder would report as missing
+            from gpcl_trt.exporter.checkpoint import Checkpoint, check_config_layers
+
+            check_config_layers(hf_config, Checkpoint.open(d), d / "config.json")
+        elif use_safetensors:
             # The headers against config.json before anything is allocated: a config that cannot
             # match its checkpoint (100000 layers next to a small file) would otherwise allocate
             # until the kernel kills the process.
@@ -107,6 +117,10 @@ def load_model(
             f"{what})"
         )
     model.eval()
+    if graph is not None and hasattr(arch, "modules"):  # an encoder-decoder model: one of its two graphs
+        if graph not in ("encoder", "decoder"):
+            raise GpclError(f"unknown graph {graph!r} of {arch.name}; choose encoder or decoder")
+        return arch.modules(model, task)[graph], arch.graph(graph), task
     module = OnnxIOModule(arch.core(model, task), arch, task).eval()
     return module, arch, task
 

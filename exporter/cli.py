@@ -34,7 +34,8 @@ def register(main: click.Group) -> None:
         "--output",
         required=True,
         type=click.Path(path_type=str),
-        help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it).",
+        help="Output ONNX file (OUT.onnx; OUT.manifest.json is written next to it); for an encoder-decoder model a "
+        "directory (OUT/encoder_model.onnx, OUT/decoder_model_merged.onnx, each with its manifest).",
     )
     @click.option(
         "--task",
@@ -180,8 +181,9 @@ def register(main: click.Group) -> None:
 
         \b
         Supported: what transformers can run as a text encoder, a decoder-only LM or a ViT-like
-        vision encoder, found from config.json (architectures, model_type); encoder-decoder, audio
-        and multimodal models are refused.
+        vision encoder, found from config.json (architectures, model_type), and encoder-decoder
+        models (T5, BART, Marian, Pegasus, Whisper: a directory of two graphs); multimodal
+        generators are refused.
         Example: gpcl-trt export ./all-MiniLM-L6-v2 -o minilm.onnx --json
         """
         from gpcl_trt.exporter.options import quantize_options

@@ -59,6 +59,9 @@ class Seq2Seq(ArchConfig):
 
     family = "encoder-decoder"
     tasks = (TEXT2TEXT_GENERATION, AUTOMATIC_SPEECH_RECOGNITION)
+    # Loaded by transformers (exporter/build.py: load_model): no lazy export yet, and checkpoints
+    # omit tensors the model computes at init (Marian's sinusoidal positions).
+    eager_only = True
 
     def __init__(self, hf_config: Any, dtype: str = "fp32"):
         super().__init__(hf_config, dtype)

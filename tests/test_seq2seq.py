@@ -205,6 +205,21 @@ def test_t5_generate_cli_matches_transformers(exported):
     assert got["text"] == tok.decode(ref, skip_special_tokens=True)
 
 
+def test_load_model_gives_either_graph(exported):
+    """The PyTorch side of each graph (what `diff --reference MODEL_DIR` runs) equals the ONNX file."""
+    from gpcl_trt import feeds
+    from gpcl_trt.exporter import load_model, make_dummy_inputs
+
+    d, out, _ = exported("t5")
+    for which, fname in (("encoder", "encoder_model.onnx"), ("decoder", "decoder_model_merged.onnx")):
+        module, arch, task = load_model(d, graph=which)
+        assert module.input_names == [i.name for i in feeds.ort_session(out / fname).get_inputs()]
+        feed = make_dummy_inputs(arch, task, 2, 4, seed=3, past=2, encoder_sequence=6)
+        ref = dict(zip(module.output_names, (t.detach().numpy() for t in module(**feed))))
+        got = feeds.ort_run(feeds.ort_session(out / fname), feed)
+        assert max(feeds.max_abs_diff(ref[n], got[n]) for n in ref) < 1e-4
+
+
 def test_audio_on_a_text_model_is_one_line(exported, tmp_path):
     _, out, _ = exported("t5")
     r = _cli("generate", str(out), "--audio", str(write_wav(tmp_path / "a.wav")))
@@ -222,6 +237,8 @@ def test_whisper_export_and_generate_from_wav(exported, tmp_path):
     assert "encoder_attention_mask" not in result["inputs"]["decoder"]
     d, out, _ = exported("whisper")
     wav = write_wav(tmp_path / "clip.wav")
+    r = _cli("generate", str(out), "--prompt", "hello")  # a speech model takes --audio
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "give --audio" in r.stderr, r.stderr
     r = _cli("generate", str(out / "decoder_model_merged.onnx"), "--audio", str(wav), "--max-new-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["outputs"][0]["tokens"]
