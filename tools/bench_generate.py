@@ -155,6 +155,61 @@ def worker_genai(model: str, batch: int, length: int, new: int, threads: int, vo
     return {"ttft_s": ttft, "decode_tokens_per_s": tps}
 
 
+def worker_paired(
+    models: dict, batch: int, length: int, new: int, threads: int, vocab: int, rounds: int, ours_site: str
+) -> dict:
+    """Every runtime loaded in this one process (the genai venv, with our venv's packages appended
+    to its path: one onnxruntime), runs alternating back to back, ``rounds`` times: each pair of
+    runs sees the same machine load, which on a shared box moves by several x within a minute.
+    No peak RSS here (one process holds them all)."""
+    import site
+
+    site.addsitedir(ours_site)
+    import onnxruntime_genai as og
+
+    from gpcl_trt.generate import OrtRuntime, decode
+
+    ids = _prompt(batch, length, vocab)
+    runners = {}
+    for name, path in models.items():
+        if name == "genai":
+            m = og.Model(path)
+
+            def run_genai(rows, n, m=m):
+                params = og.GeneratorParams(m)
+                params.set_search_options(
+                    do_sample=False, max_length=length + n, min_length=length + n, batch_size=len(rows)
+                )
+                gen = og.Generator(m, params)
+                t0 = time.perf_counter()
+                gen.append_tokens(rows)
+                gen.generate_next_token()
+                t1 = time.perf_counter()
+                while not gen.is_done():
+                    gen.generate_next_token()
+                t2 = time.perf_counter()
+                return t1 - t0, len(rows) * (n - 1) / (t2 - t1)
+
+            runners[name] = run_genai
+        else:
+            rt = OrtRuntime(path, threads=threads)
+
+            def run_ours(rows, n, rt=rt):
+                meas = decode(rt, rows.tolist(), max_new_tokens=n)["measurements"]
+                return meas["time_to_first_token_s"], meas["decode_tokens_per_s"]
+
+            runners[name] = run_ours
+    for run in runners.values():
+        run(ids[:1], 2)  # warm-up
+    runs: dict = {name: [] for name in runners}
+    order = list(runners)
+    for r in range(rounds):
+        for name in order[:: 1 if r % 2 == 0 else -1]:
+            ttft, tps = runners[name](ids, new)
+            runs[name].append({"ttft_s": ttft, "decode_tokens_per_s": tps})
+    return runs
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS: VmHWM belongs to the address space exec made (ru_maxrss would
     carry over the forking parent's peak)."""
@@ -180,9 +235,23 @@ def main() -> None:
         help="comma list of ours (the export as it is), ours_ort (optimize --for ort), ours_ortc (optimize "
         "--for ort --variant contrib), genai",
     )
-    ap.add_argument("--worker", choices=["ours", "genai"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="all runtimes in one process (the genai venv with ours appended), runs alternating back to back; "
+        "ratios per pair (robust to a shared machine's load; no peak RSS)",
+    )
+    ap.add_argument("--worker", choices=["ours", "genai", "paired"], help=argparse.SUPPRESS)
+    ap.add_argument("--models", help=argparse.SUPPRESS)
+    ap.add_argument("--ours-site", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker == "paired":
+        res = worker_paired(
+            json.loads(a.models), int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape], a.rounds, a.ours_site
+        )
+        print(json.dumps(res))
+        return
     if a.worker:
         fn = worker_ours if a.worker == "ours" else worker_genai
         res = fn(a.model, int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape])
@@ -196,7 +265,19 @@ def main() -> None:
     if "genai" not in names or not set(names) <= {"ours", "ours_ort", "ours_ortc", "genai"}:
         ap.error("--runtimes: a comma list of ours, ours_ort, ours_ortc, genai that includes genai")
     sides = [(n, a.genai_python if n == "genai" else sys.executable, paths[n]) for n in names]
-    for r in range(a.rounds):
+    if a.paired:
+        import sysconfig
+
+        for batch in [int(b) for b in a.batches.split(",")]:
+            cmd = [a.genai_python, __file__, "--worker", "paired", "--shape", a.shape, "--batches", str(batch)]
+            cmd += ["--models", json.dumps({n: str(paths[n]) for n in names}), "--rounds", str(a.rounds)]
+            cmd += ["--prompt", str(a.prompt), "--new", str(a.new), "--threads", str(a.threads)]
+            cmd += ["--ours-site", sysconfig.get_paths()["purelib"]]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+            for name, res in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                runs[f"{name}/b{batch}"] = [{**x, "peak_rss_mb": float("nan")} for x in res]
+                print(f"batch {batch} {name}: {res}", file=sys.stderr)
+    for r in range(0 if a.paired else a.rounds):
         for batch in [int(b) for b in a.batches.split(",")]:
             for name, python, model in sides[:: 1 if r % 2 == 0 else -1]:
                 worker = "genai" if name == "genai" else "ours"
@@ -232,10 +313,13 @@ def main() -> None:
         if name != "genai"
         for batch in a.batches.split(",")
     }
+    median_pair = {k: statistics.median(v) for k, v in per_round.items()}
     print(
         json.dumps(
             {
                 "shape": a.shape,
+                "paired": a.paired,
+                "decode_ratio_median_of_pairs": median_pair,
                 "prompt": a.prompt,
                 "new": a.new,
                 "threads": a.threads,
