@@ -302,3 +302,35 @@ def test_end_id_pad_id_bad_words_stop_words_and_log_probs(served):
     ):
         status, out = ask(max_tokens=4, **fields)
         assert status == 400 and message in out["error"] and "\n" not in out["error"], (fields, out)
+
+
+def test_fields_as_grpc_parameters_are_checked(served):
+    """Fields sent as request parameters (gRPC ``parameters``, which Triton passes as they come)
+    are read like the tensor inputs, and a value of the wrong type is that request's error, in
+    one line."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from gpcl_trt.generate import generate
+
+    server, onnx = served
+    got: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        text = tg.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array(["once upon".encode()], dtype=np.object_))
+        client.async_stream_infer(GEN, [text], parameters={"max_tokens": 5})
+        result, error = got.get(timeout=120)
+        assert error is None, error
+        want = generate(onnx, ["once upon"], max_new_tokens=5)["outputs"][0]
+        assert result.as_numpy("text_output")[0].decode() == want["text"]
+        assert result.as_numpy("output_ids").tolist() == want["tokens"]
+        client.async_stream_infer(GEN, [text], parameters={"max_tokens": "ten"})
+        result, error = got.get(timeout=120)
+        assert error is not None and "max_tokens must be an integer, got 'ten'" in str(error), (result, error)
+    finally:
+        client.stop_stream()
+        client.close()

@@ -396,9 +396,10 @@ def build_tiny(name: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def family(tmp_path_factory):
-    """``family(name) -> (model_dir, onnx path, export result)``, built and exported once."""
+    """``family(name) -> (model_dir, onnx path, export result)``, built and exported once per
+    session (tests/test_generate_families.py decodes the same exports)."""
     from gpcl_trt.exporter import export_model
 
     cache: dict = {}

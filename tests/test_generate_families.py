@@ -1,32 +1,30 @@
 """Greedy ``generate`` equals transformers' ``generate(do_sample=False)`` for every with-past
 decoder family of the corpus (tests/test_families.py): each tiny checkpoint exported with past by
-our exporter, two ragged prompts (6 and 9 tokens, past the sliding windows and the chunked
-attention of 4) decoded together, left-padded, 16 new tokens by the one generation loop in ONNX
-Runtime with the rules its manifest records, each row compared with HF's own generate of that
-prompt alone. Llama-like Mistral and ALiBi Bloom run in `make test-fast`; the rest are slow."""
+our exporter (test_families' session fixture: the same exports), two ragged prompts (6 and 9
+tokens, past the sliding windows and the chunked attention of 4) decoded together, left-padded,
+16 new tokens by the one generation loop in ONNX Runtime with the rules and EOS ids its manifest
+records, each row compared with HF's own generate of that prompt alone. Mistral (rotary, sliding
+window) and Bloom (ALiBi, no position_ids) run in `make test-fast`; the rest are slow."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_families import CORPUS, DECODERS, build_tiny
+from test_families import CORPUS, DECODERS, family  # noqa: F401  (session fixture: the corpus' exports, shared)
 
 FAST = {"mistral", "bloom"}  # a rotary decoder with a sliding window; ALiBi without position_ids
 NEW = 16
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in DECODERS])
-def test_greedy_generate_equals_hf(name, tmp_path):
+def test_greedy_generate_equals_hf(family, name):  # noqa: F811
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gpcl_trt.exporter import export_model
     from gpcl_trt.generate import OrtRuntime, decode
     from gpcl_trt.generate.rules import model_settings
 
-    d = build_tiny(name, tmp_path / "model")
-    out = tmp_path / f"{name}.onnx"
-    res = export_model(d, out)
+    d, out, res = family(name)
     assert res["ok"] and res["task"] == CORPUS[name][3] == "text-generation-with-past", res
     settings = model_settings(None, None, artifact=out)
     assert settings["from"] == "manifest", settings
