@@ -158,7 +158,7 @@ def test_pipeline_from_model_dir_cli(tiny_llama_dir, tmp_path):
         ("pipeline = 3\n", r"pipeline must be a table"),
         ('[pipeline]\nskip = "build"\n', r"skip must be a list of stage names"),
         ('[triton]\nbackends = ["bogus"]\n', r"\[triton\] backends must be a non-empty list"),
-        ("[quantize]\nbits = 4\n", r"\[quantize\] unknown option 'bits'; known: block_size, keep, lm_head"),
+        ("[quantize]\nbits = 4\n", r"\[quantize\] unknown option 'bits'; known: block_size, data, keep, lm_head"),
         ('[quantize]\noutput = "q.onnx"\n', r"\[quantize\] output is set by the pipeline"),
         ('[quantize]\nweights = "int3"\n', r"\[quantize\] weights must be one of int8, int4, got 'int3'"),
         ("[quantize]\nblock_size = 48\n", r"\[quantize\] block_size must be one of 32, 64, 128"),
