@@ -49,8 +49,22 @@ def _tokenizer(model_dir: str | None):
     None when the model folder has no tokenizer."""
     from gpcl_trt.text import text_encoder
 
-    encode = text_encoder(model_dir, max_tokens=_MAX_TOKENS) if model_dir is not None else None
+    encode = text_encoder(model_dir, max_tokens=_max_tokens(model_dir)) if model_dir is not None else None
     return None if encode is None else (lambda text: encode([text]))
+
+
+def _max_tokens(model_dir: str) -> int:
+    """_MAX_TOKENS, or fewer where the model's learned positions end sooner (a small Whisper
+    decoder's max_target_positions: longer samples index past its position table)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return _MAX_TOKENS
+    keys = ("max_position_embeddings", "max_target_positions", "n_positions")
+    limits = [v for k in keys if isinstance(v := cfg.get(k), int) and v > 0]
+    return min([_MAX_TOKENS, *limits])
 
 
 def _pad_batches(encoded: list[dict[str, np.ndarray]], size: int = _NPZ_BATCH) -> list[dict[str, np.ndarray]]:
@@ -87,6 +101,16 @@ def sample_inputs(lm, input_path, samples: int, data: str | Path | None) -> tupl
         return _npz_batches(Path(data), samples)
     model_dir = model_dir_of(input_path)
     tok = _tokenizer(model_dir)
+    # text feeds a graph that takes token ids; Whisper's encoder graph takes log-mel features although
+    # its model directory has a tokenizer (for the decoder)
+    specs = specs_from_onnx(lm.model)
+    if not any(s.name == INPUT_IDS for s in specs):
+        if data is not None and Path(data).is_file():
+            raise GpclError(
+                f"--data {Path(data).name}: text, but the model takes no input_ids (its inputs: "
+                f"{', '.join(s.name for s in specs)}); pass an .npz"
+            )
+        tok = None
     if data is not None:
         p = Path(data)
         if not p.is_file():

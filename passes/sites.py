@@ -474,8 +474,12 @@ def sites_from_metadata(graph: gs.Graph, scopes: dict[str, list[str]], norms: di
     rank = {p: i for i, p in enumerate(sorted({p for p, _ in groups} | set(untyped), key=_block_order(first)))}
     cands = []
     for (path, kind), entries in groups.items():
-        if kind == PRE_CROSS_ATTENTION:  # the query projection; keys and values read the encoder's states
-            entries = [(r, p) for r, p in entries if _score_sides([p], norms) == {0}] or entries
+        if kind == PRE_CROSS_ATTENTION:
+            # the query projection only: the keys and values read the encoder's states (in an encoder
+            # graph that computes the decoder's cross-attention cache, they read its final norm)
+            entries = [(r, p) for r, p in entries if _score_sides([p], norms) == {0}]
+            if not entries:
+                continue
         for root, projs in _pick_roots(entries, norms, scopes):
             cands.append(_Candidate(rank[path], kind, root, projs, order.get(id(producer(root)), -1)))
     for path, roots in untyped.items():

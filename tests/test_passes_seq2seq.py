@@ -230,3 +230,100 @@ def test_scopes_name_the_block_and_kind(scope, block, kind):
     parts = scope.split(".")
     scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
     assert _scope_site(scopes)[:2] == (block, kind)
+
+
+# ----------------------------------------------------------------------------- gpcl-trt export's graphs
+# OUT/encoder_model.onnx (which also computes every decoder layer's cross-attention keys and values,
+# with the decoder's own k/v projections) and OUT/decoder_model_merged.onnx (both caches in).
+EXPORTED = [
+    pytest.param("t5", marks=[pytest.mark.slow, pytest.mark.lane]),
+    pytest.param("bart", marks=pytest.mark.slow),
+    pytest.param("whisper", marks=pytest.mark.slow),
+    pytest.param("marian", marks=pytest.mark.slow),
+    pytest.param("pegasus", marks=pytest.mark.slow),
+]
+GRAPHS = {"encoder_model.onnx": ENCODER, "decoder_model_merged.onnx": DECODER}
+CROSS_KV = ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj", "encoder_attn.v_proj")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_export(tmp_path_factory):
+    """``seq2seq_export(name) -> OUT`` of ``gpcl-trt export`` on tests/test_seq2seq.py's tiny
+    checkpoint (not validated here: tests/test_seq2seq.py validates the same exports)."""
+    from test_seq2seq import make_checkpoint
+
+    from gpcl_trt.exporter import export_model
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            base = tmp_path_factory.mktemp(f"x_{name}")
+            res = export_model(make_checkpoint(name, base / "model"), base / "onnx", validate=False)
+            assert res["ok"], res
+            cache[name] = base / "onnx"
+        return cache[name]
+
+    return get
+
+
+def _feed(path):
+    from gpcl_trt import feeds
+    from gpcl_trt.common import load_onnx
+
+    specs = feeds.specs_from_onnx(load_onnx(path, external_data=False))
+    return feeds.make_feeds(specs, 2, 3, past=4, vocab=64, encoder_sequence=5)
+
+
+def _outputs(path, feed) -> dict:
+    from gpcl_trt import feeds
+
+    return feeds.ort_run(feeds.ort_session(path), feed)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exported_graphs_sites_insert_calibrated_and_strip(seq2seq_export, name, tmp_path):
+    """Per graph: the expected sites (the encoder graph's cross-attention k/v projections read its
+    final norm and make no site), the same from the structure alone, a calibrated insert whose
+    outputs stay close to the original's, a tight tau that acts, and strip back to the original."""
+    from gpcl_trt.passes import calibrate_file
+
+    out = seq2seq_export(name)
+    key = lambda d: [(x["layer"], x["kind"], x["tensor"], tuple(x["consumers"])) for x in d["sites"]]  # noqa: E731
+    for fname, counts in GRAPHS.items():
+        path = out / fname
+        s = sites_file(path)
+        assert s["method"] == "metadata" and s["counts"] == counts, (fname, s["counts"])
+        lm = load_graph(path)
+        site_projs = {p for x in s["sites"] for p in x["projections"]}
+        for x in s["sites"]:
+            if x["kind"] == "pre-cross-attention":
+                assert len(x["projections"]) == 1 and any(sc.endswith(QUERY) for sc in lm.scopes[x["projections"][0]])
+        kv = [n for n, sc in lm.scopes.items() if any(c.endswith(CROSS_KV) for c in sc)]
+        assert bool(kv) == fname.startswith("encoder") and not set(kv) & site_projs
+        if name != "marian":  # post-LN without an embedding norm: block 0 reads the embedding sum, no norm
+            assert key(sites_file(_bare(path, tmp_path / "bare.onnx"))) == key(s)
+
+        feed = _feed(path)
+        base = _outputs(path, feed)
+        calib, g, tight, stripped = (tmp_path / n for n in ("c.json", "g.onnx", "t.onnx", "s.onnx"))
+        # text calibrates a graph that takes token ids; Whisper's encoder (log-mel features, a
+        # tokenizer in its model directory for the decoder) calibrates from random features
+        doc = calibrate_file(path, calib, samples=4, force=True)
+        takes_text = name != "whisper" or fname.startswith("decoder")
+        assert doc["data"]["kind"] == ("corpus" if takes_text else "random-inputs"), doc["data"]
+        if not takes_text:
+            (tmp_path / "t.txt").write_text("a sentence\n")
+            with pytest.raises(GpclError, match="takes no input_ids"):
+                calibrate_file(path, tmp_path / "no.json", data=tmp_path / "t.txt")
+            assert not (tmp_path / "no.json").exists()
+        assert len(insert_file(path, g, calibration=calib, force=True)["inserted"]) == sum(counts.values())
+        assert _max_diff(_outputs(g, feed), base) <= 1e-3
+        insert_file(path, tight, tau=0.05, force=True)
+        assert _max_diff(_outputs(tight, feed), base) > 1e-4
+        assert len(strip_file(tight, stripped, force=True)["removed"]) == sum(counts.values())
+        assert _max_diff(_outputs(stripped, feed), base) == 0.0
