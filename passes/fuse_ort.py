@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from gpcl_trt.common import GpclError, check_can_write, sha256_file
 from gpcl_trt.passes.graph import LoadedModel, is_gpcl, load_graph, producer
 
-VARIANTS = ("standard", "contrib")
+VARIANTS = ("standard", "contrib", "contrib-gqa")
 MS = "com.microsoft"
 STAGE = "optimize"
 
@@ -226,7 +226,7 @@ def _rotary(t: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor] | None:
     return None
 
 
-def _rope_table(cos: gs.Tensor, sin: gs.Tensor, position_ids: gs.Tensor, max_positions: int, half: int):
+def _rope_table(cos: gs.Tensor, sin: gs.Tensor, position_ids: gs.Tensor, max_positions: int, half: int | None):
     """cos/sin caches [max_positions, D/2] for RotaryEmbedding, when the graph's tables are
     ``scale * Cos(Concat(f, f))`` with ``f = positions * inv_freq`` (a constant inv_freq: the
     default, linear, Llama-3 and YaRN ropes; not dynamic NTK, whose inv_freq depends on length)."""
@@ -252,7 +252,7 @@ def _rope_table(cos: gs.Tensor, sin: gs.Tensor, position_ids: gs.Tensor, max_pos
         if f is not None:
             for j in (0, 1):
                 v = _const_value(f.inputs[j])
-                if v is not None and v.size == half:
+                if v is not None and v.size == (half or v.size) and v.size > 1:
                     inv = v.astype(np.float32).reshape(-1)
         if inv is None:
             return None
@@ -381,6 +381,49 @@ def contrib_attention(graph: gs.Graph, max_positions: int | None, like: LoadedMo
     return done
 
 
+def contrib_rotary(graph: gs.Graph, max_positions: int | None, like: LoadedModel | None = None) -> list[str]:
+    """Each rotate_half rotary left (on [B, heads, S, D]: the standard attention path) -> one
+    RotaryEmbedding (com.microsoft) reading position_ids and cos/sin caches made from the graph's
+    constant inv_freq. Returns the rotated tensors' names."""
+    pos_in = next((t for t in graph.inputs if t.name == "position_ids"), None)
+    if pos_in is None or not max_positions:
+        return []
+    done, tables = [], {}
+    for add in [n for n in graph.nodes if n.op == "Add"]:
+        found = _rotary(add.outputs[0])
+        if found is None:
+            continue
+        x, cos, sin = found
+        key = (id(cos), id(sin))
+        if key not in tables:
+            t = _rope_table(cos, sin, pos_in, max_positions, None)
+            tables[key] = t and (
+                gs.Constant(f"ort_rotary_cos_{len(tables)}", t[0]),
+                gs.Constant(f"ort_rotary_sin_{len(tables)}", t[1]),
+            )
+        if not tables[key]:
+            continue
+        # rotate_half splits x at its own half: the cache must cover the whole of x's last axis
+        half = tables[key][0].values.shape[1]
+        cats = [c for m in (producer(i) for i in add.inputs) for j in m.inputs if (c := _only(j, "Concat")) is not None]
+        end = _const_value(producer(cats[0].inputs[1]).inputs[2]) if cats else None
+        if end is None or end.size != 1 or int(end.reshape(-1)[0]) != half:
+            continue
+        y = add.outputs[0]
+        add.outputs.clear()
+        node = gs.Node(
+            "RotaryEmbedding",
+            f"{add.name}/rotary",
+            domain=MS,
+            inputs=[x, pos_in, *tables[key]],
+            outputs=[y],
+        )
+        _inherit(like, node, add)
+        graph.nodes.append(node)
+        done.append(y.name)
+    return done
+
+
 def skip_rmsnorm(graph: gs.Graph, like: LoadedModel | None = None) -> list[str]:
     """``r = a + b`` followed by the RMSNorm of ``r`` (the Div form of :func:`rmsnorm_div`) times
     a weight -> one SkipSimplifiedLayerNormalization (com.microsoft), whose fourth output is ``r``
@@ -463,9 +506,12 @@ def fuse_ort(
         "grouped_attention": grouped_attention(graph, like),
         "rmsnorm_div": rmsnorm_div(graph, like),
     }
-    if variant == "contrib":
+    if variant == "contrib-gqa":
         graph.cleanup(remove_unused_graph_inputs=False)  # the repeat-KV leftovers still read the presents
         report["contrib_attention"] = contrib_attention(graph, max_positions, like)
+    if variant in ("contrib", "contrib-gqa"):
+        graph.cleanup(remove_unused_graph_inputs=False)  # the rotaries GroupQueryAttention took over
+        report["contrib_rotary"] = contrib_rotary(graph, max_positions, like)
         report["skip_rmsnorm"] = skip_rmsnorm(graph, like)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     report["changed"] = any(bool(v) for k, v in report.items() if k != "variant")

@@ -31,23 +31,27 @@ def register(main: click.Group) -> None:
     )
     @click.option(
         "--variant",
-        type=click.Choice(["standard", "contrib"]),
+        type=click.Choice(["standard", "contrib", "contrib-gqa"]),
         default="standard",
         show_default=True,
         help="standard: standard ONNX ops only (a TensorRT build parses the result too). contrib: also "
-        "ONNX Runtime's own GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization "
-        "(com.microsoft; ONNX Runtime only: TensorRT cannot parse them, build engines from the export).",
+        "ONNX Runtime's RotaryEmbedding and SkipSimplifiedLayerNormalization; contrib-gqa: also its "
+        "GroupQueryAttention (com.microsoft ops: ONNX Runtime only, TensorRT cannot parse them; build "
+        "engines from the export or the standard variant).",
     )
     @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
     def optimize(model, output, target, variant, force) -> dict:
         from gpcl_trt.passes.fuse_ort import optimize_file
 
         result = optimize_file(model, output, target=target, variant=variant, force=force)
-        contrib = (
-            f", {len(result['contrib_attention'])} attentions -> GroupQueryAttention, "
-            f"{len(result['skip_rmsnorm'])} residual norms -> SkipSimplifiedLayerNormalization"
-            if variant == "contrib"
-            else ""
+        contrib = "".join(
+            f", {len(result[k])} {what}"
+            for k, what in (
+                ("contrib_attention", "attentions -> GroupQueryAttention"),
+                ("contrib_rotary", "rotaries -> RotaryEmbedding"),
+                ("skip_rmsnorm", "residual norms -> SkipSimplifiedLayerNormalization"),
+            )
+            if k in result
         )
         click.echo(
             f"wrote {output}: {len(result['grouped_attention'])} repeat-KV copies removed, "

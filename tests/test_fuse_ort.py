@@ -2,9 +2,9 @@
 GQA decoders (num_key_value_heads < heads) exported with past by our exporter, the optimised graph
 run in real ONNX Runtime next to the original. Logits must agree under the tolerance rule on a
 left-padded batch (prefill and cached steps), greedy generation must give the same tokens, GPCL
-must survive the rewrite, and the repeat-KV copies must be gone from the graph ORT runs. Both
-variants: ``standard`` (standard ONNX ops) and ``contrib`` (ORT's GroupQueryAttention,
-RotaryEmbedding, SkipSimplifiedLayerNormalization)."""
+must survive the rewrite, and the repeat-KV copies must be gone from the graph ORT runs. Every
+variant: ``standard`` (standard ONNX ops), ``contrib`` (also ORT's RotaryEmbedding and
+SkipSimplifiedLayerNormalization) and ``contrib-gqa`` (also GroupQueryAttention)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from gpcl_trt.cli import main
 
 TGP = "text-generation-with-past"
+VARIANTS = ("standard", "contrib", "contrib-gqa")
 VOCAB = 128
 LAYERS = 2
 
@@ -56,7 +57,8 @@ def _tokenizer(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
-    """``decoders(name) -> (exported.onnx, optimised.onnx, contrib.onnx)``, each made once per module."""
+    """``decoders(name) -> (exported.onnx, standard.onnx, contrib.onnx, contrib-gqa.onnx)``, each
+    made once per module."""
     import torch
 
     from gpcl_trt.exporter import export_model
@@ -79,10 +81,11 @@ def decoders(tmp_path_factory):
             out = d / "onnx" / "model.onnx"
             out.parent.mkdir()
             assert export_model(d, out, task=TGP)["ok"]
-            opt, contrib = out.with_name("model_ort.onnx"), out.with_name("model_ortc.onnx")
-            optimize_file(out, opt)
-            optimize_file(out, contrib, variant="contrib")
-            cache[name] = (out, opt, contrib)
+            made = [out]
+            for variant in VARIANTS:
+                made.append(out.with_name(f"model_{variant}.onnx"))
+                optimize_file(out, made[-1], variant=variant)
+            cache[name] = tuple(made)
         return cache[name]
 
     return get
@@ -145,7 +148,7 @@ def _repeat_kv_count(path: Path) -> int:
 def test_llama_logits_ops_and_idempotent(decoders, tmp_path):
     from gpcl_trt.passes.fuse_ort import optimize_file
 
-    src, opt, _ = decoders("llama")
+    src, opt, *_ = decoders("llama")
     _assert_same_logits(src, opt)
     assert _repeat_kv_count(src) == 2 * LAYERS  # keys and values of every layer
     assert _repeat_kv_count(opt) == 0
@@ -164,22 +167,27 @@ def test_llama_logits_ops_and_idempotent(decoders, tmp_path):
     again = optimize_file(opt, tmp_path / "again.onnx")
     assert not again["changed"] and again["grouped_attention"] == [] and again["rmsnorm_div"] == []
     assert again["nodes_before"] == again["nodes_after"]
-    manifest = json.loads(opt.with_name("model_ort.manifest.json").read_text())
+    manifest = json.loads(opt.with_name("model_standard.manifest.json").read_text())
     assert manifest["stage"] == "optimize" and len(manifest["results"]["grouped_attention"]) == 2 * LAYERS
 
 
-def test_llama_contrib_logits_ops_and_idempotent(decoders, tmp_path):
+@pytest.mark.parametrize("variant", ["contrib", "contrib-gqa"])
+def test_llama_contrib_logits_ops_and_idempotent(decoders, tmp_path, variant):
     from gpcl_trt.passes.fuse_ort import optimize_file
 
-    src, _, contrib = decoders("llama")
-    _assert_same_logits(src, contrib)
-    after = _ort_ops(contrib, tmp_path)
-    assert after["GroupQueryAttention"] == LAYERS and after["RotaryEmbedding"] == 2 * LAYERS
+    src, standard, contrib, gqa = decoders("llama")
+    path = contrib if variant == "contrib" else gqa
+    _assert_same_logits(src, path)
+    after = _ort_ops(path, tmp_path)
+    assert after["RotaryEmbedding"] == 2 * LAYERS and after["Neg"] == 0 and _repeat_kv_count(path) == 0
     # every norm but the first (it reads the embedding, no residual Add) takes its residual Add in
     assert after["SkipSimplifiedLayerNormalization"] == 2 * LAYERS and after["SimplifiedLayerNormalization"] == 1
-    assert after["Softmax"] == 0 and after["Neg"] == 0 and _repeat_kv_count(contrib) == 0
-    assert sum(after.values()) < sum(_ort_ops(src.with_name("model_ort.onnx"), tmp_path).values())
-    again = optimize_file(contrib, tmp_path / "again.onnx", variant="contrib")
+    if variant == "contrib":
+        assert after["GroupQueryAttention"] == 0 and after["Softmax"] == LAYERS
+    else:
+        assert after["GroupQueryAttention"] == LAYERS and after["Softmax"] == 0
+    assert sum(after.values()) < sum(_ort_ops(standard, tmp_path).values())
+    again = optimize_file(path, tmp_path / "again.onnx", variant=variant)
     assert not again["changed"] and again["nodes_before"] == again["nodes_after"]
 
 
@@ -188,16 +196,16 @@ def test_llama_contrib_logits_ops_and_idempotent(decoders, tmp_path):
 def test_families_logits_and_generate(decoders, name):
     from gpcl_trt.generate import OrtRuntime, decode
 
-    src, opt, contrib = decoders(name)
-    assert _repeat_kv_count(src) == 2 * LAYERS and _repeat_kv_count(opt) == 0
+    src, *optimised = decoders(name)
+    assert _repeat_kv_count(src) == 2 * LAYERS and _repeat_kv_count(optimised[0]) == 0
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
     ref = decode(OrtRuntime(src, threads=1), prompts, max_new_tokens=16)["tokens"]
-    for cand in (opt, contrib):
+    for cand in optimised:
         _assert_same_logits(src, cand)
         assert decode(OrtRuntime(cand, threads=1), prompts, max_new_tokens=16)["tokens"] == ref
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [1, 2, 3])
 def test_greedy_generate_equal(decoders, variant):
     from gpcl_trt.generate import OrtRuntime, decode
 
@@ -208,15 +216,15 @@ def test_greedy_generate_equal(decoders, variant):
     assert cand["tokens"] == ref["tokens"]
 
 
-@pytest.mark.parametrize("variant", ["standard", "contrib"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gpcl_survives_both_orders(decoders, tmp_path, variant):
     """insert then optimize, and optimize then insert: the same logits as the GPCL model not
     optimised, and the same sites found on the optimised graph."""
     from gpcl_trt.passes import insert_file, sites_file
     from gpcl_trt.passes.fuse_ort import optimize_file
 
-    src, opt, contrib = decoders("llama")
-    opt = opt if variant == "standard" else contrib
+    src, *optimised = decoders("llama")
+    opt = optimised[VARIANTS.index(variant)]
     tau = 0.05  # small: GPCL clamps, so a GPCL node dropped by the rewrite would show in the logits
     gpcl = tmp_path / "gpcl.onnx"
     insert_file(src, gpcl, tau=tau)
@@ -265,13 +273,13 @@ def test_help_documents_every_option():
 def test_cli_generate_reads_the_optimised_artifact(decoders):
     """``gpcl-trt generate`` takes the optimised file as it is: the tokenizer is found through its
     manifest (optimize -> export -> model directory), and the text is the export's."""
-    src, opt, contrib = decoders("llama")
+    paths = decoders("llama")
     texts = []
-    for path in (src, opt, contrib):
+    for path in paths:
         r = CliRunner().invoke(
             main, ["generate", str(path), "--prompt", "w5 w6 w7", "--prompt", "w9", "--max-new-tokens", "6", "--json"]
         )
         assert r.exit_code == 0, r.output
         res = json.loads(r.stdout)
         texts.append({k: v for k, v in res.items() if k not in ("artifact", "measurements")})
-    assert texts[0]["outputs"] and texts[1] == texts[0] and texts[2] == texts[0]
+    assert texts[0]["outputs"] and all(t == texts[0] for t in texts[1:])

@@ -2,8 +2,9 @@
 onnxruntime-genai's builder output and its og.Generator, on one random-init Llama checkpoint.
 ``ours_ort`` is the same loop over our export rewritten by ``gpcl-trt optimize --for ort``
 (passes/fuse_ort.py: grouped attention without the repeat-KV copy, RMSNorm in the form ORT fuses;
-standard ONNX), ``ours_ortc`` by ``--variant contrib`` (ORT's GroupQueryAttention, RotaryEmbedding,
-SkipSimplifiedLayerNormalization).
+standard ONNX), ``ours_ortc`` by ``--variant contrib`` (also ORT's RotaryEmbedding and
+SkipSimplifiedLayerNormalization), ``ours_ortg`` by ``--variant contrib-gqa`` (also
+GroupQueryAttention).
 
 Every measurement runs in a fresh worker process (so peak RSS is that runtime's alone), rounds
 alternating between the two runtimes; greedy, no EOS (the same number of tokens on both sides),
@@ -12,7 +13,7 @@ the same random prompt ids, the same thread count. onnxruntime-genai lives in it
 its model builder runs in this venv (it needs torch and transformers) from that venv's package.
 
     .venv/bin/python tools/bench_generate.py --work /tmp/bg --shape small --batches 1,8 --rounds 3
-    .venv/bin/python tools/bench_generate.py --work /tmp/bg --runtimes ours,ours_ort,ours_ortc,genai
+    .venv/bin/python tools/bench_generate.py --work /tmp/bg --runtimes ours,ours_ort,ours_ortc,ours_ortg,genai --paired
 
 Prints one JSON object: per runtime and batch, the median time to first token (prefill + first
 pick), decode tokens/s (tokens after the first, all rows, over the time after the first pick)
@@ -100,7 +101,7 @@ def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
     opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
     cfg_path.write_text(json.dumps(cfg, indent=4))
     out = {"ckpt": ckpt, "ours": ours, "genai": genai}
-    for name, variant in (("ours_ort", "standard"), ("ours_ortc", "contrib")):
+    for name, variant in (("ours_ort", "standard"), ("ours_ortc", "contrib"), ("ours_ortg", "contrib-gqa")):
         out[name] = ours.with_name(f"model_{name[5:]}.onnx")
         if not out[name].is_file():
             from gpcl_trt.passes.fuse_ort import optimize_file
@@ -231,9 +232,9 @@ def main() -> None:
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
     ap.add_argument(
         "--runtimes",
-        default="ours,ours_ort,ours_ortc,genai",
-        help="comma list of ours (the export as it is), ours_ort (optimize --for ort), ours_ortc (optimize "
-        "--for ort --variant contrib), genai",
+        default="ours,ours_ort,ours_ortc,ours_ortg,genai",
+        help="comma list of ours (the export as it is), ours_ort (optimize --for ort), ours_ortc (--variant "
+        "contrib), ours_ortg (--variant contrib-gqa), genai",
     )
     ap.add_argument(
         "--paired",
@@ -262,8 +263,8 @@ def main() -> None:
     paths = prepare(a.work, a.shape, a.genai_python, a.threads)
     runs: dict = {}
     names = [n.strip() for n in a.runtimes.split(",") if n.strip()]
-    if "genai" not in names or not set(names) <= {"ours", "ours_ort", "ours_ortc", "genai"}:
-        ap.error("--runtimes: a comma list of ours, ours_ort, ours_ortc, genai that includes genai")
+    if "genai" not in names or not set(names) <= {"ours", "ours_ort", "ours_ortc", "ours_ortg", "genai"}:
+        ap.error("--runtimes: a comma list of ours, ours_ort, ours_ortc, ours_ortg, genai that includes genai")
     sides = [(n, a.genai_python if n == "genai" else sys.executable, paths[n]) for n in names]
     if a.paired:
         import sysconfig
