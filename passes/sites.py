@@ -29,6 +29,16 @@ order the graph reaches them), then by index. A norm of weights alone
 without a norm over the last axis (ResNet's BatchNorm over NCHW) has no site; ``sites_file``
 says why.
 
+An encoder-decoder's decoder block has a third site, ``pre-cross-attention``: the tensor that feeds
+the cross-attention's query projection (by scope: ``encoder_attn``, T5's ``EncDecAttention``; by
+structure: a root whose attention projections reach only the query operand of ``Q x K^T``, its
+keys and values being projections of the encoder's states or cached ones). Only that projection
+is rewired; an encoder graph that computes the decoder's cross-attention keys and values from its
+final norm has no such site. Without metadata, two towers (a dual encoder) are told apart by what
+each site is computed from, an MLP-only block after a tower's last attention block is a head
+(wav2vec2's classifier projector, SigLIP's pooling MLP), and a roll along a token axis between a
+norm and its projections (Swin's shifted windows) is seen through.
+
 One norm output read by both attention and MLP entry projections is one site of kind ``shared``
 (its consumers are both sets); parallel-residual blocks with two norms (GPT-NeoX) get two sites.
 A block module called more than once (ALBERT shares one layer's weights across its depth) gives
