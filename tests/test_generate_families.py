@@ -2,7 +2,7 @@
 decoder family of the corpus (tests/test_families.py): each tiny checkpoint exported with past by
 our exporter (test_families' session fixture: the same exports), two ragged prompts (6 and 9
 tokens, past the sliding windows and the chunked attention of 4) decoded together, left-padded,
-16 new tokens by the one generation loop in ONNX Runtime with the rules and EOS ids its manifest
+32 new tokens by the one generation loop in ONNX Runtime with the rules and EOS ids its manifest
 records, each row compared with HF's own generate of that prompt alone. Mistral (rotary, sliding
 window) and Bloom (ALiBi, no position_ids) run in `make test-fast`; the rest are slow."""
 
@@ -13,7 +13,7 @@ import pytest
 from test_families import CORPUS, DECODERS, family  # noqa: F401  (session fixture: the corpus' exports, shared)
 
 FAST = {"mistral", "bloom"}  # a rotary decoder with a sliding window; ALiBi without position_ids
-NEW = 16
+NEW = 32
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in DECODERS])
