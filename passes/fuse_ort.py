@@ -137,6 +137,16 @@ def grouped_attention(graph: gs.Graph, like: LoadedModel | None = None) -> list[
                 inputs=[a, _const(f"{tag}/gqa_fold_shape", [0, kv_heads, -1, 0])],
                 outputs=[a_g],
             )
+            sc = y.outputs[0] if len(y.outputs) == 1 else None
+            k = None if sc is None or sc.op != "Mul" or len(sc.inputs) != 2 else (1 if sc.inputs[0] is y else 0)
+            c = _const_value(sc.inputs[k]) if k is not None else None
+            if c is not None and c.size == 1 and sc.inputs[1 - k] is y:
+                # the softmax scale goes before the unfold, next to the MatMul: ORT folds it into
+                # FusedMatMul's alpha (one kernel fewer per layer)
+                sc.inputs[1 - k] = y_g
+                y = sc.outputs[0]
+                y_g = gs.Variable(f"{tag}/gqa_scaled", dtype=y.dtype)
+                sc.outputs[0] = y_g
             unfold = gs.Node(
                 "Reshape",
                 f"{tag}/gqa_unfold",
@@ -299,7 +309,10 @@ def contrib_attention(graph: gs.Graph, max_positions: int | None, like: LoadedMo
         if q3 is None or shape is None or not all(isinstance(d, int) for d in (shape[1], shape[3])):
             continue
         kv_heads, head = int(shape[1]), int(shape[3])
-        unfold = mm1.outputs[0].outputs[0] if len(mm1.outputs[0].outputs) == 1 else None
+        unfold, t = None, mm1.outputs[0]
+        while unfold is None and len(t.outputs) == 1 and t.outputs[0].op in ("Mul", "Reshape"):
+            unfold = t.outputs[0] if t.outputs[0].op == "Reshape" else None
+            t = t.outputs[0].outputs[0]
         heads = kv_heads if fold is None else (_int_at(unfold.inputs[1], 1) if unfold is not None else None)
         if not heads or heads % kv_heads:
             continue

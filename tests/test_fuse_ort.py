@@ -158,6 +158,10 @@ def test_llama_logits_ops_and_idempotent(decoders, tmp_path):
     assert before["SimplifiedLayerNormalization"] == 0
     assert after["SimplifiedLayerNormalization"] == 2 * LAYERS + 1
     assert after["Reciprocal"] == 0
+    # the softmax scale stays next to Q @ K^T, where ORT folds it (and K's transpose) into one
+    # FusedMatMul, as in the export; the only Muls gone are the norms' two each
+    assert after["FusedMatMul"] == before["FusedMatMul"] == LAYERS
+    assert after["Mul"] == before["Mul"] - 2 * (2 * LAYERS + 1)
     assert sum(after.values()) < sum(before.values())
     # the graph's interface is unchanged
     a, b = (onnx.load(str(p), load_external_data=False).graph for p in (src, opt))
