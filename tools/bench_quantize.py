@@ -229,11 +229,9 @@ def decode_rounds(variants: dict, a) -> dict:
             runs.setdefault(name, []).append(res)
             print(f"round {r} {name}: {res}", file=sys.stderr)
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
-    base = med.get("genai int4") or med["ours fp32"]
+    base_name = next((n for n in ("genai int4", "ours fp32") if n in med), names[0])  # --variants may drop both
     for v in med.values():
-        v["decode_vs_" + ("genai_int4" if "genai int4" in med else "ours_fp32")] = (
-            v["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        )
+        v["decode_vs_" + base_name.replace(" ", "_")] = v["decode_tokens_per_s"] / med[base_name]["decode_tokens_per_s"]
     return {"median": med, "runs": runs}
 
 
