@@ -60,7 +60,12 @@ def generation_rules(model_dir: Path | None) -> dict[str, Any]:
     pad = get("pad_token_id")
     forced = sorted((int(p), int(t)) for p, t in (get("forced_decoder_ids") or []) if t is not None)
     bad = [int(w[0]) for w in (get("bad_words_ids") or []) if isinstance(w, list) and len(w) == 1]
+    # rules of beam search or of sampling transformers would also apply: reported, not applied
+    neutral = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None,
+               "encoder_no_repeat_ngram_size": 0, "num_beams": 1}  # fmt: skip
+    ignored = sorted(k for k, v in neutral.items() if get(k) not in (None, v))
     return {
+        "not_applied": ignored,
         "decoder_prompt": [int(start)] + [t for _, t in forced],
         "eos_ids": eos_ids,
         "pad_id": int(pad) if isinstance(pad, int) else (eos_ids[0] if eos_ids else 0),
@@ -371,6 +376,7 @@ def generate_seq2seq(
         "max_new_tokens": max_new_tokens,
         "eos_ids": rules["eos_ids"],
         "decoder_prompt": rules["decoder_prompt"],
+        "rules_not_applied": rules["not_applied"],
         "stop": list(stop),
         "outputs": outputs,
         "measurements": {

@@ -56,6 +56,27 @@ def _config(name: str):
             relative_attention_num_buckets=8, **ids,
         )  # fmt: skip
         return tf.T5ForConditionalGeneration, cfg
+    if name in ("mt5", "flan-t5"):  # gated-GELU, untied head; Flan-T5 here with more decoder than encoder layers
+        cls, config = (
+            (tf.MT5ForConditionalGeneration, tf.MT5Config)
+            if name == "mt5"
+            else (tf.T5ForConditionalGeneration, tf.T5Config)
+        )
+        cfg = config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2 if name == "mt5" else 3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            tie_word_embeddings=False,
+            feed_forward_proj="gated-gelu",
+            **ids,
+        )
+        return cls, cfg
+    if name == "mbart":  # pre-LN, scaled embeddings, a forced first token (the target language)
+        return tf.MBartForConditionalGeneration, tf.MBartConfig(scale_embedding=True, **bart_like)
     if name == "bart":
         return tf.BartForConditionalGeneration, tf.BartConfig(bos_token_id=2, forced_eos_token_id=None, **bart_like)
     if name == "marian":
@@ -86,6 +107,8 @@ def make_checkpoint(name: str, out: Path) -> Path:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.3)
+    if name == "mbart":  # the target language token, as mBART-50's generation_config.json sets it
+        model.generation_config.forced_bos_token_id = 5
     model.save_pretrained(out)
     _tokenizer(out)
     if name == "whisper":
@@ -257,9 +280,14 @@ def test_whisper_export_and_generate_from_wav(exported, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bart", "marian", "pegasus"])
-def test_bart_like_export_graphs_and_greedy(name, exported):
-    _check_export(name, exported)
+@pytest.mark.parametrize("name", ["bart", "marian", "pegasus", "mbart", "mt5", "flan-t5"])
+def test_more_families_export_graphs_and_greedy(name, exported):
+    result = _check_export(name, exported)
+    if name == "mbart":  # the forced first token, in both decodes
+        assert all(row[0] == 5 for row in result["validation"]["greedy"]["onnx"])
+    if name == "flan-t5":  # transformers 5.25's generate cannot run it: the reference is its own forward
+        assert result["validation"]["greedy"]["reference"].startswith("PyTorch forward without a cache")
+        assert len(result["inputs"]["decoder"]) == 2 + 4 * 3
 
 
 def test_onnx_output_name_is_refused(tmp_path):
