@@ -3,10 +3,12 @@
 The reference is the quantized graph with each DequantizeLinear replaced by its numpy result
 (rtn.dequantize of the stored values): the same weights, in float. Both run in ONNX Runtime on
 one generated feed; the candidate with MatMulNBits' fp32 compute (accuracy level 1), so the two
-differ by rounding order only and the fp32 diff tolerance applies. What it catches: a packing,
-layout or scale error, a projection pointed at the wrong weight. It holds the dequantized
-weights in memory, so it runs for models whose weights are small (gpcl.LARGE_WEIGHT_BYTES) and
-is skipped, with the reason, above.
+differ by rounding order only and the fp32 diff tolerance applies. What it catches: ONNX Runtime
+reading the stored data (int4 nibble order, block layout, axis, the scales' type) or the rewired
+graph otherwise than the quantizer meant; not a wrong value that both sides read alike (the RTN
+tests hold those against a plain reference). It holds the dequantized weights in float, so it
+runs for models whose float weights are small (gpcl.LARGE_WEIGHT_BYTES) and is skipped, with the
+reason, above.
 """
 
 from __future__ import annotations
