@@ -15,9 +15,9 @@ the norm that produces ``x`` (LayerNormalization's scale and bias, an RMSNorm's 
 ``Mul`` by a weight vector) when the projections are that norm's only readers; else a ``Mul`` by
 a ``[K]`` vector is inserted on the group's input (one small vector per group).
 
-Memory: the calibration session is ONNX Runtime over the float model (its weights mapped where
-they are external: a bounded session for a large model); the search reads one weight at a time
-whole (float32), which RTN reads in chunks.
+Memory: the calibration session is ONNX Runtime over the float model up to the last group input
+(its weights mapped where they are external: a bounded session for a large model); the kept
+rows are capped (ROWS_BYTES); the search reads one weight at a time, in chunks of columns.
 """
 
 from __future__ import annotations
@@ -73,22 +73,53 @@ def groups_of(model: Any, weights: list) -> tuple[list[Group], dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- calibration
-def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str | None) -> dict:
-    """Run ONNX Runtime over the float model on the calibration data with each group's input as
-    an extra output; fill each group's mean |x| per channel and its kept rows. Returns where the
-    data came from."""
+def _probe(model: Any, groups: list[Group]) -> Any:
+    """The float graph with the groups' inputs as its only outputs and the nodes past them gone
+    (the output head: a 152k-vocabulary lm_head's transposed copy alone was half a GB)."""
     import onnx
 
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    producer = {o: n for n in g.node for o in n.output}
+    need, stack, keep = set(), [grp.tensor for grp in groups], set()
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        node = producer.get(t)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for a in node.attribute:  # names a subgraph reads from the outer scope
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    nodes = [n for n in g.node if id(n) in keep]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input} | need
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name in used]
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    for grp in groups:
+        g.output.append(onnx.helper.make_tensor_value_info(grp.tensor, grp.weights[0].out_type, None))
+    return probe
+
+
+def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str | None) -> dict:
+    """Run ONNX Runtime over the float model (up to the groups' inputs, _probe) on the calibration
+    data; fill each group's mean |x| per channel and its kept rows. Returns where the data came
+    from."""
     from gpcl_trt.common import has_large_weights
     from gpcl_trt.feeds import complete_feed, ort_session, specs_from_session
     from gpcl_trt.passes.calibrate import sample_inputs
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for g in groups:
-        if g.tensor not in have:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(g.tensor, g.weights[0].out_type, None))
+    probe = _probe(model, groups)
     batches, desc = sample_inputs(SimpleNamespace(model=model), src, samples, data)
     session = ort_session(probe, base_dir=src.parent, bounded=has_large_weights(model, src.parent))
     specs = specs_from_session(session)
@@ -105,7 +136,7 @@ def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str 
             outs = session.run(names, feed)
         except Exception as exc:
             raise GpclError(f"ONNX Runtime failed on the calibration data ({one_line(exc)})") from None
-        mask = feed.get("attention_mask")
+        mask = feed.get("attention_mask", batch.get("attention_mask"))  # the probe may not read it
         for name, arr in zip(names, outs):
             x = np.asarray(arr, np.float32)
             k = x.shape[-1]
