@@ -147,13 +147,11 @@ def _export_seq2seq(
 ) -> dict[str, Any]:
     from gpcl_trt.exporter.seq2seq import export_seq2seq
 
-    if lazy is True:
-        raise GpclError(f"lazy export of encoder-decoder models is not supported yet ({d}); the model is loaded")
     if not any(d.glob("*.safetensors")):
         check_weights(d, allow_pickle)
     opts.resolve(d)
     return export_seq2seq(
-        d, Path(output), opts, task, force, trust_remote_code, allow_pickle, external_data, packages=PACKAGES
+        d, Path(output), opts, task, force, trust_remote_code, allow_pickle, external_data, packages=PACKAGES, lazy=lazy
     )
 
 

@@ -59,8 +59,9 @@ class Seq2Seq(ArchConfig):
 
     family = "encoder-decoder"
     tasks = (TEXT2TEXT_GENERATION, AUTOMATIC_SPEECH_RECOGNITION)
-    # Loaded by transformers (exporter/build.py: load_model): no lazy export yet, and checkpoints
-    # omit tensors the model computes at init (Marian's sinusoidal positions).
+    # load_model (the eager path, and the PyTorch side of diff) checks only the layer counts
+    # against the headers: checkpoints omit tensors the model computes (Marian's sinusoidal
+    # positions), which the lazy binder's precheck reports as missing (exporter/build.py).
     eager_only = True
 
     def __init__(self, hf_config: Any, dtype: str = "fp32"):
@@ -357,16 +358,22 @@ def export_seq2seq(
     allow_pickle: bool,
     external_data: Any,
     packages: tuple[str, ...],
+    lazy: bool | None = None,
 ) -> dict[str, Any]:
-    """Export into the directory ``out``: both graphs traced from one eagerly loaded model,
-    validated against it (each graph's outputs, then a greedy decode of the two ONNX graphs
-    against transformers' ``generate``), each written with its manifest; the directory appears
-    under its final name only when every check has passed."""
+    """Export into the directory ``out``: both graphs traced from one model, validated against it
+    (each graph's outputs, then a greedy decode of the two ONNX graphs against transformers'
+    ``generate``), each written with its manifest; the directory appears under its final name
+    only when every check has passed. A safetensors checkpoint is exported lazily as decoders
+    are (exporter/lazy.py: built on ``meta``, traced on fake weights, each graph's external data
+    linked from the checkpoint or converted, ``OUT/encoder_model.onnx.<file>``); where the lazy
+    binder cannot place every parameter (Marian's checkpoints omit their sinusoidal positions,
+    which the model computes) or for pickle weights, the model is loaded eagerly."""
     from gpcl_trt import progress
     from gpcl_trt.common import atomic_dir, check_can_write, manifest_path, sha256_file, write_manifest
-    from gpcl_trt.exporter.build import load_model
+    from gpcl_trt.exporter import lazy as lz
+    from gpcl_trt.exporter.build import load_model, quiet
     from gpcl_trt.exporter.tracing import trace, trace_errors
-    from gpcl_trt.exporter.writing import write_eager
+    from gpcl_trt.exporter.writing import weights_layout, write_eager
 
     if out.suffix == ".onnx":
         raise GpclError(
@@ -378,29 +385,57 @@ def export_seq2seq(
     check_can_write(out, force)
     if opts.dtype == "bf16":
         raise GpclError("--dtype bf16 is not supported for encoder-decoder export yet; use fp32 or fp16")
-    with progress.step(f"load {d.name} (eager: encoder-decoder)"):
-        decoder_module, arch, task = load_model(d, task, trust_remote_code, allow_pickle, opts.dtype)
-    model = decoder_module.core.model
-    modules = arch.modules(model, task)
-    layout = {None: None, "auto": None, "inline": False}.get(external_data, external_data is not False)
+    built, eager_reason = _lazy_build(d, opts.dtype, task, trust_remote_code, lazy)
+    if built is not None:
+        model, ckpt, binding, arch, task = built
+        lz.fake_parameters(model)
+        with quiet():
+            modules = arch.modules(model, task)
+        layout = weights_layout(external_data, lz.nbytes_of(binding))
+    else:
+        with progress.step(f"load {d.name} (eager: {eager_reason})"):
+            decoder_module, arch, task = load_model(d, task, trust_remote_code, allow_pickle, opts.dtype)
+        model = decoder_module.core.model
+        modules = arch.modules(model, task)
+        eager_layout = {None: None, "auto": None, "inline": False}.get(external_data, external_data is not False)
 
     class _Failed(Exception):
         pass
 
     result: dict[str, Any] = {}
+    placements: dict[str, Any] = {}
     try:
         with atomic_dir(out, force) as tmp:
             files: dict[str, dict[str, Any]] = {}
             for which, name in GRAPHS.items():
                 graph = arch.graph(which)
+                bind = None
+                if built is not None:
+                    placement = placements[which] = lz.convert_weights(binding, ckpt, tmp, name)
+                    bind = lambda m, p=placement: lz.bind_initializers(m, binding, p)  # noqa: E731
+                how = "on fake weights, " if built is not None else ""
                 with (
-                    progress.step(f"trace {arch.name} {which} ({task}, opset {opts.opset}, {opts.dtype})"),
+                    progress.step(f"trace {arch.name} {which} ({how}{task}, opset {opts.opset}, {opts.dtype})"),
                     trace_errors(d, arch, task),
                 ):
-                    proto = trace(modules[which], graph, task, opts.opset)
-                data = write_eager(proto, tmp / name, layout)
+                    proto = trace(modules[which], graph, task, opts.opset, bind=bind)
+                if built is not None:
+                    data = lz.finalize_proto(proto, placements[which], tmp, name, layout)
+                    (tmp / name).write_bytes(proto.SerializeToString())
+                    weights = {
+                        "path": "lazy",
+                        "layout": layout,
+                        "links": placements[which].links,
+                        "in_place_bytes": placements[which].in_place_bytes,
+                        "converted_bytes": placements[which].converted_bytes,
+                    }
+                else:
+                    data = write_eager(proto, tmp / name, eager_layout)
+                    weights = {"path": "eager", "eager_reason": eager_reason}
                 del proto
-                files[which] = {"file": name, "data_files": data}
+                files[which] = {"file": name, "data_files": data, "weights": weights}
+            if built is not None:  # the PyTorch reference reads the checkpoint's own bytes
+                lz.real_parameters(model, binding, lz.reference_tensors(binding, ckpt, placements["decoder"]))
             validation = {}
             if opts.validate != "none":
                 with progress.step("validate against PyTorch (each graph, then a greedy decode)"):
@@ -409,6 +444,8 @@ def export_seq2seq(
             result = _result(d, out, arch, task, opts, files, validation, ok)
             if not ok:
                 raise _Failed()
+            for which, placement in placements.items():  # data files a graph does not read
+                lz.drop_unused(placement, files[which]["data_files"])
             model_hash, hash_kind = _model_identity(d)
             inputs = {
                 "model_dir": str(d),
@@ -434,7 +471,7 @@ def export_seq2seq(
                     "inputs": [s.as_dict() for s in graph.inputs(task)],
                     "outputs": [s.as_dict() for s in graph.outputs(task)],
                     "external_data": info["data_files"],
-                    "weights": {"path": "eager", "eager_reason": "encoder-decoder export loads the model"},
+                    "weights": info["weights"],
                     "validation": validation.get(which, {"mode": "none", "skipped": True}),
                     "greedy": validation.get("greedy"),
                 }
@@ -446,6 +483,32 @@ def export_seq2seq(
         return result
     result["files"] = {w: {**i, "path": str(out / i["file"])} for w, i in files.items()}
     return result
+
+
+def _lazy_build(d: Path, dtype: str, task: str, trust_remote_code: bool, lazy: bool | None) -> tuple[Any, str]:
+    """``((model, checkpoint, binding, arch, task), None)`` for the lazy path, else ``(None, why)``."""
+    from gpcl_trt import progress
+    from gpcl_trt.exporter.build import bind_config, lazy_model, quiet
+
+    if not any(d.glob("*.safetensors")):
+        if lazy is True:
+            raise GpclError(f"lazy export needs safetensors weights; {d} has pickle weights")
+        return None, "pickle weights"
+    if lazy is False:
+        return None, "lazy=False"
+    with progress.step(f"read {d.name} (config and safetensors headers)"), quiet():
+        hf_config, arch, task = bind_config(d, Seq2Seq, dtype, task, trust_remote_code)
+        try:
+            built = lazy_model(d, hf_config, arch, task, dtype, trust_remote_code)
+        except GpclError as exc:  # e.g. a parameter the checkpoint omits because the model computes it
+            if lazy is True:
+                raise
+            built = f"the lazy binder cannot place every parameter ({one_line(exc)})"
+    if isinstance(built, str):
+        if lazy is True:
+            raise GpclError(f"lazy export impossible for {d}: {built}")
+        return None, built
+    return (*built, arch, task), None
 
 
 def _model_identity(d: Path) -> tuple[str, str]:
@@ -465,7 +528,7 @@ def _result(d: Path, out: Path, arch: Seq2Seq, task: str, opts: Any, files: dict
         "family": arch.family,
         "graphs": {w: i["file"] for w, i in files.items()},
         "validation": summary | {k: validation[k] for k in ("encoder", "decoder", "greedy") if k in validation},
-        "weights": {"path": "eager", "eager_reason": "encoder-decoder export loads the model"},
+        "weights": {w: i["weights"] for w, i in files.items()},
         "external_data": {w: i["data_files"] for w, i in files.items()},
         "dtype": {"value": opts.dtype, "requested": opts.asked_dtype, "reason": opts.dtype_reason},
         "inputs": {w: [s.name for s in arch.graph(w).inputs(task)] for w in GRAPHS},
@@ -595,6 +658,11 @@ def greedy_check(
     if arch.dtype == "fp16" and "input_features" in kw:
         kw["input_features"] = kw["input_features"].half()
     prompt = torch.tensor([rules["decoder_prompt"]] * got.shape[0], dtype=torch.long)
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        # a model built from its config (the lazy path) has the config's defaults, not the file's
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     neutral = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0, "length_penalty": 1.0}
     reference = "transformers generate(do_sample=False, num_beams=1)"
     try:

@@ -283,6 +283,9 @@ def test_whisper_export_and_generate_from_wav(exported, tmp_path):
 @pytest.mark.parametrize("name", ["bart", "marian", "pegasus", "mbart", "mt5", "flan-t5"])
 def test_more_families_export_graphs_and_greedy(name, exported):
     result = _check_export(name, exported)
+    # safetensors: the lazy path, but Marian's checkpoints omit the sinusoidal positions its model computes
+    paths = {w["path"] for w in result["weights"].values()}
+    assert paths == ({"eager"} if name == "marian" else {"lazy"}), result["weights"]
     if name == "mbart":  # the forced first token, in both decodes
         assert all(row[0] == 5 for row in result["validation"]["greedy"]["onnx"])
     if name == "flan-t5":  # transformers 5.25's generate cannot run it: the reference is its own forward
@@ -298,3 +301,19 @@ def test_onnx_output_name_is_refused(tmp_path):
     with pytest.raises(GpclError, match="exports to a directory"):
         export_model(d, tmp_path / "t5.onnx")
     assert not (tmp_path / "t5.onnx").exists()
+
+
+@pytest.mark.slow
+def test_t5_lazy_export_links_the_checkpoint(tmp_path):
+    """external_data=link: each graph's weights are hard links of the checkpoint under its own name."""
+    from gpcl_trt.exporter import export_model
+
+    d = make_checkpoint("t5", tmp_path / "m")
+    result = export_model(d, tmp_path / "o", external_data="link")
+    assert result["ok"] and result["validation"]["greedy"]["equal"]
+    for which in ("encoder", "decoder"):
+        w = result["weights"][which]
+        assert w["path"] == "lazy" and w["layout"] == "link", w
+        linked = [f for f in result["external_data"][which] if f.endswith(".safetensors")]
+        assert linked == [f"{result['graphs'][which]}.model.safetensors"]
+        assert (tmp_path / "o" / linked[0]).stat().st_ino == (d / "model.safetensors").stat().st_ino
