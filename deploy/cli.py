@@ -11,7 +11,7 @@ from gpcl_trt.cli import result_command
 
 def register(main: click.Group) -> None:
     @result_command(main, "triton")
-    @click.argument("artifact", type=click.Path(dir_okay=False))
+    @click.argument("artifact", type=click.Path())
     @click.option(
         "--repo",
         required=True,
@@ -80,6 +80,13 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="Requests NAME_generate decodes together (the in-flight batch); more wait in a queue.",
     )
+    @click.option(
+        "--encoder",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="An encoder-decoder's encoder graph (ARTIFACT is then its decoder), e.g. GPCL-inserted copies of both; "
+        "an export directory (ARTIFACT = OUT/) needs none.",
+    )
     @click.option("--force", is_flag=True, help="Overwrite REPO/NAME (and REPO/NAME_generate) if it exists.")
     def triton(
         artifact,
@@ -95,10 +102,13 @@ def register(main: click.Group) -> None:
         generate,
         tokenizer,
         generate_slots,
+        encoder,
         force,
     ):
         """Write a Triton model repository entry REPO/NAME for ARTIFACT (an ONNX model or an
-        engine): config.pbtxt from Triton's own schema, the model file under 1/, a README."""
+        engine): config.pbtxt from Triton's own schema, the model file under 1/, a README.
+        An encoder-decoder export directory (or its decoder with --encoder) gives REPO/NAME_encoder,
+        REPO/NAME_decoder (tensor models) and REPO/NAME_generate (text, or Whisper's audio, in)."""
         from gpcl_trt.common import GpclError, eprint
         from gpcl_trt.deploy.triton import write_triton_repo
 
@@ -124,11 +134,14 @@ def register(main: click.Group) -> None:
             generate=generate,
             tokenizer=tokenizer,
             generate_slots=generate_slots,
+            encoder=encoder,
         )
-        eprint(f"wrote {result['model_dir']} ({result['backend']}, max_batch_size {result['max_batch_size']})")
+        for entry in (result.get("seq2seq") or {"model": result}).values():
+            eprint(f"wrote {entry['model_dir']} ({entry['backend']}, max_batch_size {entry['max_batch_size']})")
         gen = result.get("generate_model") or {}
         if gen.get("model_dir"):
-            eprint(f"wrote {gen['model_dir']} (text generation, {gen['slots']} slots)")
+            what = "audio-to-text" if gen.get("speech") else "text"
+            eprint(f"wrote {gen['model_dir']} ({what} generation, {gen['slots']} slots)")
         elif gen.get("reason") and not gen["reason"].startswith("not a decoder"):
             eprint(f"no generation model: {gen['reason']}")
         if check:

@@ -286,8 +286,13 @@ def write_triton_repo(
     generate: bool | None = None,
     tokenizer: str | os.PathLike | None = None,
     generate_slots: int = 8,
+    encoder: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``repo/name`` as a Triton model; returns the paths, the config text and the I/O.
+
+    An encoder-decoder export (``artifact`` its directory, or its decoder with ``encoder``, e.g.
+    GPCL-inserted copies of the two graphs) is written as two tensor models, ``name_encoder`` and
+    ``name_decoder``, plus ``name_generate`` (text or, for Whisper, audio in; text out).
 
     ``max_batch_size=None`` picks 8 when every input and output has a dynamic leading axis,
     else 0. The model directory is built in a temporary sibling and renamed into place.
@@ -296,6 +301,23 @@ def write_triton_repo(
     the text generation model (deploy/triton_generate.py).
     """
     artifact = Path(artifact)
+    pair = _seq2seq_pair(artifact, encoder)
+    if pair is not None:
+        return _write_seq2seq(
+            pair,
+            repo,
+            name,
+            backend=backend,
+            max_batch_size=max_batch_size,
+            instances=instances,
+            dynamic_batching=dynamic_batching,
+            plugin_lib=plugin_lib,
+            onnx=onnx,
+            kind=kind,
+            force=force,
+            generate=generate,
+            tokenizer=tokenizer,
+        )
     if not artifact.is_file():
         raise GpclError(f"artifact {artifact} does not exist")
     validate_model_name(name)
@@ -446,3 +468,84 @@ def _write_entry(
         "io": io,
         "plugin_lib": str(final / VERSION / plugin_name) if plugin_name else None,
     }
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+def _seq2seq_pair(artifact: Path, encoder: str | os.PathLike | None) -> tuple[Path, Path] | None:
+    """(encoder, decoder) when ``artifact`` is an encoder-decoder export directory or, with
+    ``encoder``, a decoder file; None for any other single artifact."""
+    from gpcl_trt.generate.seq2seq import DECODER_FILE, ENCODER_FILE, export_files
+
+    if encoder is None:
+        if not artifact.is_dir():
+            return None
+        pair = export_files(artifact)
+        if pair is None:
+            raise GpclError(
+                f"{artifact} is a directory but not an encoder-decoder export ({ENCODER_FILE} and {DECODER_FILE}); "
+                "give a model file"
+            )
+        return pair
+    encoder = Path(encoder)
+    for p, role in ((encoder, "--encoder"), (artifact, "the decoder")):
+        if not p.is_file():
+            raise GpclError(f"{role} {p} does not exist")
+    enc_io, dec_io = onnx_io(encoder) if encoder.suffix == ".onnx" else None, None
+    if artifact.suffix == ".onnx":
+        dec_io = onnx_io(artifact)
+        if not any(t["name"].startswith("past_key_values.") and ".encoder." in t["name"] for t in dec_io["inputs"]):
+            raise GpclError(f"--encoder: {artifact.name} is not an encoder-decoder's decoder (no cross-attention KV)")
+    if enc_io is not None and not any(".encoder." in t["name"] for t in enc_io["outputs"]):
+        raise GpclError(f"--encoder {encoder.name} is not an encoder-decoder's encoder (no present.*.encoder outputs)")
+    return encoder, artifact
+
+
+def _write_seq2seq(pair: tuple[Path, Path], repo: Any, name: str, **kw: Any) -> dict[str, Any]:
+    """NAME_encoder and NAME_decoder (tensor models, written as any single graph is) and
+    NAME_generate from the two ONNX graphs (deploy/triton_generate.py)."""
+    from gpcl_trt.deploy.triton_generate import generate_name, write_seq2seq_generate_model
+    from gpcl_trt.manifest import model_dir_of
+
+    encoder, decoder = pair
+    if kw.get("onnx") is not None:
+        raise GpclError(
+            "--onnx names one graph's ONNX model; an encoder-decoder's engines name theirs in their manifests"
+        )
+    validate_model_name(name)
+    names = {"encoder": validate_model_name(name + "_encoder"), "decoder": validate_model_name(name + "_decoder")}
+    gen_name = validate_model_name(generate_name(name))
+    generate, tokenizer = kw.pop("generate"), kw.pop("tokenizer")
+    force = kw["force"]
+    repo = Path(repo)
+    backend = kw.get("backend") or guess_backend(decoder)
+    reason = None
+    model_dir = model_dir_of(decoder) if decoder.suffix == ".onnx" else None
+    tok_dir = Path(tokenizer) if tokenizer is not None else model_dir
+    if generate is False:
+        reason = "not asked for (--no-generate)"
+    elif backend == "tensorrt" or decoder.suffix != ".onnx" or encoder.suffix != ".onnx":
+        reason = "the generation loop has no TensorRT runtime yet (engines serve the tensor models only)"
+    elif tok_dir is None:
+        reason = "no model directory in the manifest chain to take the tokenizer from (pass --tokenizer DIR)"
+    if reason is not None and generate:
+        raise GpclError(f"cannot write the generation model: {reason}")
+    targets = list(names.values()) + ([gen_name] if reason is None else [])
+    for t in targets:  # refused before anything is written
+        if (repo / t).exists() and not force:
+            raise GpclError(f"{repo / t} exists; pass --force to overwrite it")
+    entries = {
+        role: write_triton_repo(path, repo, names[role], generate=False, **kw)
+        for role, path in (("encoder", encoder), ("decoder", decoder))
+    }
+    gen: dict[str, Any] = {"name": gen_name, "reason": reason}
+    if reason is None:
+        gen = write_seq2seq_generate_model(encoder, decoder, repo, gen_name, tok_dir, model_dir, force=force)
+    result = dict(entries["decoder"])
+    result.update(
+        name=name,
+        seq2seq={
+            role: {k: e[k] for k in ("name", "model_dir", "backend", "max_batch_size")} for role, e in entries.items()
+        },
+        generate_model={k: str(v) if isinstance(v, Path) else v for k, v in gen.items()},
+    )
+    return result

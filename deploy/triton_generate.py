@@ -45,6 +45,11 @@ OUTPUTS = (
     ("cum_log_probs", "TYPE_FP32", [1]),
 )
 CONFIG_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json")
+# an encoder-decoder's generation model also takes the feature extractor (Whisper) and its two graphs
+SEQ2SEQ_FILES = ("preprocessor_config.json",)
+ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model_merged.onnx"
+# a speech model's request: FP32 mono samples at the feature extractor's rate (text_input is then absent)
+AUDIO_INPUT = ("audio", "TYPE_FP32", [-1], True)
 # the model's generation rules (gpcl_trt.generate.rules), from the artifact's manifest chain at write time: the
 # version directory's model.onnx has no manifest, so the served model reads them from here
 RULES_FILE = "gpcl_generation.json"
@@ -58,6 +63,8 @@ def why_not(artifact: Path, backend: str, io: dict, tokenizer_dir: Path | None) 
     """None when a generation model can be written for this artifact, else the reason."""
     if backend == "tensorrt":
         return "the generation loop has no TensorRT runtime yet (engines serve the tensor model only)"
+    if any(is_past(t["name"]) and ".encoder." in t["name"] for t in io["inputs"]):
+        return "an encoder-decoder's decoder alone: give the export directory, or the decoder with --encoder FILE"
     if artifact.suffix != ".onnx" or not any(is_past(t["name"]) for t in io["inputs"]):
         return "not a decoder exported with past (past_key_values.* inputs)"
     if tokenizer_dir is None:
@@ -67,12 +74,13 @@ def why_not(artifact: Path, backend: str, io: dict, tokenizer_dir: Path | None) 
     return None
 
 
-def build_generate_config(name: str, slots: int, params: dict[str, str]):
+def build_generate_config(name: str, slots: int, params: dict[str, str], speech: bool = False):
     from tritonclient.grpc import model_config_pb2 as mc
 
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
-    for input_name, dtype, dims, optional in INPUTS:
+    inputs = [(n, t, d, o or speech) for n, t, d, o in INPUTS] + ([AUDIO_INPUT] if speech else [])
+    for input_name, dtype, dims, optional in inputs:
         cfg.input.add(name=input_name, data_type=mc.DataType.Value(dtype), dims=dims, optional=optional)
     for output_name, dtype, dims in OUTPUTS:
         cfg.output.add(name=output_name, data_type=mc.DataType.Value(dtype), dims=dims)
@@ -155,7 +163,28 @@ def write_generate_model(
     }
 
 
-def _readme(name: str) -> str:
+def _readme(name: str, seq2seq: bool = False, speech: bool = False) -> str:
+    if seq2seq:
+        example = (
+            '{"audio": [0.0, 0.01, ...], "max_tokens": 32}'
+            if speech
+            else '{"text_input": "translate: hello", "max_tokens": 32}'
+        )
+        return (
+            f"# Triton model `{name}` (python backend, decoupled: encoder-decoder generation)\n\n"
+            "Written by `gpcl-trt triton` for an encoder-decoder export, next to its two tensor models.\n"
+            "The same generate endpoint and fields as a decoder's generation model:\n\n"
+            f"    curl -s localhost:8000/v2/models/{name}/generate -d '{example}'\n\n"
+            + (
+                "A speech model (Whisper) takes `audio`: FP32 mono samples at its feature extractor's rate\n"
+                "(16 kHz), e.g. a WAV file's samples; `1/preprocessor_config.json` turns them into features.\n"
+                if speech
+                else ""
+            )
+            + f"`1/{ENCODER_FILE}` runs once per request, then `1/{DECODER_FILE}` one token a step;\n"
+            "requests are decoded one at a time in arrival order (the decoder takes no self-attention mask,\n"
+            "so requests at different steps cannot share a batch); the others wait.\n"
+        )
     return (
         f"# Triton model `{name}` (python backend, decoupled: text generation)\n\n"
         "Written by `gpcl-trt triton` next to the decoder's tensor model. It speaks Triton's generate\n"
@@ -172,3 +201,82 @@ def _readme(name: str) -> str:
         f"`1/{RULES_FILE}` holds the model's generation rules (EOS ids, positions, re-prefill).\n"
         "`gpcl_python_path` lists where gpcl_trt, onnxruntime and transformers are found.\n"
     )
+
+
+def write_seq2seq_generate_model(
+    encoder: Path,
+    decoder: Path,
+    repo: Path,
+    name: str,
+    tokenizer_dir: Path,
+    config_dir: Path | None,
+    default_max_tokens: int = 16,
+    force: bool = False,
+) -> dict[str, Any]:
+    """``repo/name`` for an encoder-decoder: the same endpoint and fields as a decoder's, its ``1/``
+    holding both graphs (encoder_model.onnx, decoder_model_merged.onnx), the tokenizer, config and
+    generation config (the seq2seq runtime reads its rules from them: generate/seq2seq.py) and, for
+    Whisper, the feature extractor; a speech model's request gives ``audio`` instead of text_input."""
+    from gpcl_trt.deploy.triton import _python_path, _save_onnx, config_text, onnx_io, parse_config
+    from gpcl_trt.generate.seq2seq import generation_rules
+
+    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise GpclError(f"no tokenizer files in {tokenizer_dir} (pass --tokenizer DIR)")
+    speech = any(t["name"] == "input_features" for t in onnx_io(encoder)["inputs"])
+    if speech and (config_dir is None or not (config_dir / SEQ2SEQ_FILES[0]).is_file()):
+        raise GpclError(f"a speech model needs its feature extractor ({SEQ2SEQ_FILES[0]}) in the model directory")
+    rules = generation_rules(config_dir)
+    final = repo / name
+    with atomic_dir(final, force=force) as tmp:
+        vdir = tmp / "1"
+        vdir.mkdir()
+        _save_onnx(encoder, vdir / ENCODER_FILE)
+        _save_onnx(decoder, vdir / DECODER_FILE)
+        shutil.copyfile(MODEL_SOURCE, vdir / "model.py")
+        linked = []
+        for d, names in ((tokenizer_dir, TOKENIZER_FILES + CONFIG_FILES), (config_dir, CONFIG_FILES + SEQ2SEQ_FILES)):
+            for f in names if d is not None else ():
+                if (d / f).is_file() and not (vdir / f).exists():
+                    weightfiles.link_or_copy(d / f, vdir / f)
+                    linked.append(f)
+        params = {
+            "onnx_file": DECODER_FILE,
+            "encoder_file": ENCODER_FILE,
+            "gpcl_python_path": _python_path(),
+            "default_max_tokens": str(default_max_tokens),
+        }
+        text = config_text(build_generate_config(name, 1, params, speech=speech))
+        parse_config(text)
+        (tmp / "config.pbtxt").write_text(text)
+        (tmp / "README.md").write_text(_readme(name, seq2seq=True, speech=speech))
+        write_manifest(
+            tmp / "config.pbtxt",
+            stage="triton",
+            inputs={
+                "encoder": {"path": str(encoder), "sha256": sha256_file(encoder)},
+                "artifact": {"path": str(decoder), "sha256": sha256_file(decoder)},
+            },
+            options={"backend": "python", "generate": True, "slots": 1, "tokenizer": str(tokenizer_dir)},
+            results={
+                "inputs": [i[0] for i in INPUTS] + (["audio"] if speech else []),
+                "outputs": [o[0] for o in OUTPUTS],
+                "files": sorted(linked),
+                "seq2seq": {"speech": speech, "batching": "one request at a time, the others queued"},
+                "generation": {k: v for k, v in rules.items() if k != "not_applied"},
+                "rules_not_applied": rules["not_applied"],
+            },
+            packages=("tritonclient", "onnx", "transformers"),
+            weight_files={
+                f"1/{f.name}": weightfiles.file_identity(f)
+                for f in sorted(vdir.iterdir())
+                if f.name.startswith((ENCODER_FILE, DECODER_FILE))
+            },
+        )
+    return {
+        "name": name,
+        "model_dir": str(final),
+        "config": str(final / "config.pbtxt"),
+        "slots": 1,
+        "speech": speech,
+        "rules_from": "config.json / generation_config.json",
+    }

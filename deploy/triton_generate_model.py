@@ -18,6 +18,11 @@ Config parameters:
   slots               requests decoded together (the in-flight batch)
   default_max_tokens  max_tokens when a request gives none
   intra_op_threads    ONNX Runtime threads (0: its default)
+  encoder_file        an encoder-decoder (T5, BART, Marian, Pegasus, Whisper): its encoder graph; onnx_file
+                      is then the decoder (decoder_model_merged.onnx) and requests are decoded one at a
+                      time in arrival order (gpcl_trt.generate.inflight.Seq2SeqQueue). A speech model
+                      takes ``audio`` (FP32 mono samples at its feature extractor's rate, 16 kHz for
+                      Whisper) instead of text_input; preprocessor_config.json lies next to it.
 The tokenizer, config.json and generation_config.json lie in the version directory, and
 gpcl_generation.json: the model's generation rules from the export's manifest chain.
 """
@@ -105,16 +110,39 @@ class TritonPythonModel:
         self.Sampling = Sampling
         vdir = os.path.join(args["model_repository"], args["model_version"])
         threads = int(params.get("intra_op_threads", "0") or 0) or None
-        runtime = OrtRuntime(os.path.join(vdir, params.get("onnx_file", "model.onnx")), threads=threads)
         self.tokenizer = load_tokenizer(vdir)
+        self.default_max_tokens = int(params.get("default_max_tokens", "16") or 16)
+        self.logger = pb_utils.Logger
+        if params.get("encoder_file"):
+            self._initialize_seq2seq(vdir, params, threads)
+            return
+        self.speech = False
+        runtime = OrtRuntime(os.path.join(vdir, params.get("onnx_file", "model.onnx")), threads=threads)
         rules = Path(vdir) / RULES_FILE  # the export's rules; a repository written before: config.json
         section = json.loads(rules.read_text()) if rules.is_file() else None
         settings = model_settings(Path(vdir), self.tokenizer, section=section)
         self.vocab = runtime.session.get_outputs()[0].shape[-1]
         self.vocab = self.vocab if isinstance(self.vocab, int) else None
-        self.default_max_tokens = int(params.get("default_max_tokens", "16") or 16)
         self.batcher = InflightBatcher(runtime, self.tokenizer, settings, capacity=int(params.get("slots", "8") or 8))
-        self.logger = pb_utils.Logger
+
+    def _initialize_seq2seq(self, vdir, params, threads):
+        from gpcl_trt.generate.inflight import Seq2SeqQueue
+        from gpcl_trt.generate.seq2seq import OrtSeq2SeqRuntime, generation_rules
+
+        runtime = OrtSeq2SeqRuntime(
+            os.path.join(vdir, params["encoder_file"]),
+            os.path.join(vdir, params.get("onnx_file", "decoder_model_merged.onnx")),
+            threads=threads,
+        )
+        self.speech = runtime.speech
+        fx = None
+        if self.speech:
+            from transformers import AutoFeatureExtractor
+
+            fx = AutoFeatureExtractor.from_pretrained(vdir, local_files_only=True)
+        vocab = runtime.decoder.get_outputs()[0].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else None
+        self.batcher = Seq2SeqQueue(runtime, self.tokenizer, generation_rules(Path(vdir)), fx)
 
     def _check_id(self, name, value):
         if value is None or (name == "end_id" and value == -1):
@@ -127,6 +155,13 @@ class TritonPythonModel:
     def _request(self, request):
         """The request's fields, checked: (text, batcher keywords, stream, pad_id, max_tokens)."""
         texts = _strings(request, "text_input")
+        audio = pb_utils.get_input_tensor_by_name(request, "audio") if self.speech else None
+        if self.speech:  # a speech model: audio samples instead of text
+            if texts:
+                raise ValueError("this is a speech model: give audio (FP32 samples), not text_input")
+            if audio is None:
+                raise ValueError("audio is required: FP32 mono samples at the model's sampling rate")
+            texts = [None]
         if len(texts) != 1:
             raise ValueError(f"text_input must be one string, got {len(texts)}")
         params = _parameters(request)
@@ -153,6 +188,8 @@ class TritonPythonModel:
             "details": True,
             "log_probs": bool(values["return_log_probs"]),
         }
+        if audio is not None:
+            kw["audio"] = audio.as_numpy().astype(np.float32).reshape(-1)
         return texts[0], kw, bool(values["stream"]), values["pad_id"], max_tokens
 
     def _submit(self, request):

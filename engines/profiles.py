@@ -20,6 +20,8 @@ AXIS_DEFAULTS: dict[str, Range] = {
     "batch": (1, 4, 8),
     "sequence": (1, 128, 512),
     "past_sequence": (1, 128, 512),
+    # an encoder-decoder's source length (encoder inputs, the decoder's cross KV and encoder_attention_mask)
+    "encoder_sequence": (1, 128, 512),
     "text_batch": (1, 4, 8),  # a dual encoder's labels and images (CLIP, SigLIP)
     "image_batch": (1, 4, 8),
     "samples": (400, 16000, 80000),  # 16 kHz waveform samples: 25 ms .. 5 s (wav2vec2-style encoders)
@@ -82,6 +84,10 @@ def make_profiles(
             f"--shapes names unknown input(s) {', '.join(unknown)}; the model's inputs are {', '.join(sorted(names))}"
         )
     axes: dict[str, Range] = dict(AXIS_DEFAULTS)
+    if any(n.startswith("past_key_values.") and ".decoder." in n for n, _ in inputs):
+        # an encoder-decoder's merged decoder takes its first step with an empty self-attention cache
+        # (TensorRT-RTX builds and runs zero-size dims): past_sequence starts at 0
+        axes["past_sequence"] = (0, *axes["past_sequence"][1:])
     # Axes fixed by an override apply to every input that shares the axis name.
     overridden: dict[str, tuple[str, Range]] = {}
     for name, dims in inputs:

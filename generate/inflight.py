@@ -16,6 +16,13 @@ rule (a row whose sequence first passes ``reprefill_at`` is prefilled again, alo
 Needs a model that reads ``position_ids`` (left padding shifts positions otherwise) and has no
 re-prefill rule (Phi-3's LongRoPE switches factors for the whole batch); otherwise the capacity
 is 1 (requests are served one at a time, the rule followed per request).
+
+``Seq2SeqQueue`` serves an encoder-decoder export (``generate.seq2seq.OrtSeq2SeqRuntime``) through the
+same ``submit`` / ``emit`` contract, one request at a time in arrival order (the others wait): its
+decoder graph takes no decoder attention mask, so rows that joined at different steps cannot be
+left-padded into one self-attention cache, and the cross KV would need padding over the source
+length too. Each request: the encoder once, then the decoder prompt and one token per step, the
+model's generation rules applied as ``decode_seq2seq`` applies them.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     token_log_probs: list[float] = field(default_factory=list)
     emitted: int = 0  # tokens already handed to emit (details)
+    source: Any = None  # Seq2SeqQueue: the encoder's inputs
+    state: Any = None  # Seq2SeqQueue: the decoder's binding and self-attention cache
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)
@@ -334,3 +343,106 @@ class InflightBatcher:
         assert rt.outputs[0] == LOGITS
         new_cache = {spec.name: values[1 + i] for i, spec in enumerate(rt.past)}
         return np.asarray(values[0].numpy()[:, -1, :], np.float32), new_cache
+
+
+class Seq2SeqQueue(InflightBatcher):
+    """Encoder-decoder generation behind ``InflightBatcher``'s interface: ``submit(text, emit, ...)``
+    or, for a speech model, ``submit(None, emit, audio=samples, ...)`` (float32 mono samples at the
+    feature extractor's rate). Capacity 1: requests are decoded one after the other."""
+
+    def __init__(self, runtime: Any, tokenizer: Any, rules: dict, feature_extractor: Any = None):
+        self.rt = runtime
+        self.tok = tokenizer
+        self.rules = rules
+        self.fx = feature_extractor
+        self.settings = {"eos_ids": rules.get("eos_ids") or [], "max_positions": rules.get("max_positions")}
+        self.capacity = 1
+        self.pending = collections.deque()
+        self.rows = []
+        self.cache, self.mask = None, None
+        self.stats = {"steps": 0, "row_steps": 0, "max_rows": 0, "admitted": 0, "cancelled": 0}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="gpcl-seq2seq", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        text: str | None,
+        emit: Emit,
+        *,
+        max_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = (),
+        eos_ids: Sequence[int] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+        bad_words: Sequence[str] = (),
+        details: bool = False,
+        log_probs: bool = False,
+        audio: np.ndarray | None = None,
+    ) -> None:
+        if int(max_tokens) < 1:
+            raise GpclError(f"max_tokens must be >= 1, got {max_tokens}")
+        sampling = sampling.check()
+        if self.rt.speech:
+            if text:
+                raise GpclError("a speech model takes audio (float32 samples), not text_input")
+            samples = np.asarray(audio if audio is not None else [], np.float32).reshape(-1)
+            if samples.size == 0:
+                raise GpclError("audio must hold at least one sample (float32, mono, at the model's sampling rate)")
+            if not np.isfinite(samples).all():
+                raise GpclError("audio holds a value that is not finite")
+            rate = int(self.fx.sampling_rate)
+            feats = self.fx([samples], sampling_rate=rate, return_tensors="np")["input_features"]
+            source = {"input_features": np.asarray(feats, np.float32)}
+        else:
+            if audio is not None:
+                raise GpclError("audio: this is a text encoder-decoder; give text_input")
+            if not isinstance(text, str) or not text:
+                raise GpclError("text_input must be a non-empty string")
+            enc = self.tok([text], return_tensors="np")
+            ids = enc["input_ids"].astype(np.int64)
+            if ids.shape[1] == 0:
+                raise GpclError("text_input encodes to no token")
+            source = {"input_ids": ids, "attention_mask": enc["attention_mask"].astype(np.int64)}
+        prompt = [int(t) for t in self.rules["decoder_prompt"]]
+        limit = self.settings.get("max_positions")
+        budget = min(int(max_tokens), limit - len(prompt)) if limit else int(max_tokens)
+        if budget < 1:
+            raise GpclError(f"the model has {limit} decoder positions")
+        eos = set(self.settings["eos_ids"]) if eos_ids is None else {int(e) for e in eos_ids}
+        bad = [[int(t) for t in self.tok(w, add_special_tokens=False)["input_ids"]] for w in bad_words if w]
+        if any(not ids for ids in bad):
+            raise GpclError("a bad word encodes to no token")
+        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled, bad, details, log_probs)
+        row.source = source
+        with self._cond:
+            if self._closed:
+                raise GpclError("the batcher is closed")
+            self.pending.append(row)
+            self._cond.notify()
+
+    def _logits(self, row: _Row, ids: list[int]) -> np.ndarray:
+        from gpcl_trt.generate.seq2seq import _apply_rules
+
+        step = len(row.tokens)
+        logits = self.rt.step(row.state, np.array([ids], np.int64))
+        return _apply_rules(logits, self.rules, step, step + 1 == row.budget)[0]
+
+    def _join(self, row: _Row, ids: list[int]) -> None:
+        cross = self.rt.encode(row.source)
+        row.state = self.rt.start(cross, row.source.get("attention_mask"), 1)
+        if not self._take(row, self._logits(row, ids)):
+            self.rows = [row]
+
+    def _leave(self, gone: Sequence[int]) -> None:
+        self.rows = [r for i, r in enumerate(self.rows) if i not in set(gone)]
+
+    def _step(self) -> None:
+        row = self.rows[0]
+        logits = self._logits(row, [row.tokens[-1]])
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += 1
+        self.stats["max_rows"] = 1
+        if self._take(row, logits):
+            self._leave([0])
