@@ -485,7 +485,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--latency-child":
         path, *nums = sys.argv[2:]
         return latency_child(path, *map(int, nums))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # --help: the first paragraph, and the encoder-decoder mode's paragraph (what each timing includes)
+    seq2seq_doc = next(par for par in __doc__.split("\n\n") if par.startswith("Encoder-decoder models"))
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=seq2seq_doc + " Results and the command of record: BENCHMARKS.md, 'Export: encoder-decoder vs Optimum'.",
+    )
     ap.add_argument("--model-dir", help="HF model directory (default: the embedded MiniLM)")
     ap.add_argument(
         "--task",
