@@ -462,9 +462,13 @@ def run_seq2seq(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result))
         return
+    print_seq2seq(result)
+
+
+def print_seq2seq(result: dict) -> None:
     for shape, r in result["models"].items():
         e = r["export"]
-        print(f"{shape}: export, {args.rounds} round(s), median wall, max peak RssAnon of the process tree")
+        print(f"{shape}: export, {result['rounds']} round(s), median wall, max peak RssAnon of the process tree")
         for v in ("gpcl-trt", "optimum"):
             print(f"  {v:<10} {e[v]['wall_s']:8.1f} s  {e[v]['peak_anon_gb']:6.2f} GB")
         print(f"  gpcl-trt / optimum: wall {e['wall_ratio']:.2f}x, RssAnon {e['anon_ratio']:.2f}x")
