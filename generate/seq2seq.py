@@ -64,9 +64,13 @@ def generation_rules(model_dir: Path | None) -> dict[str, Any]:
     neutral = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None,
                "encoder_no_repeat_ngram_size": 0, "num_beams": 1}  # fmt: skip
     ignored = sorted(k for k, v in neutral.items() if get(k) not in (None, v))
+    prompt, detect = [int(start)] + [t for _, t in forced], None
+    if gen.get("lang_to_id") or gen.get("no_timestamps_token_id") is not None:
+        prompt, detect = _whisper_prompt(gen, cfg, int(start))
     return {
         "not_applied": ignored,
-        "decoder_prompt": [int(start)] + [t for _, t in forced],
+        "decoder_prompt": prompt,
+        "detect_language": detect,
         "eos_ids": eos_ids,
         "pad_id": int(pad) if isinstance(pad, int) else (eos_ids[0] if eos_ids else 0),
         "suppress": sorted(set(int(t) for t in (get("suppress_tokens") or [])) | set(bad)),
@@ -75,6 +79,45 @@ def generation_rules(model_dir: Path | None) -> dict[str, Any]:
         "forced_eos": get("forced_eos_token_id"),
         "max_positions": get("max_target_positions") or cfg.get("max_position_embeddings"),
     }
+
+
+def _whisper_prompt(gen: dict, cfg: dict, start: int) -> tuple[list[int], list[int] | None]:
+    """Whisper's decoder prompt as transformers' WhisperGenerationMixin builds it without
+    ``language``/``task`` arguments: the start token, the forced ids from index 1 on (a None
+    language among them, or none at all, with ``lang_to_id``: the language is detected, one
+    decoder step over the language tokens), the task id where the config names ``task`` or
+    ``language``, then ``<|notimestamps|>``. Returns the prompt (-1 where the detected language
+    goes) and the language ids to detect among (None: no detection)."""
+    forced = sorted((int(p), t) for p, t in (gen.get("forced_decoder_ids") or cfg.get("forced_decoder_ids") or []))
+    tokens: list[int | None] = [start]
+    task, language = gen.get("task"), gen.get("language")
+    if task is None and language is None and forced and forced[0][0] == 1:
+        for i, (pos, tok) in enumerate(forced, start=1):
+            if pos != i:
+                break
+            tokens.append(tok)
+    lang_to_id, task_to_id = gen.get("lang_to_id") or {}, gen.get("task_to_id") or {}
+    detect = None
+    if language is not None:
+        code = language if language in lang_to_id else f"<|{language}|>"
+        if code not in lang_to_id:
+            raise GpclError(f"generation_config.json: language {language!r} is not in lang_to_id")
+        lang = lang_to_id[code]
+        tokens[1:2] = [lang]
+    elif lang_to_id and (len(tokens) <= 1 or tokens[1] is None):
+        detect = sorted(int(v) for v in lang_to_id.values())
+        tokens[1:2] = [-1]
+    if task is not None:
+        task_id = task_to_id[task]
+        known = set(task_to_id.values())
+        at = next((i for i, t in enumerate(tokens) if t in known), None)
+        tokens[at if at is not None else len(tokens) : (at + 1) if at is not None else len(tokens)] = [task_id]
+    elif language is not None and task_to_id and not any(t in task_to_id.values() for t in tokens):
+        tokens.append(task_to_id["transcribe"])
+    no_ts = gen.get("no_timestamps_token_id")
+    if not gen.get("return_timestamps") and no_ts is not None and tokens[-1] != no_ts:
+        tokens.append(int(no_ts))
+    return [int(t) for t in tokens if t is not None], detect
 
 
 class OrtSeq2SeqRuntime:
@@ -185,6 +228,14 @@ def decode_seq2seq(
     state = runtime.start(cross, mask, batch)
     prompt = list(rules["decoder_prompt"])
     ids = np.tile(np.asarray(prompt, np.int64), (batch, 1))
+    full = ids
+    if rules.get("detect_language"):  # Whisper: one step over the tokens before the language, argmax among languages
+        at = prompt.index(-1)
+        langs = np.asarray(rules["detect_language"], np.int64)
+        logits = np.asarray(runtime.step(state, ids[:, :at]), np.float32)
+        ids[:, at] = langs[np.argmax(logits[:, langs], axis=-1)]
+        full = ids.copy()
+        ids = ids[:, at:]  # the tokens before it are in the cache now
     eos = set(rules.get("eos_ids") or ())
     pad = int(rules.get("pad_id") or 0)
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -219,6 +270,7 @@ def decode_seq2seq(
         "tokens": tokens,
         "finish": finish,
         "array": np.stack(rows, axis=1),
+        "prompts": full.tolist(),  # the decoder prompt of each row (a detected language filled in)
         "measurements": {
             "prompts": batch,
             "new_tokens": new,
@@ -350,6 +402,7 @@ def generate_seq2seq(
             n_in = int(source["attention_mask"][r].sum()) if "attention_mask" in source else 0
             outputs.append(
                 {
+                    "decoder_prompt": out["prompts"][r],
                     "prompt": items[i],
                     "text": s.text,
                     "tokens": out["tokens"][r],
