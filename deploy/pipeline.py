@@ -51,6 +51,7 @@ class Ctx:
     options: dict[str, dict[str, Any]]
     skip: tuple[str, ...]
     results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    seq2seq: bool = False  # an encoder-decoder: every GPCL stage runs once per graph (GRAPHS)
 
     def path(self, rel: str) -> Path:
         return self.out / rel
@@ -61,8 +62,24 @@ class Ctx:
 
     @property
     def source(self) -> Path:
-        """The model the GPCL stages start from: the quantized model when [quantize] is on."""
+        """The model the GPCL stages start from: the quantized model when [quantize] is on (for an
+        encoder-decoder: the export directory ``model/`` with both graphs)."""
+        if self.seq2seq:
+            return self.path("model")
         return self.path("model_q.onnx" if "quantize" in self.options else "model.onnx")
+
+    def graph(self, kind: str, graph: str) -> Path:
+        """An encoder-decoder's per-graph artifact: ``kind`` export / calib / gpcl / engine / report."""
+        from gpcl_trt.generate.seq2seq import DECODER_FILE, ENCODER_FILE
+
+        file = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE}[graph]
+        return {
+            "export": self.path("model") / file,
+            "gpcl": self.path("model_gpcl") / file,
+            "calib": self.path(f"calib_{graph}.json"),
+            "engine": self.path(f"model_gpcl_{graph}.engine"),
+            "report": self.path(f"accuracy_{graph}"),
+        }[kind]
 
     @property
     def reference(self) -> Path:
@@ -88,6 +105,8 @@ class Stage:
 def _export(ctx: Ctx, opts: dict) -> dict:
     if ctx.from_onnx:
         return _import_onnx(ctx, opts)
+    if ctx.seq2seq:  # a directory of two graphs
+        return export_model(ctx.model_dir, ctx.path("model"), force=True, **opts)
     return export_model(ctx.model_dir, ctx.path("model.onnx"), force=True, **opts)
 
 
@@ -129,23 +148,123 @@ def _quantize(ctx: Ctx, opts: dict) -> dict:
     return quantize_model(ctx.path("model.onnx"), ctx.path("model_q.onnx"), force=True, **opts)
 
 
+def _per_graph(ctx: Ctx, run: Callable[[str], dict]) -> dict:
+    """An encoder-decoder stage: ``run(graph)`` for each graph; ok when both are, their results
+    under ``graphs``, counts summed where the summary reads them."""
+    graphs = {g: run(g) for g in GRAPHS}
+    out: dict[str, Any] = {"ok": all(r.get("ok", True) for r in graphs.values()), "graphs": graphs}
+    sites = [s for r in graphs.values() for s in r.get("sites") or []]
+    if sites:
+        out["sites"] = sites
+    if any("inserted" in r for r in graphs.values()):
+        out["inserted"] = [x for r in graphs.values() for x in r.get("inserted") or []]
+        out["mode"] = graphs["decoder"].get("mode")
+    for key in ("architecture", "task", "backend", "precision", "gpcl"):
+        if key in graphs["decoder"]:
+            out[key] = graphs["decoder"][key]
+    return out
+
+
 def _calibrate(ctx: Ctx, opts: dict) -> dict:
+    if ctx.seq2seq:
+        return _per_graph(
+            ctx, lambda g: calibrate_file(ctx.graph("export", g), ctx.graph("calib", g), force=True, **opts)
+        )
     return calibrate_file(ctx.source, ctx.path("calib.json"), force=True, **opts)
 
 
 def _insert(ctx: Ctx, opts: dict) -> dict:
     if "sites" in opts:
         opts = {**opts, "sites": tuple(opts["sites"])}
+    if ctx.seq2seq:
+        ctx.path("model_gpcl").mkdir(exist_ok=True)
+
+        def one(g: str) -> dict:
+            calibration = None if "tau" in opts else ctx.graph("calib", g)
+            return insert_file(
+                ctx.graph("export", g), ctx.graph("gpcl", g), calibration=calibration, force=True, **opts
+            )
+
+        return _per_graph(ctx, one)
     # A fixed tau in the config replaces the calibration (insert_file takes exactly one).
     calibration = None if "tau" in opts else ctx.path("calib.json")
     return insert_file(ctx.source, ctx.path("model_gpcl.onnx"), calibration=calibration, force=True, **opts)
 
 
 def _build(ctx: Ctx, opts: dict) -> dict:
+    if ctx.seq2seq:  # one engine per graph
+        return _per_graph(ctx, lambda g: build_engine(ctx.graph("gpcl", g), ctx.graph("engine", g), force=True, **opts))
     return build_engine(ctx.path("model_gpcl.onnx"), ctx.path("model_gpcl.engine"), force=True, **opts)
 
 
+def _diff_seq2seq(ctx: Ctx, opts: dict) -> dict:
+    """Each GPCL graph against the exported graph it came from (ONNX Runtime on both: the PyTorch
+    side of one graph alone takes other inputs), and a greedy decode of each pair."""
+
+    result = _per_graph(
+        ctx,
+        lambda g: diff(
+            reference=ctx.graph("export", g),
+            candidate=ctx.graph("gpcl", g),
+            report=ctx.graph("report", g),
+            force=True,
+            **opts,
+        ),
+    )
+    from gpcl_trt.deploy.triton import onnx_io
+
+    speech = any(t["name"] == "input_features" for t in onnx_io(ctx.graph("export", "encoder"))["inputs"])
+    if not speech:  # reported, not gating (as a decoder's generation check, in its summary fields)
+        result["generation"] = _greedy_agreement(ctx)
+    result["summary"] = "; ".join(f"{g}: {r.get('summary')}" for g, r in result["graphs"].items())
+    write_json_atomic(ctx.path("accuracy.json"), result, force=True)
+    write_manifest(
+        ctx.path("accuracy.json"),
+        "diff",
+        inputs={
+            "reference": str(ctx.path("model")),
+            "candidate_sha256": {g: sha256_file(ctx.graph("gpcl", g)) for g in GRAPHS},
+        },
+        options=opts,
+        results={"ok": result.get("ok")},
+        packages=("onnxruntime", "polygraphy"),
+    )
+    return result
+
+
+SEQ2SEQ_PROMPTS = ("The quick brown fox", "translate English to German: hello world", "summarize: a b c")
+
+
+def _greedy_agreement(ctx: Ctx, max_new_tokens: int = 16) -> dict:
+    """Greedy tokens of the exported pair vs the GPCL pair: the share of positions that agree and
+    where each prompt first diverges."""
+    from gpcl_trt.generate.seq2seq import generate_seq2seq
+
+    ref, cand = (
+        [o["tokens"] for o in generate_seq2seq(ctx.path(d), SEQ2SEQ_PROMPTS, max_new_tokens=max_new_tokens)["outputs"]]
+        for d in ("model", "model_gpcl")
+    )
+    same = total = 0
+    first = []
+    for a, b in zip(ref, cand):
+        n = max(len(a), len(b))
+        hits = [i < len(a) and i < len(b) and a[i] == b[i] for i in range(n)]
+        same, total = same + sum(hits), total + n
+        if not all(hits):
+            first.append(hits.index(False))
+    return {
+        "prompts": len(SEQ2SEQ_PROMPTS),
+        "max_new_tokens": max_new_tokens,
+        "greedy_agreement": same / total if total else 1.0,
+        "mean_first_divergence": sum(first) / len(first) if first else None,
+        "reference_nll": None,
+        "candidate_nll": None,
+    }
+
+
 def _diff(ctx: Ctx, opts: dict) -> dict:
+    if ctx.seq2seq:
+        return _diff_seq2seq(ctx, opts)
     result = diff(
         reference=ctx.reference, candidate=ctx.path("model_gpcl.onnx"), report=ctx.path("accuracy"), force=True, **opts
     )
@@ -176,6 +295,8 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
     opts = dict(opts)
     backends = opts.pop("backends", list(TRITON_ENTRY_SUFFIX))
     repo = ctx.path("triton_repo")
+    if ctx.seq2seq:
+        return _triton_seq2seq(ctx, opts, backends, repo)
     engine = ctx.path("model_gpcl.engine")
     plugin = (ctx.options.get("build") or {}).get("plugin_lib")
     entries = {}
@@ -211,7 +332,91 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
     return {"ok": True, "repo": str(repo), "served_model": ctx.name, "entries": entries}
 
 
+def _triton_seq2seq(ctx: Ctx, opts: dict, backends: list, repo: Path) -> dict:
+    """NAME_encoder, NAME_decoder and NAME_generate (python backend), NAME_ort_{encoder,decoder}
+    and, with engines, NAME_trt_{encoder,decoder}."""
+    from gpcl_trt.weightfiles import remove_tree
+
+    plugin = (ctx.options.get("build") or {}).get("plugin_lib")
+    built = "build" not in ctx.skip and all(ctx.graph("engine", g).is_file() for g in GRAPHS)
+    entries: dict[str, Any] = {}
+    for backend in backends:
+        base = ctx.name + TRITON_ENTRY_SUFFIX[backend]
+        if backend == "tensorrt":
+            if not built:
+                continue
+            rs = [
+                write_triton_repo(
+                    ctx.graph("engine", g),
+                    repo,
+                    f"{base}_{g}",
+                    backend="tensorrt",
+                    onnx=ctx.graph("gpcl", g),
+                    plugin_lib=plugin,
+                    force=True,
+                    **{k: v for k, v in opts.items() if k != "generate"},
+                )
+                for g in GRAPHS
+            ]
+            for r in rs:
+                entries[r["name"]] = {
+                    "backend": "tensorrt",
+                    "model_dir": r["model_dir"],
+                    "max_batch_size": r["max_batch_size"],
+                }
+            continue
+        gen_opts = opts if backend == "python" else {**opts, "generate": False}
+        r = write_triton_repo(ctx.path("model_gpcl"), repo, base, backend=backend, force=True, **gen_opts)
+        for e in r["seq2seq"].values():
+            entries[e["name"]] = {
+                "backend": backend,
+                "model_dir": e["model_dir"],
+                "max_batch_size": e["max_batch_size"],
+            }
+        gen = r.get("generate_model") or {}
+        if gen.get("model_dir"):
+            entries[gen["name"]] = {"backend": "python", "model_dir": gen["model_dir"], "generate": True}
+    for suffix in ("_ort", "_trt"):
+        for g in GRAPHS:
+            stale = f"{ctx.name}{suffix}_{g}"
+            if stale not in entries and (repo / stale / "config.pbtxt").is_file():
+                remove_tree(repo / stale)
+    return {"ok": True, "repo": str(repo), "served_model": f"{ctx.name}_decoder", "entries": entries}
+
+
+def _serve_seq2seq(ctx: Ctx, opts: dict) -> dict:
+    """Both tensor models in one tritonserver, each compared with ONNX Runtime."""
+    from gpcl_trt.deploy.server import TritonServer
+
+    repo = ctx.path("triton_repo")
+    names = [f"{ctx.name}_{g}" for g in GRAPHS]
+    server = TritonServer(repo, models=names)
+    try:
+        server.start()
+        graphs = {g: check_served_model(repo, n, server=server, **opts) for g, n in zip(GRAPHS, names)}
+    finally:
+        server.stop()
+    result = {"ok": all(r["ok"] for r in graphs.values()), "graphs": graphs}
+    first = graphs["decoder"]
+    for key in ("http_max_abs_diff", "grpc_max_abs_diff", "load"):
+        if key in first:
+            result[key] = first[key]
+    return result
+
+
 def _serve(ctx: Ctx, opts: dict) -> dict:
+    if ctx.seq2seq:
+        result = _serve_seq2seq(ctx, opts)
+        write_json_atomic(ctx.path("served.json"), result, force=True)
+        write_manifest(
+            ctx.path("served.json"),
+            "serve",
+            inputs={"repo": str(ctx.path("triton_repo")), "models": [f"{ctx.name}_{g}" for g in GRAPHS]},
+            options=opts,
+            results={"ok": result["ok"]},
+            packages=("tritonclient", "nvidia-pytriton", "onnxruntime"),
+        )
+        return result
     result = check_served_model(ctx.path("triton_repo"), ctx.name, **opts)
     write_json_atomic(ctx.path("served.json"), result, force=True)
     write_manifest(
@@ -227,7 +432,39 @@ def _serve(ctx: Ctx, opts: dict) -> dict:
 
 def _triton_inputs(ctx: Ctx) -> list[Path]:
     # A skipped build leaves no engine to serve, whatever an earlier run left behind.
+    if ctx.seq2seq:
+        engines = [] if "build" in ctx.skip else [ctx.graph("engine", g) for g in GRAPHS]
+        return [ctx.path("model_gpcl")] + engines
     return [ctx.path("model_gpcl.onnx")] + ([] if "build" in ctx.skip else [ctx.path("model_gpcl.engine")])
+
+
+def _insert_inputs(ctx: Ctx) -> list[Path]:
+    if ctx.seq2seq:
+        return [ctx.source] + [ctx.graph("calib", g) for g in GRAPHS]
+    return [ctx.source, ctx.path("calib.json")]
+
+
+def _gpcl(ctx: Ctx) -> list[Path]:
+    return [ctx.path("model_gpcl" if ctx.seq2seq else "model_gpcl.onnx")]
+
+
+def _diff_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.path("model"), ctx.path("model_gpcl")] if ctx.seq2seq else [ctx.reference, ctx.path("model_gpcl.onnx")]
+
+
+GRAPHS = ("encoder", "decoder")
+# An encoder-decoder's outputs, per stage (the others as in STAGES): directories of both graphs, a file per graph
+SEQ2SEQ_OUTPUTS = {
+    "export": ("model",),
+    "calibrate": ("calib_encoder.json", "calib_decoder.json"),
+    "insert": ("model_gpcl",),
+    "build": ("model_gpcl_encoder.engine", "model_gpcl_decoder.engine"),
+    "diff": ("accuracy.json", "accuracy_encoder", "accuracy_decoder"),
+}
+
+
+def stage_outputs(stage: "Stage", ctx: Ctx) -> tuple[str, ...]:
+    return SEQ2SEQ_OUTPUTS.get(stage.name, stage.outputs) if ctx.seq2seq else stage.outputs
 
 
 def _p(*names: str) -> Callable[[Ctx], list[Path]]:
@@ -267,7 +504,7 @@ STAGES: tuple[Stage, ...] = (
         "insert",
         "insert GPCL",
         ("model_gpcl.onnx",),
-        lambda ctx: [ctx.source, ctx.path("calib.json")],
+        _insert_inputs,
         _insert,
         insert_file,
         ("input", "output", "calibration", "force"),
@@ -276,7 +513,7 @@ STAGES: tuple[Stage, ...] = (
         "build",
         "build engine",
         ("model_gpcl.engine",),
-        _p("model_gpcl.onnx"),
+        _gpcl,
         _build,
         build_engine,
         ("onnx_path", "output", "force"),
@@ -285,7 +522,7 @@ STAGES: tuple[Stage, ...] = (
         "diff",
         "accuracy diff",
         ("accuracy.json", "accuracy"),
-        lambda ctx: [ctx.reference, ctx.path("model_gpcl.onnx")],
+        _diff_inputs,
         _diff,
         diff,
         ("reference", "candidate", "report", "force"),
@@ -298,7 +535,7 @@ STAGES: tuple[Stage, ...] = (
         _triton_inputs,
         _triton,
         write_triton_repo,
-        ("artifact", "repo", "name", "backend", "onnx", "force"),
+        ("artifact", "repo", "name", "backend", "onnx", "force", "encoder"),
         extra_options=("backends",),
     ),
     Stage(
@@ -427,7 +664,7 @@ def _stage_key(stage: Stage, ctx: Ctx, opts: dict) -> str:
 
 
 def _outputs_hash(stage: Stage, ctx: Ctx) -> dict[str, str | None]:
-    return {rel: _hash_path(ctx.path(rel)) for rel in stage.outputs}
+    return {rel: _hash_path(ctx.path(rel)) for rel in stage_outputs(stage, ctx)}
 
 
 def _read_state(out: Path) -> dict[str, Any]:
@@ -471,6 +708,8 @@ def run_pipeline(
     # Check the input before anything is created, so bad input leaves no output directory.
     if model_dir.is_dir():
         check_model_dir(model_dir)
+        if _is_seq2seq(model_dir) and "quantize" in options:
+            raise GpclError("[quantize]: the pipeline does not quantize an encoder-decoder's two graphs yet")
     else:
         from gpcl_trt.common import load_onnx
 
@@ -499,6 +738,7 @@ def _run_stages(model_dir: Path, out: Path, name: str, skip: tuple, options: dic
     from gpcl_trt.progress import console
 
     ctx = Ctx(model_dir=model_dir.resolve(), out=out.resolve(), name=name, options=options, skip=skip)
+    ctx.seq2seq = _is_seq2seq(ctx.model_dir)
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -562,6 +802,16 @@ def _run_stages(model_dir: Path, out: Path, name: str, skip: tuple, options: dic
     summary = summarize(ctx, statuses, timings, round(time.perf_counter() - t_all, 2))
     write_summary(summary, out)
     return summary
+
+
+def _is_seq2seq(model_dir: Path) -> bool:
+    """An encoder-decoder model directory (T5, BART, Marian, Pegasus, Whisper): exported as two graphs."""
+    if not model_dir.is_dir():
+        return False
+    from gpcl_trt.exporter.api import family_class, read_model_dir
+
+    d, raw = read_model_dir(model_dir)
+    return family_class(raw, d / "config.json", False).family == "encoder-decoder"
 
 
 def _save_state(out: Path, state: dict, stage: str, entry: dict) -> None:

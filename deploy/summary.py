@@ -23,6 +23,11 @@ def _tau_range(sites: list[dict]) -> tuple[float | None, float | None]:
 
 
 def _accuracy(diff: dict) -> dict[str, Any]:
+    if diff.get("graphs"):  # an encoder-decoder: both graphs' outputs, one verdict
+        graphs = diff["graphs"]
+        outputs = {f"{g}:{k}": o for g, d in graphs.items() for k, o in (d.get("outputs") or {}).items()}
+        tolerances = next((d.get("tolerances") for d in graphs.values() if d.get("tolerances")), None)
+        diff = {**diff, "outputs": outputs, "tolerances": tolerances}
     outputs = diff.get("outputs") or {}
     if not outputs:
         return {}
@@ -51,6 +56,12 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
     tau_min, tau_max = _tau_range(sites)
     # A skipped build may have left an older engine behind: it is not this run's.
     engine = ctx.path("model_gpcl.engine") if "build" in statuses and "build" not in ctx.skip else Path("/nonexistent")
+    engines = [engine]
+    if getattr(ctx, "seq2seq", False) and engine.name != "nonexistent":  # one engine per graph
+        engines = [ctx.graph("engine", g) for g in ("encoder", "decoder")]
+        engines = engines if all(e.is_file() for e in engines) else [Path("/nonexistent")]
+        graphs = (build.get("graphs") or {}).values()
+        build = {**build, "build_seconds": sum(g.get("build_seconds") or 0 for g in graphs) or None}
     load = serve.get("load") or {}
     checks = {
         "accuracy": r.get("diff", {}).get("ok") if "diff" in r else None,
@@ -72,8 +83,8 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
             "names": [s.get("gpcl") or s.get("key") for s in sites],
         },
         "engine": {
-            "path": str(engine) if engine.is_file() else None,
-            "size_bytes": engine.stat().st_size if engine.is_file() else None,
+            "path": ", ".join(str(e) for e in engines) if engines[0].is_file() else None,
+            "size_bytes": sum(e.stat().st_size for e in engines) if engines[0].is_file() else None,
             "build_s": build.get("build_seconds", timings.get("build")),
             "backend": build.get("backend"),
             "precision": build.get("precision"),
