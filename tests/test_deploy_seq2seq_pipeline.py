@@ -51,3 +51,19 @@ def test_pipeline_refuses_quantize_on_an_encoder_decoder(tmp_path):
     with pytest.raises(GpclError, match="encoder-decoder"):
         run_pipeline(model, tmp_path / "out", config=cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_on_whisper_serves_within_its_positions(tmp_path):
+    """The served-model check's longest decoder case stays within Whisper's 32 decoder positions
+    (the check's default 2 x 16 new tokens after 4 cached ran past them: GatherND index 32)."""
+    from gpcl_trt.deploy.pipeline import run_pipeline
+
+    model = make_checkpoint("whisper", tmp_path / "whisper")
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[pipeline]\nskip = ["build", "diff"]\n')
+    summary = run_pipeline(model, tmp_path / "out", config=cfg)
+    assert summary["ok"] and summary["stages"]["serve"]["status"] == "done", summary
+    served = json.loads((tmp_path / "out" / "served.json").read_text())
+    assert served["graphs"]["decoder"]["ok"] and served["graphs"]["encoder"]["ok"]
+    assert "whisper_generate" not in summary["triton"]["entries"]  # the pipeline's name is gpcl_model
+    assert "gpcl_model_generate" in summary["triton"]["entries"]
