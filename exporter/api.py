@@ -87,6 +87,10 @@ def export_model(
     d, raw = read_model_dir(model_dir)
     arch_cls = family_class(raw, d / "config.json", trust_remote_code)
     if arch_cls.family == "encoder-decoder":  # a directory of two graphs (exporter/seq2seq.py)
+        if replicate:
+            raise GpclError(
+                f"{d}: layer replication is not supported for encoder-decoder models; every layer is traced"
+            )
         return _export_seq2seq(d, output, opts, task, force, trust_remote_code, allow_pickle, external_data, lazy)
     out = check_output(output, force)
     if not any(d.glob("*.safetensors")):

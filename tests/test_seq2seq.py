@@ -313,6 +313,9 @@ def test_onnx_output_name_is_refused(tmp_path):
     d = make_checkpoint("t5", tmp_path / "m")
     with pytest.raises(GpclError, match="exports to a directory"):
         export_model(d, tmp_path / "t5.onnx")
+    with pytest.raises(GpclError, match="replication is not supported"):
+        export_model(d, tmp_path / "t5", replicate=True)
+    assert not (tmp_path / "t5").exists()
     assert not (tmp_path / "t5.onnx").exists()
 
 
