@@ -26,6 +26,15 @@ def make_inputs(
     return feeds.make_feeds(specs, batch, seq, past if has_past else 0, seed=seed)
 
 
+def seq2seq_check_seq(model_dir: str | os.PathLike | None, seq: int = 16, past: int = 4) -> int:
+    """``seq`` for checking an encoder-decoder's served decoder: its longest case (2 x seq new
+    tokens after ``past`` cached) within the model's decoder positions (Whisper's are few)."""
+    from gpcl_trt.generate.seq2seq import generation_rules
+
+    limit = generation_rules(Path(model_dir) if model_dir else None).get("max_positions")
+    return max(1, min(seq, (int(limit) - past) // 2)) if limit else seq
+
+
 def ort_outputs(onnx_path: str | os.PathLike, inputs: dict[str, Any]) -> dict[str, Any]:
     from gpcl_trt import feeds
 

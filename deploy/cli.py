@@ -147,9 +147,23 @@ def register(main: click.Group) -> None:
         if check:
             from gpcl_trt.deploy.check import check_served_model
 
-            result["served_check"] = served = check_served_model(repo, name)
-            result["ok"] = served["ok"]
-            eprint(_served_line(served))
+            if result.get("seq2seq"):  # both tensor models, one server start each
+                from pathlib import Path
+
+                from gpcl_trt.deploy.check import seq2seq_check_seq
+                from gpcl_trt.manifest import model_dir_of
+
+                decoder = Path(result["artifacts"]["decoder"])
+                seq = seq2seq_check_seq(model_dir_of(decoder) if decoder.suffix == ".onnx" else None)
+                checks = {g: check_served_model(repo, e["name"], seq=seq) for g, e in result["seq2seq"].items()}
+                result["served_check"] = checks
+                result["ok"] = all(c["ok"] for c in checks.values())
+                for g, served in checks.items():
+                    eprint(f"{g}: {_served_line(served)}")
+            else:
+                result["served_check"] = served = check_served_model(repo, name)
+                result["ok"] = served["ok"]
+                eprint(_served_line(served))
         return result
 
     @result_command(main, "pipeline")

@@ -386,14 +386,13 @@ def _triton_seq2seq(ctx: Ctx, opts: dict, backends: list, repo: Path) -> dict:
 
 def _serve_seq2seq(ctx: Ctx, opts: dict) -> dict:
     """Both tensor models in one tritonserver, each compared with ONNX Runtime."""
+    from gpcl_trt.deploy.check import seq2seq_check_seq
     from gpcl_trt.deploy.server import TritonServer
-    from gpcl_trt.generate.seq2seq import generation_rules
 
     repo = ctx.path("triton_repo")
     names = [f"{ctx.name}_{g}" for g in GRAPHS]
-    limit = generation_rules(ctx.model_dir).get("max_positions")
-    if limit and "seq" not in opts:  # the check's longest case (2 x seq new tokens after 4 cached) within the positions
-        opts = {**opts, "seq": max(1, min(16, (int(limit) - 4) // 2))}
+    if "seq" not in opts:  # the check's longest case within the decoder's positions
+        opts = {**opts, "seq": seq2seq_check_seq(ctx.model_dir)}
     server = TritonServer(repo, models=names)
     try:
         server.start()

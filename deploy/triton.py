@@ -543,6 +543,7 @@ def _write_seq2seq(pair: tuple[Path, Path], repo: Any, name: str, **kw: Any) -> 
     result = dict(entries["decoder"])
     result.update(
         name=name,
+        artifacts={"encoder": str(encoder), "decoder": str(decoder)},
         seq2seq={
             role: {k: e[k] for k in ("name", "model_dir", "backend", "max_batch_size")} for role, e in entries.items()
         },

@@ -138,3 +138,14 @@ def test_trt_rtx_builds_both_gpcl_graphs(t5, tmp_path):
         assert (tmp_path / f"{f}.engine").stat().st_size > 0, doc
     profiles = json.loads((tmp_path / "decoder_model_merged.engine.manifest.json").read_text())["results"]["profiles"]
     assert profiles[0]["past_key_values.0.decoder.key"]["min"][2] == 0
+
+
+@pytest.mark.slow  # two tritonserver starts
+def test_triton_check_serves_both_graphs(t5, tmp_path):
+    onnx_dir, _ = t5
+    proc = _cli("triton", str(onnx_dir), "--repo", str(tmp_path / "repo"), "--name", "t5", "--check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] and set(result["served_check"]) == {"encoder", "decoder"}
+    assert all(c["ok"] and c["http_max_abs_diff"] == 0 for c in result["served_check"].values())
+    assert "encoder: served-model check ok" in proc.stderr and "decoder: served-model check ok" in proc.stderr
