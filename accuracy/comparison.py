@@ -220,6 +220,7 @@ def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, t
     GPCL site inputs/outputs for the report); each .onnx is read (and typed) once."""
     from gpcl_trt.accuracy.runners import infer_types
     from gpcl_trt.common import load_onnx_graph
+    from gpcl_trt.manifest import graph_of
 
     paths = {"reference": reference, "candidate": candidate}
     models = {role: load_onnx_graph(Path(p)) for role, p in paths.items() if p is not None and kind_of(p) == "onnx"}
@@ -227,6 +228,8 @@ def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, t
     if per_layer:
         models = {role: infer_types(m) for role, m in models.items()}
         shared = shared_intermediates(models["reference"], models["candidate"])
+    # A model directory against one graph of an encoder-decoder export runs that graph in PyTorch.
+    graph = next((g for p in paths.values() if p is not None and (g := graph_of(p)) is not None), None)
     sides = {}
     for role, path in paths.items():
         if path is None:
@@ -234,7 +237,7 @@ def _sides(reference, candidate, per_layer: bool, want_sites: bool, task: str, t
         sites = mt.gpcl_sites(models[role]) if want_sites and role in models else []
         extra = shared + _site_outputs(sites)
         sides[role] = make_side(
-            path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role)
+            path, role, task=task, extra_outputs=extra, threads=threads, onnx_model=models.get(role), graph=graph
         )
     return sides.get("reference"), sides.get("candidate"), shared
 

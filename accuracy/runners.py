@@ -28,10 +28,11 @@ from gpcl_trt.common import GpclError, has_large_weights, load_onnx_graph
 class TorchRunner(BaseRunner):
     """PyTorch inference on the exporter's wrapped module (the module that is exported)."""
 
-    def __init__(self, model_dir: str | Path, task: str = "auto", name: str | None = None):
+    def __init__(self, model_dir: str | Path, task: str = "auto", name: str | None = None, graph: str | None = None):
         super().__init__(name=name, prefix="torch-runner")
         self.model_dir = Path(model_dir)
         self.task = task
+        self.graph = graph  # an encoder-decoder's graph (encoder / decoder); None: the default
         self.output_names: list[str] = []
 
     def load(self) -> None:
@@ -40,7 +41,7 @@ class TorchRunner(BaseRunner):
             return
         from gpcl_trt.exporter import load_model, make_dummy_inputs
 
-        self.module, self.arch, self.task = load_model(self.model_dir, task=self.task)
+        self.module, self.arch, self.task = load_model(self.model_dir, task=self.task, graph=self.graph)
         self.module.eval()
         self.dummy = make_dummy_inputs(self.arch, self.task, 1, 8, 0)
         self.output_names = list(self.module.output_names)
@@ -125,20 +126,24 @@ def make_side(
     threads: int | None = None,
     tokenizer_dir: str | Path | None = None,
     onnx_model=None,
+    graph: str | None = None,
 ) -> Side:
     """``tokenizer_dir`` overrides the tokenizer found next to / recorded for ``path``;
-    ``onnx_model`` is ``path`` already loaded (an .onnx is read once per diff)."""
+    ``onnx_model`` is ``path`` already loaded (an .onnx is read once per diff); ``graph``: which
+    graph of an encoder-decoder model a PyTorch side runs (the other side's export says)."""
     kind = kind_of(path)
     tok = Path(tokenizer_dir) if tokenizer_dir else inp.find_tokenizer_dir(path)
     if kind == "onnx":
         return _onnx_side(Path(path), role, list(extra_outputs), threads, tok, onnx_model)
     if extra_outputs:
         raise GpclError("extra (per-layer / GPCL site) outputs need an .onnx model, not " + str(path))
-    return {"torch": _torch_side, "engine": _engine_side}[kind](Path(path), role, task, tok)
+    if kind == "torch":
+        return _torch_side(Path(path), role, task, tok, graph)
+    return _engine_side(Path(path), role, task, tok)
 
 
-def _torch_side(path: Path, role: str, task: str, tok) -> Side:
-    runner = TorchRunner(path, task=task, name=role)
+def _torch_side(path: Path, role: str, task: str, tok, graph: str | None = None) -> Side:
+    runner = TorchRunner(path, task=task, name=role, graph=graph)
     try:
         runner.load()
     except GpclError:

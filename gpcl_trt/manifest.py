@@ -185,3 +185,17 @@ def generation_of(artifact: str | os.PathLike, depth: int = 4) -> dict[str, Any]
         return m.generation
     src = m.source
     return generation_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+
+
+def graph_of(artifact: str | os.PathLike, depth: int = 4) -> str | None:
+    """Which graph of an encoder-decoder export an artifact is (``encoder`` / ``decoder``, the
+    export's ``results.graph``), following a GPCL model -> export or engine -> ONNX chain; None
+    for every other model."""
+    m = Manifest.read(artifact) if Path(artifact).is_file() else None
+    if m is None:
+        return None
+    graph = m.results.get("graph")
+    if isinstance(graph, str):
+        return graph
+    src = m.source
+    return graph_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None

@@ -248,6 +248,18 @@ def test_load_model_gives_either_graph(exported):
         assert max(feeds.max_abs_diff(ref[n], got[n]) for n in ref) < 1e-4
 
 
+def test_diff_model_dir_against_each_graph(exported):
+    """`diff MODEL_DIR GRAPH.onnx` runs the graph the export's manifest names in PyTorch (the
+    encoder used to be refused: the directory's default is the decoder's inputs)."""
+    from gpcl_trt.accuracy import diff
+
+    d, out, _ = exported("t5")
+    for fname in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        result = diff(d, out / fname, samples=2, seq=8)
+        assert result["ok"], (fname, result)
+        assert result["outputs"], result
+
+
 def test_audio_on_a_text_model_is_one_line(exported, tmp_path):
     _, out, _ = exported("t5")
     r = _cli("generate", str(out), "--audio", str(write_wav(tmp_path / "a.wav")))
