@@ -34,14 +34,18 @@ def workdir(tmp_path) -> Path:
     onnx.save(model, tmp_path / "m.onnx")
     (tmp_path / "plain.txt").write_text("not a directory\n")
     (tmp_path / "weights.onnx").write_bytes(b"\x00garbage, not a protobuf")
+    # a model directory as far as export reads before its output checks (the config decides
+    # whether OUT is a file or, for encoder-decoder models, a directory)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     return tmp_path
 
 
 def _cases(d: Path) -> list[tuple[list, str]]:
     blocked = d / "plain.txt" / "out"  # a parent of the output is a regular file
     return [
-        (["export", d, "-o", d / "plain.txt" / "m.onnx"], "not a directory"),
-        (["export", d, "-o", blocked / "m.onnx"], "not a directory"),
+        (["export", d / "model", "-o", d / "plain.txt" / "m.onnx"], "not a directory"),
+        (["export", d / "model", "-o", blocked / "m.onnx"], "not a directory"),
         (["calibrate", d / "m.onnx", "-o", blocked / "c.json"], "not a directory"),
         (["calibrate", d / "m.onnx", "-o", d / "plain.txt" / "c.json"], "not a directory"),
         (["insert", d / "m.onnx", "-o", blocked / "g.onnx", "--tau", "2"], "not a directory"),
