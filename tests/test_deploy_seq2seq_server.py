@@ -107,3 +107,42 @@ def test_wrong_inputs_are_400(served):
         status, body = _post(server.http_port, f"/v2/models/{model}/generate", payload)
         assert 400 <= status < 500 and "error" in json.loads(body), (model, payload, status, body)
     assert server.model_ready(T5_GEN) and server.model_ready(WH_GEN)
+
+
+def test_concurrent_requests_queue_and_a_hang_up_frees_the_queue(served):
+    """Requests that arrive together are decoded one after the other, each equal to local greedy;
+    a client that drops a long stream cancels it, so the queue behind it moves on."""
+    import http.client
+    import threading
+    import time
+
+    from gpcl_trt.generate.seq2seq import generate_seq2seq
+
+    server, gpcl, *_ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    body = {"text_input": "hello world", "max_tokens": 100000, "stream": True}
+    conn.request("POST", f"/v2/models/{T5_GEN}/generate_stream", body=json.dumps(body).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(5) == b"data:"
+    conn.sock.close()
+    conn.close()
+
+    jobs = [("a b c", 5), ("the quick brown fox", 9), ("hello", 3), ("once upon a time there was", 11)]
+    answers: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        text, n = jobs[i]
+        answers[i] = _post(server.http_port, f"/v2/models/{T5_GEN}/generate", {"text_input": text, "max_tokens": n})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for (text, n), (status, body) in zip(jobs, answers):
+        assert status == 200, body
+        assert json.loads(body)["text_output"] == generate_seq2seq(gpcl, [text], max_new_tokens=n)["outputs"][0]["text"]
+    deadline = time.monotonic() + 60
+    while "a request was cancelled" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "gpcl_trt generate: a request was cancelled; its slot is freed" in server.log()
