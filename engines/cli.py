@@ -53,7 +53,8 @@ def register(main: click.Group) -> None:
         multiple=True,
         metavar="NAME:MIN,OPT,MAX",
         help="Profile shapes for one input, e.g. input_ids:1x1,4x128,8x512 (repeatable). Defaults: batch 1,4,8; "
-        "sequence and past_sequence 1,128,512.",
+        "sequence, past_sequence and encoder_sequence 1,128,512 (an encoder-decoder's merged decoder: past_sequence "
+        "from 0, its first step).",
     )
     @click.option(
         "--timing-cache",
