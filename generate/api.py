@@ -4,7 +4,6 @@ from the model directory, found through the manifest chain (or given)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,26 +13,10 @@ from gpcl_trt.generate.detok import TextStream, load_tokenizer
 from gpcl_trt.generate.loop import Sampling, decode
 from gpcl_trt.generate.rules import model_settings  # noqa: F401  (EOS ids, positions, rules: manifest, else config)
 
-# config.json keys that hold the number of positions, in the order transformers' configs use them
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 # (prompt index, text piece) as it becomes stable
 OnText = Callable[[int, str], None]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise GpclError(f"cannot read {path}: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def resolve(artifact: str | os.PathLike) -> tuple[str, Path | None]:
