@@ -432,14 +432,11 @@ class Seq2SeqQueue(InflightBatcher):
     def _join(self, row: _Row, ids: list[int]) -> None:
         cross = self.rt.encode(row.source)
         row.state = self.rt.start(cross, row.source.get("attention_mask"), 1)
-        if self.rules.get("detect_language") and -1 in ids:
-            # Whisper without a set language, as decode_seq2seq does: one step over the tokens before
-            # it, the language the argmax among the language tokens, then the rest of the prompt
-            at = ids.index(-1)
-            langs = np.asarray(self.rules["detect_language"], np.int64)
-            first = np.asarray(self.rt.step(row.state, np.array([ids[:at]], np.int64)), np.float32)
-            row.prompt = [*ids[:at], int(langs[np.argmax(first[0, langs])]), *ids[at + 1 :]]
-            ids = row.prompt[at:]  # the tokens before it are in the cache now
+        if self.rules.get("detect_language") and -1 in ids:  # Whisper without a set language
+            from gpcl_trt.generate.seq2seq import detect_language
+
+            full, rest = detect_language(self.rt, row.state, self.rules, np.array([ids], np.int64))
+            row.prompt, ids = full[0].tolist(), rest[0].tolist()
         if not self._take(row, self._logits(row, ids)):
             self.rows = [row]
 

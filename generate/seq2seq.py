@@ -203,6 +203,23 @@ def _apply_rules(logits: np.ndarray, rules: dict[str, Any], step: int, last: boo
     return x
 
 
+def detect_language(
+    runtime: OrtSeq2SeqRuntime, state: dict[str, Any], rules: dict[str, Any], ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper without a set language (``rules["detect_language"]``, -1 in the decoder prompt
+    ``ids`` [batch, n]): one decoder step over the tokens before the -1, the language the argmax
+    among the language tokens. Returns (each row's decoder prompt, the language filled in; the
+    tokens still to feed, those before it being in the cache now); ``(ids, ids)`` otherwise."""
+    if not rules.get("detect_language") or -1 not in ids[0]:
+        return ids, ids
+    at = int(np.flatnonzero(ids[0] == -1)[0])
+    langs = np.asarray(rules["detect_language"], np.int64)
+    logits = np.asarray(runtime.step(state, ids[:, :at]), np.float32)
+    full = ids.copy()
+    full[:, at] = langs[np.argmax(logits[:, langs], axis=-1)]
+    return full, full[:, at:]
+
+
 def decode_seq2seq(
     runtime: OrtSeq2SeqRuntime,
     source: dict[str, np.ndarray],
@@ -226,16 +243,8 @@ def decode_seq2seq(
     cross = runtime.encode(source)
     mask = source.get("attention_mask")
     state = runtime.start(cross, mask, batch)
-    prompt = list(rules["decoder_prompt"])
-    ids = np.tile(np.asarray(prompt, np.int64), (batch, 1))
-    full = ids
-    if rules.get("detect_language"):  # Whisper: one step over the tokens before the language, argmax among languages
-        at = prompt.index(-1)
-        langs = np.asarray(rules["detect_language"], np.int64)
-        logits = np.asarray(runtime.step(state, ids[:, :at]), np.float32)
-        ids[:, at] = langs[np.argmax(logits[:, langs], axis=-1)]
-        full = ids.copy()
-        ids = ids[:, at:]  # the tokens before it are in the cache now
+    ids = np.tile(np.asarray(rules["decoder_prompt"], np.int64), (batch, 1))
+    full, ids = detect_language(runtime, state, rules, ids)
     eos = set(rules.get("eos_ids") or ())
     pad = int(rules.get("pad_id") or 0)
     tokens: list[list[int]] = [[] for _ in range(batch)]
