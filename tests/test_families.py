@@ -338,7 +338,7 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
 VISION_STAGED = ["resnet", "convnext", "swin", "mobilevit"]
 DUAL = [n for n, c in CORPUS.items() if c[3] == "zero-shot-image-classification"]
 DECODERS = [n for n, c in CORPUS.items() if c[3] == TGP]
-# CI's lane (`make test-lane`, marker `lane`): one family of each kind through every corpus test,
+# CI's lane (`make test`, marker `lane`): one family of each kind through every corpus test,
 # next to the tests not marked slow. Encoder-decoder models: tests/test_passes_seq2seq.py.
 LANE = {"bert", "mistral", "vit", "swin", "clip", "wav2vec2-ctc"}
 

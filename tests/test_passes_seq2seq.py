@@ -137,7 +137,7 @@ def _bare(path, out):
     return out
 
 
-# Each export takes ~15-30 s; CI's lane (`make test-lane`) takes T5 through gpcl-trt export below.
+# Each export takes ~15-30 s; CI's lane (`make test`) takes T5 through gpcl-trt export below.
 SEQ2SEQ = [
     pytest.param("bart", marks=pytest.mark.slow),
     pytest.param("t5", marks=pytest.mark.slow),
