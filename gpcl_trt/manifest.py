@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gpcl_trt.common import GpclError, manifest_path
 
@@ -163,39 +163,34 @@ class Manifest:
             raise GpclError(f"{manifest_path(self.artifact_path)}: {exc}") from None
 
 
-def model_dir_of(artifact: str | os.PathLike, depth: int = 4) -> Path | None:
-    """The HF model directory behind an artifact: its own manifest's, else its source's (an
-    engine -> GPCL model -> export chain)."""
+def _along_chain(artifact: str | os.PathLike, get: Callable[[Manifest], Any], depth: int) -> Any:
+    """The first ``get(manifest)`` that is not None along an artifact's manifest chain: its own
+    manifest, then its source's (an engine -> GPCL model -> export chain), ``depth`` steps at most;
+    None when no manifest in the chain has it."""
     m = Manifest.read(artifact) if Path(artifact).is_file() else None
     if m is None:
         return None
-    if m.model_dir is not None:
-        return m.model_dir
+    value = get(m)
+    if value is not None:
+        return value
     src = m.source
-    return model_dir_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+    return _along_chain(src, get, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+
+
+def model_dir_of(artifact: str | os.PathLike, depth: int = 4) -> Path | None:
+    """The HF model directory behind an artifact: its own manifest's, else its source's (an
+    engine -> GPCL model -> export chain)."""
+    return _along_chain(artifact, lambda m: m.model_dir, depth)
 
 
 def generation_of(artifact: str | os.PathLike, depth: int = 4) -> dict[str, Any] | None:
     """The generation rules behind an artifact: its own manifest's, else its source's (a GPCL
     model -> export chain, an engine -> ONNX chain); None when no manifest in the chain has them."""
-    m = Manifest.read(artifact) if Path(artifact).is_file() else None
-    if m is None:
-        return None
-    if m.generation is not None:
-        return m.generation
-    src = m.source
-    return generation_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+    return _along_chain(artifact, lambda m: m.generation, depth)
 
 
 def graph_of(artifact: str | os.PathLike, depth: int = 4) -> str | None:
     """Which graph of an encoder-decoder export an artifact is (``encoder`` / ``decoder``, the
     export's ``results.graph``), following a GPCL model -> export or engine -> ONNX chain; None
     for every other model."""
-    m = Manifest.read(artifact) if Path(artifact).is_file() else None
-    if m is None:
-        return None
-    graph = m.results.get("graph")
-    if isinstance(graph, str):
-        return graph
-    src = m.source
-    return graph_of(src, depth - 1) if src is not None and depth > 0 and src != Path(artifact) else None
+    return _along_chain(artifact, lambda m: g if isinstance(g := m.results.get("graph"), str) else None, depth)
