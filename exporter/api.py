@@ -182,11 +182,11 @@ def _validate(done: "_Exported", staged: Path, opts: Any) -> dict[str, Any]:
     return validation
 
 
-def _record(
-    d: Path, done: "_Exported", validation: dict, opts: Any, trust_remote_code: bool, allow_pickle: bool
-) -> tuple[dict, dict, dict]:
-    """The manifest's (inputs, options, results) sections."""
-    arch, task = done.arch, done.task
+def manifest_inputs_options(
+    d: Path, task: str, opts: Any, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[dict, dict]:
+    """The manifest's inputs (the model directory's identity) and options sections, the same for a
+    decoder's export and each graph of an encoder-decoder's (exporter/seq2seq.py)."""
     model_hash, hash_kind = weightfiles.tree_identity(d)
     inputs = {
         "model_dir": str(d),
@@ -200,6 +200,15 @@ def _record(
         "trust_remote_code": trust_remote_code,
         "allow_pickle": allow_pickle,
     }
+    return inputs, options
+
+
+def _record(
+    d: Path, done: "_Exported", validation: dict, opts: Any, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[dict, dict, dict]:
+    """The manifest's (inputs, options, results) sections."""
+    arch, task = done.arch, done.task
+    inputs, options = manifest_inputs_options(d, task, opts, trust_remote_code, allow_pickle)
     results = {
         "architecture": arch.name,
         "model_type": arch.hf_config.model_type,

@@ -371,6 +371,7 @@ def export_seq2seq(
     from gpcl_trt import progress
     from gpcl_trt.common import atomic_dir, check_can_write, manifest_path, sha256_file, write_manifest
     from gpcl_trt.exporter import lazy as lz
+    from gpcl_trt.exporter.api import manifest_inputs_options
     from gpcl_trt.exporter.build import load_model, quiet
     from gpcl_trt.exporter.tracing import trace, trace_errors
     from gpcl_trt.exporter.writing import weights_layout, write_eager
@@ -446,19 +447,7 @@ def export_seq2seq(
                 raise _Failed()
             for which, placement in placements.items():  # data files a graph does not read
                 lz.drop_unused(placement, files[which]["data_files"])
-            model_hash, hash_kind = _model_identity(d)
-            inputs = {
-                "model_dir": str(d),
-                "model_dir_sha256": model_hash,
-                "model_dir_hash": hash_kind,
-                "config_sha256": sha256_file(d / "config.json"),
-            }
-            options = {
-                "task": task,
-                **opts.as_manifest(),
-                "trust_remote_code": trust_remote_code,
-                "allow_pickle": allow_pickle,
-            }
+            inputs, options = manifest_inputs_options(d, task, opts, trust_remote_code, allow_pickle)
             for which, info in files.items():
                 graph = arch.graph(which)
                 results = {
@@ -509,12 +498,6 @@ def _lazy_build(d: Path, dtype: str, task: str, trust_remote_code: bool, lazy: b
             raise GpclError(f"lazy export impossible for {d}: {built}")
         return None, built
     return (*built, arch, task), None
-
-
-def _model_identity(d: Path) -> tuple[str, str]:
-    from gpcl_trt import weightfiles
-
-    return weightfiles.tree_identity(d)
 
 
 def _result(d: Path, out: Path, arch: Seq2Seq, task: str, opts: Any, files: dict, validation: dict, ok: bool) -> dict:
