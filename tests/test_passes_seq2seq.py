@@ -13,25 +13,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_seq2seq import TINY_DIMS
 
 from gpcl_trt.common import GpclError
 from gpcl_trt.passes import insert_file, sites_file, strip_file
 from gpcl_trt.passes.graph import load_graph
 
-TINY = dict(
-    vocab_size=128,
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=64,
-    decoder_ffn_dim=64,
-    decoder_start_token_id=1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+TINY = dict(TINY_DIMS, vocab_size=128, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODELS = {
     # T5 with eager attention: the dynamo exporter's decompositions refuse its sdpa path's reshape
     "t5": (

@@ -17,6 +17,16 @@ import pytest
 
 VOCAB = 300
 SENTENCES = ["translate english to german: the house is wonderful", "summarize: a tiny model of words"] * 4
+# the dimensions of every tiny BART-like and Whisper config here and in test_passes_seq2seq.py
+TINY_DIMS = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+)
 
 
 def _tokenizer(out: Path) -> None:
@@ -39,17 +49,7 @@ def _config(name: str):
     import transformers as tf
 
     ids = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    bart_like = dict(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        **ids,
-    )
+    bart_like = dict(TINY_DIMS, max_position_embeddings=64, **ids)
     if name == "t5":
         cfg = tf.T5Config(
             d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -85,10 +85,9 @@ def _config(name: str):
         return tf.PegasusForConditionalGeneration, tf.PegasusConfig(**bart_like)
     if name == "whisper":
         cfg = tf.WhisperConfig(
-            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
-            max_source_positions=20, max_target_positions=32, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=2, bos_token_id=2, suppress_tokens=None, begin_suppress_tokens=None,
+            vocab_size=VOCAB, **TINY_DIMS, num_mel_bins=16, max_source_positions=20, max_target_positions=32,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=2, bos_token_id=2, suppress_tokens=None,
+            begin_suppress_tokens=None,
         )  # fmt: skip
         return tf.WhisperForConditionalGeneration, cfg
     raise ValueError(name)
