@@ -135,10 +135,17 @@ class InflightBatcher:
             raise GpclError(f"text_input has {len(prompt)} tokens: the model has {limit} positions")
         budget = min(int(max_tokens), limit - len(prompt)) if limit is not None else int(max_tokens)
         eos = set(self.settings.get("eos_ids", ())) if eos_ids is None else {int(e) for e in eos_ids}
-        bad = [[int(t) for t in self.tok(w, add_special_tokens=False)["input_ids"]] for w in bad_words if w]
+        bad = self._bad_words(bad_words)
+        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled, bad, details, log_probs)
+        self._enqueue(row)
+
+    def _bad_words(self, words: Sequence[str]) -> list[list[int]]:
+        bad = [[int(t) for t in self.tok(w, add_special_tokens=False)["input_ids"]] for w in words if w]
         if any(not ids for ids in bad):
             raise GpclError("a bad word encodes to no token")
-        row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled, bad, details, log_probs)
+        return bad
+
+    def _enqueue(self, row: _Row) -> None:
         with self._cond:
             if self._closed:
                 raise GpclError("the batcher is closed")
@@ -411,16 +418,10 @@ class Seq2SeqQueue(InflightBatcher):
         if budget < 1:
             raise GpclError(f"the model has {limit} decoder positions")
         eos = set(self.settings["eos_ids"]) if eos_ids is None else {int(e) for e in eos_ids}
-        bad = [[int(t) for t in self.tok(w, add_special_tokens=False)["input_ids"]] for w in bad_words if w]
-        if any(not ids for ids in bad):
-            raise GpclError("a bad word encodes to no token")
+        bad = self._bad_words(bad_words)
         row = _Row(prompt, budget, sampling, eos, TextStream(self.tok, stop), emit, cancelled, bad, details, log_probs)
         row.source = source
-        with self._cond:
-            if self._closed:
-                raise GpclError("the batcher is closed")
-            self.pending.append(row)
-            self._cond.notify()
+        self._enqueue(row)
 
     def _logits(self, row: _Row, ids: list[int]) -> np.ndarray:
         from gpcl_trt.generate.seq2seq import _apply_rules
