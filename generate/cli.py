@@ -29,10 +29,12 @@ def register(main: click.Group) -> None:
     @result_command(
         main,
         "generate",
-        short_help="Generate text from a decoder (ONNX Runtime or PyTorch).",
+        short_help="Generate text from a decoder or an encoder-decoder export (ONNX Runtime or PyTorch).",
         help="Generate text from ARTIFACT: a decoder exported with past (.onnx, GPCL or not, fp32 or fp16; "
         "run in ONNX Runtime with its KV cache kept in ONNX Runtime buffers) or a Hugging Face model "
-        "directory (PyTorch, the reference). Prompts are batched with left padding; the prompt is "
+        "directory (PyTorch, the reference), or an encoder-decoder export directory (OUT/ with "
+        "encoder_model.onnx and decoder_model_merged.onnx: T5, BART, Marian, Pegasus; Whisper with --audio). "
+        "Prompts are batched with left padding; the prompt is "
         "prefilled in one call, then one token per step until an EOS id (generation_config.json, else "
         "config.json), a --stop string or --max-new-tokens. The tokenizer is the model directory's "
         "(found through the manifest chain) unless --tokenizer is given.",

@@ -53,8 +53,8 @@ def register(main: click.Group) -> None:
     @result_command(
         main,
         "insert",
-        short_help="Insert GPCL at pre-attention / pre-MLP sites.",
-        help="Insert GPCL at pre-attention / pre-MLP sites of an ONNX model. Only the projection "
+        short_help="Insert GPCL at pre-attention / pre-cross-attention / pre-MLP sites.",
+        help="Insert GPCL at pre-attention / pre-cross-attention / pre-MLP sites of an ONNX model. Only the projection "
         "inputs are rewired (the residual path keeps the original tensor); inserting into a "
         "GPCL model updates tau/mode in place.",
     )

@@ -13,7 +13,7 @@ def register(main: click.Group) -> None:
     @result_command(
         main,
         "quantize",
-        short_help="Weight-only int8/int4 quantization (block-wise RTN), streamed.",
+        short_help="Weight-only int8/int4 quantization (block-wise RTN or AWQ), streamed.",
         help="Quantize the projection weights of an ONNX model to int8 or int4, in blocks along the "
         "reduction axis (round to nearest), as standard ONNX: block-wise DequantizeLinear (opset 21) "
         "feeding each MatMul. Embeddings, the output projection (lm_head), norms, biases and GPCL stay "
