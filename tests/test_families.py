@@ -334,6 +334,14 @@ CORPUS: dict[str, tuple[str, str, dict, str, dict]] = {
         TWO,
     ),
     "hubert": ("hubert", "HubertModel", dict(TINY_AUDIO), "feature-extraction", TWO),
+    # WavLM: wav2vec2's front end with gated relative position buckets in every block's attention
+    "wavlm": (
+        "wavlm",
+        "WavLMModel",
+        dict(TINY_AUDIO, num_buckets=32, max_bucket_distance=64),
+        "feature-extraction",
+        TWO,
+    ),
 }
 VISION_STAGED = ["resnet", "convnext", "swin", "mobilevit"]
 DUAL = [n for n, c in CORPUS.items() if c[3] == "zero-shot-image-classification"]
