@@ -4,6 +4,7 @@ says why; the per-architecture classes that install them are in exporter/overrid
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -38,6 +39,24 @@ def use_fusable_gelu(model: torch.nn.Module) -> int:
                 setattr(parent, name, _GeluErf())
                 swapped += 1
     return swapped
+
+
+@contextlib.contextmanager
+def fusable_functional_gelu():
+    """While tracing code that calls ``torch.nn.functional.gelu`` itself rather than through a
+    module (Whisper's convolutional front end), exact GELUs are written as :func:`gelu_erf`, so
+    ONNX Runtime fuses them as it does the modules' (the default spelling, ``x * (0.5 * (1 +
+    erf))``, runs as five element-wise kernels). Same numbers; other approximations untouched."""
+    original = torch.nn.functional.gelu
+
+    def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        return gelu_erf(x) if approximate == "none" else original(x, approximate=approximate)
+
+    torch.nn.functional.gelu = gelu
+    try:
+        yield
+    finally:
+        torch.nn.functional.gelu = original
 
 
 # ----------------------------------------------------------------------------- Falcon (ALiBi)

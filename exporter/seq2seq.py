@@ -32,6 +32,7 @@ from gpcl_trt import feeds
 from gpcl_trt.common import GpclError, one_line
 from gpcl_trt.exporter.configs import ArchConfig, KVShape, TensorSpec
 from gpcl_trt.exporter.cores import HeadCore, OnnxIOModule, _cache_arg, out_cache
+from gpcl_trt.exporter.patchers import fusable_functional_gelu
 from gpcl_trt.exporter.tasks import (
     AUTOMATIC_SPEECH_RECOGNITION,
     SPEECH_SEQ2SEQ_HEADS,
@@ -301,7 +302,8 @@ class EncoderWithCrossCore(HeadCore):
         src = {"input_features": input_features} if self.speech else {"input_ids": input_ids}
         if attention_mask is not None:
             src["attention_mask"] = attention_mask
-        hidden = self.model.get_encoder()(**src, return_dict=True).last_hidden_state
+        with fusable_functional_gelu():  # Whisper's conv front end calls F.gelu itself
+            hidden = self.model.get_encoder()(**src, return_dict=True).last_hidden_state
         dummy = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
         kw = {} if attention_mask is None else {"attention_mask": attention_mask}
         kw[self.cache_arg] = _empty_cache()
