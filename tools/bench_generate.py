@@ -1,23 +1,45 @@
 """Generation side by side: our loop over our export (ONNX Runtime, IOBinding) against
-onnxruntime-genai's builder output and its og.Generator, on one random-init Llama checkpoint.
-``ours_ort`` is the same loop over our export rewritten by ``gpcl-trt optimize --for ort``
-(passes/fuse_ort.py: grouped attention without the repeat-KV copy, RMSNorm in the form ORT fuses;
-standard ONNX), ``ours_ortc`` by ``--variant contrib`` (also ORT's RotaryEmbedding and
-SkipSimplifiedLayerNormalization), ``ours_ortg`` by ``--variant contrib-gqa`` (also
-GroupQueryAttention).
+onnxruntime-genai's builder output and its og.Generator, and Optimum's ORTModelForCausalLM, on one
+random-init Llama checkpoint. ``ours_ort`` is the same loop over our export rewritten by
+``gpcl-trt optimize --for ort`` (passes/fuse_ort.py: grouped attention without the repeat-KV copy,
+RMSNorm in the form ORT fuses; standard ONNX), ``ours_ortc`` by ``--variant contrib`` (also ORT's
+RotaryEmbedding and SkipSimplifiedLayerNormalization), ``ours_ortg`` by ``--variant contrib-gqa``
+(also GroupQueryAttention). ``--ours NAME=PATH`` (repeatable) adds any other ONNX graph of ours
+(an optimize output made elsewhere) as runtime NAME, run by the same loop as ``ours``.
 
 Every measurement runs in a fresh worker process (so peak RSS is that runtime's alone), rounds
-alternating between the two runtimes; greedy, no EOS (the same number of tokens on both sides),
+alternating the order of the runtimes; greedy, no EOS (the same number of tokens on every side),
 the same random prompt ids, the same thread count. onnxruntime-genai lives in its own venv
 (default .venv-genai: `python -m venv .venv-genai && .venv-genai/bin/pip install onnxruntime-genai`);
 its model builder runs in this venv (it needs torch and transformers) from that venv's package.
 
+``optimum``: Optimum in its own venv (``--optimum-python``, default /tmp/optimum-venv/bin/python:
+`python3 -m venv /tmp/optimum-venv && /tmp/optimum-venv/bin/pip install torch 'transformers<4.58'
+optimum-onnx onnxruntime`; optimum-onnx 0.1.0 needs transformers 4.x, this venv has 5.x). The
+checkpoint is exported once by that venv's `optimum-cli export onnx --task
+text-generation-with-past` into WORK/optimum_SHAPE; the worker loads it with
+``ORTModelForCausalLM.from_pretrained(DIR, session_options=...)`` (CPU provider, intra-op threads
+as the others, inter-op 1; IOBinding as Optimum defaults on CPU: off; torch's threads set to the
+same count, for generate's own tensor work) and runs ``generate(do_sample=False, min_new_tokens=N,
+max_new_tokens=N)`` after a 2-token warm-up. The times come from one generate call, timestamped by
+a streamer: transformers calls ``streamer.put`` with the prompt just before it prepares the cache
+and runs the prefill, then once after each token is picked. TTFT = first token's put - prompt's
+put (prefill + first pick, as ours and genai's are measured); decode tokens/s = tokens after the
+first, all rows, over last put - first put. (Subtracting a generate(max_new_tokens=1) call from a
+generate(N) call would take two runs' noise and charge generate's setup to neither side
+consistently.) ``ttft_call_s`` in the runs also counts generate's argument checks before the
+prompt's put. Peak RSS is the worker's VmHWM, torch and transformers included (what a user of
+ORTModelForCausalLM pays). ``--paired`` refuses ``optimum``: its venv carries its own torch,
+transformers 4.x and onnxruntime install, which cannot be appended into the one paired process
+beside ours (transformers 5.x) without one shadowing the other.
+
     .venv/bin/python tools/bench_generate.py --work /tmp/bg --shape small --batches 1,8 --rounds 3
     .venv/bin/python tools/bench_generate.py --work /tmp/bg --runtimes ours,ours_ort,ours_ortc,ours_ortg,genai --paired
+    .venv/bin/python tools/bench_generate.py --work /tmp/bg --runtimes ours,optimum,genai --ours mine=/x/model.onnx
 
 Prints one JSON object: per runtime and batch, the median time to first token (prefill + first
 pick), decode tokens/s (tokens after the first, all rows, over the time after the first pick)
-and peak RSS, and ours / genai ratios.
+and peak RSS, and each runtime's ratios to genai.
 """
 
 from __future__ import annotations
@@ -25,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +66,9 @@ SHAPES = {
     ),
 }
 VOCAB = {"small": 32000, "0.5b": 151936}
+# runtimes run by our loop over a graph that prepare() makes; --ours NAME=PATH adds more
+OURS_VARIANTS = ("ours", "ours_ort", "ours_ortc", "ours_ortg")
+BUILTIN = (*OURS_VARIANTS, "optimum", "genai")
 
 
 def _genai_site(python: str) -> str:
@@ -59,8 +85,11 @@ def _genai_site(python: str) -> str:
     return out.stdout.strip()
 
 
-def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
-    """The checkpoint, our export and genai's build (each made once)."""
+def prepare(
+    work: Path, shape: str, genai_python: str, threads: int, names=OURS_VARIANTS, optimum_python: str = ""
+) -> dict:
+    """The checkpoint, our export, genai's build and, where ``names`` asks for them, our
+    optimize variants and Optimum's export (each made once)."""
     ckpt, ours, genai = work / f"ckpt_{shape}", work / f"ours_{shape}" / "model.onnx", work / f"genai_{shape}"
     if not (ckpt / "config.json").is_file():
         import torch
@@ -77,7 +106,7 @@ def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
         PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
         ).save_pretrained(ckpt)
-    if not ours.is_file():
+    if not ours.is_file() and set(names) & set(OURS_VARIANTS):
         from gpcl_trt.exporter import export_model
 
         ours.parent.mkdir(parents=True, exist_ok=True)
@@ -100,15 +129,28 @@ def prepare(work: Path, shape: str, genai_python: str, threads: int) -> dict:
     opts = cfg["model"]["decoder"].setdefault("session_options", {})
     opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
     cfg_path.write_text(json.dumps(cfg, indent=4))
-    out = {"ckpt": ckpt, "ours": ours, "genai": genai}
+    out = {"ckpt": ckpt, "ours": ours, "genai": genai, "optimum": work / f"optimum_{shape}"}
     for name, variant in (("ours_ort", "standard"), ("ours_ortc", "contrib"), ("ours_ortg", "contrib-gqa")):
         out[name] = ours.with_name(f"model_{name[5:]}.onnx")
-        if not out[name].is_file():
+        if name in names and not out[name].is_file():
             from gpcl_trt.passes.fuse_ort import optimize_file
 
             t = time.perf_counter()
             optimize_file(ours, out[name], variant=variant)
             print(f"optimized ours for ort ({variant}) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if "optimum" in names and not (out["optimum"] / "model.onnx").is_file():
+        from gpcl_trt.common import atomic_dir
+
+        # optimum-cli run by the Optimum venv's python (its transformers 4.x reads this checkpoint's config)
+        code = (
+            "import sys; from optimum.commands.optimum_cli import main; sys.argv[0] = 'optimum-cli'; sys.exit(main())"
+        )
+        t = time.perf_counter()
+        with atomic_dir(out["optimum"], force=True) as tmp:
+            cmd = [optimum_python, "-c", code, "export", "onnx", "--model", str(ckpt)]
+            cmd += ["--task", "text-generation-with-past", str(tmp)]
+            subprocess.run(cmd, check=True, stdout=sys.stderr, env={**os.environ, "PYTHONPATH": ""})
+        print(f"exported optimum in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return out
 
 
@@ -154,6 +196,52 @@ def worker_genai(model: str, batch: int, length: int, new: int, threads: int, vo
     run(ids[:1], 2)  # warm-up
     ttft, tps = run(ids, new)
     return {"ttft_s": ttft, "decode_tokens_per_s": tps}
+
+
+def worker_optimum(model: str, batch: int, length: int, new: int, threads: int, vocab: int) -> dict:
+    """ORTModelForCausalLM.generate, timed by a streamer (module docstring: why this method)."""
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    m = ORTModelForCausalLM.from_pretrained(model, session_options=opts)
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def put(self, value) -> None:  # the prompt once, then each step's picked tokens
+            self.t.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.from_numpy(_prompt(batch, length, vocab))
+
+    def run(rows, n):
+        stamps = Stamps()
+        t_call = time.perf_counter()
+        out = m.generate(
+            input_ids=rows,
+            attention_mask=torch.ones_like(rows),
+            do_sample=False,
+            num_beams=1,
+            min_new_tokens=n,
+            max_new_tokens=n,
+            pad_token_id=0,
+            streamer=stamps,
+        )
+        assert tuple(out.shape) == (rows.shape[0], rows.shape[1] + n) and len(stamps.t) == n + 1, (out.shape, stamps.t)
+        t = stamps.t
+        return t[1] - t[0], rows.shape[0] * (n - 1) / (t[-1] - t[1]), t[1] - t_call
+
+    run(ids[:1], 2)  # warm-up
+    ttft, tps, ttft_call = run(ids, new)
+    return {"ttft_s": ttft, "decode_tokens_per_s": tps, "ttft_call_s": ttft_call}
 
 
 def worker_paired(
@@ -220,6 +308,22 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _ours_graphs(ap: argparse.ArgumentParser, specs: list) -> dict:
+    """--ours NAME=PATH values as {NAME: absolute PATH}; a bad one is a usage error."""
+    out: dict = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            ap.error(f"--ours {spec!r}: expected NAME=PATH")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in BUILTIN or name in out:
+            ap.error(f"--ours {spec!r}: NAME must be letters, digits, _ . - and not a built-in or repeated name")
+        if not Path(path).is_file():
+            ap.error(f"--ours {spec!r}: {path} is not a file")
+        out[name] = Path(path).resolve()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_generate"))
@@ -231,18 +335,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
     ap.add_argument(
+        "--optimum-python",
+        default="/tmp/optimum-venv/bin/python",
+        help="the python of a venv with optimum-onnx (transformers 4.x) for the optimum runtime",
+    )
+    ap.add_argument(
         "--runtimes",
         default="ours,ours_ort,ours_ortc,ours_ortg,genai",
         help="comma list of ours (the export as it is), ours_ort (optimize --for ort), ours_ortc (--variant "
-        "contrib), ours_ortg (--variant contrib-gqa), genai",
+        "contrib), ours_ortg (--variant contrib-gqa), optimum (ORTModelForCausalLM over Optimum's export), "
+        "genai (required), and NAMEs given by --ours",
+    )
+    ap.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run our loop over the ONNX graph PATH as runtime NAME (repeatable; added to --runtimes "
+        "where not listed there)",
     )
     ap.add_argument(
         "--paired",
         action="store_true",
         help="all runtimes in one process (the genai venv with ours appended), runs alternating back to back; "
-        "ratios per pair (robust to a shared machine's load; no peak RSS)",
+        "ratios per pair (robust to a shared machine's load; no peak RSS); not with optimum (its own venv)",
     )
-    ap.add_argument("--worker", choices=["ours", "genai", "paired"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "genai", "optimum", "paired"], help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     ap.add_argument("--ours-site", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -254,18 +372,28 @@ def main() -> None:
         print(json.dumps(res))
         return
     if a.worker:
-        fn = worker_ours if a.worker == "ours" else worker_genai
+        fn = {"ours": worker_ours, "genai": worker_genai, "optimum": worker_optimum}[a.worker]
         res = fn(a.model, int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape])
         res["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
         return
-    a.work.mkdir(parents=True, exist_ok=True)
-    paths = prepare(a.work, a.shape, a.genai_python, a.threads)
-    runs: dict = {}
     names = [n.strip() for n in a.runtimes.split(",") if n.strip()]
-    if "genai" not in names or not set(names) <= {"ours", "ours_ort", "ours_ortc", "ours_ortg", "genai"}:
-        ap.error("--runtimes: a comma list of ours, ours_ort, ours_ortc, ours_ortg, genai that includes genai")
-    sides = [(n, a.genai_python if n == "genai" else sys.executable, paths[n]) for n in names]
+    extra = _ours_graphs(ap, a.ours)
+    names += [n for n in extra if n not in names]
+    if "genai" not in names or not set(names) <= {*BUILTIN, *extra} or len(set(names)) != len(names):
+        ap.error(f"--runtimes: a comma list without repeats of {', '.join(BUILTIN)} and --ours NAMEs, with genai")
+    if a.paired and "optimum" in names:
+        ap.error(
+            "--paired: optimum runs in its own venv (torch, transformers 4.x, onnxruntime) and cannot join "
+            "the paired process; leave it out of --runtimes or drop --paired"
+        )
+    if "optimum" in names and not os.access(a.optimum_python, os.X_OK):
+        ap.error(f"--optimum-python: {a.optimum_python} is not an executable (make the venv: see --help's module doc)")
+    a.work.mkdir(parents=True, exist_ok=True)
+    paths = {**prepare(a.work, a.shape, a.genai_python, a.threads, names, a.optimum_python), **extra}
+    runs: dict = {}
+    pythons = {"genai": a.genai_python, "optimum": a.optimum_python}
+    sides = [(n, pythons.get(n, sys.executable), paths[n]) for n in names]
     if a.paired:
         import sysconfig
 
@@ -281,7 +409,7 @@ def main() -> None:
     for r in range(0 if a.paired else a.rounds):
         for batch in [int(b) for b in a.batches.split(",")]:
             for name, python, model in sides[:: 1 if r % 2 == 0 else -1]:
-                worker = "genai" if name == "genai" else "ours"
+                worker = name if name in ("genai", "optimum") else "ours"
                 cmd = [python, __file__, "--worker", worker, "--model", str(model), "--shape", a.shape]
                 cmd += ["--batches", str(batch), "--prompt", str(a.prompt), "--new", str(a.new)]
                 cmd += ["--threads", str(a.threads)]
@@ -326,7 +454,7 @@ def main() -> None:
                 "threads": a.threads,
                 "rounds": a.rounds,
                 "median": summary,
-                "ours_over_genai": ratios,
+                "over_genai": ratios,
                 "decode_ratio_per_round": per_round,
                 "runs": runs,
             },
