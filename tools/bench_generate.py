@@ -390,6 +390,7 @@ def main() -> None:
     if "optimum" in names and not os.access(a.optimum_python, os.X_OK):
         ap.error(f"--optimum-python: {a.optimum_python} is not an executable (make the venv: see --help's module doc)")
     a.work.mkdir(parents=True, exist_ok=True)
+    load = [os.getloadavg()[0]]  # the 1-minute load around the runs: other work on a shared box
     paths = {**prepare(a.work, a.shape, a.genai_python, a.threads, names, a.optimum_python), **extra}
     runs: dict = {}
     pythons = {"genai": a.genai_python, "optimum": a.optimum_python}
@@ -416,9 +417,10 @@ def main() -> None:
                 out = subprocess.run(
                     cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
                 )
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = {**json.loads(out.stdout.strip().splitlines()[-1]), "load_1min": os.getloadavg()[0]}
                 runs.setdefault(f"{name}/b{batch}", []).append(res)
                 print(f"round {r} {name} batch {batch}: {res}", file=sys.stderr)
+    load.append(os.getloadavg()[0])
     summary = {
         k: {m: statistics.median(x[m] for x in v) for m in ("ttft_s", "decode_tokens_per_s", "peak_rss_mb")}
         for k, v in runs.items()
@@ -447,6 +449,7 @@ def main() -> None:
         json.dumps(
             {
                 "shape": a.shape,
+                "load_1min_before_after": load,
                 "paired": a.paired,
                 "decode_ratio_median_of_pairs": median_pair,
                 "prompt": a.prompt,
