@@ -54,6 +54,11 @@ def all_logits(runtime: Any, ids: np.ndarray) -> np.ndarray:
             (logits,) = runtime.session.run(["logits"], feeds)
         except Exception as exc:
             raise GpclError(f"ONNX Runtime failed on {runtime.path.name}: {one_line(exc)}") from None
+        if logits.shape[1] != ids.shape[1]:
+            raise GpclError(
+                f"{runtime.path.name} gives the last position's logits only (optimize --logits last): "
+                f"teacher-forced NLL needs every position; evaluate the model it was optimized from"
+            )
         return np.asarray(logits[0], np.float32)
     import torch
 

@@ -130,6 +130,8 @@ def decode(
         ]
         next_pos = pos[:, -1:] + 1
         done = np.zeros(rows, bool)
+        if hasattr(runtime, "reserve"):  # the longest this batch can grow (a shared cache buffer)
+            runtime.reserve(width + max(budget))
         t0 = time.perf_counter()
         logits = runtime.prefill(ids, mask, pos)
         t_first = None

@@ -47,10 +47,16 @@ class Runtime(Protocol):
 
 class OrtRuntime:
     """Any with-past export (GPCL or not, fp32 or fp16) in ONNX Runtime. The cache never leaves
-    ONNX Runtime: each step's ``present.{i}.*`` OrtValues are bound, as they are, as the next
-    step's ``past_key_values.{i}.*`` inputs through IOBinding. Our graphs concatenate past and
-    new keys, so a cache preallocated to the maximum length cannot be bound in place; the
-    presents ORT allocates are the buffers."""
+    ONNX Runtime's buffers; two ways, by what the graph allows:
+
+    - an export concatenates past and new keys: each step's ``present.{i}.*`` OrtValues are
+      bound, as they are, as the next step's ``past_key_values.{i}.*`` inputs (IOBinding);
+    - a graph whose manifest chain says ``kv_cache: shared-buffer`` (``gpcl-trt optimize
+      --variant contrib-gqa``): one buffer per cache tensor, preallocated to the length the
+      caller ``reserve``s (doubled if a batch outgrows it), is bound as both past and present,
+      and GroupQueryAttention writes each step's keys into it in place. One IOBinding lives
+      across the steps: a step binds only the new ids, the mask and the positions (no
+      allocation or copy of the cache per step, as onnxruntime-genai runs its graphs)."""
 
     name = "onnxruntime"
 
@@ -78,6 +84,24 @@ class OrtRuntime:
         self.takes_positions = POSITION_IDS in specs
         self.float_dtype = self.past[0].dtype
         self._cache: dict[str, Any] = {}
+        from gpcl_trt.manifest import kv_cache_of
+
+        self.shared_buffer = kv_cache_of(self.path) == "shared-buffer"
+        self._reserved = 0
+        self._shared: dict[str, Any] = {}  # cache name -> (numpy buffer, OrtValue over it)
+        self._binding: Any = None
+        self._keep: list = []
+        self._logits_buffer: np.ndarray | None = None
+        logits_spec = self.session.get_outputs()[outputs.index(LOGITS)]
+        self.vocab = logits_spec.shape[-1]
+        self.logits_dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(logits_spec.type)
+        if not isinstance(self.vocab, int):
+            self.shared_buffer = False  # the step's logits buffer needs the vocabulary size
+
+    def reserve(self, length: int) -> None:
+        """The longest sequence (prompt + new tokens, padding included) the next batch reaches:
+        a shared buffer is preallocated to it."""
+        self._reserved = int(length)
 
     def _empty_past(self, spec: Any, batch: int) -> np.ndarray:
         shape = []
@@ -90,7 +114,70 @@ class OrtRuntime:
                 shape.append(0)
         return np.zeros(shape, spec.dtype)
 
+    def _bind_shared(self, batch: int, length: int, keep: int) -> None:
+        """Buffers of ``length`` positions bound as past and present; the first ``keep``
+        positions of the current ones are carried over (a batch that outgrew its buffer)."""
+        import onnxruntime as ort
+
+        binding = self._binding if keep else self.session.io_binding()
+        if not keep:
+            binding.bind_output(LOGITS, "cpu")  # first: get_outputs()[0]
+            self._logits_buffer = None
+        shared = {}
+        for spec in self.past:
+            shape = self._empty_past(spec, batch).shape
+            axis = next(i for i, d in enumerate(spec.dims) if i and not isinstance(d, int))
+            shape = shape[:axis] + (length,) + shape[axis + 1 :]
+            buf = np.zeros(shape, spec.dtype)
+            if keep:
+                old = self._shared[spec.name][0]
+                index = [slice(None)] * buf.ndim
+                index[axis] = slice(0, keep)
+                buf[tuple(index)] = old[tuple(index)]
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # a view: the numpy buffer is the cache
+            shared[spec.name] = (buf, value)
+            binding.bind_ortvalue_input(spec.name, value)
+            binding.bind_ortvalue_output(self.present[spec.name], value)
+        self._shared, self._binding = shared, binding
+
+    def _run_shared(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, first: bool) -> np.ndarray:
+        batch, total = mask.shape
+        length = next(iter(self._shared.values()))[0].shape[2] if self._shared else 0
+        if first:
+            length = max(self._reserved, total)
+            self._bind_shared(batch, length, keep=0)
+        elif total > length:  # outgrew the reserved length: double it, keep what is cached
+            self._bind_shared(batch, max(2 * length, total), keep=total - ids.shape[1])
+        binding, keep = self._binding, []
+        # a step's logits [B, 1, V] go into one buffer bound once (no output list per step);
+        # a prefill's have the prompt's length and are allocated by ORT
+        step_shape = (batch, 1, self.vocab)
+        if ids.shape[1] != 1:
+            binding.bind_output(LOGITS, "cpu")
+            self._logits_buffer = None
+        elif self._logits_buffer is None or self._logits_buffer.shape != step_shape:
+            import onnxruntime as ort
+
+            self._logits_buffer = np.empty(step_shape, np.float32 if self.logits_dtype is None else self.logits_dtype)
+            binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits_buffer))
+        for name, value in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
+            if name in self.inputs:
+                arr = np.ascontiguousarray(value, self.inputs[name].dtype)
+                keep.append(arr)
+                binding.bind_cpu_input(name, arr)
+        self._keep = keep  # bound numpy inputs must outlive the run
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise GpclError(f"ONNX Runtime failed on {self.path.name}: {one_line(exc)}") from None
+        self._cache = {name: pair[1] for name, pair in self._shared.items()}
+        if ids.shape[1] == 1:
+            return np.array(self._logits_buffer[:, -1, :], np.float32)
+        return np.asarray(binding.get_outputs()[0].numpy()[:, -1, :], np.float32)
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, first: bool) -> np.ndarray:
+        if self.shared_buffer:
+            return self._run_shared(ids, mask, pos, first)
         binding = self.session.io_binding()
         keep = []  # bound numpy inputs must outlive the run
         for name, value in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):

@@ -194,3 +194,11 @@ def graph_of(artifact: str | os.PathLike, depth: int = 4) -> str | None:
     export's ``results.graph``), following a GPCL model -> export or engine -> ONNX chain; None
     for every other model."""
     return _along_chain(artifact, lambda m: g if isinstance(g := m.results.get("graph"), str) else None, depth)
+
+
+def kv_cache_of(artifact: str | os.PathLike, depth: int = 4) -> str | None:
+    """How a decoder's cache may be bound (``results.kv_cache`` of ``gpcl-trt optimize``):
+    ``shared-buffer`` when every past input feeds GroupQueryAttention alone, so one buffer
+    preallocated to the maximum length is both past and present; None for every other graph
+    (each step's presents become the next step's pasts)."""
+    return _along_chain(artifact, lambda m: m.results.get("kv_cache"), depth)

@@ -33,6 +33,7 @@ from gpcl_trt.common import GpclError, check_can_write, sha256_file
 from gpcl_trt.passes.graph import LoadedModel, is_gpcl, load_graph, producer
 
 VARIANTS = ("standard", "contrib", "contrib-gqa")
+LOGITS = ("all", "last")
 MS = "com.microsoft"
 STAGE = "optimize"
 
@@ -507,13 +508,157 @@ def _seqlens(graph: gs.Graph, mask: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
     return seqlens, total
 
 
+def past_length_from_mask(graph: gs.Graph, like: LoadedModel | None = None) -> list[str]:
+    """Let every ``past_key_values.*`` input feed GroupQueryAttention alone, so that a runtime can
+    bind one buffer preallocated to the maximum length as both the past and the present (GQA
+    writes each step's keys in place: ORT's shared past/present buffer, as onnxruntime-genai
+    runs it). The exporter reads the past length from a past input's shape (for the cache
+    positions and the mask); that read becomes ``T - S`` (``attention_mask`` [B, T],
+    ``input_ids`` [B, S]), which is the same number whenever the past holds exactly the earlier
+    tokens. Returns the replaced Shape nodes' names; [] when a past input has another reader
+    (nothing is changed then)."""
+    inputs = {t.name: t for t in graph.inputs}
+    mask_in, ids_in = inputs.get("attention_mask"), inputs.get("input_ids")
+    pasts = [t for t in graph.inputs if t.name.startswith("past_key_values.")]
+    if mask_in is None or ids_in is None or not pasts:
+        return []
+    shapes = []
+    for t in pasts:
+        for node in t.outputs:
+            if node.op == "GroupQueryAttention":
+                continue
+            dims = t.shape if isinstance(t.shape, (list, tuple)) else None
+            if (
+                node.op != "Shape"
+                or dims is None
+                or len(dims) != 4
+                or not all(isinstance(d, int) for d in (dims[1], dims[3]))
+            ):
+                return []
+            shapes.append((node, int(dims[1]), int(dims[3])))
+    tag = "/ort_attention/past_length"
+    if shapes:
+        ids_shape, mask_shape = gs.Variable(f"{tag}/ids_shape", np.int64), gs.Variable(f"{tag}/mask_shape", np.int64)
+        batch, s_len, t_len, past = (gs.Variable(f"{tag}/{n}", np.int64) for n in ("batch", "s", "t", "past"))
+        graph.nodes.extend(
+            [
+                gs.Node("Shape", f"{tag}/ShapeIds", inputs=[ids_in], outputs=[ids_shape]),
+                gs.Node("Shape", f"{tag}/ShapeMask", inputs=[mask_in], outputs=[mask_shape]),
+                gs.Node(
+                    "Slice",
+                    f"{tag}/Batch",
+                    inputs=[ids_shape, _const(f"{tag}/0", [0]), _const(f"{tag}/1", [1])],
+                    outputs=[batch],
+                ),
+                gs.Node(
+                    "Slice",
+                    f"{tag}/S",
+                    inputs=[ids_shape, _const(f"{tag}/1a", [1]), _const(f"{tag}/2", [2])],
+                    outputs=[s_len],
+                ),
+                gs.Node(
+                    "Slice",
+                    f"{tag}/T",
+                    inputs=[mask_shape, _const(f"{tag}/1b", [1]), _const(f"{tag}/2b", [2])],
+                    outputs=[t_len],
+                ),
+                gs.Node("Sub", f"{tag}/Sub", inputs=[t_len, s_len], outputs=[past]),
+            ]
+        )
+    done = []
+    for i, (node, heads, head) in enumerate(shapes):
+        out = node.outputs[0]
+        node.outputs.clear()
+        start, end = node.attrs.get("start"), node.attrs.get("end")
+        full = out if start is None and end is None else gs.Variable(f"{out.name}/full", np.int64)
+        new = [
+            gs.Node(
+                "Concat",
+                f"{node.name}/from_mask",
+                attrs={"axis": 0},
+                inputs=[batch, _const(f"{tag}/heads_{i}", [heads]), past, _const(f"{tag}/head_{i}", [head])],
+                outputs=[full],
+            )
+        ]
+        if full is not out:  # Shape's own start / end (opset 15)
+            lo, hi = _const(f"{tag}/start_{i}", [start or 0]), _const(f"{tag}/end_{i}", [4 if end is None else end])
+            new.append(gs.Node("Slice", f"{node.name}/from_mask_slice", inputs=[full, lo, hi], outputs=[out]))
+        for n in new:
+            _inherit(like, n, node)
+        graph.nodes.extend(new)
+        done.append(node.name)
+    return done
+
+
+def shares_kv_buffer(graph: gs.Graph) -> bool:
+    """Every past input is read by GroupQueryAttention alone, and its present comes from the same
+    node: the graph runs with one buffer bound as both (see :func:`past_length_from_mask`)."""
+    pasts = [t for t in graph.inputs if t.name.startswith("past_key_values.")]
+    if not pasts:
+        return False
+    for t in pasts:
+        present = next((o for o in graph.outputs if o.name == "present." + t.name[len("past_key_values.") :]), None)
+        readers = t.outputs
+        if present is None or not readers or any(n.op != "GroupQueryAttention" for n in readers):
+            return False
+        if producer(present) not in readers:
+            return False
+    return True
+
+
+def _sliced(graph: gs.Graph) -> bool:
+    return any(n.name.endswith("/last_position") for n in graph.nodes)
+
+
+def last_logits(graph: gs.Graph, like: LoadedModel | None = None) -> list[str]:
+    """``logits`` for the last position only ([B, 1, V]): the output projection reads
+    ``hidden[:, -1:]``. Generation needs no other position, and at prefill the projection over
+    every prompt position is a large share of the work (42% of a 128-token prefill's FLOPs at
+    hidden 512 / vocab 32000). Teacher-forced evaluation needs every position: it refuses such a
+    graph. Returns the projection's name; [] when it is already sliced or not found."""
+    out = next((o for o in graph.outputs if o.name == "logits"), None)
+    node = producer(out) if out is not None else None
+    # walk back over element-wise ops on the logits (bias, soft-capping) to the projection
+    while node is not None and node.op in ("Add", "Mul", "Div", "Tanh", "Cast"):
+        var = [i for i in node.inputs if _const_value(i) is None]
+        node = producer(var[0]) if len(var) == 1 else None
+    if node is None or node.op != "MatMul" or _const_value(node.inputs[0]) is not None:
+        return []
+    x = node.inputs[0]
+    if _sliced(graph):
+        return []  # idempotent
+    sliced = gs.Variable(f"{x.name}/last", dtype=x.dtype)
+    cut = gs.Node(
+        "Slice",
+        f"{node.name}/last_position",
+        inputs=[
+            x,
+            _const(f"{node.name}/last_start", [-1]),
+            _const(f"{node.name}/last_end", [2**62]),
+            _const(f"{node.name}/last_axis", [1]),
+        ],
+        outputs=[sliced],
+    )
+    _inherit(like, cut, node)
+    node.inputs[0] = sliced
+    graph.nodes.append(cut)
+    return [node.name]
+
+
 # ----------------------------------------------------------------------------- driver
 def fuse_ort(
-    graph: gs.Graph, variant: str = "standard", like: LoadedModel | None = None, max_positions: int | None = None
+    graph: gs.Graph,
+    variant: str = "standard",
+    like: LoadedModel | None = None,
+    max_positions: int | None = None,
+    logits: str = "all",
 ) -> tuple[gs.Graph, dict]:
-    """Apply the ONNX Runtime rewrites to ``graph`` (in place) and report what changed."""
+    """Apply the ONNX Runtime rewrites to ``graph`` (in place) and report what changed.
+    ``logits``: ``all`` positions (as exported) or the ``last`` one only (:func:`last_logits`)."""
     if variant not in VARIANTS:
         raise GpclError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant}")
+    if logits not in LOGITS:
+        raise GpclError(f"--logits must be one of {', '.join(LOGITS)}, got {logits}")
     report: dict[str, Any] = {
         "variant": variant,
         "grouped_attention": grouped_attention(graph, like),
@@ -522,12 +667,19 @@ def fuse_ort(
     if variant == "contrib-gqa":
         graph.cleanup(remove_unused_graph_inputs=False)  # the repeat-KV leftovers still read the presents
         report["contrib_attention"] = contrib_attention(graph, max_positions, like)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        report["past_length_from_mask"] = past_length_from_mask(graph, like)
     if variant in ("contrib", "contrib-gqa"):
         graph.cleanup(remove_unused_graph_inputs=False)  # the rotaries GroupQueryAttention took over
         report["contrib_rotary"] = contrib_rotary(graph, max_positions, like)
         report["skip_rmsnorm"] = skip_rmsnorm(graph, like)
+    if logits == "last":
+        report["last_logits"] = last_logits(graph, like)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     report["changed"] = any(bool(v) for k, v in report.items() if k != "variant")
+    # what a runtime reads from the manifest (generate.runtimes.OrtRuntime)
+    report["kv_cache"] = "shared-buffer" if shares_kv_buffer(graph) else "concat"
+    report["logits"] = "last" if logits == "last" or _sliced(graph) else "all"
     return graph, report
 
 
@@ -544,7 +696,12 @@ def _max_positions(model_dir: Path | None) -> int | None:
 
 
 def optimize_file(
-    input: str | Path, output: str | Path, target: str = "ort", variant: str = "standard", force: bool = False
+    input: str | Path,
+    output: str | Path,
+    target: str = "ort",
+    variant: str = "standard",
+    force: bool = False,
+    logits: str = "all",
 ) -> dict:
     """Write ``output`` (+ OUT.manifest.json): ``input`` rewritten for ``target``; weights are
     linked, not copied (passes.modelio.save_model)."""
@@ -557,7 +714,7 @@ def optimize_file(
     lm = load_graph(input)
     before = len(lm.graph.nodes)
     model_dir = model_dir_of(input)
-    graph, report = fuse_ort(lm.graph, variant, lm, max_positions=_max_positions(model_dir))
+    graph, report = fuse_ort(lm.graph, variant, lm, max_positions=_max_positions(model_dir), logits=logits)
     after = len(graph.nodes)
     inputs = pass_inputs(input, sha256_file(input), str(model_dir) if model_dir else None)
     results = {**report, "nodes_before": before, "nodes_after": after}
@@ -569,7 +726,7 @@ def optimize_file(
         gpcl=any(is_gpcl(n) for n in graph.nodes),
         stage_name=STAGE,
         inputs=inputs,
-        options={"for": target, "variant": variant},
+        options={"for": target, "variant": variant, "logits": logits},
         results=results,
     )
     return {"ok": True, "output": str(output), **results}

@@ -37,13 +37,24 @@ def register(main: click.Group) -> None:
         help="standard: standard ONNX ops only (a TensorRT build parses the result too). contrib: also "
         "ONNX Runtime's RotaryEmbedding and SkipSimplifiedLayerNormalization; contrib-gqa: also its "
         "GroupQueryAttention (com.microsoft ops: ONNX Runtime only, TensorRT cannot parse them; build "
-        "engines from the export or the standard variant).",
+        "engines from the export or the standard variant). contrib-gqa's caches can be one buffer "
+        "preallocated to the maximum length, written in place (the manifest says kv_cache: shared-buffer; "
+        "`generate` binds it so).",
+    )
+    @click.option(
+        "--logits",
+        type=click.Choice(["all", "last"]),
+        default="all",
+        show_default=True,
+        help="all: logits at every position, as exported. last: the last position's only ([B, 1, V]); "
+        "the output projection skips the other prompt positions, which makes the first token faster. "
+        "`generate` and `triton` need no more; `eval`'s teacher-forced NLL needs all and refuses it.",
     )
     @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-    def optimize(model, output, target, variant, force) -> dict:
+    def optimize(model, output, target, variant, logits, force) -> dict:
         from gpcl_trt.passes.fuse_ort import optimize_file
 
-        result = optimize_file(model, output, target=target, variant=variant, force=force)
+        result = optimize_file(model, output, target=target, variant=variant, force=force, logits=logits)
         contrib = "".join(
             f", {len(result[k])} {what}"
             for k, what in (
@@ -56,7 +67,8 @@ def register(main: click.Group) -> None:
         click.echo(
             f"wrote {output}: {len(result['grouped_attention'])} repeat-KV copies removed, "
             f"{len(result['rmsnorm_div'])} RMSNorms rewritten{contrib}, nodes {result['nodes_before']} -> "
-            f"{result['nodes_after']}" + ("" if result["changed"] else " (nothing to change)"),
+            f"{result['nodes_after']}, kv cache {result['kv_cache']}, logits {result['logits']}"
+            + ("" if result["changed"] else " (nothing to change)"),
             err=True,
         )
         return result

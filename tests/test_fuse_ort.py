@@ -287,3 +287,74 @@ def test_cli_generate_reads_the_optimised_artifact(decoders):
         res = json.loads(r.stdout)
         texts.append({k: v for k, v in res.items() if k not in ("artifact", "measurements")})
     assert texts[0]["outputs"] and all(t == texts[0] for t in texts[1:])
+
+
+def test_contrib_gqa_binds_one_cache_buffer(decoders, tmp_path):
+    """contrib-gqa reads the past length from the mask, so every past input feeds
+    GroupQueryAttention alone: the manifest says ``kv_cache: shared-buffer`` and OrtRuntime binds
+    one preallocated buffer as past and present. The buffers are the same objects from the
+    prefill to the last step (written in place), their written positions hold the keys, and a
+    batch that outgrows its reservation keeps its cache (the logits test above reserves none)."""
+    from gpcl_trt.generate import OrtRuntime, decode
+    from gpcl_trt.manifest import kv_cache_of
+
+    src, standard, contrib, gqa = decoders("llama")
+    assert kv_cache_of(gqa) == "shared-buffer"
+    assert kv_cache_of(standard) == kv_cache_of(contrib) == "concat" and kv_cache_of(src) is None
+    graph = onnx.load(str(gqa), load_external_data=False).graph
+    readers = Counter(n.op_type for n in graph.node for i in n.input if i.startswith("past_key_values."))
+    assert readers == Counter({"GroupQueryAttention": 2 * LAYERS})
+
+    rt = OrtRuntime(gqa, threads=1)
+    assert rt.shared_buffer and not OrtRuntime(contrib, threads=1).shared_buffer
+    ids, mask = _batch()
+    pos = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1)
+    rt.reserve(ids.shape[1] + 4)
+    rt.prefill(ids, mask, pos)
+    buffers = {name: pair[0] for name, pair in rt._shared.items()}
+    assert all(b.shape[2] == ids.shape[1] + 4 for b in buffers.values())
+    nxt = pos[:, -1:] + 1
+    for _ in range(3):
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+        rt.step(np.full((ids.shape[0], 1), 7, np.int64), mask, nxt)
+        nxt = nxt + 1
+    assert all(rt._shared[name][0] is buf for name, buf in buffers.items())
+    key = buffers["past_key_values.0.key"]
+    assert np.abs(key[:, :, : mask.shape[1]]).min(axis=-1).max() > 0 and not key[:, :, mask.shape[1] :].any()
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [40, 41, 42, 43]]
+    ref = decode(OrtRuntime(src, threads=1), prompts, max_new_tokens=24)["tokens"]
+    assert decode(rt, prompts, max_new_tokens=24)["tokens"] == ref
+
+
+def test_last_logits(decoders, tmp_path):
+    """--logits last: the prefill's logits are the last position's ([B, 1, V]), equal to the
+    export's there; generation is unchanged; eval's teacher-forced NLL refuses the graph in one
+    line; a second run changes nothing."""
+    from gpcl_trt.accuracy.generation import all_logits
+    from gpcl_trt.common import GpclError
+    from gpcl_trt.generate import OrtRuntime, decode
+    from gpcl_trt.passes.fuse_ort import optimize_file
+    from gpcl_trt.tolerance import defaults, failing
+
+    src = decoders("llama")[0]
+    for variant in ("standard", "contrib-gqa"):
+        out = tmp_path / f"last_{variant}.onnx"
+        res = optimize_file(src, out, variant=variant, logits="last")
+        assert res["logits"] == "last" and len(res["last_logits"]) == 1
+        ids, mask = _batch()
+        pos = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        rt, ref_rt = OrtRuntime(out, threads=1), OrtRuntime(src, threads=1)
+        for spec in rt.past:
+            feeds[spec.name] = rt._empty_past(spec, ids.shape[0])
+        (logits,) = rt.session.run(["logits"], feeds)
+        (full,) = ref_rt.session.run(["logits"], feeds)
+        assert logits.shape == (ids.shape[0], 1, VOCAB) and full.shape[1] == ids.shape[1]
+        assert not failing(full[:, -1:], logits, *defaults("fp32")).any()
+        prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21]]
+        assert decode(rt, prompts, max_new_tokens=12)["tokens"] == decode(ref_rt, prompts, max_new_tokens=12)["tokens"]
+        with pytest.raises(GpclError, match="last position's logits only"):
+            all_logits(rt, np.array([[5, 6, 7]], np.int64))
+        again = optimize_file(out, tmp_path / f"again_{variant}.onnx", variant=variant, logits="last")
+        assert not again["changed"] and again["logits"] == "last"
