@@ -497,7 +497,7 @@ def quantize_model(
     awq_info = None
     scales: dict[str, Any] = {}
     if method == "awq":
-        awq_info = _awq(model, src, todo, scheme, block_size, samples, data, scales)
+        awq_info = _awq(model, src, todo, scheme, block_size, samples, data, scales, out)
     opset_before = _bump_opset(model)
     external = any(uses_external_data(t) for t in model.graph.initializer)
     src_sha = sha256_file(src)
@@ -607,27 +607,40 @@ def quantize_model(
 _FLOAT_NAMES = {1: "fp32", 10: "fp16", 16: "bf16"}
 
 
-def _awq(model: Any, src: Path, todo: list, scheme: Scheme, block: int, samples: int, data: Any, scales: dict) -> dict:
+def _awq(
+    model: Any, src: Path, todo: list, scheme: Scheme, block: int, samples: int, data: Any, scales: dict, out: Path
+) -> dict:
     """Calibrate and search the AWQ scales (quantize/awq.py); fills ``scales`` (weight -> s [K])
     and returns the groups to place, the weights left to RTN and where the data came from."""
+    import shutil
+
     from gpcl_trt import progress
+    from gpcl_trt.common import temp_sibling
     from gpcl_trt.quantize import awq
 
     groups, plain = awq.groups_of(model, todo)
-    with progress.step(f"awq: calibrate {len(groups)} projection inputs"):
-        data_desc = awq.collect(model, src, groups, samples, None if data is None else str(data))
     reader = SourceReader(src.parent)
 
     def load(w: Weight, n0: int, n1: int) -> np.ndarray:
         a = reader.array(w.tensor)
         return np.array(a[:, n0:n1] if w.k_axis == 0 else a[n0:n1, :].T, dtype=np.float32)
 
-    with progress.step("awq: search the scales"):
-        for g in groups:
-            awq.search(g, load, block, scheme)
-            for w in g.weights:
-                if g.scale is not None:
-                    scales[w.name] = g.scale
+    # the kept activation rows wait on disk beside the output (not in memory) until their group's
+    # search; a hidden temporary sibling (common.temp_sibling: a killed run's is removed by the next)
+    tmp = temp_sibling(out.with_name(out.name + ".awq"))
+    tmp.mkdir()
+    try:
+        with progress.step(f"awq: calibrate {len(groups)} projection inputs"):
+            data_desc = awq.collect(model, src, groups, samples, None if data is None else str(data), tmp)
+        with progress.step("awq: search the scales"):
+            for g in groups:
+                awq.search(g, load, block, scheme)
+                g.rows = None  # its mapping of the file
+                for w in g.weights:
+                    if g.scale is not None:
+                        scales[w.name] = g.scale
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"_groups": groups, "plain": plain, "data": data_desc}
 
 

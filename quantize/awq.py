@@ -2,8 +2,8 @@
 
 The projections that read one activation tensor ``x`` (Q, K and V after a norm; gate and up)
 form a group. For the group, the mean ``|x|`` of each input channel is measured over calibration
-data (ONNX Runtime over the float model, each group input exposed as an extra output), and a
-few hundred rows of ``x`` are kept. A scale per channel ``s = mean|x| ** alpha`` (normalised so
+data (ONNX Runtime over the float model, reduced in the graph at each group input), and a few
+hundred rows of ``x`` are kept. A scale per channel ``s = mean|x| ** alpha`` (normalised so
 that ``sqrt(max s * min s) = 1``) multiplies the rows of each weight before RTN, and the
 activation is divided by ``s``: ``x W = (x / s)(s W)``. The channels that carry large
 activations get finer steps. ``alpha`` is searched over ``ALPHAS`` per group, minimising the
@@ -15,9 +15,11 @@ the norm that produces ``x`` (LayerNormalization's scale and bias, an RMSNorm's 
 ``Mul`` by a weight vector) when the projections are that norm's only readers; else a ``Mul`` by
 a ``[K]`` vector is inserted on the group's input (one small vector per group).
 
-Memory: the calibration session is ONNX Runtime over the float model up to the last group input
-(its weights mapped where they are external: a bounded session for a large model); the kept
-rows are capped (ROWS_BYTES); the search reads one weight at a time, in chunks of columns.
+Memory, flat with the model's size: the calibration session is ONNX Runtime over the float model
+cut at the group inputs, each reduced in the graph to its sum of |x| per channel and a few token
+rows (_probe), its external weights read from their mapping (a bounded session); the kept rows
+(capped: ROWS_BYTES) go to a temporary file, which the search maps one group at a time; the
+search reads one weight at a time, in chunks of columns.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from gpcl_trt.quantize.rtn import Scheme, dequantize, quantize_blocks
 
 ALPHAS = tuple(round(i * 0.1, 1) for i in range(11))  # 0 is RTN
 MAX_ROWS = 512  # rows of x kept per group for the search (sampled evenly over the calibration tokens)
-ROWS_BYTES = 256 << 20  # all groups' kept rows together (float32): fewer rows per group in a large model
+ROWS_BYTES = 256 << 20  # all groups' kept rows together (float32, on disk): fewer rows per group in a large model
 CHUNK_BYTES = 16 << 20  # float32 bytes of the columns of one weight searched at a time
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}  # input 1 (and 2): scale (bias)
 
@@ -73,10 +75,22 @@ def groups_of(model: Any, weights: list) -> tuple[list[Group], dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- calibration
+ROWS_INPUT = "awq/rows"  # the probe's extra inputs: which token rows of each group input to return,
+MASK_INPUT = "awq/mask"  # and which tokens are real (the attention mask, as float)
+
+
 def _probe(model: Any, groups: list[Group]) -> Any:
-    """The float graph with the groups' inputs as its only outputs and the nodes past them gone
-    (the output head: a 152k-vocabulary lm_head's transposed copy alone was half a GB)."""
+    """The float graph cut after the groups' inputs (the nodes past them gone: a 152k-vocabulary
+    lm_head's transposed copy alone was half a GB), each input ``x`` [..., K] reduced in the graph
+    to what AWQ keeps of it: ``sum |x|`` over its real tokens [K] and their count (float32), and
+    the token rows ``ROWS_INPUT`` mod T [r, K]. ORT frees each ``x`` after its last reader, so a
+    run holds one layer's activations, not every group input of the model at once (0.5 GB at the
+    0.5B shape for 16 sentences, growing with the depth, the width and the tokens).
+
+    Real tokens: ``MASK_INPUT`` flattened where it has as many elements as ``x`` has tokens (T;
+    the attention mask of a text model), else every token (a vision model's patches: no padding)."""
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -105,55 +119,123 @@ def _probe(model: Any, groups: list[Group]) -> Any:
     inputs = [i for i in g.input if i.name in used]
     del g.input[:]
     g.input.extend(inputs)
+    g.input.append(helper.make_tensor_value_info(ROWS_INPUT, TensorProto.INT64, ["rows"]))
+    g.input.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.FLOAT, None))
     del g.output[:]
-    for grp in groups:
-        g.output.append(onnx.helper.make_tensor_value_info(grp.tensor, grp.weights[0].out_type, None))
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-1], np.int64), "awq/flat"),
+            numpy_helper.from_array(np.array([0], np.int64), "awq/first"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "awq/one"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Reshape", [MASK_INPUT, "awq/flat"], ["awq/mask_flat"]),
+            helper.make_node("Size", [MASK_INPUT], ["awq/mask_size"]),
+        ]
+    )
+    mk = helper.make_node
+    for i, grp in enumerate(groups):
+        k, p = int(grp.weights[0].kn[0]), f"awq/{i}/"
+        g.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), p + "shape"))
+        add = [mk("Reshape", [grp.tensor, p + "shape"], [p + "flat"])]
+        flat = p + "flat"
+        if grp.weights[0].out_type != TensorProto.FLOAT:  # sums in float32: a half's sum overflows
+            add.append(mk("Cast", [flat], [p + "f32"], to=TensorProto.FLOAT))
+            flat = p + "f32"
+        add += [
+            mk("Shape", [flat], [p + "dims"]),
+            mk("Slice", [p + "dims", "awq/first", "awq/flat"], [p + "T1"]),  # [T]
+            mk("Squeeze", [p + "T1", "awq/first"], [p + "T"]),
+            # w [T]: the flat mask where it has T elements, else ones (slice of mask ++ ones, blended)
+            mk("ConstantOfShape", [p + "T1"], [p + "ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+            mk("Concat", ["awq/mask_flat", p + "ones"], [p + "cat"], axis=0),
+            mk("Slice", [p + "cat", "awq/first", p + "T1"], [p + "fit"]),
+            mk("Equal", [p + "T", "awq/mask_size"], [p + "eq_b"]),
+            mk("Cast", [p + "eq_b"], [p + "eq"], to=TensorProto.FLOAT),
+            mk("Sub", ["awq/one", p + "eq"], [p + "ne"]),
+            mk("Mul", [p + "fit", p + "eq"], [p + "wm"]),
+            mk("Add", [p + "wm", p + "ne"], [p + "w"]),
+            mk("Abs", [flat], [p + "abs"]),
+            mk("MatMul", [p + "w", p + "abs"], [p + "sum"]),
+            mk("ReduceSum", [p + "w"], [p + "tokens"], keepdims=0),
+            mk("Mod", [ROWS_INPUT, p + "T"], [p + "index"]),
+            mk("Gather", [flat, p + "index"], [p + "rows"], axis=0),
+        ]
+        g.node.extend(add)
+        g.output.extend(
+            [
+                helper.make_tensor_value_info(p + "sum", TensorProto.FLOAT, [k]),
+                helper.make_tensor_value_info(p + "tokens", TensorProto.FLOAT, []),
+                helper.make_tensor_value_info(p + "rows", TensorProto.FLOAT, ["rows", k]),
+            ]
+        )
     return probe
 
 
-def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str | None) -> dict:
-    """Run ONNX Runtime over the float model (up to the groups' inputs, _probe) on the calibration
-    data; fill each group's mean |x| per channel and its kept rows. Returns where the data came
-    from."""
-    from gpcl_trt.common import has_large_weights
+def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str | None, spill: Path) -> dict:
+    """Run ONNX Runtime over the float model (cut at the groups' inputs and reduced there:
+    _probe) on the calibration data; fill each group's mean |x| per channel over the real tokens
+    and its kept rows. The rows go to a file in the folder ``spill``, read back one group at a
+    time by the search (from the page cache: not anonymous memory); the session reads external
+    weights from their mapping (ort_options bounded). Returns where the data came from."""
+    from onnx.external_data_helper import uses_external_data
+
     from gpcl_trt.feeds import complete_feed, ort_session, specs_from_session
     from gpcl_trt.passes.calibrate import sample_inputs
 
     probe = _probe(model, groups)
     batches, desc = sample_inputs(SimpleNamespace(model=model), src, samples, data)
-    session = ort_session(probe, base_dir=src.parent, bounded=has_large_weights(model, src.parent))
-    specs = specs_from_session(session)
-    names = [g.tensor for g in groups]
-    sums = {n: None for n in names}
-    kept: dict[str, list] = {n: [] for n in names}
-    tokens = dict.fromkeys(names, 0)
+    external = any(uses_external_data(t) for t in model.graph.initializer)
+    session = ort_session(probe, base_dir=src.parent, bounded=external)
+    del probe
+    specs = [s for s in specs_from_session(session) if s.name not in (ROWS_INPUT, MASK_INPUT)]
     rng = np.random.default_rng(0)
     widest = max(int(g.weights[0].kn[0]) for g in groups)
     max_rows = max(32, min(MAX_ROWS, ROWS_BYTES // (4 * widest * max(len(groups), 1))))
-    for batch in batches:
-        feed = complete_feed(specs, batch)
-        try:
-            outs = session.run(names, feed)
-        except Exception as exc:
-            raise GpclError(f"ONNX Runtime failed on the calibration data ({one_line(exc)})") from None
-        mask = feed.get("attention_mask", batch.get("attention_mask"))  # the probe may not read it
-        for name, arr in zip(names, outs):
-            x = np.asarray(arr, np.float32)
-            k = x.shape[-1]
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.astype(bool)]  # real tokens only
-            x = x.reshape(-1, k)
-            s = np.abs(x).sum(0, dtype=np.float64)
-            sums[name] = s if sums[name] is None else sums[name] + s
-            take = min(len(x), max(1, -(-max_rows // max(len(batches), 1))))
-            kept[name].append(x[rng.choice(len(x), take, replace=False)])
-            tokens[name] += len(x)
-    if min(tokens.values(), default=0) == 0:
-        raise GpclError("the calibration data has no tokens")
+    take = max(1, -(-max_rows // max(len(batches), 1)))
+    outputs = [f"awq/{i}/{what}" for i in range(len(groups)) for what in ("sum", "tokens", "rows")]
+    sums = [np.zeros(int(g.weights[0].kn[0]), np.float64) for g in groups]
+    tokens = [0.0] * len(groups)
+    filled = [0] * len(groups)
+    offsets, pos = [], 0
     for g in groups:
-        g.mean_abs = (sums[g.tensor] / tokens[g.tensor]).astype(np.float32)
-        g.rows = np.concatenate(kept[g.tensor])[:max_rows]
-    return {**desc, "tokens": max(tokens.values())}
+        offsets.append(pos)
+        pos += 4 * max_rows * int(g.weights[0].kn[0])
+    path = spill / "awq_rows.f32"
+    with open(path, "wb") as f:
+        for batch in batches:
+            feed = complete_feed(specs, batch)
+            mask = batch.get("attention_mask", feed.get("attention_mask"))
+            if mask is not None and np.ndim(mask) == 2:
+                real = np.flatnonzero(np.asarray(mask).reshape(-1))  # flat token positions b * S + t
+                feed[MASK_INPUT] = (np.asarray(mask) != 0).astype(np.float32)
+                at = rng.choice(real, min(take, len(real)), replace=False)
+            else:  # no padding; T unknown here: the graph takes the rows mod T
+                feed[MASK_INPUT] = np.ones(1, np.float32)
+                at = rng.integers(0, 1 << 30, take)
+            feed[ROWS_INPUT] = at.astype(np.int64)
+            try:
+                outs = session.run(outputs, feed)
+            except Exception as exc:
+                raise GpclError(f"ONNX Runtime failed on the calibration data ({one_line(exc)})") from None
+            for i in range(len(groups)):
+                s, t, rows = outs[3 * i : 3 * i + 3]
+                sums[i] += s
+                tokens[i] += float(t)
+                rows = np.ascontiguousarray(rows[: max_rows - filled[i]], np.float32)
+                if len(rows):
+                    f.seek(offsets[i] + 4 * filled[i] * rows.shape[1])
+                    f.write(rows.tobytes())
+                    filled[i] += len(rows)
+            del outs
+    if min(tokens, default=0) == 0:
+        raise GpclError("the calibration data has no tokens")
+    for i, g in enumerate(groups):
+        g.mean_abs = (sums[i] / tokens[i]).astype(np.float32)
+        g.rows = np.memmap(path, np.float32, "r", offset=offsets[i], shape=(filled[i], int(g.weights[0].kn[0])))
+    return {**desc, "tokens": int(round(max(tokens)))}
 
 
 # ----------------------------------------------------------------------------- the search

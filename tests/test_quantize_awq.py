@@ -83,6 +83,7 @@ def test_awq_beats_rtn_and_folds(tmp_path, block):
             assert not np.allclose(ln["ln.weight"], numpy_helper.to_array(onnx.load(src).graph.initializer[0]))
             assert sum(n.op_type == "Mul" for n in m.graph.node) == 1
             assert res["method"] == "awq" and res["samples"] == 16
+            assert not [p for p in tmp_path.iterdir() if ".gpcl-" in p.name]  # the kept rows' temporary folder
     assert err["awq"] < 0.7 * err["rtn"], err
 
 
@@ -96,6 +97,73 @@ def test_awq_on_exported_llama_folds_rmsnorm(exports, tmp_path):
     a = res["awq"]
     assert a["groups"] == 8 and a["folded"] + a["muls"] == a["scaled"], a  # 2 layers x (qkv, o, gate/up, down)
     assert a["folded"] >= 2, a
+
+
+def _ln(x, model):
+    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    m, v = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + 1e-5) * w["ln.weight"] + w["ln.bias"]
+
+
+def _groups(path):
+    from gpcl_trt.common import load_onnx
+    from gpcl_trt.quantize import awq
+    from gpcl_trt.quantize.api import DEFAULT_KEEP, plan
+
+    model = load_onnx(path, external_data=False)
+    groups, _ = awq.groups_of(model, plan(model, DEFAULT_KEEP)[0])
+    return model, {g.tensor: g for g in groups}
+
+
+def test_awq_statistics_are_the_real_tokens(tmp_path):
+    """The calibration's reductions (in the graph, one sequence at a time, weights external: the
+    bounded session) equal numpy's over the real tokens of padded batches: mean |x| per channel,
+    and the kept rows are the real tokens' rows (here all of them: fewer than the row budget).
+    Padding is filled with huge values, so one padded token would show."""
+    from gpcl_trt.quantize import awq
+
+    src = _outlier_model(tmp_path / "m.onnx")
+    m = onnx.load(src)
+    onnx.save(onnx.load(src), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    rng = np.random.default_rng(3)
+    lengths = [12, 5, 9, 1, 12, 7, 3, 11, 6, 2]  # two batches of the npz (8 + 2)
+    x = (1000 * rng.standard_normal((len(lengths), 12, K))).astype(np.float32)
+    mask = np.zeros((len(lengths), 12), np.int64)
+    for j, n in enumerate(lengths):
+        x[j, :n] = rng.standard_normal((n, K))
+        mask[j, :n] = 1
+    np.savez(tmp_path / "d.npz", x=x, attention_mask=mask)
+    model, groups = _groups(src)
+    desc = awq.collect(model, src, list(groups.values()), 16, str(tmp_path / "d.npz"), tmp_path)
+    assert desc["tokens"] == sum(lengths)
+    h = _ln(x[mask.astype(bool)], m)  # [real tokens, K]
+    g = groups["h"]
+    np.testing.assert_allclose(g.mean_abs, np.abs(h).mean(0), rtol=1e-4, atol=1e-6)
+    assert g.rows.shape == h.shape
+    np.testing.assert_allclose(g.rows[np.lexsort(g.rows.T)], h[np.lexsort(h.T)], rtol=1e-4, atol=1e-5)
+    assert not isinstance(g.rows, np.ndarray) or isinstance(g.rows, np.memmap)  # on disk, not in memory
+    assert groups["r"].rows.shape == (sum(lengths), N)
+
+
+def test_awq_calibration_run_does_not_grow_with_tokens(tmp_path):
+    """What ONNX Runtime hands back per calibration run is the reductions, the same size for 16
+    tokens and for 2048: the group inputs themselves ([tokens, K] each, every layer's at once)
+    never leave the runtime."""
+    from gpcl_trt.quantize import awq
+
+    src = _outlier_model(tmp_path / "m.onnx")
+    model, groups = _groups(src)
+    probe = awq._probe(model, list(groups.values()))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = np.array([0, 5, 7, 3], np.int64)
+    shapes = []
+    for tokens in (16, 2048):
+        x = np.random.default_rng(tokens).standard_normal((1, tokens, K)).astype(np.float32)
+        outs = sess.run(None, {"x": x, awq.ROWS_INPUT: rows, awq.MASK_INPUT: np.ones((1, tokens), np.float32)})
+        assert outs[1] == tokens and outs[4] == tokens
+        shapes.append([o.shape for o in outs])
+        assert sum(o.size for o in outs) == (1 + len(rows)) * (K + N) + 2, shapes  # sums, rows; 2 token counts
+    assert shapes[0] == shapes[1]
 
 
 def test_check_catches_a_format_disagreement(tmp_path, monkeypatch):
