@@ -188,3 +188,26 @@ def test_phi3_rule_followed_per_row(tmp_path):
     # The control: without the rule the logits drift. How far for each row depends on which rows
     # shared a batch step (scheduling), so the set as a whole must show it (measured 7.6e-4 to >1e-2).
     assert max(drift) > 1e-3, drift
+
+
+def test_inflight_over_the_gqa_rewrite(decoders, tmp_path):  # noqa: F811
+    """The in-flight batcher over `optimize --variant contrib-gqa --logits last` (a graph whose
+    cache may be one shared buffer: the batcher still binds per-step presents, rows joining with
+    their own lengths): each request's text equals the export's generation for it alone."""
+    from gpcl_trt.generate import generate
+    from gpcl_trt.passes.fuse_ort import optimize_file
+
+    model_dir, onnx = decoders("llama")
+    gqa = tmp_path / "gqa.onnx"
+    assert optimize_file(onnx, gqa, variant="contrib-gqa", logits="last")["kv_cache"] == "shared-buffer"
+    jobs = [{"text": p, "max_tokens": 3 + 2 * i} for i, p in enumerate(PROMPTS[:6])]
+    batcher = _open(model_dir, gqa, 4)
+    try:
+        served = _serve(batcher, jobs)
+        rows = batcher.stats["max_rows"]
+    finally:
+        batcher.close()
+    for job, (text, finish, error) in zip(jobs, served):
+        ref = generate(onnx, [job["text"]], max_new_tokens=job["max_tokens"])["outputs"][0]
+        assert error is None and (text, finish) == (ref["text"], ref["finish"]), job
+    assert rows > 1
