@@ -198,6 +198,11 @@ def _readme(name: str, seq2seq: bool = False, speech: bool = False) -> str:
         "text_output, output_ids (padded with pad_id to max_tokens when given, not streaming),\n"
         "sequence_length, and with return_log_probs output_log_probs and cum_log_probs. The KV cache\n"
         "stays in the server: requests share one in-flight batch of `slots` rows, the rest wait.\n"
+        'A bad value is that request\'s 400, one line. A JSON value of the wrong type (`"max_tokens":\n'
+        '"ten"`, `"text_input": 3`) is answered by Triton\'s HTTP frontend itself with a 500 before this\n'
+        "model sees it: the inputs are typed as TensorRT-LLM's, so that its gRPC clients work unchanged.\n"
+        "gRPC clients may also send the fields as request parameters (`max_tokens`: any integer type;\n"
+        "`stop_words` / `bad_words`: one string); those are checked here.\n"
         f"`1/{RULES_FILE}` holds the model's generation rules (EOS ids, positions, re-prefill).\n"
         "`gpcl_python_path` lists where gpcl_trt, onnxruntime and transformers are found.\n"
     )

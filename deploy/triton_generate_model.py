@@ -9,8 +9,12 @@ max_tokens, stream, temperature, top_k, top_p, random_seed, stop_words, bad_word
 none), pad_id, return_log_probs; the answer is text_output (pieces when ``stream`` is true, else
 the whole text in one response) with output_ids and sequence_length (and output_log_probs,
 cum_log_probs when asked). Fields Triton passes as request parameters (the generate endpoint's
-``parameters`` object, keys that are no input) are read too. A value out of range is this
-request's 400 (one line); the others go on.
+``parameters`` object, keys that are no input; gRPC's ``parameters``) are read too. A value out
+of range, or a parameter of the wrong type, is this request's 400 (one line); the others go on. A
+JSON value of the wrong type for an input (``"max_tokens": "ten"``, ``"text_input": 3``) never
+reaches this model: Triton's HTTP frontend converts the JSON to the input's declared type and
+answers 500 itself (the inputs are typed as TensorRT-LLM's, for its gRPC clients; see
+triton_generate.INPUTS).
 Config parameters:
   onnx_file           the decoder in the version directory (model.onnx)
   gpcl_python_path    site directories (os.pathsep separated) with gpcl_trt, onnxruntime and
@@ -87,10 +91,15 @@ def _scalar(request, name, params):
     return want(value)
 
 
-def _strings(request, name):
+def _strings(request, name, params):
+    """The field's strings: a tensor input, else a request parameter (one string: gRPC's parameters
+    hold no lists); a parameter of another type is refused in one line, not ignored."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        return []
+        value = params.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        return [] if value is None else [value]
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
 
 
@@ -154,7 +163,8 @@ class TritonPythonModel:
 
     def _request(self, request):
         """The request's fields, checked: (text, batcher keywords, stream, pad_id, max_tokens)."""
-        texts = _strings(request, "text_input")
+        params = _parameters(request)
+        texts = _strings(request, "text_input", params)
         audio = pb_utils.get_input_tensor_by_name(request, "audio") if self.speech else None
         if self.speech:  # a speech model: audio samples instead of text
             if texts:
@@ -164,7 +174,6 @@ class TritonPythonModel:
             texts = [None]
         if len(texts) != 1:
             raise ValueError(f"text_input must be one string, got {len(texts)}")
-        params = _parameters(request)
         values = {name: _scalar(request, name, params) for name in FIELDS}
         for name in ("end_id", "pad_id"):
             self._check_id(name, values[name])
@@ -182,8 +191,8 @@ class TritonPythonModel:
         kw = {
             "max_tokens": max_tokens,
             "sampling": sampling,
-            "stop": [w for w in _strings(request, "stop_words") if w],
-            "bad_words": [w for w in _strings(request, "bad_words") if w],
+            "stop": [w for w in _strings(request, "stop_words", params) if w],
+            "bad_words": [w for w in _strings(request, "bad_words", params) if w],
             "eos_ids": None if end_id is None else ([] if end_id == -1 else [end_id]),
             "details": True,
             "log_probs": bool(values["return_log_probs"]),
