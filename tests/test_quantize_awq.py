@@ -164,6 +164,12 @@ def test_awq_calibration_run_does_not_grow_with_tokens(tmp_path):
         shapes.append([o.shape for o in outs])
         assert sum(o.size for o in outs) == (1 + len(rows)) * (K + N) + 2, shapes  # sums, rows; 2 token counts
     assert shapes[0] == shapes[1]
+    # each reduction comes right after the node producing its input (ORT runs equal-priority nodes in
+    # this order: the input is reduced and freed as soon as its layer has run, not at the end)
+    order = [n.output[0] for n in probe.graph.node]
+    producer = {o: i for i, n in enumerate(probe.graph.node) for o in n.output}
+    for i, t in enumerate(groups):
+        assert order.index(f"awq/{i}/flat") == producer[t] + 1, (t, order)
 
 
 def test_check_catches_a_format_disagreement(tmp_path, monkeypatch):
@@ -191,7 +197,7 @@ def test_check_catches_a_format_disagreement(tmp_path, monkeypatch):
 def test_awq_bad_input(tmp_path):
     src = _outlier_model(tmp_path / "m.onnx")
     for args, needle in (
-        (["--method", "gptq"], "--method"),
+        (["--method", "hqq"], "--method"),
         (["--method", "awq", "--samples", "0"], "--samples"),
     ):
         r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), *args])
