@@ -130,7 +130,8 @@ def register(main: click.Group) -> None:
     @click.option(
         "--method",
         default=None,
-        help="With --quantize: rtn (round to nearest) or awq (activation-aware scales from sample sentences) [rtn].",
+        help="With --quantize: rtn (round to nearest), awq (activation-aware scales from sample sentences) or gptq "
+        "[rtn].",
     )
     @click.option(
         "--keep",

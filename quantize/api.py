@@ -29,7 +29,7 @@ import numpy as np
 from gpcl_trt.common import GpclError, check_can_write, load_onnx, manifest_path, sha256_file, write_manifest
 from gpcl_trt.quantize.rtn import BLOCK_SIZES, WEIGHTS, Scheme, encode, quantize_blocks
 
-METHODS = ("rtn", "awq")  # awq: activation-aware scales (quantize/awq.py)
+METHODS = ("rtn", "awq", "gptq")  # awq: activation-aware scales (quantize/awq.py); gptq: quantize/gptq.py
 QUANT_OPSET = 21  # blocked DequantizeLinear and int4/uint4 arrived in opset 21
 MIN_OPSET = 18  # 18 -> 21 changes no op's meaning (types only) except those in CHANGED_OPS
 CHANGED_OPS = {"GroupNormalization", "GridSample", "DFT"}  # their meaning changed between 18 and 21
@@ -367,10 +367,17 @@ def _rewrite(
 
 # ----------------------------------------------------------------------------- streaming
 def _quantize_weight(
-    w: Weight, reader: SourceReader, writer: DataWriter, scheme: Scheme, block: int, row_scale: Any = None
+    w: Weight,
+    reader: SourceReader,
+    writer: DataWriter,
+    scheme: Scheme,
+    block: int,
+    row_scale: Any = None,
+    pre: tuple | None = None,
 ) -> tuple[list, dict[str, Any]]:
     """Stream one weight: chunks of whole blocks along K, each quantized and appended.
-    ``row_scale`` [K] (AWQ): each row of K is multiplied by it before quantization."""
+    ``row_scale`` [K] (AWQ): each row of K is multiplied by it before quantization. ``pre``
+    (GPTQ): the whole weight's values, scales and zero points, written instead of RTN's."""
     from onnx import TensorProto
 
     k, n = w.kn
@@ -393,7 +400,11 @@ def _quantize_weight(
             chunk = chunk * row_scale[k0:k1, None]
         if not np.isfinite(chunk).all():
             raise GpclError(f"weight {w.name!r} has non-finite values (inf or NaN): it cannot be quantized")
-        qv, sv, zv = quantize_blocks(chunk, block, scheme, scale_np)
+        if pre is None:
+            qv, sv, zv = quantize_blocks(chunk, block, scheme, scale_np)
+        else:  # these whole blocks of GPTQ's
+            b0, b1 = k0 // block, -(-k1 // block)
+            qv, sv, zv = pre[0][k0:k1], pre[1][b0:b1], None if pre[2] is None else pre[2][b0:b1]
         if scheme.bits == 4 and (qv.size % 2) and k1 < k:
             raise GpclError(f"internal: an odd int4 chunk inside {w.name!r}")
         q_sink.write(encode(qv, scheme))
@@ -498,6 +509,12 @@ def quantize_model(
     scales: dict[str, Any] = {}
     if method == "awq":
         awq_info = _awq(model, src, todo, scheme, block_size, samples, data, scales, out)
+    calib_model = None
+    if method == "gptq":  # calibrated below (its kept rows in the staging folder), at the model's own opset
+        import onnx
+
+        calib_model = onnx.ModelProto()
+        calib_model.CopyFrom(model)
     opset_before = _bump_opset(model)
     external = any(uses_external_data(t) for t in model.graph.initializer)
     src_sha = sha256_file(src)
@@ -507,11 +524,19 @@ def quantize_model(
         data_name = f"{out.name}.data"
         writer = DataWriter(stage.file(data_name) if external else None, data_name if external else None)
         try:
+            gptq, gptq_info = None, None
+            if calib_model is not None:
+                gptq, gptq_info = _gptq(calib_model, src, todo, scheme, block_size, samples, data, stage.file("gptq"))
+                calib_model = None
             new: dict[str, list] = {}
             for w in todo:
+                pre = None if gptq is None else gptq.quantize(w, np.dtype(_np_dtype(w.out_type)))
                 new[w.name], layers[w.name] = _quantize_weight(
-                    w, reader, writer, scheme, block_size, scales.get(w.name)
+                    w, reader, writer, scheme, block_size, scales.get(w.name), pre
                 )
+            if gptq is not None:
+                gptq_info = gptq.summary(gptq_info["_groups"], gptq_info["plain"], gptq_info["data"])
+                gptq.close()  # the kept rows: not an output (a failure leaves them to the staging's removal)
             awq_nodes = None
             if awq_info is not None:
                 from gpcl_trt.quantize import awq
@@ -567,6 +592,7 @@ def quantize_model(
             "ort_check": small,
             "check": check,
             **({"awq": awq_info} if awq_info is not None else {}),
+            **({"gptq": gptq_info} if gptq_info is not None else {}),
         }
         options = {
             "weights": weights,
@@ -575,7 +601,7 @@ def quantize_model(
             "method": method,
             "keep": list(keep_patterns),
             "lm_head": lm_head,
-            **({"samples": samples, "data": None if data is None else str(data)} if method == "awq" else {}),
+            **({"samples": samples, "data": None if data is None else str(data)} if method in ("awq", "gptq") else {}),
         }
         model_dir = model_dir_of(src)
         inputs = pass_inputs(src, src_sha, str(model_dir) if model_dir else None)
@@ -642,6 +668,28 @@ def _awq(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"_groups": groups, "plain": plain, "data": data_desc}
+
+
+def _gptq(
+    model: Any, src: Path, todo: list, scheme: Scheme, block: int, samples: int, data: Any, spill: Path
+) -> tuple[Any, dict]:
+    """Calibrate for GPTQ (quantize/gptq.py) as AWQ does (awq.collect: the kept rows of each
+    projection input, in ``spill``); the GPTQ itself runs weight by weight as they are written."""
+    from gpcl_trt import progress
+    from gpcl_trt.quantize import awq, gptq
+
+    groups, plain = awq.groups_of(model, todo)
+    reader = SourceReader(src.parent)
+
+    def load(w: Weight, n0: int, n1: int) -> np.ndarray:
+        a = reader.array(w.tensor)
+        return np.array(a[:, n0:n1] if w.k_axis == 0 else a[n0:n1, :].T, dtype=np.float32)
+
+    spill.mkdir()
+    with progress.step(f"gptq: calibrate {len(groups)} projection inputs"):
+        data_desc = awq.collect(model, src, groups, samples, None if data is None else str(data), spill)
+    state = gptq.Calibrated(groups, load, block, scheme, spill)
+    return state, {"_groups": groups, "plain": plain, "data": data_desc}
 
 
 def _ort_check(path: Path) -> None:

@@ -13,7 +13,7 @@ def register(main: click.Group) -> None:
     @result_command(
         main,
         "quantize",
-        short_help="Weight-only int8/int4 quantization (block-wise RTN or AWQ), streamed.",
+        short_help="Weight-only int8/int4 quantization (block-wise RTN, AWQ or GPTQ), streamed.",
         help="Quantize the projection weights of an ONNX model to int8 or int4, in blocks along the "
         "reduction axis (round to nearest), as standard ONNX: block-wise DequantizeLinear (opset 21) "
         "feeding each MatMul. Embeddings, the output projection (lm_head), norms, biases and GPCL stay "
@@ -37,16 +37,19 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="rtn (round to nearest), or awq: per-input-channel scales from the mean |activation| on sample data, "
         "searched per projection input to minimise the output error, the inverse folded into the preceding norm "
-        "(else a Mul on the input).",
+        "(else a Mul on the input), or gptq: each input channel's rounding error compensated on the channels not "
+        "yet quantized, from the sample activations' Hessian (memory grows with the widest projection input, K^2).",
     )
     @click.option(
         "--data",
         type=click.Path(exists=True, dir_okay=False),
         default=None,
-        help="--method awq: sample inputs, a text file (one sentence a line, the model's tokenizer) or an .npz "
+        help="--method awq|gptq: sample inputs, a text file (one sentence a line, the model's tokenizer) or an .npz "
         "[default: the shipped sentences with the tokenizer of the export's model directory, else random ids].",
     )
-    @click.option("--samples", type=int, default=64, show_default=True, help="--method awq: sample sequences used.")
+    @click.option(
+        "--samples", type=int, default=64, show_default=True, help="--method awq|gptq: sample sequences used."
+    )
     @click.option(
         "--keep",
         multiple=True,
@@ -84,10 +87,12 @@ def register(main: click.Group) -> None:
             else f"vs the same weights dequantized: max abs diff {c['max_abs_diff']:.3g} "
             f"({'passed' if c['passed'] else 'FAILED: nothing written'})"
         )
-        awq = result.get("awq")
+        awq, gptq = result.get("awq"), result.get("gptq")
         how = (
             method if awq is None else f"awq: {awq['scaled']} of {awq['groups']} inputs scaled, {awq['folded']} folded"
         )
+        if gptq is not None:
+            how = f"gptq: {gptq['groups']} inputs, output error {gptq['calibration_error_vs_rtn']} of RTN's"
         click.echo(
             f"{'wrote' if result['ok'] else 'nothing written for'} {result['output']}: {result['quantized']} weights "
             f"{weights} (block {block_size}, {'symmetric' if not asymmetric else 'asymmetric'}, {how}), "

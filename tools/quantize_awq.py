@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""RTN against AWQ (gpcl-trt quantize --method rtn|awq), int4 at block 32 and 128 (and int8 at 128).
+"""RTN against AWQ and GPTQ (gpcl-trt quantize --method rtn|awq|gptq), int4 at block 32 and 128 (and int8 at 128).
 
     .venv/bin/python tools/quantize_awq.py --work /tmp/qawq
 
@@ -9,7 +9,7 @@ against the fp32 export: cosine of the sentence embeddings (mean, min) and the S
 correlation of the pairwise similarities. MatMulNBits with fp32 compute (accuracy level 1).
 
 Decoder: a random-init Llama (hidden 256, 4 layers, 8/2 heads, vocab 1024; no trained decoder is
-on this machine), AWQ calibrated on 32 random-id sequences; evaluated on 8 other sequences of 64
+on this machine), AWQ and GPTQ calibrated on 32 random-id sequences; evaluated on 8 other sequences of 64
 random ids: logits mean |diff| against fp32, top-1 agreement, and the mean KL(fp32 || quantized)
 of the next-token distributions over the 512 positions.
 """
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 VARIANTS = [("int4", 32), ("int4", 128), ("int8", 128)]
+METHODS = ("rtn", "awq", "gptq")
 
 
 def _session(path: Path):
@@ -57,18 +58,25 @@ def minilm(w: Path, rows: list) -> None:
         export_model(model_dir, fp32)
     ref = embed(fp32, feeds)
     for weights, block in VARIANTS:
-        for method in ("rtn", "awq"):
+        for method in METHODS:
             q = w / f"minilm_{weights}_b{block}_{method}.onnx"
             res = quantize_model(
                 fp32, q, weights=weights, block_size=block, method=method, data=w / "calib.txt", samples=len(calib),
                 force=True,
             )  # fmt: skip
             row = {"model": "MiniLM", "variant": f"{weights} b{block} {method}", **compare(embed(q, feeds), ref)}
-            if method == "awq":
-                a = res["awq"]
-                row.update(folded=a["folded"], muls=a["muls"], calib_err=a["calibration_error_vs_rtn"])
+            _calibrated(row, res)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+
+
+def _calibrated(row: dict, res: dict) -> None:
+    if res.get("awq"):
+        a = res["awq"]
+        row.update(folded=a["folded"], muls=a["muls"], calib_err=a["calibration_error_vs_rtn"])
+    if res.get("gptq"):
+        row.update(calib_err=res["gptq"]["calibration_error_vs_rtn"], rows=res["gptq"]["rows_per_input"])
+    row["seconds"] = res["seconds"]
 
 
 def decoder(w: Path, rows: list) -> None:
@@ -106,7 +114,7 @@ def decoder(w: Path, rows: list) -> None:
     ref = logits(src)
     lp = logsoftmax(ref)
     for weights, block in VARIANTS:
-        for method in ("rtn", "awq"):
+        for method in METHODS:
             q = w / f"llama_{weights}_b{block}_{method}.onnx"
             res = quantize_model(src, q, weights=weights, block_size=block, method=method, samples=32, force=True)
             got = logits(q)
@@ -118,9 +126,7 @@ def decoder(w: Path, rows: list) -> None:
                 "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
                 "kl": float((np.exp(lp) * (lp - lq)).sum(-1).mean()),
             }
-            if method == "awq":
-                a = res["awq"]
-                row.update(folded=a["folded"], muls=a["muls"], calib_err=a["calibration_error_vs_rtn"])
+            _calibrated(row, res)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 

@@ -1,0 +1,157 @@
+"""GPTQ (Frantar et al. 2022): block-wise RTN with the rounding error of each input channel
+pushed onto the channels not yet quantized, weighted by the inverse Hessian of the layer's
+squared output error, ``H = X^T X`` over calibration activations ``X``.
+
+Within this toolchain: the calibration is AWQ's (quantize/awq.py ``collect``: the kept rows of
+each projection input, on disk); ``H`` comes from those rows (a few hundred per input, fewer
+than K in a wide layer: the damping fills the rest). Each output column is independent, so a
+weight is quantized a chunk of columns at a time, along K in the order it is stored; a block's
+scale (and zero point) is RTN's (rtn.quantize_blocks) over the block's weights as updated when
+the block starts, so the stored format and its reading are unchanged.
+
+Memory: ``H``, its inverse and their Cholesky factor are K x K (float32, one projection input at
+a time: 0.1 GB each at K = 4864, 0.5 GB at K = 11008): GPTQ's memory grows with the widest K,
+AWQ's does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpcl_trt.common import GpclError
+from gpcl_trt.quantize.rtn import Scheme, quantize_blocks
+
+DAMP = 0.01  # of the mean diagonal, added to H (the reference implementation's default)
+CHUNK_BYTES = 16 << 20  # float64 bytes of the columns of one weight quantized at a time
+
+
+def inverse_factor(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``U``: the upper Cholesky factor of ``(X^T X + damp I)^-1`` (float32 [K, K]), and the
+    channels no row activates (their weights are quantized as zeros: nothing reads them)."""
+    x = np.asarray(rows, np.float32)
+    h = x.T @ x
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    damp = DAMP * float(np.mean(np.diag(h)))
+    for _ in range(4):
+        try:
+            hd = h + np.float32(damp) * np.eye(len(h), dtype=np.float32)
+            u = np.linalg.cholesky(np.linalg.inv(hd)).T
+            break
+        except np.linalg.LinAlgError:  # float32 roundoff on a nearly singular H: more damping
+            damp *= 10
+    else:
+        raise GpclError("gptq: the calibration activations' Hessian is not positive definite")
+    return np.ascontiguousarray(u, np.float32), dead
+
+
+def quantize_columns(
+    w: np.ndarray, u: np.ndarray, dead: np.ndarray, block: int, scheme: Scheme, scale_dtype: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ of ``w`` [K, m] (some of a weight's columns): as rtn.quantize_blocks returns."""
+    w = np.array(w, np.float32)
+    w[dead] = 0.0
+    k, m = w.shape
+    nb = -(-k // block)
+    q = np.empty((k, m), scheme.np_type)
+    scales = np.empty((nb, m), scale_dtype)
+    zps = None if scheme.symmetric else np.empty((nb, m), scheme.np_type)
+    lo, hi = (scheme.qmin, scheme.qmax) if scheme.symmetric else (0, scheme.qmax)
+    for j, b0 in enumerate(range(0, k, block)):
+        b1 = min(k, b0 + block)
+        _, sv, zv = quantize_blocks(w[b0:b1], block, scheme, scale_dtype)
+        scales[j] = sv[0]
+        s = sv[0].astype(np.float32)
+        z = np.float32(0) if zv is None else zv[0].astype(np.float32)
+        if zps is not None:
+            zps[j] = zv[0]
+        err = np.empty((b1 - b0, m), np.float32)
+        for i in range(b0, b1):
+            r = np.divide(w[i], s, out=np.zeros(m, np.float32), where=s > 0)
+            qi = np.clip(np.rint(r) + z, lo, hi)
+            q[i] = qi
+            e = (w[i] - (qi - z) * s) / u[i, i]
+            w[i + 1 : b1] -= np.outer(u[i, i + 1 : b1], e)
+            err[i - b0] = e
+        w[b1:] -= u[b0:b1, b1:].T @ err  # the block's errors onto every later row at once
+    return q, scales, zps
+
+
+def quantize_weight(
+    load: Any, k: int, n: int, u: np.ndarray, dead: np.ndarray, block: int, scheme: Scheme, scale_dtype: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ of a whole weight, ``load(n0, n1)`` giving its columns as float32 [K, n1 - n0]: the
+    quantized values (the weight's size in int8), scales and zero points, a chunk of columns at a time."""
+    nb = -(-k // block)
+    q = np.empty((k, n), scheme.np_type)
+    scales = np.empty((nb, n), scale_dtype)
+    zps = None if scheme.symmetric else np.empty((nb, n), scheme.np_type)
+    step = max(1, CHUNK_BYTES // (8 * k))
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        qc, sc, zc = quantize_columns(load(n0, n1), u, dead, block, scheme, scale_dtype)
+        q[:, n0:n1], scales[:, n0:n1] = qc, sc
+        if zps is not None:
+            zps[:, n0:n1] = zc
+    return q, scales, zps
+
+
+class Calibrated:
+    """The GPTQ of each weight, from its projection input's kept rows (awq.collect's groups):
+    ``quantize(w)`` gives (q, scales, zero points) for the whole weight, or None for a weight
+    left to RTN (its projections read different inputs). One input's ``U`` is held at a time;
+    the output error against the float weights on the kept rows, GPTQ's and RTN's, is summed."""
+
+    def __init__(self, groups: list, load: Any, block: int, scheme: Scheme, spill: Any):
+        self.groups, self.spill = groups, spill
+        self.group_of = {w.name: g for g in groups for w in g.weights}
+        self.load, self.block, self.scheme = load, block, scheme
+        self.rows = max((len(g.rows) for g in groups), default=0)
+        self.current: Any = None
+        self.factor: tuple | None = None
+        self.errors = {"gptq": 0.0, "rtn": 0.0}
+
+    def quantize(self, w: Any, scale_dtype: Any) -> tuple | None:
+        from gpcl_trt.quantize.rtn import dequantize
+
+        g = self.group_of.get(w.name)
+        if g is None:
+            return None
+        if g is not self.current:
+            self.current, self.factor = g, inverse_factor(g.rows)
+        k, n = w.kn
+        q, s, z = quantize_weight(
+            lambda n0, n1: self.load(w, n0, n1), k, n, *self.factor, self.block, self.scheme, scale_dtype
+        )
+        x = np.asarray(g.rows, np.float32)
+        step = max(1, CHUNK_BYTES // (8 * k))
+        for n0 in range(0, n, step):  # the output error on the kept rows, a chunk of columns at a time
+            n1 = min(n, n0 + step)
+            wf = self.load(w, n0, n1)
+            ref = x @ wf
+            got = x @ dequantize(q[:, n0:n1], s[:, n0:n1], None if z is None else z[:, n0:n1], self.block)
+            rq, rs, rz = quantize_blocks(wf, self.block, self.scheme, scale_dtype)
+            self.errors["gptq"] += float(np.square(got - ref).sum())
+            self.errors["rtn"] += float(np.square(x @ dequantize(rq, rs, rz, self.block) - ref).sum())
+        return q, s, z
+
+    def close(self) -> None:
+        """Drop the kept rows (their mappings, and the folder ``spill`` that holds their file)."""
+        import shutil
+
+        for g in self.groups:
+            g.rows = None
+        self.current = self.factor = None
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+    def summary(self, groups: list, plain: dict, data: dict) -> dict:
+        rtn, err = self.errors["rtn"], self.errors["gptq"]
+        return {
+            "data": data,
+            "groups": len(groups),
+            "plain_rtn": plain,
+            "calibration_error_vs_rtn": round(err / rtn, 4) if rtn > 0 else None,
+            "rows_per_input": self.rows,
+        }
