@@ -19,8 +19,10 @@ optimum-onnx onnxruntime`; optimum-onnx 0.1.0 needs transformers 4.x, this venv 
 checkpoint is exported once by that venv's `optimum-cli export onnx --task
 text-generation-with-past` into WORK/optimum_SHAPE; the worker loads it with
 ``ORTModelForCausalLM.from_pretrained(DIR, session_options=...)`` (CPU provider, intra-op threads
-as the others, inter-op 1; IOBinding as Optimum defaults on CPU: off; torch's threads set to the
-same count, for generate's own tensor work) and runs ``generate(do_sample=False, min_new_tokens=N,
+as the others, inter-op 1; IOBinding as Optimum defaults on CPU: off; torch's threads, for
+generate's own tensor work, the same count unless ``--optimum-torch-threads``: on 2 cores the two
+pools contend, and at batch 8 generate's argmax / clone / where took ~100 ms a step outside
+ONNX Runtime with torch at 2 threads, ~8 ms at 1) and runs ``generate(do_sample=False, min_new_tokens=N,
 max_new_tokens=N)`` after a 2-token warm-up. The times come from one generate call, timestamped by
 a streamer: transformers calls ``streamer.put`` with the prompt just before it prepares the cache
 and runs the prefill, then once after each token is picked. TTFT = first token's put - prompt's
@@ -198,14 +200,16 @@ def worker_genai(model: str, batch: int, length: int, new: int, threads: int, vo
     return {"ttft_s": ttft, "decode_tokens_per_s": tps}
 
 
-def worker_optimum(model: str, batch: int, length: int, new: int, threads: int, vocab: int) -> dict:
+def worker_optimum(
+    model: str, batch: int, length: int, new: int, threads: int, vocab: int, torch_threads: int | None = None
+) -> dict:
     """ORTModelForCausalLM.generate, timed by a streamer (module docstring: why this method)."""
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads or threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     m = ORTModelForCausalLM.from_pretrained(model, session_options=opts)
@@ -340,6 +344,12 @@ def main() -> None:
         help="the python of a venv with optimum-onnx (transformers 4.x) for the optimum runtime",
     )
     ap.add_argument(
+        "--optimum-torch-threads",
+        type=int,
+        help="torch's threads in the optimum worker (generate's logits work); default --threads, as torch's own "
+        "default is the core count. On 2 cores, torch's and ONNX Runtime's pools of 2 each contend at batch 8",
+    )
+    ap.add_argument(
         "--runtimes",
         default="ours,ours_ort,ours_ortc,ours_ortg,genai",
         help="comma list of ours (the export as it is), ours_ort (optimize --for ort), ours_ortc (--variant "
@@ -373,7 +383,8 @@ def main() -> None:
         return
     if a.worker:
         fn = {"ours": worker_ours, "genai": worker_genai, "optimum": worker_optimum}[a.worker]
-        res = fn(a.model, int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape])
+        kw = {"torch_threads": a.optimum_torch_threads} if a.worker == "optimum" else {}
+        res = fn(a.model, int(a.batches), a.prompt, a.new, a.threads, VOCAB[a.shape], **kw)
         res["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
         return
@@ -413,7 +424,12 @@ def main() -> None:
                 worker = name if name in ("genai", "optimum") else "ours"
                 cmd = [python, __file__, "--worker", worker, "--model", str(model), "--shape", a.shape]
                 cmd += ["--batches", str(batch), "--prompt", str(a.prompt), "--new", str(a.new)]
-                cmd += ["--threads", str(a.threads)]
+                cmd += [
+                    "--threads",
+                    str(a.threads),
+                    "--optimum-torch-threads",
+                    str(a.optimum_torch_threads or a.threads),
+                ]
                 out = subprocess.run(
                     cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
                 )
@@ -455,6 +471,7 @@ def main() -> None:
                 "prompt": a.prompt,
                 "new": a.new,
                 "threads": a.threads,
+                "optimum_torch_threads": (a.optimum_torch_threads or a.threads) if "optimum" in names else None,
                 "rounds": a.rounds,
                 "median": summary,
                 "over_genai": ratios,
