@@ -358,3 +358,26 @@ def test_last_logits(decoders, tmp_path):
             all_logits(rt, np.array([[5, 6, 7]], np.int64))
         again = optimize_file(out, tmp_path / f"again_{variant}.onnx", variant=variant, logits="last")
         assert not again["changed"] and again["logits"] == "last"
+
+
+def test_quantize_after_optimize_keeps_the_shared_buffer(decoders, tmp_path):
+    """export -> optimize (contrib-gqa, last logits) -> quantize int4: the quantized graph keeps
+    GroupQueryAttention and the shared cache buffer (read through its manifest chain), and its
+    greedy tokens equal those of the export quantized the same way (the same RTN weights)."""
+    from gpcl_trt.generate import OrtRuntime, decode
+    from gpcl_trt.passes.fuse_ort import optimize_file
+    from gpcl_trt.quantize import quantize_model
+
+    src = decoders("llama")[0]
+    opt = tmp_path / "opt.onnx"
+    optimize_file(src, opt, variant="contrib-gqa", logits="last")
+    q_opt, q_src = tmp_path / "opt_q4.onnx", tmp_path / "src_q4.onnx"
+    for a, b in ((opt, q_opt), (src, q_src)):
+        assert quantize_model(a, b, weights="int4", block_size=32, lm_head=True)["ok"]
+    ops = Counter(n.op_type for n in onnx.load(str(q_opt), load_external_data=False).graph.node)
+    assert ops["GroupQueryAttention"] == LAYERS and ops["DequantizeLinear"] > 0
+    rt = OrtRuntime(q_opt, threads=1)
+    assert rt.shared_buffer
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [40, 41, 42, 43]]
+    ref = decode(OrtRuntime(q_src, threads=1), prompts, max_new_tokens=16)["tokens"]
+    assert decode(rt, prompts, max_new_tokens=16)["tokens"] == ref
