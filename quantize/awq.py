@@ -119,6 +119,7 @@ def _probe(model: Any, groups: list[Group]) -> Any:
     inputs = [i for i in g.input if i.name in used]
     del g.input[:]
     g.input.extend(inputs)
+    _fuse_weight_transposes(probe)
     g.input.append(helper.make_tensor_value_info(ROWS_INPUT, TensorProto.INT64, ["rows"]))
     g.input.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.FLOAT, None))
     del g.output[:]
@@ -198,6 +199,53 @@ def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _fuse_weight_transposes(probe: Any) -> None:
+    """MatMul(A, Transpose(W)) over a float32 initializer W [N, K] (the exporter's nn.Linear) ->
+    FusedMatMul(A, W, transB=1), the rewrite ORT's own optimizer makes: a bounded session runs
+    unoptimized, so it transposed every weight on every run (a weight-sized temporary each: 0.18
+    GB at a 7B's MLP; the session's peak grew with the width), where MLAS reads W transposed as it is."""
+    from onnx import TensorProto, helper
+
+    from gpcl_trt.quantize.api import _attr
+
+    g = probe.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    gone = set()
+    for t in g.node:
+        if t.op_type != "Transpose" or t.domain not in ("", "ai.onnx") or t.input[0] not in inits:
+            continue
+        w = inits[t.input[0]]
+        users = readers.get(t.output[0], [])
+        if (
+            len(w.dims) != 2
+            or w.data_type != TensorProto.FLOAT
+            or list(_attr(t, "perm", [1, 0])) != [1, 0]
+            or not users
+            or any(
+                u.op_type != "MatMul" or u.domain not in ("", "ai.onnx") or list(u.input) != [u.input[0], t.output[0]]
+                for u in users
+            )
+            or t.output[0] in {o.name for o in g.output}
+        ):
+            continue
+        for u in users:
+            fused = helper.make_node(
+                "FusedMatMul", [u.input[0], w.name], list(u.output), name=u.name, domain="com.microsoft", transB=1
+            )
+            u.CopyFrom(fused)
+        gone.add(id(t))
+    if gone:
+        keep = [n for n in g.node if id(n) not in gone]
+        del g.node[:]
+        g.node.extend(keep)
+        if not any(o.domain == "com.microsoft" for o in probe.opset_import):
+            probe.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def collect(model: Any, src: Path, groups: list[Group], samples: int, data: str | None, spill: Path) -> dict:

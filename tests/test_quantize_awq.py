@@ -172,6 +172,48 @@ def test_awq_calibration_run_does_not_grow_with_tokens(tmp_path):
         assert order.index(f"awq/{i}/flat") == producer[t] + 1, (t, order)
 
 
+def test_awq_probe_reads_linear_weights_transposed_in_place(tmp_path):
+    """An nn.Linear as exported (MatMul of Transpose(W [N, K])) runs in the calibration as
+    FusedMatMul(transB=1) on W itself: no transposed copy of every weight on every run (ORT's
+    optimizer, which would fuse it, is off in the bounded session); the reductions unchanged."""
+    from gpcl_trt.quantize import awq
+
+    rng = np.random.default_rng(0)
+    w = (0.05 * rng.standard_normal((N, K))).astype(np.float32)  # [out, in], as PyTorch stores it
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["a"], name="proj_a"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Transpose", ["w2"], ["w2t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["r", "w2t"], ["y0"], name="proj_b"),
+        helper.make_node("Tanh", ["y0"], ["y"]),
+    ]
+    w2 = (0.05 * rng.standard_normal((K, N))).astype(np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", K])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), src)
+    model, groups = _groups(src)
+    assert sorted(groups) == ["r", "x"]
+    probe = awq._probe(model, list(groups.values()))
+    ops = [n.op_type for n in probe.graph.node]
+    assert ops.count("FusedMatMul") == 1 and "Transpose" not in ops, ops  # proj_b is past the last group input
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"x": x, awq.ROWS_INPUT: np.arange(3, dtype=np.int64), awq.MASK_INPUT: np.ones((2, 5), np.float32)}
+    names = [o.name for o in probe.graph.output]
+    got = dict(zip(names, sess.run(None, feed)))
+    i = list(groups).index("r")
+    r = np.maximum(x.reshape(-1, K) @ w.T, 0)
+    np.testing.assert_allclose(got[f"awq/{i}/sum"], np.abs(r).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(got[f"awq/{i}/rows"], r[:3], rtol=1e-4, atol=1e-6)
+
+
 def test_check_catches_a_format_disagreement(tmp_path, monkeypatch):
     """The check compares ONNX Runtime's reading of the stored int4 with ours (rtn.unpack_int4):
     were they to disagree (here: ours made to read the high nibble first), the result is ok
