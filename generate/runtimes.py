@@ -122,7 +122,6 @@ class OrtRuntime:
         binding = self._binding if keep else self.session.io_binding()
         if not keep:
             binding.bind_output(LOGITS, "cpu")  # first: get_outputs()[0]
-            self._logits_buffer = None
         shared = {}
         for spec in self.past:
             shape = self._empty_past(spec, batch).shape
@@ -149,17 +148,15 @@ class OrtRuntime:
         elif total > length:  # outgrew the reserved length: double it, keep what is cached
             self._bind_shared(batch, max(2 * length, total), keep=total - ids.shape[1])
         binding, keep = self._binding, []
-        # a step's logits [B, 1, V] go into one buffer bound once (no output list per step);
-        # a prefill's have the prompt's length and are allocated by ORT
-        step_shape = (batch, 1, self.vocab)
-        if ids.shape[1] != 1:
-            binding.bind_output(LOGITS, "cpu")
-            self._logits_buffer = None
-        elif self._logits_buffer is None or self._logits_buffer.shape != step_shape:
+        # a step's logits [B, 1, V] go into a fresh array of ours (returned as it is: no output
+        # list, no copy); a prefill's have the prompt's length and are allocated by ORT
+        if ids.shape[1] == 1:
             import onnxruntime as ort
 
-            self._logits_buffer = np.empty(step_shape, np.float32 if self.logits_dtype is None else self.logits_dtype)
+            self._logits_buffer = np.empty((batch, 1, self.vocab), self.logits_dtype or np.float32)
             binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits_buffer))
+        else:
+            binding.bind_output(LOGITS, "cpu")
         for name, value in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
             if name in self.inputs:
                 arr = np.ascontiguousarray(value, self.inputs[name].dtype)
@@ -172,7 +169,7 @@ class OrtRuntime:
             raise GpclError(f"ONNX Runtime failed on {self.path.name}: {one_line(exc)}") from None
         self._cache = {name: pair[1] for name, pair in self._shared.items()}
         if ids.shape[1] == 1:
-            return np.array(self._logits_buffer[:, -1, :], np.float32)
+            return np.asarray(self._logits_buffer[:, -1, :], np.float32)
         return np.asarray(binding.get_outputs()[0].numpy()[:, -1, :], np.float32)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, first: bool) -> np.ndarray:
