@@ -182,7 +182,7 @@ def register(main: click.Group) -> None:
         type=click.Path(dir_okay=False),
         default=None,
         help="pipeline.toml with per-stage options ([export], [quantize] (optional stage), [calibrate], [insert], "
-        "[build], [diff], [triton], [serve]).",
+        "[optimize] (optional stage), [build], [diff], [triton], [serve]).",
     )
     @click.option("--rerun", is_flag=True, help="Rerun every stage, even those whose inputs did not change.")
     @click.option(

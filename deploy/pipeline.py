@@ -1,12 +1,13 @@
 """The one-shot pipeline: Hugging Face model directory -> served, checked GPCL model.
 
-export -> [quantize] -> calibrate -> insert -> build -> diff -> triton -> serve -> summary. Each stage is one
+export -> [quantize] -> calibrate -> insert -> [optimize] -> build -> diff -> triton -> serve -> summary. Each
+stage is one
 row of ``STAGES``: what it reads, what it writes in OUT_DIR, and the public function of the
 area that does the work. A stage's key is the hash of its input files, its options and the
 gpcl-trt version; ``pipeline_state.json`` records the key and the hashes of what it wrote, so
 a rerun skips a stage whose key and outputs are unchanged. Options come from pipeline.toml,
 one table per stage, passed as keyword arguments to that stage's function. An optional stage
-(quantize) runs only when its table is present; otherwise it is absent from the run.
+(quantize, optimize) runs only when its table is present; otherwise it is absent from the run.
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ from gpcl_trt.deploy.triton import validate_model_name, write_triton_repo
 from gpcl_trt.engines.build import build_engine
 from gpcl_trt.exporter.api import check_model_dir, export_model
 from gpcl_trt.passes.calibrate import calibrate_file
+from gpcl_trt.passes.fuse_ort import optimize_file
 from gpcl_trt.passes.insert import insert_file
 from gpcl_trt.quantize.api import quantize_model
 
 STATE_FILE = "pipeline_state.json"
 DEFAULT_NAME = "gpcl_model"
 SKIPPABLE = ("build", "diff", "serve")
+# [optimize]: the GPCL decoder rewritten for ONNX Runtime (passes/fuse_ort.py), beside the graph
+# TensorRT builds from (model_gpcl.onnx keeps standard ops); defaults: the fastest for generation.
+OPTIMIZED = "model_gpcl_ort.onnx"
+OPTIMIZE_DEFAULTS = {"variant": "contrib-gqa", "logits": "last"}
 
 
 @dataclasses.dataclass
@@ -191,6 +197,10 @@ def _insert(ctx: Ctx, opts: dict) -> dict:
     return insert_file(ctx.source, ctx.path("model_gpcl.onnx"), calibration=calibration, force=True, **opts)
 
 
+def _optimize(ctx: Ctx, opts: dict) -> dict:
+    return optimize_file(ctx.path("model_gpcl.onnx"), ctx.path(OPTIMIZED), force=True, **opts)
+
+
 def _build(ctx: Ctx, opts: dict) -> dict:
     if ctx.seq2seq:  # one engine per graph
         return _per_graph(ctx, lambda g: build_engine(ctx.graph("gpcl", g), ctx.graph("engine", g), force=True, **opts))
@@ -273,6 +283,8 @@ def _diff(ctx: Ctx, opts: dict) -> dict:
     generation = pipeline_eval(ctx.reference, ctx.path("model_gpcl.onnx"))  # decoders only; reported, not gating
     if generation is not None:
         result["generation"] = generation
+    if "optimize" in ctx.options:  # reported, not gating: the rewrite should not change a greedy token
+        result["optimized"] = _optimized_agreement(ctx)
     write_json_atomic(ctx.path("accuracy.json"), result, force=True)
     write_manifest(
         ctx.path("accuracy.json"),
@@ -283,6 +295,34 @@ def _diff(ctx: Ctx, opts: dict) -> dict:
         packages=("onnxruntime", "torch", "polygraphy"),
     )
     return result
+
+
+def _optimized_agreement(ctx: Ctx, max_new_tokens: int = 16) -> dict:
+    """Greedy tokens of the optimised GPCL graph against the GPCL graph it was rewritten from
+    (both in ONNX Runtime, the pipeline's prompts). No NLL: a ``logits = "last"`` graph has no
+    logits at every position."""
+    from gpcl_trt.accuracy.generation import PIPELINE_PROMPTS, evaluate
+
+    try:
+        r = evaluate(
+            ctx.path("model_gpcl.onnx"),
+            ctx.path(OPTIMIZED),
+            max_new_tokens=max_new_tokens,
+            min_agreement=0.0,
+            prompt_lines=PIPELINE_PROMPTS,
+        )
+    except GpclError as exc:
+        return {"skipped": str(exc)}
+    g = r["generation"]
+    return {
+        "reference": "model_gpcl.onnx",
+        "candidate": OPTIMIZED,
+        "prompts": g["prompts"],
+        "max_new_tokens": max_new_tokens,
+        "greedy_agreement": g["greedy_agreement"],
+        "mean_first_divergence": g["mean_first_divergence"],
+        "first_divergence": g["first_divergence"],
+    }
 
 
 # The Triton entries the pipeline writes, by backend: NAME (served), NAME_ort, NAME_trt.
@@ -316,13 +356,19 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
                 **opts,
             )
         else:
-            # a decoder's text generation model once, next to the served (python) entry
-            gen_opts = opts if backend == "python" else {**opts, "generate": False}
+            # a decoder's text generation model once, next to the served (python) entry; with
+            # [optimize] it runs the optimised graph, written below
+            optimized = backend == "python" and "optimize" in ctx.options
+            gen_opts = opts if backend == "python" and not optimized else {**opts, "generate": False}
             r = write_triton_repo(ctx.path("model_gpcl.onnx"), repo, name, backend=backend, force=True, **gen_opts)
+            if optimized:
+                r["generate_model"] = _optimized_generate_model(ctx, repo, opts)
         entries[name] = {"backend": backend, "model_dir": r["model_dir"], "max_batch_size": r["max_batch_size"]}
         gen = r.get("generate_model") or {}
         if gen.get("model_dir"):
             entries[gen["name"]] = {"backend": "python", "model_dir": gen["model_dir"], "generate": True}
+            if gen.get("onnx"):
+                entries[gen["name"]]["onnx"] = gen["onnx"]
     # An entry of an earlier run that this run did not write (engine now skipped) would be stale.
     from gpcl_trt.weightfiles import remove_tree
 
@@ -330,6 +376,29 @@ def _triton(ctx: Ctx, opts: dict) -> dict:
         if stale not in entries and (repo / stale / "config.pbtxt").is_file():
             remove_tree(repo / stale)
     return {"ok": True, "repo": str(repo), "served_model": ctx.name, "entries": entries}
+
+
+def _optimized_generate_model(ctx: Ctx, repo: Path, opts: dict) -> dict:
+    """NAME_generate over the optimised graph (the generation loop binds its shared cache buffer).
+    The tensor entries stay on model_gpcl.onnx: a contrib-gqa graph takes no batch of several
+    prompts over a given past, which a tensor model's clients (and the serve check) send."""
+    from gpcl_trt.deploy.triton import artifact_io
+    from gpcl_trt.deploy.triton_generate import generate_name, why_not, write_generate_model
+    from gpcl_trt.manifest import model_dir_of
+
+    name = validate_model_name(generate_name(ctx.name))
+    if opts.get("generate") is False:
+        return {"name": name, "reason": "not asked for (generate = false)"}
+    onnx = ctx.path(OPTIMIZED)
+    model_dir = model_dir_of(onnx)
+    tok = Path(opts["tokenizer"]) if opts.get("tokenizer") else model_dir
+    reason = why_not(onnx, "python", artifact_io(onnx, "python"), tok)
+    if reason is not None:
+        if opts.get("generate"):
+            raise GpclError(f"cannot write the generation model: {reason}")
+        return {"name": name, "reason": reason}
+    gen = write_generate_model(onnx, repo, name, tok, model_dir, opts.get("generate_slots", 8), force=True)
+    return {**gen, "onnx": OPTIMIZED}
 
 
 def _triton_seq2seq(ctx: Ctx, opts: dict, backends: list, repo: Path) -> dict:
@@ -438,7 +507,8 @@ def _triton_inputs(ctx: Ctx) -> list[Path]:
     if ctx.seq2seq:
         engines = [] if "build" in ctx.skip else [ctx.graph("engine", g) for g in GRAPHS]
         return [ctx.path("model_gpcl")] + engines
-    return [ctx.path("model_gpcl.onnx")] + ([] if "build" in ctx.skip else [ctx.path("model_gpcl.engine")])
+    optimized = [ctx.path(OPTIMIZED)] if "optimize" in ctx.options else []
+    return [ctx.path("model_gpcl.onnx")] + optimized + ([] if "build" in ctx.skip else [ctx.path("model_gpcl.engine")])
 
 
 def _insert_inputs(ctx: Ctx) -> list[Path]:
@@ -452,7 +522,10 @@ def _gpcl(ctx: Ctx) -> list[Path]:
 
 
 def _diff_inputs(ctx: Ctx) -> list[Path]:
-    return [ctx.path("model"), ctx.path("model_gpcl")] if ctx.seq2seq else [ctx.reference, ctx.path("model_gpcl.onnx")]
+    if ctx.seq2seq:
+        return [ctx.path("model"), ctx.path("model_gpcl")]
+    optimized = [ctx.path(OPTIMIZED)] if "optimize" in ctx.options else []
+    return [ctx.reference, ctx.path("model_gpcl.onnx")] + optimized
 
 
 GRAPHS = ("encoder", "decoder")
@@ -511,6 +584,16 @@ STAGES: tuple[Stage, ...] = (
         _insert,
         insert_file,
         ("input", "output", "calibration", "force"),
+    ),
+    Stage(
+        "optimize",
+        "optimize for ONNX Runtime",
+        (OPTIMIZED,),
+        _p("model_gpcl.onnx"),
+        _optimize,
+        optimize_file,
+        ("input", "output", "target", "force"),
+        optional=True,
     ),
     Stage(
         "build",
@@ -600,6 +683,8 @@ def load_config(path: str | os.PathLike | None) -> tuple[str, tuple[str, ...], d
         options[section] = dict(table)
     if "quantize" in options:
         _check_quantize_options(p, options["quantize"])
+    if "optimize" in options:
+        options["optimize"] = _check_optimize_options(p, options["optimize"])
     backends = options.get("triton", {}).get("backends", list(TRITON_ENTRY_SUFFIX))
     if not isinstance(backends, list) or not backends or not all(b in TRITON_ENTRY_SUFFIX for b in backends):
         raise GpclError(f"{p}: [triton] backends must be a non-empty list of {', '.join(TRITON_ENTRY_SUFFIX)}")
@@ -621,6 +706,44 @@ def _check_quantize_options(p: Path, q: dict[str, Any]) -> None:
     keep = q.get("keep", [])
     if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
         raise GpclError(f'{p}: [quantize] keep must be a list of glob patterns, e.g. keep = ["*layers.0.*"]')
+
+
+def _check_optimize_options(p: Path, o: dict[str, Any]) -> dict[str, Any]:
+    """[optimize]'s values with their defaults (so the stage key names them), checked now."""
+    from gpcl_trt.passes.fuse_ort import LOGITS, VARIANTS
+
+    for key, allowed in (("variant", VARIANTS), ("logits", LOGITS)):
+        if key in o and o[key] not in allowed:
+            raise GpclError(f"{p}: [optimize] {key} must be one of {', '.join(allowed)}, got {o[key]!r}")
+    return {**OPTIMIZE_DEFAULTS, **o}
+
+
+def _check_optimize_input(model_dir: Path, options: dict) -> None:
+    """[optimize] rewrites a decoder exported with past (its past inputs): anything else is refused
+    before any work."""
+    if model_dir.is_dir():
+        if _is_seq2seq(model_dir):
+            raise GpclError("[optimize]: the pipeline does not optimize an encoder-decoder's graphs")
+        from gpcl_trt.exporter.api import family_class, read_model_dir
+        from gpcl_trt.exporter.build import bind_config
+        from gpcl_trt.exporter.tasks import TEXT_GENERATION_WITH_PAST
+
+        export = options.get("export", {})
+        trust = bool(export.get("trust_remote_code", False))
+        d, raw = read_model_dir(model_dir)
+        arch_cls = family_class(raw, d / "config.json", trust)
+        task = bind_config(d, arch_cls, "fp32", export.get("task", "auto"), trust)[2]
+        if task != TEXT_GENERATION_WITH_PAST:
+            raise GpclError(
+                f"[optimize]: {model_dir.name} exports as {task}; the optimize pass needs a decoder exported with "
+                f'past (set task = "{TEXT_GENERATION_WITH_PAST}" in [export])'
+            )
+        return
+    from gpcl_trt.common import load_onnx
+    from gpcl_trt.feeds import is_past
+
+    if not any(is_past(i.name) for i in load_onnx(model_dir, external_data=False).graph.input):
+        raise GpclError(f"[optimize]: {model_dir.name} is not a decoder exported with past (past_key_values.* inputs)")
 
 
 def _stage_parameters(stage: Stage) -> set[str]:
@@ -717,6 +840,8 @@ def run_pipeline(
         from gpcl_trt.common import load_onnx
 
         load_onnx(model_dir, external_data=False)
+    if "optimize" in options:
+        _check_optimize_input(model_dir, options)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GpclError(f"{out} exists and is not a directory")

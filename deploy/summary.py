@@ -48,6 +48,14 @@ def _quantize(q: dict) -> dict[str, Any]:
     return {k: q.get(k) for k in keys}
 
 
+def _optimize(o: dict, agreement: dict | None) -> dict[str, Any]:
+    """What [optimize] wrote, and its greedy agreement with the GPCL graph (diff); empty without it."""
+    if not o:
+        return {}
+    keys = ("output", "variant", "logits", "kv_cache", "nodes_before", "nodes_after")
+    return {**{k: o.get(k) for k in keys}, "generation": agreement}
+
+
 def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s: float) -> dict[str, Any]:
     r = ctx.results
     export, insert, build = r.get("export", {}), r.get("insert", {}), r.get("build", {})
@@ -74,6 +82,7 @@ def summarize(ctx, statuses: dict[str, str], timings: dict[str, float], total_s:
         "architecture": export.get("architecture"),
         "task": export.get("task"),
         "quantize": _quantize(r.get("quantize", {})),
+        "optimize": _optimize(r.get("optimize", {}), r.get("diff", {}).get("optimized")),
         "stages": {name: {"status": st, "seconds": timings.get(name)} for name, st in statuses.items()},
         "sites": {
             "inserted": insert.get("inserted"),
@@ -154,6 +163,26 @@ def _quantize_row(q: dict | None) -> list[tuple[str, str]]:
     ]
 
 
+def _optimize_row(o: dict | None) -> list[tuple[str, str]]:
+    if not o:
+        return []
+    g = o.get("generation") or {}
+    agree = (
+        f"- ({g['skipped']})"
+        if "skipped" in g
+        else f"greedy agreement {_fmt(g['greedy_agreement'])} with the GPCL graph over {g['prompts']} prompts"
+        if g
+        else "- (diff not run)"
+    )
+    return [
+        (
+            "optimized for ORT",
+            f"{o.get('variant')}, logits {o.get('logits')}: {_fmt(o.get('nodes_before'))} -> "
+            f"{_fmt(o.get('nodes_after'))} nodes; {agree}",
+        )
+    ]
+
+
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     s, e, a, v = summary["sites"], summary["engine"], summary["accuracy"], summary["served"]
     mb = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else ""
@@ -188,6 +217,7 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             else "-",
         ),
         *_generation_row(summary.get("generation")),
+        *_optimize_row(summary.get("optimize")),
         ("stages", ", ".join(f"{k} {d['status']}" for k, d in summary["stages"].items())),
         ("total", f"{summary['total_s']:.1f} s"),
     ]
