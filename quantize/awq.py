@@ -37,7 +37,7 @@ from gpcl_trt.quantize.rtn import Scheme, dequantize, quantize_blocks
 ALPHAS = tuple(round(i * 0.1, 1) for i in range(11))  # 0 is RTN
 MAX_ROWS = 512  # rows of x kept per group for the search (sampled evenly over the calibration tokens)
 ROWS_BYTES = 256 << 20  # all groups' kept rows together (float32, on disk): fewer rows per group in a large model
-CHUNK_BYTES = 16 << 20  # float32 bytes of the columns of one weight searched at a time
+CHUNK_BYTES = 4 << 20  # float32 bytes of the columns of one weight searched at a time (x ~6 in temporaries)
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}  # input 1 (and 2): scale (bias)
 
 
