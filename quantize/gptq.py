@@ -10,8 +10,8 @@ scale (and zero point) is RTN's (rtn.quantize_blocks) over the block's weights a
 the block starts, so the stored format and its reading are unchanged.
 
 Memory: ``H``, its inverse and their Cholesky factor are K x K (float32, one projection input at
-a time: 0.1 GB each at K = 4864, 0.5 GB at K = 11008): GPTQ's memory grows with the widest K,
-AWQ's does not.
+a time: 0.1 GB each at K = 4864, 0.5 GB at K = 11008; a few at once): GPTQ's memory grows with the
+widest K, AWQ's does not.
 """
 
 from __future__ import annotations
@@ -29,22 +29,27 @@ CHUNK_BYTES = 16 << 20  # float64 bytes of the columns of one weight quantized a
 
 def inverse_factor(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``U``: the upper Cholesky factor of ``(X^T X + damp I)^-1`` (float32 [K, K]), and the
-    channels no row activates (their weights are quantized as zeros: nothing reads them)."""
+    channels no row activates (their weights are quantized as zeros: nothing reads them). At most
+    ~4 K x K arrays at once (H, LAPACK's copies for the inverse), each freed when done."""
     x = np.asarray(rows, np.float32)
     h = x.T @ x
-    dead = np.diag(h) == 0
+    diag = np.diag_indices_from(h)
+    dead = h[diag] == 0
     h[dead, dead] = 1.0
-    damp = DAMP * float(np.mean(np.diag(h)))
+    damp = DAMP * float(np.mean(h[diag]))
+    h[diag] += np.float32(damp)
     for _ in range(4):
         try:
-            hd = h + np.float32(damp) * np.eye(len(h), dtype=np.float32)
-            u = np.linalg.cholesky(np.linalg.inv(hd)).T
+            hinv = np.linalg.inv(h)
+            u = np.linalg.cholesky(hinv)
             break
         except np.linalg.LinAlgError:  # float32 roundoff on a nearly singular H: more damping
+            h[diag] += np.float32(9 * damp)
             damp *= 10
     else:
         raise GpclError("gptq: the calibration activations' Hessian is not positive definite")
-    return np.ascontiguousarray(u, np.float32), dead
+    del h, hinv
+    return np.ascontiguousarray(u.T, np.float32), dead
 
 
 def quantize_columns(
