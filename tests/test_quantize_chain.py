@@ -67,7 +67,7 @@ def test_export_quantize_nothing_partial(tiny_llama_dir, tmp_path, monkeypatch):
     base = ["export", tiny_llama_dir, "-o", tmp_path / "q.onnx", "--task", "text-generation"]
     for args, needle in (
         (["--quantize", "int4", "--block-size", "48"], "--block-size"),
-        (["--quantize", "int4", "--method", "gptq"], "--method"),
+        (["--quantize", "int4", "--method", "hqq"], "--method"),
         (["--block-size", "64"], "only apply with --quantize"),
         (["--keep-float"], "only apply with --quantize"),
     ):
