@@ -23,6 +23,7 @@ included) and the rest. The served rounds' wall time less this is the server pat
     .venv/bin/python tools/bench_serve_generate.py --requests 16 --new-tokens 64 --rounds 3
     .venv/bin/python tools/bench_serve_generate.py --shape 0.5b --work /tmp/bg --rounds 2
     .venv/bin/python tools/bench_serve_generate.py --shape 0.5b --work /tmp/bg --breakdown
+    .venv/bin/python tools/bench_serve_generate.py --shape 0.5b --work /tmp/bg --rounds 2 --serve optimized
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def main() -> None:
         "way, the time split into prefill runs, batch step runs, cache merges on join / leave, picks "
         "(with detokenising and emit) and the rest",
     )
+    ap.add_argument(
+        "--serve",
+        choices=["export", "optimized"],
+        default="export",
+        help="the graph the generate model runs: the export as it is, or `gpcl-trt optimize --variant "
+        "contrib-gqa --logits last` of it (made beside it once), as the pipeline's [optimize] serves",
+    )
     args = ap.parse_args()
 
     from gpcl_trt.deploy import write_triton_repo
@@ -123,6 +131,14 @@ def main() -> None:
             {"text_input": text[: 20 + 9 * i], "max_tokens": args.new_tokens, "end_id": -1}
             for i in range(args.requests)
         ]
+    if args.serve == "optimized":
+        from gpcl_trt.passes.fuse_ort import optimize_file
+
+        made = onnx.with_name(onnx.stem + "_gqa_last.onnx")
+        if not made.is_file():
+            optimize_file(onnx, made, variant="contrib-gqa", logits="last")
+        onnx = made
+    shape["served"] = onnx.name
     if args.breakdown:
         print(json.dumps(breakdown(onnx, bodies, args.threads or None), indent=1))
         return
