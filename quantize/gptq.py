@@ -9,9 +9,11 @@ weight is quantized a chunk of columns at a time, along K in the order it is sto
 scale (and zero point) is RTN's (rtn.quantize_blocks) over the block's weights as updated when
 the block starts, so the stored format and its reading are unchanged.
 
-Memory: ``H``, its inverse and their Cholesky factor are K x K (float32, one projection input at
-a time: 0.1 GB each at K = 4864, 0.5 GB at K = 11008; a few at once): GPTQ's memory grows with the
-widest K, AWQ's does not.
+Memory: ``H`` and then its inverse's Cholesky factor ``U`` share one K x K float32 array (LAPACK
+in place through scipy: 0.1 GB at K = 4864, 0.5 GB at K = 11008), built from the kept rows a chunk
+at a time, one projection input's at a time (the previous one's freed first); the weight is
+updated a chunk of columns at a time, a block of rows' errors pushed onto the later rows at once
+(temporaries of K x chunk). Still K^2: GPTQ's memory grows with the widest K, AWQ's does not.
 """
 
 from __future__ import annotations
@@ -25,12 +27,46 @@ from gpcl_trt.quantize.rtn import Scheme, quantize_blocks
 
 DAMP = 0.01  # of the mean diagonal, added to H (the reference implementation's default)
 CHUNK_BYTES = 16 << 20  # float64 bytes of the columns of one weight quantized at a time
+ROW_CHUNK = 256  # kept rows added to H at a time (a float32 copy of each chunk)
 
 
 def inverse_factor(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``U``: the upper Cholesky factor of ``(X^T X + damp I)^-1`` (float32 [K, K]), and the
-    channels no row activates (their weights are quantized as zeros: nothing reads them). At most
-    ~4 K x K arrays at once (H, LAPACK's copies for the inverse), each freed when done."""
+    channels no row activates (their weights are quantized as zeros: nothing reads them).
+
+    With scipy, one K x K float32 array in all: H accumulated from the rows a chunk at a time
+    (BLAS syrk, upper triangle), damped, then LAPACK's Cholesky, inverse from it, and Cholesky
+    again, each in place in float32 as the reference implementation does on the GPU. Without
+    scipy, numpy's inverse and Cholesky (float64 inside: several K x K temporaries)."""
+    try:
+        from scipy.linalg import blas, lapack
+    except ImportError:  # pragma: no cover - scipy is in the venv; numpy's path is unbounded in K
+        return _inverse_factor_numpy(rows)
+    k = rows.shape[1]
+    damp_scale = 1.0
+    for _ in range(4):
+        h = np.zeros((k, k), np.float32, order="F")  # LAPACK's layout: in place, no copy
+        for r0 in range(0, len(rows), ROW_CHUNK):
+            x = np.ascontiguousarray(rows[r0 : r0 + ROW_CHUNK], np.float32)
+            blas.ssyrk(1.0, x.T, beta=1.0, c=h, trans=0, lower=0, overwrite_c=1)  # h += x^T x (upper)
+        diag = np.diag_indices(k)
+        dead = h[diag] == 0
+        h[dead, dead] = 1.0
+        damp = DAMP * damp_scale * float(np.mean(h[diag]))
+        h[diag] += np.float32(damp)
+        c, info = lapack.spotrf(h, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            c, info = lapack.spotri(c, lower=0, overwrite_c=1)  # H^-1, upper triangle
+        if info == 0:
+            c, info = lapack.spotrf(c, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            return c, dead  # h's memory (F order): U[i, j] for i <= j, zeros below
+        del h, c  # float32 roundoff on a nearly singular H: rebuild it with more damping
+        damp_scale *= 10
+    raise GpclError("gptq: the calibration activations' Hessian is not positive definite")
+
+
+def _inverse_factor_numpy(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(rows, np.float32)
     h = x.T @ x
     diag = np.diag_indices_from(h)
@@ -125,7 +161,9 @@ class Calibrated:
         if g is None:
             return None
         if g is not self.current:
-            self.current, self.factor = g, inverse_factor(g.rows)
+            self.current = self.factor = None  # the previous input's U freed before the next is built
+            self.factor = inverse_factor(g.rows)
+            self.current = g
         k, n = w.kn
         q, s, z = quantize_weight(
             lambda n0, n1: self.load(w, n0, n1), k, n, *self.factor, self.block, self.scheme, scale_dtype

@@ -68,3 +68,32 @@ def test_gptq_cli(tmp_path):
     assert "gptq: 2 inputs, output error" in r.stderr and "passed" in r.stderr, r.stderr
     manifest = json.loads((tmp_path / "q.manifest.json").read_text())
     assert manifest["options"]["method"] == "gptq" and manifest["options"]["samples"] == 64
+
+
+def test_inverse_factor_is_one_float32_k_by_k_in_place():
+    """U is LAPACK's float32 Cholesky of H^-1 built in H's own memory: the numpy arrays alive at
+    once peak at one K x K float32 (numpy's float64 inverse and Cholesky needed ~6), and U is the
+    float64 factor within float32 rounding (1% damping bounds H's condition)."""
+    pytest.importorskip("scipy")
+    import tracemalloc
+
+    from gpcl_trt.quantize.gptq import inverse_factor
+
+    rng = np.random.default_rng(3)
+    k = 384
+    x = (rng.standard_normal((300, k)) * rng.uniform(0.1, 10, k)).astype(np.float32)  # 300 rows: 2 chunks
+    x[:, 5] = 0  # a dead channel
+    tracemalloc.start()
+    try:
+        u, dead = inverse_factor(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * k * k * 4, peak / (k * k * 4)
+    assert u.dtype == np.float32 and u.shape == (k, k) and np.flatnonzero(dead).tolist() == [5]
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    h[5, 5] = 1.0
+    h[np.diag_indices(k)] += 0.01 * np.mean(np.diag(h))
+    want = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    assert np.abs(np.tril(u, -1)).max() == 0
+    np.testing.assert_allclose(u, want, rtol=0, atol=1e-4 * np.abs(want).max())
