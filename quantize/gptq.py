@@ -40,7 +40,7 @@ def inverse_factor(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scipy, numpy's inverse and Cholesky (float64 inside: several K x K temporaries)."""
     try:
         from scipy.linalg import blas, lapack
-    except ImportError:  # pragma: no cover - scipy is in the venv; numpy's path is unbounded in K
+    except ImportError:  # pragma: no cover - scipy is declared; numpy's path is unbounded in K
         return _inverse_factor_numpy(rows)
     k = rows.shape[1]
     damp_scale = 1.0
