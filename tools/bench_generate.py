@@ -87,12 +87,10 @@ def _genai_site(python: str) -> str:
     return out.stdout.strip()
 
 
-def prepare(
-    work: Path, shape: str, genai_python: str, threads: int, names=OURS_VARIANTS, optimum_python: str = ""
-) -> dict:
-    """The checkpoint, our export, genai's build and, where ``names`` asks for them, our
-    optimize variants and Optimum's export (each made once)."""
-    ckpt, ours, genai = work / f"ckpt_{shape}", work / f"ours_{shape}" / "model.onnx", work / f"genai_{shape}"
+def checkpoint(work: Path, shape: str) -> Path:
+    """The random-init Llama checkpoint of ``shape`` with a 3-word WordLevel tokenizer, made once
+    under ``work`` (shared with tools/bench_quantize.py and tools/bench_serve_generate.py)."""
+    ckpt = work / f"ckpt_{shape}"
     if not (ckpt / "config.json").is_file():
         import torch
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -108,6 +106,16 @@ def prepare(
         PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
         ).save_pretrained(ckpt)
+    return ckpt
+
+
+def prepare(
+    work: Path, shape: str, genai_python: str, threads: int, names=OURS_VARIANTS, optimum_python: str = ""
+) -> dict:
+    """The checkpoint, our export, genai's build and, where ``names`` asks for them, our
+    optimize variants and Optimum's export (each made once)."""
+    ckpt, ours, genai = work / f"ckpt_{shape}", work / f"ours_{shape}" / "model.onnx", work / f"genai_{shape}"
+    checkpoint(work, shape)
     if not ours.is_file() and set(names) & set(OURS_VARIANTS):
         from gpcl_trt.exporter import export_model
 

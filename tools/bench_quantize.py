@@ -36,15 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-SHAPES = {  # as tools/bench_generate.py
-    "small": dict(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
-    ),
-    "0.5b": dict(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
-    ),
-}
-VOCAB = {"small": 32000, "0.5b": 151936}
+from bench_generate import SHAPES, VOCAB, checkpoint  # noqa: E402  (tools/ is on the path above)
+
 GPCL = [
     str(Path(sys.executable).parent / "gpcl-trt")
 ]  # the console script (python -m gpcl_trt.cli imports itself twice)
@@ -53,26 +46,6 @@ GPCL = [
 def _genai_site(python: str) -> str:
     code = "import onnxruntime_genai, os; print(os.path.dirname(os.path.dirname(onnxruntime_genai.__file__)))"
     return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def checkpoint(work: Path, shape: str) -> Path:
-    ckpt = work / f"ckpt_{shape}"
-    if not (ckpt / "config.json").is_file():
-        import torch
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-        cfg = LlamaConfig(
-            vocab_size=VOCAB[shape], max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES[shape]
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).eval().save_pretrained(ckpt)
-        tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-        ).save_pretrained(ckpt)
-    return ckpt
 
 
 def export(ckpt: Path, out: Path, extra: list[str] = ()) -> Path:

@@ -56,24 +56,9 @@ def _post(port: int, name: str, body: dict) -> dict:
 def _export_0p5b(work: Path) -> Path:
     """bench_generate's 0.5B checkpoint (its shape, vocab and WordLevel tokenizer) and our export of
     it with past, each made once under ``work`` and shared with tools/bench_generate.py."""
-    from bench_generate import SHAPES, VOCAB
+    from bench_generate import checkpoint
 
-    ckpt, onnx = work / "ckpt_0.5b", work / "ours_0.5b" / "model.onnx"
-    if not (ckpt / "config.json").is_file():
-        import torch
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-        cfg = LlamaConfig(
-            vocab_size=VOCAB["0.5b"], max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES["0.5b"]
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).eval().save_pretrained(ckpt)
-        tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-        ).save_pretrained(ckpt)
+    ckpt, onnx = checkpoint(work, "0.5b"), work / "ours_0.5b" / "model.onnx"
     if not onnx.is_file():
         from gpcl_trt.exporter import export_model
 
